@@ -1,0 +1,79 @@
+//! Files that hold secrets: created 0600, written atomically, checked before they are read.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::Error;
+
+/// Creates `path` with mode 0600, failing if it exists.
+pub(crate) fn create_private(path: &Path) -> Result<File, Error> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| Error::io(path, source))
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one:
+/// a private temporary file beside it, fsync, rename, fsync of the directory.
+pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let tmp = temp_sibling(path);
+    let result = (|| {
+        let mut file = create_private(&tmp)?;
+        file.write_all(bytes).map_err(|source| Error::io(&tmp, source))?;
+        file.sync_all().map_err(|source| Error::io(&tmp, source))?;
+        fs::rename(&tmp, path).map_err(|source| Error::io(path, source))?;
+        sync_parent(path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Writes a new private file that must not exist yet, durably.
+pub fn write_private_new(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let mut file = create_private(path)?;
+    let written = file
+        .write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .map_err(|source| Error::io(path, source));
+    if written.is_err() {
+        let _ = fs::remove_file(path);
+    }
+    written?;
+    sync_parent(path)
+}
+
+/// Refuses a secret-bearing file that its group or others can read or write, as ssh does
+/// with private keys: the secret may already have leaked, and the operator should know.
+pub fn check_private(path: &Path) -> Result<(), Error> {
+    let meta = fs::metadata(path).map_err(|source| Error::io(path, source))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::InsecurePermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+fn temp_sibling(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".tmp-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+fn sync_parent(path: &Path) -> Result<(), Error> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|source| Error::io(parent, source))
+}

@@ -1,0 +1,57 @@
+//! Entry points for `fuzz/`: each takes arbitrary bytes and must never panic.
+
+use secrecy::SecretString;
+
+/// A backup file's header and, with a fixed password, its verifier and payload path.
+/// The argon2 cost in the input is clamped so each run stays fast.
+pub fn backup_file(data: &[u8]) {
+    let Ok(info) = crate::backup::read_info(data) else {
+        return;
+    };
+    if info.kdf.memory_kib <= 64 && info.kdf.passes <= 2 {
+        let _ = crate::backup::open(data, &SecretString::from("fuzz"));
+    }
+}
+
+/// The decrypted payload of a backup file.
+pub fn backup_payload(data: &[u8]) {
+    let _ = crate::backup::decode_payload(data);
+}
+
+/// A stored row's wrapped-material blob.
+pub fn stored_blob(data: &[u8]) {
+    let _ = crate::decode_blob(data);
+}
+
+/// Valid inputs for each target above, to seed the corpora: `(target, bytes)`.
+pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use sso_proto::{KeyId, KeyMeta, KeyState, MasterSecret};
+    let record = |state| crate::KeyRecord {
+        meta: KeyMeta {
+            key_id: KeyId::from_bytes([0x11; 16]),
+            generation: 7,
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+            origin: "node-a".into(),
+            state,
+        },
+        secret: Some(MasterSecret::take_from(&mut [0x22; 32])),
+    };
+    let records = [record(KeyState::Active), record(KeyState::Retired)];
+    let mut out = Vec::new();
+    let cheap = crate::KdfParams {
+        memory_kib: 64,
+        passes: 1,
+        lanes: 1,
+    };
+    if let Ok((file, _)) = crate::backup::seal(&records, &SecretString::from("fuzz"), "a hint", "node-a", cheap) {
+        out.push(("backup_file", file));
+    }
+    let refs: Vec<&crate::KeyRecord> = records.iter().collect();
+    if let Ok(payload) = crate::backup::encode_payload(&refs) {
+        out.push(("backup_payload", payload.to_vec()));
+    }
+    let mut blob = vec![crate::wrap::WRAP_VERSION];
+    blob.extend_from_slice(&[0x33; crate::WRAPPED_LEN - 1]);
+    out.push(("stored_blob", blob));
+    out
+}

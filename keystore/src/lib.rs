@@ -1,0 +1,200 @@
+//! Versioned master secrets sealed at rest in SQLite, and the backup files that carry
+//! them between stores.
+//!
+//! # Layout
+//! - [`unseal`]: the operator's unseal secret ([`UnsealKey`]: passphrase through argon2id,
+//!   or a 32-byte key file) from a file, an environment variable or a prompt.
+//! - `wrap`: the key-encryption key and the per-row AES-256-GCM wrapping that binds
+//!   material to its row.
+//! - [`store`]: [`SealedStore`], the SQLite file (WAL, `synchronous=FULL`, mode 0600,
+//!   migrations) and the key model's transitions: stage, promote, retire, destroy, merge.
+//! - [`backup`]: the password-sealed backup file format (`docs/backup-format.md`).
+//! - [`fsutil`]: private (0600), atomic file writes.
+//!
+//! Data flows from an [`UnsealKey`] to a KEK that lives only inside an open
+//! [`SealedStore`]; plaintext secrets leave the store only as
+//! [`sso_proto::MasterSecret`]s in zeroizing boxes.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod backup;
+pub mod fsutil;
+pub mod store;
+pub mod unseal;
+mod wrap;
+
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
+
+use std::path::{Path, PathBuf};
+
+use sso_proto::KeyId;
+
+pub use backup::{BackupInfo, PendingBackup};
+pub use store::{CreateOptions, KeyRecord, Keyring, MergeReport, SealedStore, StoreStatus};
+pub use unseal::{KdfParams, UnsealKey, UnsealKind};
+pub use wrap::{BlobProblem, WRAPPED_LEN, decode_blob};
+
+/// Everything that can go wrong with a store or a backup file.
+///
+/// Messages never contain key material, passphrases or raw file contents; each says what
+/// to do next where there is something to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory involved.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// SQLite reported an error.
+    #[error("store database error: {0}; check the disk and the file, then retry")]
+    Database(#[from] rusqlite::Error),
+    /// `open` found no store at the path.
+    #[error("no store at {}: create one first (ssoctl init)", .0.display())]
+    StoreNotFound(PathBuf),
+    /// `create` found something at the path already.
+    #[error("{} already exists: refusing to overwrite a store", .0.display())]
+    StoreExists(PathBuf),
+    /// The passphrase or key file does not unseal this store. Nothing was written.
+    #[error("wrong {0} for this store: nothing was changed; check which secret belongs to this store")]
+    WrongUnsealKey(UnsealKind),
+    /// The store was created with the other kind of unseal secret.
+    #[error("this store is unsealed with {expected}, but {given} was supplied")]
+    UnsealKindMismatch {
+        /// What the store was created with.
+        expected: UnsealKind,
+        /// What the caller supplied.
+        given: UnsealKind,
+    },
+    /// The store's schema is newer than this build understands.
+    #[error("store schema version {found} is newer than this build supports ({supported}): upgrade the software")]
+    UnsupportedSchema {
+        /// Version found in the file.
+        found: u32,
+        /// Highest version this build knows.
+        supported: u32,
+    },
+    /// The file is not a store this software wrote, or it is damaged.
+    #[error("not a valid store: {0}")]
+    NotAStore(String),
+    /// Stored data failed an integrity check: edited, swapped or corrupted rows.
+    #[error("integrity error{}: {detail}; restore from a backup or resync from the peer", key_id.map(|k| format!(" for key {k}")).unwrap_or_default())]
+    Integrity {
+        /// The key whose row failed, when one did.
+        key_id: Option<KeyId>,
+        /// What failed, without any secret data.
+        detail: String,
+    },
+    /// A key arrived (from a peer or a backup) with the same id but different material or
+    /// generation than stored. Refused; nothing was written.
+    #[error("integrity alarm: key {0} arrived with different material than stored; nothing was merged")]
+    ConflictingKey(KeyId),
+    /// A key record is inconsistent (for example a served key without material).
+    #[error("malformed key record for {key_id}: {detail}")]
+    MalformedRecord {
+        /// The key concerned.
+        key_id: KeyId,
+        /// What is wrong.
+        detail: &'static str,
+    },
+    /// No key with that id is stored.
+    #[error("no key {0} in this store")]
+    KeyNotFound(KeyId),
+    /// A state change that would move a key backwards.
+    #[error("key {key_id} is {from}; it cannot become {to} (states only move forward)")]
+    InvalidTransition {
+        /// The key concerned.
+        key_id: KeyId,
+        /// Its current state.
+        from: sso_proto::KeyState,
+        /// The state asked for.
+        to: sso_proto::KeyState,
+    },
+    /// Retiring the key that currently encrypts would leave clients sealing with an older one.
+    #[error("key {0} is the primary: rotate first, then retire it")]
+    RetirePrimary(KeyId),
+    /// Destroy asked for a key that is still in use.
+    #[error("key {0} is not retired: retire it first and make sure nothing still needs it")]
+    DestroyUnretired(KeyId),
+    /// A secret-bearing file is readable or writable by group or others.
+    #[error("{} has mode {mode:03o}: it must not be accessible by group or others; run chmod 600 on it", path.display())]
+    InsecurePermissions {
+        /// The file concerned.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A key file has the wrong contents.
+    #[error("key file {}: {problem}", path.display())]
+    KeyFile {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// A key in an environment variable has the wrong contents.
+    #[error("environment variable {var}: {problem}")]
+    KeyEnv {
+        /// The variable.
+        var: String,
+        /// What is wrong with its value.
+        problem: &'static str,
+    },
+    /// The named environment variable is not set (or not UTF-8).
+    #[error("environment variable {0} is not set")]
+    EnvVarMissing(String),
+    /// An empty passphrase was supplied.
+    #[error("the passphrase is empty")]
+    EmptyPassphrase,
+    /// A passphrase file is not UTF-8.
+    #[error("the passphrase file is not valid UTF-8")]
+    PassphraseNotUtf8,
+    /// Reading from the terminal failed.
+    #[error("could not read the passphrase from the terminal: {0}")]
+    Prompt(std::io::Error),
+    /// The key derivation function rejected its parameters.
+    #[error("key derivation failed: {0}")]
+    Kdf(String),
+    /// The operating system's random number generator failed.
+    #[error("the operating system's random number generator failed")]
+    Randomness,
+    /// The file does not start like a backup file.
+    #[error("not a backup file (no SSO backup header)")]
+    NotABackup,
+    /// A backup written by a newer release.
+    #[error("backup format version {0} is not supported by this build: use the release that wrote it, or a newer one")]
+    UnsupportedBackupVersion(u8),
+    /// The backup file ends early.
+    #[error("backup file is truncated: {actual} bytes, the header declares {expected}; the copy is incomplete")]
+    BackupTruncated {
+        /// Length the header declares.
+        expected: u64,
+        /// Length found.
+        actual: u64,
+    },
+    /// The backup's structure is invalid.
+    #[error("backup file is malformed: {0}")]
+    BackupMalformed(&'static str),
+    /// The password does not open this backup. Nothing was restored.
+    #[error("wrong backup password: nothing was restored (the file's hint may help)")]
+    WrongBackupPassword,
+    /// The password is right but the contents fail authentication: the file was changed.
+    #[error("backup file failed authentication: it was modified or corrupted; nothing was restored")]
+    BackupTampered,
+}
+
+impl Error {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,794 @@
+//! [`SealedStore`]: the SQLite file that holds a node's master-secret history.
+//!
+//! Durability: WAL with `synchronous=FULL`, so a transition that returned `Ok` survives a
+//! crash or power loss. Every transition is one `BEGIN IMMEDIATE` transaction that also
+//! advances the keyring epoch, so readers never see half a change.
+//!
+//! The primary is never stored: it is the promoted key with the highest
+//! `(generation, key_id)`, computed on every read.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ring::rand::{SecureRandom, SystemRandom};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
+use secrecy::ExposeSecret;
+use sso_proto::{KeyId, KeyMeta, KeyState, MasterSecret};
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::unseal::{KEK_LEN, KdfParams, UnsealKey, UnsealKind};
+use crate::wrap::{self, Kek, RowIdentity};
+use crate::{Error, Result, fsutil};
+
+/// Schema migrations; `PRAGMA user_version` counts how many have run. Append only.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE meta (
+         name  TEXT PRIMARY KEY NOT NULL,
+         value ANY NOT NULL
+     ) STRICT;
+     CREATE TABLE keys (
+         key_id     TEXT PRIMARY KEY NOT NULL CHECK (length(key_id) = 32),
+         generation INTEGER NOT NULL CHECK (generation >= 1),
+         created_at INTEGER NOT NULL,
+         origin     TEXT NOT NULL,
+         lifecycle  INTEGER NOT NULL CHECK (lifecycle BETWEEN 0 AND 3),
+         material   BLOB,
+         backed_up  INTEGER NOT NULL DEFAULT 0
+     ) STRICT;",
+];
+
+const SALT_LEN: usize = 16;
+const KEK_CHECK_AAD: &[u8] = b"sso-keystore/kek-check/v1";
+
+/// Where a key stands, as stored. `Primary` vs `Active` is derived, not stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Lifecycle {
+    Staged = 0,
+    Promoted = 1,
+    Retired = 2,
+    Destroyed = 3,
+}
+
+impl Lifecycle {
+    fn from_i64(v: i64) -> Option<Self> {
+        Some(match v {
+            0 => Self::Staged,
+            1 => Self::Promoted,
+            2 => Self::Retired,
+            3 => Self::Destroyed,
+            _ => return None,
+        })
+    }
+
+    fn from_state(state: KeyState) -> Self {
+        match state {
+            KeyState::Staged => Self::Staged,
+            KeyState::Primary | KeyState::Active => Self::Promoted,
+            KeyState::Retired => Self::Retired,
+            KeyState::Destroyed => Self::Destroyed,
+        }
+    }
+
+    fn state(self, is_primary: bool) -> KeyState {
+        match self {
+            Self::Staged => KeyState::Staged,
+            Self::Promoted if is_primary => KeyState::Primary,
+            Self::Promoted => KeyState::Active,
+            Self::Retired => KeyState::Retired,
+            Self::Destroyed => KeyState::Destroyed,
+        }
+    }
+}
+
+/// What `create` needs besides the path and the unseal secret.
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// This node's name; recorded as the origin of keys it generates.
+    pub node: String,
+    /// argon2id cost for passphrase stores (ignored for key-file stores).
+    pub kdf: KdfParams,
+}
+
+impl CreateOptions {
+    /// Default KDF cost for `node`.
+    pub fn new(node: impl Into<String>) -> Self {
+        Self {
+            node: node.into(),
+            kdf: KdfParams::default(),
+        }
+    }
+}
+
+/// A key with its material, as it moves between stores, peers and backups.
+///
+/// `secret` is `None` only for destroyed keys.
+pub struct KeyRecord {
+    /// Metadata, with the state as the sender sees it.
+    pub meta: KeyMeta,
+    /// The material; `None` once destroyed.
+    pub secret: Option<MasterSecret>,
+}
+
+impl std::fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("meta", &self.meta)
+            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
+/// The keys clients are served: every staged, primary and active key with its material.
+#[derive(Debug)]
+pub struct Keyring {
+    /// Grows on every change to this store's key set.
+    pub epoch: u64,
+    /// The derived primary, if any key has been promoted.
+    pub primary: Option<KeyId>,
+    /// Served keys, oldest generation first; each has `secret: Some`.
+    pub keys: Vec<KeyRecord>,
+}
+
+/// What a merge changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MergeReport {
+    /// Keys that were not stored before.
+    pub added: usize,
+    /// Keys whose state moved forward.
+    pub advanced: usize,
+    /// Keys already stored in the same or a later state.
+    pub unchanged: usize,
+    /// The epoch after the merge.
+    pub epoch: u64,
+}
+
+impl MergeReport {
+    /// Whether the merge changed anything.
+    pub fn changed(&self) -> bool {
+        self.added + self.advanced > 0
+    }
+}
+
+/// A summary for operators: no material.
+#[derive(Debug, Clone)]
+pub struct StoreStatus {
+    /// This node's name.
+    pub node: String,
+    /// Random id of this store file, fixed at creation.
+    pub store_id: String,
+    /// Current keyring epoch.
+    pub epoch: u64,
+    /// The derived primary.
+    pub primary: Option<KeyId>,
+    /// Every key's metadata, oldest generation first.
+    pub keys: Vec<KeyMeta>,
+    /// Keys with material that no backup written from this store covers yet.
+    pub not_backed_up: Vec<KeyId>,
+    /// When a backup was last written from this store.
+    pub last_backup_at: Option<OffsetDateTime>,
+    /// How the store is unsealed.
+    pub unseal_kind: UnsealKind,
+}
+
+/// One row of the `keys` table, material still wrapped.
+#[derive(Debug)]
+struct Row {
+    key_id: KeyId,
+    generation: u64,
+    created_at: OffsetDateTime,
+    origin: String,
+    lifecycle: Lifecycle,
+    material: Option<Vec<u8>>,
+}
+
+impl Row {
+    fn identity(&self) -> RowIdentity<'_> {
+        self.identity_as(self.lifecycle)
+    }
+
+    fn identity_as(&self, lifecycle: Lifecycle) -> RowIdentity<'_> {
+        RowIdentity {
+            key_id: self.key_id,
+            generation: self.generation,
+            lifecycle: lifecycle as u8,
+            created_at: self.created_at,
+            origin: &self.origin,
+        }
+    }
+
+    fn meta(&self, primary: Option<KeyId>) -> KeyMeta {
+        KeyMeta {
+            key_id: self.key_id,
+            generation: self.generation,
+            created_at: self.created_at,
+            origin: self.origin.clone(),
+            state: self.lifecycle.state(primary == Some(self.key_id)),
+        }
+    }
+}
+
+/// The primary among `rows`: the promoted key with the highest `(generation, key_id)`.
+fn derive_primary(rows: &[Row]) -> Option<KeyId> {
+    rows.iter()
+        .filter(|r| r.lifecycle == Lifecycle::Promoted)
+        .max_by_key(|r| (r.generation, r.key_id))
+        .map(|r| r.key_id)
+}
+
+/// An open, unsealed store. Holds the KEK for as long as it lives.
+pub struct SealedStore {
+    conn: Connection,
+    kek: Kek,
+    rng: SystemRandom,
+    path: PathBuf,
+    node: String,
+}
+
+impl std::fmt::Debug for SealedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedStore")
+            .field("path", &self.path)
+            .field("node", &self.node)
+            .field("kek", &"[redacted]")
+            .finish()
+    }
+}
+
+impl SealedStore {
+    /// Creates a new, empty store at `path` (mode 0600) sealed by `key`.
+    pub fn create(path: &Path, key: &UnsealKey, options: &CreateOptions) -> Result<Self> {
+        if path.exists() {
+            return Err(Error::StoreExists(path.to_path_buf()));
+        }
+        let kdf = options.kdf.validate().map_err(|e| Error::Kdf(e.into()))?;
+        // Create the file ourselves so it is 0600 from the first byte; SQLite gives its
+        // -wal and -shm files the same mode as the database.
+        drop(fsutil::create_private(path)?);
+        let result = Self::initialise(path, key, options, kdf);
+        if result.is_err() {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+        }
+        result
+    }
+
+    fn initialise(path: &Path, key: &UnsealKey, options: &CreateOptions, kdf: KdfParams) -> Result<Self> {
+        let mut conn = connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        migrate(&mut conn)?;
+        let rng = SystemRandom::new();
+        let mut salt = [0u8; SALT_LEN];
+        rng.fill(&mut salt).map_err(|_| Error::Randomness)?;
+        let mut store_id = [0u8; 16];
+        rng.fill(&mut store_id).map_err(|_| Error::Randomness)?;
+        let kek = derive_kek(key, kdf, &salt)?;
+        let check = kek.seal(&rng, KEK_CHECK_AAD, &store_id)?;
+
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let kind = key.kind();
+        let meta: [(&str, rusqlite::types::Value); 10] = [
+            ("store_id", hex::encode(store_id).into()),
+            ("node", options.node.clone().into()),
+            ("created_at", OffsetDateTime::now_utc().unix_timestamp().into()),
+            ("unseal_kind", kind.as_str().to_owned().into()),
+            ("kdf_memory_kib", i64::from(kdf.memory_kib).into()),
+            ("kdf_passes", i64::from(kdf.passes).into()),
+            ("kdf_lanes", i64::from(kdf.lanes).into()),
+            ("kdf_salt", salt.to_vec().into()),
+            ("kek_check", check.into()),
+            ("epoch", 0i64.into()),
+        ];
+        for (name, value) in meta {
+            tx.execute("INSERT INTO meta (name, value) VALUES (?1, ?2)", params![name, value])?;
+        }
+        tx.commit()?;
+        Ok(Self {
+            conn,
+            kek,
+            rng,
+            path: path.to_path_buf(),
+            node: options.node.clone(),
+        })
+    }
+
+    /// Opens the store at `path` and unseals it with `key`.
+    ///
+    /// The unseal secret is checked before anything is written (including schema
+    /// migrations), so a wrong passphrase or key file changes nothing.
+    pub fn open(path: &Path, key: &UnsealKey) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::StoreNotFound(path.to_path_buf()));
+        }
+        fsutil::check_private(path)?;
+        let mut conn = connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let supported = MIGRATIONS.len() as u32;
+        if version > supported {
+            return Err(Error::UnsupportedSchema {
+                found: version,
+                supported,
+            });
+        }
+        if version == 0 {
+            return Err(Error::NotAStore("the file has no store schema".into()));
+        }
+
+        let kind_text: String = meta_value(&conn, "unseal_kind")?;
+        let kind = UnsealKind::parse(&kind_text)
+            .ok_or_else(|| Error::NotAStore(format!("unknown unseal kind {kind_text:?}")))?;
+        if kind != key.kind() {
+            return Err(Error::UnsealKindMismatch {
+                expected: kind,
+                given: key.kind(),
+            });
+        }
+        let kdf = KdfParams {
+            memory_kib: meta_u32(&conn, "kdf_memory_kib")?,
+            passes: meta_u32(&conn, "kdf_passes")?,
+            lanes: meta_u32(&conn, "kdf_lanes")?,
+        };
+        let kdf = kdf.validate().map_err(|e| Error::NotAStore(e.into()))?;
+        let salt: Vec<u8> = meta_value(&conn, "kdf_salt")?;
+        let check: Vec<u8> = meta_value(&conn, "kek_check")?;
+        let store_id: String = meta_value(&conn, "store_id")?;
+        let kek = derive_kek(key, kdf, &salt)?;
+        match kek.open(KEK_CHECK_AAD, &check) {
+            Some(id) if hex::encode(&*id) == store_id => {}
+            Some(_) => {
+                return Err(Error::Integrity {
+                    key_id: None,
+                    detail: "the store id does not match its unseal check".into(),
+                });
+            }
+            None => return Err(Error::WrongUnsealKey(kind)),
+        }
+
+        migrate(&mut conn)?;
+        let node: String = meta_value(&conn, "node")?;
+        Ok(Self {
+            conn,
+            kek,
+            rng: SystemRandom::new(),
+            path: path.to_path_buf(),
+            node,
+        })
+    }
+
+    /// Where the store lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The node name recorded at creation; the origin of keys generated here.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The current keyring epoch.
+    pub fn epoch(&self) -> Result<u64> {
+        read_epoch(&self.conn)
+    }
+
+    /// Metadata of every key, oldest generation first, with the primary derived.
+    pub fn list(&self) -> Result<Vec<KeyMeta>> {
+        let rows = load_rows(&self.conn)?;
+        let primary = derive_primary(&rows);
+        Ok(rows.iter().map(|r| r.meta(primary)).collect())
+    }
+
+    /// The derived primary's metadata.
+    pub fn primary(&self) -> Result<Option<KeyMeta>> {
+        Ok(self.list()?.into_iter().find(|k| k.state == KeyState::Primary))
+    }
+
+    /// Metadata of one key.
+    pub fn key_meta(&self, key_id: KeyId) -> Result<KeyMeta> {
+        self.list()?
+            .into_iter()
+            .find(|k| k.key_id == key_id)
+            .ok_or(Error::KeyNotFound(key_id))
+    }
+
+    /// Every served key (staged, primary, active) with its material, unwrapped and
+    /// checked. Any row that fails its integrity check fails the whole call.
+    pub fn keyring(&self) -> Result<Keyring> {
+        let tx = self.conn.unchecked_transaction()?;
+        let epoch = read_epoch(&tx)?;
+        let rows = load_rows(&tx)?;
+        drop(tx);
+        let primary = derive_primary(&rows);
+        let mut keys = Vec::new();
+        for row in rows.iter().filter(|r| r.lifecycle <= Lifecycle::Promoted) {
+            keys.push(KeyRecord {
+                meta: row.meta(primary),
+                secret: Some(self.unwrap_row(row)?),
+            });
+        }
+        Ok(Keyring { epoch, primary, keys })
+    }
+
+    /// Every key, including retired ones with their material and destroyed ones without:
+    /// what replication and backups carry.
+    pub fn export(&self) -> Result<Vec<KeyRecord>> {
+        let rows = load_rows(&self.conn)?;
+        let primary = derive_primary(&rows);
+        rows.iter()
+            .map(|row| {
+                let secret = match row.lifecycle {
+                    Lifecycle::Destroyed => None,
+                    _ => Some(self.unwrap_row(row)?),
+                };
+                Ok(KeyRecord {
+                    meta: row.meta(primary),
+                    secret,
+                })
+            })
+            .collect()
+    }
+
+    /// Reads and authenticates every row; the first failure is returned.
+    pub fn verify(&self) -> Result<usize> {
+        Ok(self.export()?.len())
+    }
+
+    /// Generates a new key and stores it `staged`: distributed, not yet used to encrypt.
+    pub fn stage_new(&mut self) -> Result<KeyMeta> {
+        self.insert_new(Lifecycle::Staged)
+    }
+
+    /// Generates a new key and promotes it at once (a standalone rotation, where there is
+    /// nobody to distribute to first).
+    pub fn rotate(&mut self) -> Result<KeyMeta> {
+        self.insert_new(Lifecycle::Promoted)
+    }
+
+    fn insert_new(&mut self, lifecycle: Lifecycle) -> Result<KeyMeta> {
+        let secret = MasterSecret::generate(&self.rng).map_err(|_| Error::Randomness)?;
+        let key_id = KeyId::generate(&self.rng).map_err(|_| Error::Randomness)?;
+        let created_at = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let max: i64 = tx.query_row("SELECT COALESCE(MAX(generation), 0) FROM keys", [], |r| r.get(0))?;
+        let row = Row {
+            key_id,
+            generation: u64::try_from(max).unwrap_or(0) + 1,
+            created_at,
+            origin: self.node.clone(),
+            lifecycle,
+            material: None,
+        };
+        let blob = wrap::wrap(&self.kek, &self.rng, &row.identity(), &secret)?;
+        insert_row(&tx, &row, Some(&blob))?;
+        bump_epoch(&tx)?;
+        let rows = load_rows(&tx)?;
+        tx.commit()?;
+        Ok(row.meta(derive_primary(&rows)))
+    }
+
+    /// Promotes a staged key. Promoting an already promoted key changes nothing.
+    pub fn promote(&mut self, key_id: KeyId) -> Result<KeyMeta> {
+        self.transition(key_id, Lifecycle::Promoted)
+    }
+
+    /// Retires a key: no longer served, still stored. The primary cannot be retired.
+    pub fn retire(&mut self, key_id: KeyId) -> Result<KeyMeta> {
+        self.transition(key_id, Lifecycle::Retired)
+    }
+
+    /// Destroys a retired key: its wrapped material is wiped from the file, its metadata
+    /// kept.
+    pub fn destroy(&mut self, key_id: KeyId) -> Result<KeyMeta> {
+        let meta = self.transition(key_id, Lifecycle::Destroyed)?;
+        // secure_delete zeroes freed pages in the database; the WAL still holds the old
+        // page until a checkpoint, so fold it in and truncate it now.
+        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        Ok(meta)
+    }
+
+    fn transition(&mut self, key_id: KeyId, to: Lifecycle) -> Result<KeyMeta> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let rows = load_rows(&tx)?;
+        let primary = derive_primary(&rows);
+        let row = rows
+            .iter()
+            .find(|r| r.key_id == key_id)
+            .ok_or(Error::KeyNotFound(key_id))?;
+        let from = row.lifecycle;
+        if from == to {
+            return Ok(row.meta(primary));
+        }
+        if from > to {
+            return Err(Error::InvalidTransition {
+                key_id,
+                from: row.meta(primary).state,
+                to: to.state(false),
+            });
+        }
+        if to == Lifecycle::Retired && primary == Some(key_id) {
+            return Err(Error::RetirePrimary(key_id));
+        }
+        if to == Lifecycle::Destroyed && from != Lifecycle::Retired {
+            return Err(Error::DestroyUnretired(key_id));
+        }
+        Self::rewrite_lifecycle(&self.kek, &self.rng, &tx, row, to)?;
+        bump_epoch(&tx)?;
+        let rows = load_rows(&tx)?;
+        tx.commit()?;
+        let meta = rows
+            .iter()
+            .find(|r| r.key_id == key_id)
+            .map(|r| r.meta(derive_primary(&rows)))
+            .ok_or(Error::KeyNotFound(key_id))?;
+        Ok(meta)
+    }
+
+    /// Moves `row` to `to`, re-wrapping its material because the lifecycle is bound into
+    /// the wrap (or wiping it for `Destroyed`). The old wrap is authenticated first.
+    fn rewrite_lifecycle(kek: &Kek, rng: &SystemRandom, tx: &Transaction<'_>, row: &Row, to: Lifecycle) -> Result<()> {
+        let blob = match (to, &row.material) {
+            (Lifecycle::Destroyed, _) | (_, None) => None,
+            (_, Some(_)) => {
+                let secret = unwrap_row(kek, row)?;
+                Some(wrap::wrap(kek, rng, &row.identity_as(to), &secret)?)
+            }
+        };
+        tx.execute(
+            "UPDATE keys SET lifecycle = ?1, material = ?2 WHERE key_id = ?3",
+            params![to as i64, blob, row.key_id.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Merges keys from a peer or a backup: a union by key id, each key's state the later
+    /// of the two. A key id that arrives with different material or generation than
+    /// stored is an integrity alarm: the whole merge is refused and nothing is written.
+    pub fn merge(&mut self, incoming: &[KeyRecord]) -> Result<MergeReport> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let rows = load_rows(&tx)?;
+        let mut report = MergeReport::default();
+        for record in incoming {
+            let meta = &record.meta;
+            let target = Lifecycle::from_state(meta.state);
+            if target != Lifecycle::Destroyed && record.secret.is_none() {
+                return Err(Error::MalformedRecord {
+                    key_id: meta.key_id,
+                    detail: "a key that is not destroyed arrived without material",
+                });
+            }
+            if meta.generation == 0 || i64::try_from(meta.generation).is_err() {
+                return Err(Error::MalformedRecord {
+                    key_id: meta.key_id,
+                    detail: "generation out of range",
+                });
+            }
+            let Some(local) = rows.iter().find(|r| r.key_id == meta.key_id) else {
+                let row = Row {
+                    key_id: meta.key_id,
+                    generation: meta.generation,
+                    created_at: meta.created_at,
+                    origin: meta.origin.clone(),
+                    lifecycle: target,
+                    material: None,
+                };
+                let blob = match (&record.secret, target) {
+                    (Some(secret), l) if l != Lifecycle::Destroyed => {
+                        Some(wrap::wrap(&self.kek, &self.rng, &row.identity(), secret)?)
+                    }
+                    _ => None,
+                };
+                insert_row(&tx, &row, blob.as_deref())?;
+                report.added += 1;
+                continue;
+            };
+            if local.generation != meta.generation {
+                return Err(Error::ConflictingKey(meta.key_id));
+            }
+            if let (Some(_), Some(theirs)) = (&local.material, &record.secret) {
+                let ours = unwrap_row(&self.kek, local)?;
+                if !ours.ct_eq(theirs) {
+                    return Err(Error::ConflictingKey(meta.key_id));
+                }
+            }
+            if target > local.lifecycle {
+                Self::rewrite_lifecycle(&self.kek, &self.rng, &tx, local, target)?;
+                report.advanced += 1;
+            } else {
+                report.unchanged += 1;
+            }
+        }
+        report.epoch = if report.changed() {
+            bump_epoch(&tx)?
+        } else {
+            read_epoch(&tx)?
+        };
+        tx.commit()?;
+        Ok(report)
+    }
+
+    /// A summary for operators and status endpoints.
+    pub fn status(&self) -> Result<StoreStatus> {
+        let rows = load_rows(&self.conn)?;
+        let primary = derive_primary(&rows);
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key_id FROM keys WHERE backed_up = 0 AND material IS NOT NULL ORDER BY generation")?;
+        let not_backed_up = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .map(|id| parse_key_id(&id?))
+            .collect::<Result<Vec<_>>>()?;
+        let last_backup_at =
+            meta_opt::<i64>(&self.conn, "last_backup_at")?.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok());
+        let kind_text: String = meta_value(&self.conn, "unseal_kind")?;
+        Ok(StoreStatus {
+            node: self.node.clone(),
+            store_id: meta_value(&self.conn, "store_id")?,
+            epoch: read_epoch(&self.conn)?,
+            primary,
+            keys: rows.iter().map(|r| r.meta(primary)).collect(),
+            not_backed_up,
+            last_backup_at,
+            unseal_kind: UnsealKind::parse(&kind_text).unwrap_or(UnsealKind::Passphrase),
+        })
+    }
+
+    /// Records that a backup holding `key_ids` has been safely written.
+    pub(crate) fn mark_backed_up(&mut self, key_ids: &[KeyId], at: OffsetDateTime) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for id in key_ids {
+            tx.execute(
+                "UPDATE keys SET backed_up = 1 WHERE key_id = ?1",
+                params![id.to_string()],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO meta (name, value) VALUES ('last_backup_at', ?1)
+             ON CONFLICT(name) DO UPDATE SET value = max(value, excluded.value)",
+            params![at.unix_timestamp()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn unwrap_row(&self, row: &Row) -> Result<MasterSecret> {
+        unwrap_row(&self.kek, row)
+    }
+}
+
+fn unwrap_row(kek: &Kek, row: &Row) -> Result<MasterSecret> {
+    let blob = row.material.as_deref().ok_or_else(|| Error::Integrity {
+        key_id: Some(row.key_id),
+        detail: "a key that is not destroyed has no material".into(),
+    })?;
+    wrap::unwrap(kek, &row.identity(), blob)
+}
+
+fn connect(path: &Path, flags: OpenFlags) -> Result<Connection> {
+    let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    // WAL + FULL: a committed transaction is fsynced before `commit` returns.
+    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(Error::NotAStore(format!(
+            "could not enable WAL journaling (got {mode})"
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    // Zero pages freed by deletes and updates, so wiped material does not linger.
+    conn.pragma_update(None, "secure_delete", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let version: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let version = version as usize;
+    if version >= MIGRATIONS.len() {
+        return Ok(());
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn derive_kek(key: &UnsealKey, kdf: KdfParams, salt: &[u8]) -> Result<Kek> {
+    match key {
+        UnsealKey::KeyFile(bytes) => Ok(Kek::new(bytes.expose_secret())),
+        UnsealKey::Passphrase(passphrase) => {
+            let mut out = Zeroizing::new([0u8; KEK_LEN]);
+            kdf.derive(passphrase.expose_secret().as_bytes(), salt, out.as_mut())?;
+            Ok(Kek::new(&out))
+        }
+    }
+}
+
+fn meta_opt<T: rusqlite::types::FromSql>(conn: &Connection, name: &str) -> Result<Option<T>> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE name = ?1", params![name], |r| r.get(0))
+        .optional()?)
+}
+
+fn meta_value<T: rusqlite::types::FromSql>(conn: &Connection, name: &str) -> Result<T> {
+    meta_opt(conn, name)?.ok_or_else(|| Error::NotAStore(format!("metadata entry {name:?} is missing")))
+}
+
+fn meta_u32(conn: &Connection, name: &str) -> Result<u32> {
+    let v: i64 = meta_value(conn, name)?;
+    u32::try_from(v).map_err(|_| Error::NotAStore(format!("metadata entry {name:?} is out of range")))
+}
+
+fn read_epoch(conn: &Connection) -> Result<u64> {
+    let v: i64 = meta_value(conn, "epoch")?;
+    u64::try_from(v).map_err(|_| Error::NotAStore("negative epoch".into()))
+}
+
+fn bump_epoch(tx: &Transaction<'_>) -> Result<u64> {
+    let v: i64 = tx.query_row(
+        "UPDATE meta SET value = value + 1 WHERE name = 'epoch' RETURNING value",
+        [],
+        |r| r.get(0),
+    )?;
+    u64::try_from(v).map_err(|_| Error::NotAStore("negative epoch".into()))
+}
+
+fn insert_row(tx: &Transaction<'_>, row: &Row, blob: Option<&[u8]>) -> Result<()> {
+    let generation = i64::try_from(row.generation).map_err(|_| Error::MalformedRecord {
+        key_id: row.key_id,
+        detail: "generation out of range",
+    })?;
+    tx.execute(
+        "INSERT INTO keys (key_id, generation, created_at, origin, lifecycle, material) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![row.key_id.to_string(), generation, row.created_at.unix_timestamp(), row.origin, row.lifecycle as i64, blob],
+    )?;
+    Ok(())
+}
+
+fn parse_key_id(text: &str) -> Result<KeyId> {
+    text.parse().map_err(|_| Error::Integrity {
+        key_id: None,
+        detail: "a stored key id is not 32 lowercase hex characters".into(),
+    })
+}
+
+fn load_rows(conn: &Connection) -> Result<Vec<Row>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT key_id, generation, created_at, origin, lifecycle, material FROM keys ORDER BY generation, key_id",
+    )?;
+    let raw = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, Option<Vec<u8>>>(5)?,
+        ))
+    })?;
+    let mut rows = Vec::new();
+    for item in raw {
+        let (id, generation, created_at, origin, lifecycle, material) = item?;
+        let key_id = parse_key_id(&id)?;
+        let bad = |detail: &str| Error::Integrity {
+            key_id: Some(key_id),
+            detail: detail.into(),
+        };
+        rows.push(Row {
+            key_id,
+            generation: u64::try_from(generation).map_err(|_| bad("negative generation"))?,
+            created_at: OffsetDateTime::from_unix_timestamp(created_at)
+                .map_err(|_| bad("creation time out of range"))?,
+            origin,
+            lifecycle: Lifecycle::from_i64(lifecycle).ok_or_else(|| bad("unknown lifecycle value"))?,
+            material,
+        });
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests;

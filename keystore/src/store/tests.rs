@@ -1,0 +1,407 @@
+use secrecy::SecretString;
+
+use super::*;
+
+fn key_store(dir: &tempfile::TempDir) -> (PathBuf, SealedStore) {
+    let path = dir.path().join("store.db");
+    let key = UnsealKey::generate_key_file(&dir.path().join("unseal.key")).unwrap();
+    let store = SealedStore::create(&path, &key, &CreateOptions::new("node-a")).unwrap();
+    (path, store)
+}
+
+#[test]
+fn rotation_derives_the_primary_and_grows_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut store) = key_store(&dir);
+    assert_eq!(store.epoch().unwrap(), 0);
+    assert!(store.primary().unwrap().is_none());
+
+    let first = store.rotate().unwrap();
+    assert_eq!(first.state, KeyState::Primary);
+    assert_eq!(first.generation, 1);
+    let staged = store.stage_new().unwrap();
+    assert_eq!(staged.state, KeyState::Staged);
+    assert_eq!(staged.generation, 2);
+    assert_eq!(store.primary().unwrap().unwrap().key_id, first.key_id);
+
+    let promoted = store.promote(staged.key_id).unwrap();
+    assert_eq!(promoted.state, KeyState::Primary);
+    assert_eq!(store.key_meta(first.key_id).unwrap().state, KeyState::Active);
+    assert_eq!(store.epoch().unwrap(), 3);
+
+    let ring = store.keyring().unwrap();
+    assert_eq!(ring.primary, Some(staged.key_id));
+    assert_eq!(ring.keys.len(), 2);
+    assert_eq!(ring.epoch, 3);
+}
+
+#[test]
+fn transitions_only_move_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut store) = key_store(&dir);
+    let old = store.rotate().unwrap();
+    let new = store.rotate().unwrap();
+
+    assert!(matches!(store.retire(new.key_id), Err(Error::RetirePrimary(_))));
+    assert!(matches!(store.destroy(old.key_id), Err(Error::DestroyUnretired(_))));
+    store.retire(old.key_id).unwrap();
+    assert!(matches!(
+        store.promote(old.key_id),
+        Err(Error::InvalidTransition { .. })
+    ));
+    let epoch = store.epoch().unwrap();
+    // Repeating a transition is a no-op, not an error, and does not move the epoch.
+    store.retire(old.key_id).unwrap();
+    assert_eq!(store.epoch().unwrap(), epoch);
+
+    let destroyed = store.destroy(old.key_id).unwrap();
+    assert_eq!(destroyed.state, KeyState::Destroyed);
+    let exported = store.export().unwrap();
+    assert!(
+        exported
+            .iter()
+            .find(|r| r.meta.key_id == old.key_id)
+            .unwrap()
+            .secret
+            .is_none()
+    );
+    assert_eq!(store.keyring().unwrap().keys.len(), 1);
+}
+
+#[test]
+fn destroy_wipes_the_wrapped_blob_from_the_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut store) = key_store(&dir);
+    let old = store.rotate().unwrap();
+    store.rotate().unwrap();
+    store.retire(old.key_id).unwrap();
+    let blob: Vec<u8> = store
+        .conn
+        .query_row(
+            "SELECT material FROM keys WHERE key_id = ?1",
+            [old.key_id.to_string()],
+            |r| r.get(0),
+        )
+        .unwrap();
+    store.destroy(old.key_id).unwrap();
+    drop(store);
+    for suffix in ["", "-wal"] {
+        let file = std::fs::read(format!("{}{suffix}", path.display())).unwrap_or_default();
+        assert!(
+            !file.windows(blob.len()).any(|w| w == blob),
+            "wrapped blob still in store{suffix}"
+        );
+    }
+}
+
+#[test]
+fn wrong_unseal_secret_is_reported_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let right = UnsealKey::passphrase(SecretString::from("correct horse")).unwrap();
+    let options = CreateOptions {
+        node: "a".into(),
+        kdf: KdfParams::insecure_for_tests(),
+    };
+    let mut store = SealedStore::create(&path, &right, &options).unwrap();
+    store.rotate().unwrap();
+    drop(store);
+    let before = snapshot(&path);
+
+    let wrong = UnsealKey::passphrase(SecretString::from("battery staple")).unwrap();
+    assert!(matches!(
+        SealedStore::open(&path, &wrong),
+        Err(Error::WrongUnsealKey(UnsealKind::Passphrase))
+    ));
+    let keyfile = UnsealKey::generate_key_file(&dir.path().join("k")).unwrap();
+    assert!(matches!(
+        SealedStore::open(&path, &keyfile),
+        Err(Error::UnsealKindMismatch { .. })
+    ));
+    assert_eq!(snapshot(&path), before);
+
+    assert_eq!(SealedStore::open(&path, &right).unwrap().list().unwrap().len(), 1);
+}
+
+#[test]
+fn wrong_key_file_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _store) = key_store(&dir);
+    let other = UnsealKey::generate_key_file(&dir.path().join("other.key")).unwrap();
+    assert!(matches!(
+        SealedStore::open(&path, &other),
+        Err(Error::WrongUnsealKey(UnsealKind::KeyFile))
+    ));
+}
+
+fn snapshot(path: &Path) -> Vec<Vec<u8>> {
+    ["", "-wal"]
+        .iter()
+        .map(|s| std::fs::read(format!("{}{s}", path.display())).unwrap_or_default())
+        .collect()
+}
+
+#[test]
+fn store_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut store) = key_store(&dir);
+    store.rotate().unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let p = format!("{}{suffix}", path.display());
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{p}");
+    }
+    let mode = std::fs::metadata(dir.path().join("unseal.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn a_readable_store_or_key_file_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, store) = key_store(&dir);
+    drop(store);
+    let keyfile = dir.path().join("unseal.key");
+    std::fs::set_permissions(&keyfile, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(matches!(
+        UnsealKey::key_file(&keyfile),
+        Err(Error::InsecurePermissions { mode: 0o644, .. })
+    ));
+    std::fs::set_permissions(&keyfile, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = UnsealKey::key_file(&keyfile).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    assert!(matches!(
+        SealedStore::open(&path, &key),
+        Err(Error::InsecurePermissions { .. })
+    ));
+}
+
+#[test]
+fn merge_is_a_union_and_agrees_on_the_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut a) = key_store(&dir);
+    let dir_b = tempfile::tempdir().unwrap();
+    let (_, mut b) = key_store(&dir_b);
+    a.rotate().unwrap();
+    let shared = a.export().unwrap();
+    b.merge(&shared).unwrap();
+    // A partition: each side rotates on its own.
+    let ka = a.rotate().unwrap();
+    let kb = b.rotate().unwrap();
+    assert_eq!(ka.generation, kb.generation);
+
+    let ra = a.merge(&b.export().unwrap()).unwrap();
+    let rb = b.merge(&a.export().unwrap()).unwrap();
+    assert_eq!((ra.added, rb.added), (1, 1));
+    let pa = a.primary().unwrap().unwrap().key_id;
+    let pb = b.primary().unwrap().unwrap().key_id;
+    assert_eq!(pa, pb);
+    assert_eq!(pa, ka.key_id.max(kb.key_id));
+    assert_eq!(a.list().unwrap(), b.list().unwrap());
+
+    // Merging again changes nothing and leaves the epoch alone.
+    let epoch = a.epoch().unwrap();
+    let again = a.merge(&b.export().unwrap()).unwrap();
+    assert!(!again.changed());
+    assert_eq!(a.epoch().unwrap(), epoch);
+}
+
+#[test]
+fn merge_moves_states_forward_only_and_keeps_destruction() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut a) = key_store(&dir);
+    let dir_b = tempfile::tempdir().unwrap();
+    let (_, mut b) = key_store(&dir_b);
+    let old = a.rotate().unwrap();
+    a.rotate().unwrap();
+    b.merge(&a.export().unwrap()).unwrap();
+    a.retire(old.key_id).unwrap();
+    a.destroy(old.key_id).unwrap();
+
+    // b still has the material; a's destruction wins.
+    let report = b.merge(&a.export().unwrap()).unwrap();
+    assert_eq!(report.advanced, 1);
+    assert_eq!(b.key_meta(old.key_id).unwrap().state, KeyState::Destroyed);
+    // and a does not get the material back from b's older view.
+    let stale = b.export().unwrap();
+    a.merge(&stale).unwrap();
+    assert!(
+        a.export()
+            .unwrap()
+            .iter()
+            .find(|r| r.meta.key_id == old.key_id)
+            .unwrap()
+            .secret
+            .is_none()
+    );
+}
+
+#[test]
+fn conflicting_material_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut a) = key_store(&dir);
+    let k = a.rotate().unwrap();
+    let before = a.list().unwrap();
+    let epoch = a.epoch().unwrap();
+    let rng = SystemRandom::new();
+    let fresh = KeyRecord {
+        meta: KeyMeta {
+            key_id: KeyId::generate(&rng).unwrap(),
+            generation: 9,
+            created_at: OffsetDateTime::UNIX_EPOCH,
+            origin: "b".into(),
+            state: KeyState::Active,
+        },
+        secret: Some(MasterSecret::generate(&rng).unwrap()),
+    };
+    let forged = KeyRecord {
+        meta: k.clone(),
+        secret: Some(MasterSecret::generate(&rng).unwrap()),
+    };
+    let err = a.merge(&[fresh, forged]).unwrap_err();
+    assert!(matches!(err, Error::ConflictingKey(id) if id == k.key_id), "{err}");
+    assert_eq!(a.list().unwrap(), before);
+    assert_eq!(a.epoch().unwrap(), epoch);
+
+    let mut wrong_gen = k.clone();
+    wrong_gen.generation += 1;
+    let secret = a.keyring().unwrap().keys.remove(0).secret;
+    let err = a
+        .merge(&[KeyRecord {
+            meta: wrong_gen,
+            secret,
+        }])
+        .unwrap_err();
+    assert!(matches!(err, Error::ConflictingKey(_)));
+}
+
+#[test]
+fn every_byte_flip_of_a_wrapped_key_is_an_integrity_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut store) = key_store(&dir);
+    let k = store.rotate().unwrap();
+    let original = store.keyring().unwrap().keys.remove(0).secret.unwrap();
+    let id = k.key_id.to_string();
+    let blob: Vec<u8> = store
+        .conn
+        .query_row("SELECT material FROM keys WHERE key_id = ?1", [&id], |r| r.get(0))
+        .unwrap();
+    for i in 0..blob.len() {
+        for flip in [0x01u8, 0x80, 0xff] {
+            let mut bad = blob.clone();
+            bad[i] ^= flip;
+            store
+                .conn
+                .execute("UPDATE keys SET material = ?1 WHERE key_id = ?2", params![bad, id])
+                .unwrap();
+            match store.keyring() {
+                Err(Error::Integrity { key_id: Some(kid), .. }) => assert_eq!(kid, k.key_id),
+                Err(other) => panic!("byte {i}: unexpected error {other}"),
+                Ok(ring) => {
+                    // Never silently wrong bytes.
+                    assert!(ring.keys[0].secret.as_ref().unwrap().ct_eq(&original));
+                    panic!("byte {i} flip {flip:#x} went unnoticed");
+                }
+            }
+        }
+    }
+    // Truncated and extended blobs too.
+    for bad in [
+        blob[..blob.len() - 1].to_vec(),
+        [blob.as_slice(), &[0]].concat(),
+        Vec::new(),
+    ] {
+        store
+            .conn
+            .execute("UPDATE keys SET material = ?1 WHERE key_id = ?2", params![bad, id])
+            .unwrap();
+        assert!(matches!(store.keyring(), Err(Error::Integrity { .. })));
+    }
+    store
+        .conn
+        .execute("UPDATE keys SET material = ?1 WHERE key_id = ?2", params![blob, id])
+        .unwrap();
+    assert!(
+        store.keyring().unwrap().keys[0]
+            .secret
+            .as_ref()
+            .unwrap()
+            .ct_eq(&original)
+    );
+}
+
+#[test]
+fn swapped_or_edited_rows_are_integrity_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut store) = key_store(&dir);
+    let a = store.rotate().unwrap();
+    let b = store.rotate().unwrap();
+    let (ida, idb) = (a.key_id.to_string(), b.key_id.to_string());
+    let get = |s: &SealedStore, id: &str| -> Vec<u8> {
+        s.conn
+            .query_row("SELECT material FROM keys WHERE key_id = ?1", [id], |r| r.get(0))
+            .unwrap()
+    };
+    let (ba, bb) = (get(&store, &ida), get(&store, &idb));
+    let set = |s: &SealedStore, id: &str, blob: &[u8]| {
+        s.conn
+            .execute("UPDATE keys SET material = ?1 WHERE key_id = ?2", params![blob, id])
+            .unwrap();
+    };
+    set(&store, &ida, &bb);
+    set(&store, &idb, &ba);
+    assert!(matches!(store.keyring(), Err(Error::Integrity { .. })));
+    set(&store, &ida, &ba);
+    set(&store, &idb, &bb);
+    store.keyring().unwrap();
+
+    // Editing a bound column: generation, lifecycle, origin, creation time.
+    for edit in [
+        "UPDATE keys SET generation = generation + 10 WHERE key_id = ?1",
+        "UPDATE keys SET lifecycle = 0 WHERE key_id = ?1",
+        "UPDATE keys SET origin = 'mallory' WHERE key_id = ?1",
+        "UPDATE keys SET created_at = created_at - 1 WHERE key_id = ?1",
+    ] {
+        let tx = store.conn.unchecked_transaction().unwrap();
+        tx.execute(edit, [&ida]).unwrap();
+        assert!(matches!(store.export(), Err(Error::Integrity { .. })), "{edit}");
+        tx.rollback().unwrap();
+    }
+    store.verify().unwrap();
+}
+
+#[test]
+fn a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, store) = key_store(&dir);
+    store.conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(store);
+    let key = UnsealKey::key_file(&dir.path().join("unseal.key")).unwrap();
+    assert!(matches!(
+        SealedStore::open(&path, &key),
+        Err(Error::UnsupportedSchema { found: 99, .. })
+    ));
+}
+
+#[test]
+fn create_refuses_an_existing_path_and_open_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _store) = key_store(&dir);
+    let key = UnsealKey::key_file(&dir.path().join("unseal.key")).unwrap();
+    assert!(matches!(
+        SealedStore::create(&path, &key, &CreateOptions::new("x")),
+        Err(Error::StoreExists(_))
+    ));
+    assert!(matches!(
+        SealedStore::open(&dir.path().join("nope.db"), &key),
+        Err(Error::StoreNotFound(_))
+    ));
+    let junk = dir.path().join("junk.db");
+    fsutil::write_private_new(&junk, b"this is not sqlite at all, not even close............").unwrap();
+    assert!(SealedStore::open(&junk, &key).is_err());
+}

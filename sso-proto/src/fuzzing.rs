@@ -1,0 +1,36 @@
+//! Entry points for `fuzz/`: each takes arbitrary bytes and must never panic.
+
+use crate::{EnvelopeKey, EnvelopeRef, KeyId, MasterSecret};
+
+/// Parses and opens arbitrary bytes as an envelope under a fixed key whose id matches
+/// the input's header, so the fuzzer reaches tag verification, not only the parser.
+pub fn open_envelope(data: &[u8]) {
+    let Some((&split, data)) = data.split_first() else {
+        return;
+    };
+    let (aad, envelope) = data.split_at(usize::from(split).min(data.len()));
+    let Ok(parsed) = EnvelopeRef::parse(envelope) else {
+        return;
+    };
+    let mut bytes = [0x42u8; 32];
+    let key = EnvelopeKey::new(parsed.key_id, &MasterSecret::take_from(&mut bytes));
+    let _ = parsed.open(&key, aad);
+    let other = EnvelopeKey::new(KeyId::from_bytes([0; 16]), &MasterSecret::take_from(&mut [1; 32]));
+    let _ = crate::envelope::open(envelope, aad, |_| Some(&other));
+}
+
+/// Valid inputs for the envelope target, to seed its corpus: `(target, bytes)`.
+pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let mut bytes = [0x42u8; 32];
+    let key = EnvelopeKey::new(KeyId::from_bytes([0x11; 16]), &MasterSecret::take_from(&mut bytes));
+    let mut out = Vec::new();
+    for (aad, plaintext) in [(&b""[..], &b""[..]), (b"tenant=1", b"hello"), (b"", &[0u8; 300][..])] {
+        if let Ok(envelope) = crate::envelope::seal(&key, aad, plaintext) {
+            let mut input = vec![aad.len() as u8];
+            input.extend_from_slice(aad);
+            input.extend_from_slice(&envelope);
+            out.push(("envelope_open", input));
+        }
+    }
+    out
+}

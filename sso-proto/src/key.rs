@@ -1,0 +1,240 @@
+//! The key model of SPEC §3: identifiers, states, metadata and the secret itself.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ring::rand::{SecureRandom, SystemRandom};
+use secrecy::{ExposeSecret, SecretBox};
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+
+use crate::Error;
+
+/// Length in bytes of a master secret.
+pub const SECRET_LEN: usize = 32;
+
+/// A 128-bit random key identifier, shown as 32 lowercase hex characters.
+///
+/// Key ids are not secret: they travel in envelope headers, logs and audit entries.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId([u8; 16]);
+
+impl KeyId {
+    /// Length of a key id in bytes.
+    pub const LEN: usize = 16;
+
+    /// Draws a fresh key id from the operating system's randomness.
+    pub fn generate(rng: &SystemRandom) -> Result<Self, Error> {
+        let mut id = [0u8; 16];
+        rng.fill(&mut id).map_err(|_| Error::Randomness)?;
+        Ok(Self(id))
+    }
+
+    /// The raw 16 bytes, as carried in envelope headers.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+
+    /// Builds a key id from its raw 16 bytes.
+    pub const fn from_bytes(bytes: [u8; 16]) -> Self {
+        Self(bytes)
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({self})")
+    }
+}
+
+impl FromStr for KeyId {
+    type Err = Error;
+
+    /// Parses exactly 32 lowercase hex characters; anything else is `InvalidKeyId`.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let lower = s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !lower {
+            return Err(Error::InvalidKeyId);
+        }
+        let mut id = [0u8; 16];
+        hex::decode_to_slice(s, &mut id).map_err(|_| Error::InvalidKeyId)?;
+        Ok(Self(id))
+    }
+}
+
+impl serde::Serialize for KeyId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for KeyId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a key stands in its life. Transitions only move forward:
+/// `staged → primary/active → retired → destroyed`.
+///
+/// `Primary` is never stored: it is derived as the promoted key with the highest
+/// `(generation, key_id)`, so two nodes that hold the same key set always agree on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyState {
+    /// Distributed to nodes and clients, not yet used to encrypt.
+    Staged,
+    /// The key new envelopes are sealed under.
+    Primary,
+    /// Promoted earlier; opens old envelopes, no longer seals.
+    Active,
+    /// No longer served to clients; still stored so a backup can bring it back.
+    Retired,
+    /// Material wiped; only the metadata remains.
+    Destroyed,
+}
+
+impl KeyState {
+    /// Whether clients are handed this key (staged, primary and active keys).
+    pub fn is_served(self) -> bool {
+        matches!(self, Self::Staged | Self::Primary | Self::Active)
+    }
+
+    /// The lowercase name used on the wire and in the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Staged => "staged",
+            Self::Primary => "primary",
+            Self::Active => "active",
+            Self::Retired => "retired",
+            Self::Destroyed => "destroyed",
+        }
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything about a key except its material. Safe to log and to show operators.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyMeta {
+    /// Random identifier, unique across the pair.
+    pub key_id: KeyId,
+    /// One more than the highest generation the creating node knew of.
+    pub generation: u64,
+    /// When the key was generated.
+    pub created_at: OffsetDateTime,
+    /// Name of the node that generated the key.
+    pub origin: String,
+    /// Current state, with `Primary` already derived.
+    pub state: KeyState,
+}
+
+/// A 256-bit master secret.
+///
+/// Zeroized on drop; deliberately has no `Debug`, `Display`, `Clone` or `Serialize`.
+/// Copying is explicit ([`MasterSecret::clone_secret`]) and reading the bytes says so
+/// ([`MasterSecret::expose_secret`]).
+#[expect(missing_debug_implementations, reason = "a secret has no Debug by design")]
+pub struct MasterSecret(SecretBox<[u8; SECRET_LEN]>);
+
+impl MasterSecret {
+    /// Generates a fresh secret straight into its zeroizing box, so the bytes never sit on
+    /// the stack.
+    pub fn generate(rng: &SystemRandom) -> Result<Self, Error> {
+        let mut failed = false;
+        let secret = SecretBox::init_with_mut(|bytes: &mut [u8; SECRET_LEN]| {
+            failed = rng.fill(bytes).is_err();
+        });
+        if failed {
+            return Err(Error::Randomness);
+        }
+        Ok(Self(secret))
+    }
+
+    /// Moves bytes into a secret, wiping the source.
+    pub fn take_from(source: &mut [u8; SECRET_LEN]) -> Self {
+        let secret = SecretBox::init_with_mut(|bytes: &mut [u8; SECRET_LEN]| {
+            bytes.copy_from_slice(source);
+        });
+        zeroize::Zeroize::zeroize(source);
+        Self(secret)
+    }
+
+    /// Copies a secret out of a slice (for example a decrypted buffer the caller will
+    /// wipe). Fails unless the slice is exactly [`SECRET_LEN`] bytes.
+    pub fn copy_from_slice(source: &[u8]) -> Result<Self, Error> {
+        if source.len() != SECRET_LEN {
+            return Err(Error::InvalidSecretLength);
+        }
+        Ok(Self(SecretBox::init_with_mut(|bytes: &mut [u8; SECRET_LEN]| {
+            bytes.copy_from_slice(source);
+        })))
+    }
+
+    /// The raw key bytes. Every call site is a place where the secret leaves its box.
+    pub fn expose_secret(&self) -> &[u8; SECRET_LEN] {
+        self.0.expose_secret()
+    }
+
+    /// An explicit copy into a new zeroizing box.
+    pub fn clone_secret(&self) -> Self {
+        Self(SecretBox::init_with_mut(|bytes: &mut [u8; SECRET_LEN]| {
+            bytes.copy_from_slice(self.expose_secret());
+        }))
+    }
+
+    /// Constant-time comparison, so a mismatch reveals nothing about where it lies.
+    pub fn ct_eq(&self, other: &Self) -> bool {
+        self.expose_secret().ct_eq(other.expose_secret()).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_id_round_trips_as_lowercase_hex() {
+        let rng = SystemRandom::new();
+        let id = KeyId::generate(&rng).unwrap();
+        let text = id.to_string();
+        assert_eq!(text.len(), 32);
+        assert_eq!(text, text.to_lowercase());
+        assert_eq!(text.parse::<KeyId>().unwrap(), id);
+    }
+
+    #[test]
+    fn key_id_rejects_other_shapes() {
+        for bad in ["", "00", &"A".repeat(32), &"g".repeat(32), &"0".repeat(33)] {
+            assert!(bad.parse::<KeyId>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn secrets_compare_by_value() {
+        let rng = SystemRandom::new();
+        let a = MasterSecret::generate(&rng).unwrap();
+        let b = MasterSecret::generate(&rng).unwrap();
+        assert!(a.ct_eq(&a.clone_secret()));
+        assert!(!a.ct_eq(&b));
+    }
+
+    #[test]
+    fn take_from_wipes_the_source() {
+        let mut source = [7u8; SECRET_LEN];
+        let secret = MasterSecret::take_from(&mut source);
+        assert_eq!(source, [0u8; SECRET_LEN]);
+        assert_eq!(secret.expose_secret(), &[7u8; SECRET_LEN]);
+    }
+}

@@ -1,0 +1,59 @@
+//! Key model, wire types and the ciphertext envelope shared by the master-secret server,
+//! its clients and the operator CLI, so each format is parsed, tested and fuzzed once.
+//!
+//! # Layout
+//! - [`key`]: [`KeyId`], [`KeyState`], [`KeyMeta`] and [`MasterSecret`], the zeroizing
+//!   box every 256-bit key lives in.
+//! - [`envelope`]: sealing and opening client data under a master secret
+//!   ([`EnvelopeKey`]); the format is specified in `docs/envelope.md`.
+//! - [`fuzzing`] (feature `fuzzing`): entry points for the targets in `fuzz/`.
+//!
+//! Data flows one way: a server hands out `KeyMeta` + `MasterSecret`, a client turns each
+//! secret into an [`EnvelopeKey`] and seals or opens with it.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod envelope;
+pub mod key;
+
+pub use envelope::{EnvelopeKey, EnvelopeRef};
+pub use key::{KeyId, KeyMeta, KeyState, MasterSecret, SECRET_LEN};
+
+/// Everything that can go wrong in this crate. Messages never contain key bytes, plaintext
+/// or raw input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The envelope's first byte is not a version this build understands.
+    #[error("unknown envelope version {0:#04x}: sealed by a newer release? upgrade this client")]
+    UnknownVersion(u8),
+    /// Fewer bytes than the smallest well-formed envelope.
+    #[error("envelope is truncated: {len} bytes, at least {min} needed")]
+    Truncated {
+        /// Bytes received.
+        len: usize,
+        /// The minimum for a well-formed envelope.
+        min: usize,
+    },
+    /// The envelope names a key that the caller does not hold.
+    #[error("envelope was sealed under key {0}, which is not available here")]
+    UnknownKey(KeyId),
+    /// Tag check failed: wrong key, wrong associated data, or the bytes were changed.
+    #[error("envelope failed authentication: wrong associated data, or the envelope was modified")]
+    AuthenticationFailed,
+    /// The plaintext exceeds [`envelope::MAX_PLAINTEXT_LEN`].
+    #[error("plaintext is too long to seal in one envelope")]
+    PlaintextTooLong,
+    /// The operating system's random number generator failed.
+    #[error("the operating system's random number generator failed")]
+    Randomness,
+    /// Text that should be a key id is not 32 lowercase hex characters.
+    #[error("invalid key id: expected 32 lowercase hex characters")]
+    InvalidKeyId,
+    /// Bytes that should be a master secret have the wrong length.
+    #[error("invalid key material: expected exactly 32 bytes")]
+    InvalidSecretLength,
+}
+
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
