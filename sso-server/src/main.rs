@@ -1,7 +1,158 @@
-//! `sso-server`: the master-secret server daemon; it arrives with the server milestone.
+//! `sso-server`: parse arguments, load and validate the config, unseal, bind, serve.
 #![forbid(unsafe_code)]
 
-fn main() {
-    eprintln!("sso-server is not built yet: it arrives with the server milestone (see README.md)");
-    std::process::exit(69);
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use keystore::{SealedStore, UnsealKey};
+use sso_server::Config;
+use sso_server::config::UnsealConfig;
+
+/// The master-secret server.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, conflicts_with = "dev", required_unless_present = "dev")]
+    config: Option<PathBuf>,
+    /// Development mode: create (or reuse) DIR with a dev PKI, store and config, and serve
+    /// on 127.0.0.1:7443.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "sso-dev")]
+    dev: Option<PathBuf>,
+}
+
+/// Exit codes (sysexits): configuration or usage 64, unseal or store 65, cannot serve 69.
+const EX_USAGE: u8 = 64;
+const EX_DATAERR: u8 = 65;
+const EX_UNAVAILABLE: u8 = 69;
+
+fn fail(code: u8, error: &dyn std::fmt::Display, hint: &str) -> ExitCode {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "error: {error}");
+    if !hint.is_empty() {
+        let _ = writeln!(err, "hint: {hint}");
+    }
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    // ring is the only provider; install it before anything asks for a default.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+
+    let config_path = match (&args.config, &args.dev) {
+        (Some(path), _) => path.clone(),
+        (None, Some(dir)) => match sso_server::dev::prepare(dir) {
+            Ok(path) => path,
+            Err(e) => {
+                return fail(
+                    EX_DATAERR,
+                    &e,
+                    "check the directory's permissions, or pick another with --dev DIR",
+                );
+            }
+        },
+        (None, None) => return fail(EX_USAGE, &"no configuration", "pass --config FILE or --dev"),
+    };
+    let config = match Config::load(&config_path) {
+        Ok(c) => c,
+        Err(e) => return fail(EX_USAGE, &e, "fix the field named above; see docs/configuration.md"),
+    };
+    init_logging(&config);
+    let hardening = sso_client::hardening::harden_process();
+    tracing::info!(?hardening, "process hardening");
+
+    let key = match unseal_key(&config.store.unseal) {
+        Ok(k) => k,
+        Err(e) => return fail(EX_DATAERR, &e, "check store.unseal in the config"),
+    };
+    let store = match SealedStore::open(&config.store.path, &key) {
+        Ok(s) => s,
+        Err(e) => return fail(EX_DATAERR, &e, ""),
+    };
+    drop(key);
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(EX_UNAVAILABLE, &e, ""),
+    };
+    runtime.block_on(async move {
+        let https = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                return fail(
+                    EX_UNAVAILABLE,
+                    &format!("cannot listen on {}: {e}", config.listen),
+                    "is another server running?",
+                );
+            }
+        };
+        let metrics = match tokio::net::TcpListener::bind(config.metrics_listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                return fail(
+                    EX_UNAVAILABLE,
+                    &format!("cannot listen on {} (metrics_listen): {e}", config.metrics_listen),
+                    "",
+                );
+            }
+        };
+        let (https_addr, metrics_addr) = (https.local_addr().ok(), metrics.local_addr().ok());
+        tracing::info!(https = ?https_addr, metrics = ?metrics_addr, node = %config.node, "listening");
+        // A stable line on stdout for scripts and tests that bind port 0.
+        let mut out = std::io::stdout().lock();
+        if let (Some(h), Some(m)) = (https_addr, metrics_addr) {
+            let _ = writeln!(out, "sso-server listening https={h} metrics={m}");
+            if let Some(dir) = &args.dev {
+                let _ = writeln!(out, "{}", sso_server::dev::banner(dir, h, m));
+            }
+        }
+        let _ = out.flush();
+        drop(out);
+        match sso_server::run(config, store, https, metrics, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(EX_UNAVAILABLE, &e, ""),
+        }
+    })
+}
+
+fn unseal_key(u: &UnsealConfig) -> keystore::Result<UnsealKey> {
+    if let Some(path) = &u.key_file {
+        UnsealKey::key_file(path)
+    } else if let Some(var) = &u.key_env {
+        UnsealKey::key_from_env(var)
+    } else if let Some(path) = &u.passphrase_file {
+        UnsealKey::passphrase_from_file(path)
+    } else if let Some(var) = &u.passphrase_env {
+        UnsealKey::passphrase_from_env(var)
+    } else {
+        UnsealKey::passphrase_from_prompt("store passphrase: ")
+    }
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
 }

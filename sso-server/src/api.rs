@@ -1,0 +1,564 @@
+//! The HTTPS API of SPEC §5: routing, role checks, handlers, JSON errors, audit.
+//!
+//! Every answer that is not a plain success (and every key fetch and admin action) is
+//! audited. Error bodies are `{"error": CODE, "message": …}` and never mention key
+//! material; internal details go to the log only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode, header};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use sso_proto::{KeyId, KeyState};
+use zeroize::Zeroizing;
+
+use crate::audit::AuditEvent;
+use crate::identity::{Caller, Role};
+use crate::metrics::Endpoint;
+use crate::state::AppState;
+
+/// The response body type for every answer.
+pub type Body = Full<Bytes>;
+
+/// A refused or failed request, as the client sees it.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
+    }
+
+    fn outcome(&self) -> &'static str {
+        self.code
+    }
+}
+
+impl From<keystore::Error> for ApiError {
+    fn from(e: keystore::Error) -> Self {
+        use keystore::Error as E;
+        match &e {
+            E::KeyNotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            E::RetirePrimary(_) | E::DestroyUnretired(_) | E::InvalidTransition { .. } => {
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
+            E::ConflictingKey(_) | E::Integrity { .. } => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "integrity", e.to_string())
+            }
+            E::WrongBackupPassword => Self::new(StatusCode::FORBIDDEN, "wrong_password", e.to_string()),
+            E::NotABackup
+            | E::UnsupportedBackupVersion(_)
+            | E::BackupTruncated { .. }
+            | E::BackupMalformed(_)
+            | E::BackupTampered
+            | E::EmptyPassphrase => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_backup", e.to_string()),
+            _ => {
+                tracing::error!(error = %e, "store operation failed");
+                Self::internal()
+            }
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn json_value(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    json_response(status, Bytes::from(serde_json::to_vec(value).unwrap_or_default()))
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    json_value(e.status, &serde_json::json!({ "error": e.code, "message": e.message }))
+}
+
+/// What the router decided a request is.
+#[derive(Debug)]
+struct Route {
+    endpoint: Endpoint,
+    needs: Option<Role>,
+    op: &'static str,
+    key_id: Option<KeyId>,
+}
+
+fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let key = |s: &str| {
+        s.parse::<KeyId>()
+            .map_err(|_| ApiError::bad_request("the key id must be 32 lowercase hex characters"))
+    };
+    let r = |endpoint, needs, op, key_id| {
+        Ok(Route {
+            endpoint,
+            needs,
+            op,
+            key_id,
+        })
+    };
+    let allowed = match segments.as_slice() {
+        ["v1", "health"] => ("GET", r(Endpoint::Health, None, "health", None)),
+        ["v1", "keyring"] => ("GET", r(Endpoint::Keyring, Some(Role::Client), "keyring.fetch", None)),
+        ["v1", "keyring", "watch"] => ("GET", r(Endpoint::Watch, Some(Role::Client), "keyring.watch", None)),
+        ["v1", "keys", id] => ("GET", r(Endpoint::Key, Some(Role::Client), "key.fetch", Some(key(id)?))),
+        ["v1", "admin", "rotate"] => ("POST", r(Endpoint::Rotate, Some(Role::Admin), "admin.rotate", None)),
+        ["v1", "admin", "keys", id, "retire"] => (
+            "POST",
+            r(Endpoint::Retire, Some(Role::Admin), "admin.retire", Some(key(id)?)),
+        ),
+        ["v1", "admin", "keys", id, "destroy"] => (
+            "POST",
+            r(Endpoint::Destroy, Some(Role::Admin), "admin.destroy", Some(key(id)?)),
+        ),
+        ["v1", "admin", "status"] => ("GET", r(Endpoint::Status, Some(Role::Admin), "admin.status", None)),
+        ["v1", "admin", "backup"] => ("POST", r(Endpoint::Backup, Some(Role::Admin), "admin.backup", None)),
+        ["v1", "admin", "restore"] => ("POST", r(Endpoint::Restore, Some(Role::Admin), "admin.restore", None)),
+        _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+    };
+    let (want, route) = allowed;
+    if method.as_str() != want {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("use {want}"),
+        ));
+    }
+    route
+}
+
+/// Answers one request from an authenticated caller.
+pub async fn handle(
+    req: Request<Incoming>,
+    caller: Arc<Caller>,
+    peer: SocketAddr,
+    state: Arc<AppState>,
+) -> Response<Body> {
+    let (endpoint, op, key_id, result) = match route(req.method(), req.uri().path()) {
+        Err(e) => (Endpoint::Unknown, "request", None, Err(e)),
+        Ok(route) => {
+            let result = match route.needs {
+                Some(role) if !caller.roles.allows(role) => {
+                    state.metrics.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        format!("this certificate does not hold the {} role", role.as_str()),
+                    ))
+                }
+                _ => dispatch(&route, req, &caller, &state).await,
+            };
+            (route.endpoint, route.op, route.key_id, result)
+        }
+    };
+    let (response, outcome, detail) = match result {
+        Ok(Answer {
+            response,
+            audit,
+            detail,
+        }) => {
+            let status = response.status().as_u16();
+            state.metrics.request(endpoint, status);
+            if !audit {
+                return response;
+            }
+            (response, "ok", detail)
+        }
+        Err(e) => {
+            state.metrics.request(endpoint, e.status.as_u16());
+            (error_response(&e), e.outcome(), Some(e.message.clone()))
+        }
+    };
+    state.audit.record(AuditEvent {
+        identity: caller.label.clone(),
+        role: caller.roles.label(),
+        op,
+        key_id,
+        outcome,
+        detail,
+        peer: Some(peer),
+    });
+    response
+}
+
+/// A successful answer, and whether it is worth an audit entry.
+struct Answer {
+    response: Response<Body>,
+    audit: bool,
+    detail: Option<String>,
+}
+
+fn quiet(response: Response<Body>) -> Answer {
+    Answer {
+        response,
+        audit: false,
+        detail: None,
+    }
+}
+
+fn audited(response: Response<Body>, detail: Option<String>) -> Answer {
+    Answer {
+        response,
+        audit: true,
+        detail,
+    }
+}
+
+async fn dispatch(
+    route: &Route,
+    req: Request<Incoming>,
+    caller: &Caller,
+    state: &Arc<AppState>,
+) -> Result<Answer, ApiError> {
+    match route.endpoint {
+        Endpoint::Health => Ok(quiet(health(state))),
+        Endpoint::Keyring => Ok(keyring(state)),
+        Endpoint::Watch => watch(req.uri().query(), state).await,
+        Endpoint::Key => key(route.key_id, state),
+        Endpoint::Rotate => {
+            let body = read_body(req, state).await?;
+            rotate(&body, state).await
+        }
+        Endpoint::Retire | Endpoint::Destroy => {
+            let id = route.key_id.ok_or_else(|| ApiError::bad_request("missing key id"))?;
+            let destroy = route.endpoint == Endpoint::Destroy;
+            let meta = with_store(
+                state,
+                move |store| if destroy { store.destroy(id) } else { store.retire(id) },
+            )
+            .await?;
+            Ok(audited(json_value(StatusCode::OK, &meta_json(&meta)), None))
+        }
+        Endpoint::Status => status(state).await,
+        Endpoint::Backup => {
+            let body = read_body(req, state).await?;
+            backup(&body, state).await
+        }
+        Endpoint::Restore => {
+            let body = read_body(req, state).await?;
+            restore(&body, caller, state).await
+        }
+        Endpoint::Peer | Endpoint::Unknown => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint"))
+        }
+    }
+}
+
+fn health(state: &AppState) -> Response<Body> {
+    json_value(
+        StatusCode::OK,
+        &serde_json::json!({"status": "ok", "node": state.node, "sealed": false, "peer": "none"}),
+    )
+}
+
+fn keyring(state: &AppState) -> Answer {
+    let snap = state.snapshot.load();
+    state
+        .metrics
+        .key_fetches
+        .fetch_add(snap.served as u64, std::sync::atomic::Ordering::Relaxed);
+    let detail = Some(format!("epoch {}, {} keys", snap.epoch, snap.served));
+    audited(json_response(StatusCode::OK, snap.keyring_body.clone()), detail)
+}
+
+fn key(id: Option<KeyId>, state: &AppState) -> Result<Answer, ApiError> {
+    let id = id.ok_or_else(|| ApiError::bad_request("missing key id"))?;
+    let snap = state.snapshot.load();
+    if let Some(body) = snap.key_bodies.get(&id) {
+        state
+            .metrics
+            .key_fetches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Ok(audited(json_response(StatusCode::OK, body.clone()), None));
+    }
+    match snap.states.get(&id) {
+        Some(KeyState::Retired | KeyState::Destroyed) => Err(ApiError::new(
+            StatusCode::GONE,
+            "gone",
+            format!("key {id} is retired or destroyed"),
+        )),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no key {id}"),
+        )),
+    }
+}
+
+async fn watch(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    let after = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("after="))
+        .map(|v| {
+            v.parse::<u64>()
+                .map_err(|_| ApiError::bad_request("after must be a non-negative integer"))
+        })
+        .transpose()?
+        .unwrap_or(0);
+    // Subscribe before looking, so a change between the look and the wait is not missed.
+    let mut rx = state.epoch_tx.subscribe();
+    let wait = Duration::from_millis(state.limits.watch_max_wait_ms);
+    let changed = tokio::time::timeout(wait, rx.wait_for(|epoch| *epoch > after)).await;
+    match changed {
+        Ok(Ok(_)) => Ok(keyring(state)),
+        Ok(Err(_)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "shutting down",
+        )),
+        Err(_) => Ok(quiet(
+            Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(Full::new(Bytes::new()))
+                .unwrap_or_default(),
+        )),
+    }
+}
+
+/// Runs `f` on the store on a blocking thread, then republishes the snapshot.
+async fn with_store<T: Send + 'static>(
+    state: &Arc<AppState>,
+    f: impl FnOnce(&mut keystore::SealedStore) -> keystore::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
+        let result = f(&mut store);
+        if let Err(keystore::Error::ConflictingKey(_) | keystore::Error::Integrity { .. }) = &result {
+            state
+                .metrics
+                .integrity_alarms
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let out = result?;
+        state.refresh(&store)?;
+        Ok(out)
+    })
+    .await
+    .map_err(|_| ApiError::internal())?
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RotateRequest {
+    #[serde(default)]
+    allow_degraded: bool,
+}
+
+async fn rotate(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    let request: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RotateRequest::default()
+    } else {
+        parse_json(body)?
+    };
+    // A standalone node has no peer to be degraded from; the flag matters to the pair.
+    tracing::debug!(allow_degraded = request.allow_degraded, "rotate requested");
+    // Add, distribute, promote: publish the staged key first so watching clients hold it
+    // before anything can be sealed under it.
+    let staged = with_store(state, |store| store.stage_new()).await?;
+    tokio::time::sleep(state.distribute_wait).await;
+    let id = staged.key_id;
+    let promoted = with_store(state, move |store| store.promote(id)).await?;
+    let answer = serde_json::json!({
+        "key_id": promoted.key_id,
+        "generation": promoted.generation,
+        "replication": "standalone",
+    });
+    tracing::info!(key_id = %promoted.key_id, generation = promoted.generation, "rotated");
+    Ok(audited(
+        json_value(StatusCode::OK, &answer),
+        Some(format!("new primary {}", promoted.key_id)),
+    ))
+}
+
+fn meta_json(meta: &sso_proto::KeyMeta) -> serde_json::Value {
+    serde_json::json!({
+        "key_id": meta.key_id,
+        "generation": meta.generation,
+        "state": meta.state,
+        "created_at": meta.created_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        "origin": meta.origin,
+    })
+}
+
+async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    let st = state.clone();
+    let status = tokio::task::spawn_blocking(move || st.store.lock().unwrap_or_else(|p| p.into_inner()).status())
+        .await
+        .map_err(|_| ApiError::internal())??;
+    let head = state.audit.head();
+    let rfc = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let answer = serde_json::json!({
+        "node": status.node,
+        "epoch": status.epoch,
+        "primary": status.primary,
+        "peer": null,
+        "keys": status.keys.iter().map(meta_json).collect::<Vec<_>>(),
+        "backup": {
+            "last_backup_at": status.last_backup_at.map(rfc),
+            "not_backed_up": status.not_backed_up,
+        },
+        "audit": { "seq": head.seq, "head": head.hash },
+    });
+    Ok(audited(json_value(StatusCode::OK, &answer), None))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupRequest {
+    password: SecretString,
+    #[serde(default)]
+    hint: String,
+}
+
+async fn backup(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    let request: BackupRequest = parse_json(body)?;
+    if request.password.expose_secret().len() < 8 {
+        return Err(ApiError::bad_request(
+            "the backup password must be at least 8 characters",
+        ));
+    }
+    let bytes = with_store(state, move |store| {
+        let pending = store.create_backup(&request.password, &request.hint, keystore::KdfParams::default())?;
+        store.confirm_backup(&pending)?;
+        Ok(pending.bytes)
+    })
+    .await?;
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(audited(resp, None))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreRequest {
+    password: SecretString,
+    /// The backup file, standard base64.
+    backup: String,
+}
+
+async fn restore(body: &[u8], _caller: &Caller, state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    use base64::Engine;
+    let request: RestoreRequest = parse_json(body)?;
+    let file = base64::engine::general_purpose::STANDARD
+        .decode(request.backup.as_bytes())
+        .map_err(|_| ApiError::bad_request("backup must be standard base64"))?;
+    let report = with_store(state, move |store| store.restore_backup(&file, &request.password)).await?;
+    let answer = serde_json::json!({
+        "added": report.added, "advanced": report.advanced, "unchanged": report.unchanged, "epoch": report.epoch,
+    });
+    Ok(audited(
+        json_value(StatusCode::OK, &answer),
+        Some(format!("added {}, advanced {}", report.added, report.advanced)),
+    ))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    // serde's message names the line and column, never the input.
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+}
+
+/// Reads the request body within the size and time limits into a buffer that is wiped
+/// when dropped (admin bodies carry passwords).
+async fn read_body(req: Request<Incoming>, state: &AppState) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    let limit = state.limits.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request bodies are limited to {limit} bytes"),
+        )
+    };
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        && len > limit
+    {
+        return Err(too_large());
+    }
+    let timeout = Duration::from_millis(state.limits.body_read_timeout_ms);
+    let collected = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect())
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the request body arrived too slowly",
+            )
+        })?
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                too_large()
+            } else {
+                ApiError::bad_request("could not read the request body")
+            }
+        })?;
+    let bytes = collected.to_bytes();
+    let mut out = Zeroizing::new(Vec::with_capacity(bytes.len()));
+    out.extend_from_slice(&bytes);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_need_the_right_method_and_shape() {
+        assert!(route(&Method::GET, "/v1/keyring").is_ok());
+        assert_eq!(
+            route(&Method::POST, "/v1/keyring").unwrap_err().status,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            route(&Method::GET, "/v2/keyring").unwrap_err().status,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            route(&Method::GET, "/v1/keys/nothex").unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
+        let r = route(&Method::POST, &format!("/v1/admin/keys/{}/retire", "ab".repeat(16))).unwrap();
+        assert_eq!(r.needs, Some(Role::Admin));
+    }
+}

@@ -1,0 +1,363 @@
+//! The server's TOML configuration, validated before any port is bound.
+//!
+//! Relative paths are resolved against the directory of the config file, so a config and
+//! its certificates can move together.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration problem, naming the field at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("config {field}: {problem}")]
+pub struct ConfigError {
+    /// The dotted path of the field, such as `tls.client_ca`.
+    pub field: String,
+    /// What is wrong and, where possible, how to fix it.
+    pub problem: String,
+}
+
+fn err(field: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's name: in audit entries, health answers and as the origin of its keys.
+    pub node: String,
+    /// HTTPS listen address.
+    pub listen: SocketAddr,
+    /// Plain-HTTP Prometheus metrics address; loopback by default. Secrets never appear.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    /// Certificates and TLS policy.
+    pub tls: TlsConfig,
+    /// The keystore and how to unseal it.
+    pub store: StoreConfig,
+    /// The audit log.
+    pub audit: AuditConfig,
+    /// Which certificate identities hold which role.
+    pub roles: RolesConfig,
+    /// Connection and request limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9443))
+}
+
+/// TLS settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Server private key, PEM (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// CA certificates that client certificates must chain to, PEM.
+    pub client_ca: PathBuf,
+    /// Certificate revocation lists, PEM or DER.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// Lowest TLS version accepted: "1.3" (default) or "1.2".
+    #[serde(default = "default_min_version")]
+    pub min_version: String,
+    /// Bound on the whole TLS handshake; rustls has no timeout of its own.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+}
+
+fn default_min_version() -> String {
+    "1.3".into()
+}
+fn default_handshake_timeout_ms() -> u64 {
+    5_000
+}
+
+/// Where the keystore is and how it is unsealed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The SQLite store file.
+    pub path: PathBuf,
+    /// The unseal secret's source.
+    pub unseal: UnsealConfig,
+}
+
+/// Exactly one source of the unseal secret.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UnsealConfig {
+    /// A 32-byte key file (mode 0600).
+    pub key_file: Option<PathBuf>,
+    /// Environment variable holding the key as 64 hex characters.
+    pub key_env: Option<String>,
+    /// A file holding the passphrase (mode 0600).
+    pub passphrase_file: Option<PathBuf>,
+    /// Environment variable holding the passphrase.
+    pub passphrase_env: Option<String>,
+    /// Ask for the passphrase on the terminal at start.
+    #[serde(default)]
+    pub prompt: bool,
+}
+
+/// The audit log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Append-only, hash-chained JSON-lines file.
+    pub path: PathBuf,
+    /// Entries waiting for the writer before new ones are dropped (and counted).
+    #[serde(default = "default_audit_queue")]
+    pub queue: usize,
+}
+
+fn default_audit_queue() -> usize {
+    65_536
+}
+
+/// Identity patterns per role. A pattern is `cn:NAME`, `dns:NAME`, `uri:URI`, or
+/// `cn:*` (any certificate the client CA issued).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RolesConfig {
+    /// May fetch keys and watch the keyring.
+    #[serde(default)]
+    pub client: Vec<String>,
+    /// May do everything a client may, plus rotate, retire, destroy, status, backup and
+    /// restore.
+    #[serde(default)]
+    pub admin: Vec<String>,
+    /// The other node of the pair: replication endpoints only.
+    #[serde(default)]
+    pub peer: Vec<String>,
+}
+
+/// Connection and request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Time allowed to send request headers (slow-loris bound), and the keep-alive idle
+    /// limit between requests.
+    pub header_read_timeout_ms: u64,
+    /// Time allowed to send a request body.
+    pub body_read_timeout_ms: u64,
+    /// Longest a watch long-poll waits before answering 204.
+    pub watch_max_wait_ms: u64,
+    /// Bounded drain on shutdown.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_body_bytes: 1 << 20,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
+            watch_max_wait_ms: 25_000,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// "text" or "json".
+    pub format: String,
+    /// An env-filter directive such as "info" or "sso_server=debug".
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative paths become relative to the
+    /// file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| err("file", format!("{}: {e}", path.display())))?;
+        let mut config = Self::parse(&text)?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.resolve_paths(&base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error names the field serde stopped at.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let field = e
+                .span()
+                .map(|s| text[..s.start].lines().count().to_string())
+                .unwrap_or_default();
+            err(&format!("(line {field})"), e.message().to_owned())
+        })
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        fix(&mut self.tls.client_ca);
+        self.tls.crls.iter_mut().for_each(fix);
+        fix(&mut self.store.path);
+        fix(&mut self.audit.path);
+        self.store.unseal.key_file.as_mut().map(fix);
+        self.store.unseal.passphrase_file.as_mut().map(fix);
+    }
+
+    /// Checks everything that can be checked without binding a port or unsealing.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.is_empty()
+            || self.node.len() > 64
+            || !self
+                .node
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(err(
+                "node",
+                "must be 1-64 characters of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if self.metrics_listen == self.listen {
+            return Err(err("metrics_listen", "must differ from listen"));
+        }
+        for (field, path) in [
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+            ("tls.client_ca", &self.tls.client_ca),
+        ] {
+            if !path.is_file() {
+                return Err(err(
+                    field,
+                    format!("{} does not exist or is not a file", path.display()),
+                ));
+            }
+        }
+        for (i, crl) in self.tls.crls.iter().enumerate() {
+            if !crl.is_file() {
+                return Err(err(
+                    &format!("tls.crls[{i}]"),
+                    format!("{} does not exist", crl.display()),
+                ));
+            }
+        }
+        if !matches!(self.tls.min_version.as_str(), "1.2" | "1.3") {
+            return Err(err("tls.min_version", "must be \"1.3\" or \"1.2\""));
+        }
+        if !(100..=120_000).contains(&self.tls.handshake_timeout_ms) {
+            return Err(err("tls.handshake_timeout_ms", "must be between 100 and 120000"));
+        }
+        if !self.store.path.exists() {
+            return Err(err(
+                "store.path",
+                format!(
+                    "{} does not exist: create the store first (ssoctl init)",
+                    self.store.path.display()
+                ),
+            ));
+        }
+        let u = &self.store.unseal;
+        let sources = [
+            u.key_file.is_some(),
+            u.key_env.is_some(),
+            u.passphrase_file.is_some(),
+            u.passphrase_env.is_some(),
+            u.prompt,
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            return Err(err(
+                "store.unseal",
+                "set exactly one of key_file, key_env, passphrase_file, passphrase_env, prompt",
+            ));
+        }
+        if let Some(parent) = self.audit.path.parent()
+            && !parent.as_os_str().is_empty()
+            && !parent.is_dir()
+        {
+            return Err(err(
+                "audit.path",
+                format!("directory {} does not exist", parent.display()),
+            ));
+        }
+        if self.audit.queue == 0 {
+            return Err(err("audit.queue", "must be at least 1"));
+        }
+        for (role, patterns) in [
+            ("client", &self.roles.client),
+            ("admin", &self.roles.admin),
+            ("peer", &self.roles.peer),
+        ] {
+            for (i, p) in patterns.iter().enumerate() {
+                crate::identity::Pattern::parse(p).map_err(|problem| err(&format!("roles.{role}[{i}]"), problem))?;
+            }
+        }
+        if self.roles.client.is_empty() && self.roles.admin.is_empty() {
+            return Err(err(
+                "roles",
+                "no identity may do anything: set roles.client or roles.admin",
+            ));
+        }
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            return Err(err("limits.max_connections", "must be at least 1"));
+        }
+        if l.max_body_bytes < 1024 {
+            return Err(err("limits.max_body_bytes", "must be at least 1024"));
+        }
+        if l.header_read_timeout_ms == 0 || l.body_read_timeout_ms == 0 {
+            return Err(err("limits", "timeouts must be positive"));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(err("log.format", "must be \"text\" or \"json\""));
+        }
+        Ok(())
+    }
+
+    /// The handshake timeout as a duration.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.tls.handshake_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_and_bad_values_name_the_field() {
+        let e = Config::parse("node = 'a'\nlisten = 'nonsense'\n").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+        let e = Config::parse("bogus = 1").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+}

@@ -1,0 +1,110 @@
+//! `--dev`: the embedded default of SPEC §9. Creates `sso-dev/` with a dev PKI, a key-file
+//! store holding a first key, a first backup and its password, and a config that serves
+//! on `127.0.0.1:7443`. Reuses the directory on later starts.
+
+use std::path::{Path, PathBuf};
+
+use keystore::fsutil;
+use keystore::{CreateOptions, KdfParams, SealedStore, UnsealKey};
+use ring::rand::SecureRandom;
+use secrecy::SecretString;
+
+/// Setting up the dev directory failed.
+#[derive(Debug, thiserror::Error)]
+#[error("dev mode: {0}")]
+pub struct DevError(String);
+
+/// The HTTPS port of dev mode.
+pub const DEV_PORT: u16 = 7443;
+/// The metrics port of dev mode.
+pub const DEV_METRICS_PORT: u16 = 7444;
+
+/// Makes sure `dir` holds a complete dev setup and returns its config file.
+pub fn prepare(dir: &Path) -> Result<PathBuf, DevError> {
+    let config = dir.join("server.toml");
+    if config.is_file() {
+        return Ok(config);
+    }
+    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(DevError(format!(
+            "{} exists but has no server.toml (an interrupted first start?); remove it and start again",
+            dir.display()
+        )));
+    }
+    create(dir).map_err(|e| DevError(e.to_string()))?;
+    Ok(config)
+}
+
+fn create(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let pki = certs::DevPki::generate()?;
+    for file in pki.files() {
+        let path = dir.join(file.name);
+        if file.private {
+            fsutil::write_private_new(&path, file.contents.as_bytes())?;
+        } else {
+            std::fs::write(&path, file.contents)?;
+        }
+    }
+    fsutil::write_private_new(&dir.join("ca-key.pem"), pki.ca.key_pem().as_bytes())?;
+
+    let key = UnsealKey::generate_key_file(&dir.join("unseal.key"))?;
+    let mut store = SealedStore::create(&dir.join("store.db"), &key, &CreateOptions::new("dev"))?;
+    store.rotate()?;
+
+    let rng = ring::rand::SystemRandom::new();
+    let mut raw = zeroize::Zeroizing::new([0u8; 18]);
+    rng.fill(raw.as_mut())
+        .map_err(|_| "the OS random number generator failed")?;
+    let password = zeroize::Zeroizing::new(hex::encode(*raw));
+    fsutil::write_private_new(&dir.join("backup-password"), format!("{}\n", *password).as_bytes())?;
+    store.write_backup_file(
+        &dir.join("backup.ssob"),
+        &SecretString::from(password.as_str()),
+        "in the file backup-password beside this backup",
+        KdfParams::default(),
+    )?;
+
+    let toml = format!(
+        r#"# sso-server dev configuration, written by `sso-server --dev`. Not for production:
+# the CA key and the unseal key sit beside the store.
+node = "dev"
+listen = "127.0.0.1:{DEV_PORT}"
+metrics_listen = "127.0.0.1:{DEV_METRICS_PORT}"
+
+[tls]
+cert = "server.pem"
+key = "server-key.pem"
+client_ca = "ca.pem"
+
+[store]
+path = "store.db"
+unseal = {{ key_file = "unseal.key" }}
+
+[audit]
+path = "audit.log"
+
+[roles]
+client = ["cn:client"]
+admin = ["cn:admin"]
+peer = []
+"#
+    );
+    // Written last: its presence marks the directory complete.
+    std::fs::write(dir.join("server.toml"), toml)?;
+    Ok(())
+}
+
+/// The commands that reach a dev server, printed at start.
+pub fn banner(dir: &Path, https: std::net::SocketAddr, metrics: std::net::SocketAddr) -> String {
+    let d = dir.display();
+    let port = https.port();
+    format!(
+        "sso-server dev mode: serving https://localhost:{port} (metrics: http://{metrics}/metrics), files in {d}/\n\
+         \n  curl --cacert {d}/ca.pem --cert {d}/client.pem --key {d}/client-key.pem https://localhost:{port}/v1/keyring\
+         \n  curl --cacert {d}/ca.pem --cert {d}/admin.pem --key {d}/admin-key.pem -X POST https://localhost:{port}/v1/admin/rotate\
+         \n  ssoctl --dev {d} status\
+         \n  ssoctl --dev {d} rotate\n"
+    )
+}

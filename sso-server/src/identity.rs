@@ -1,0 +1,183 @@
+//! Who is calling: the verified client certificate's identity, mapped to roles.
+
+use certs::PeerIdentity;
+
+use crate::config::RolesConfig;
+
+/// A role, as SPEC §5 defines them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Fetch keys, watch the keyring, health.
+    Client,
+    /// Everything a client may, plus key administration.
+    Admin,
+    /// The other node of the pair: replication only.
+    Peer,
+}
+
+impl Role {
+    /// Lowercase name for logs and audit.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Admin => "admin",
+            Self::Peer => "peer",
+        }
+    }
+}
+
+/// One identity pattern from the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// Subject CN equals this.
+    Cn(String),
+    /// Any certificate (the client CA already vouched for it).
+    AnyCn,
+    /// A SAN DNS name equals this.
+    Dns(String),
+    /// A SAN URI equals this.
+    Uri(String),
+}
+
+impl Pattern {
+    /// Parses `cn:NAME`, `cn:*`, `dns:NAME` or `uri:URI`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (kind, value) = text
+            .split_once(':')
+            .ok_or_else(|| format!("{text:?} is not KIND:VALUE (kinds: cn, dns, uri)"))?;
+        if value.is_empty() {
+            return Err(format!("{text:?} has an empty value"));
+        }
+        match kind.to_ascii_lowercase().as_str() {
+            "cn" if value == "*" => Ok(Self::AnyCn),
+            "cn" => Ok(Self::Cn(value.into())),
+            "dns" => Ok(Self::Dns(value.to_ascii_lowercase())),
+            "uri" => Ok(Self::Uri(value.into())),
+            other => Err(format!("unknown identity kind {other:?} (kinds: cn, dns, uri)")),
+        }
+    }
+
+    fn matches(&self, id: &PeerIdentity) -> bool {
+        match self {
+            Self::AnyCn => true,
+            Self::Cn(cn) => id.common_name.as_deref() == Some(cn.as_str()),
+            Self::Dns(dns) => id.dns_names.iter().any(|d| d.eq_ignore_ascii_case(dns)),
+            Self::Uri(uri) => id.uris.iter().any(|u| u == uri),
+        }
+    }
+}
+
+/// The compiled role map.
+#[derive(Clone, Debug, Default)]
+pub struct RoleMap {
+    client: Vec<Pattern>,
+    admin: Vec<Pattern>,
+    peer: Vec<Pattern>,
+}
+
+impl RoleMap {
+    /// Compiles the config's patterns (already validated).
+    pub fn new(config: &RolesConfig) -> Result<Self, String> {
+        let compile = |v: &[String]| v.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>();
+        Ok(Self {
+            client: compile(&config.client)?,
+            admin: compile(&config.admin)?,
+            peer: compile(&config.peer)?,
+        })
+    }
+
+    /// The roles an identity holds.
+    pub fn roles(&self, id: &PeerIdentity) -> Roles {
+        let any = |ps: &[Pattern]| ps.iter().any(|p| p.matches(id));
+        Roles {
+            client: any(&self.client),
+            admin: any(&self.admin),
+            peer: any(&self.peer),
+        }
+    }
+}
+
+/// The set of roles a caller holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Roles {
+    /// Holds `client`.
+    pub client: bool,
+    /// Holds `admin`.
+    pub admin: bool,
+    /// Holds `peer`.
+    pub peer: bool,
+}
+
+impl Roles {
+    /// Whether these roles allow what `needed` allows. Admin includes client.
+    pub fn allows(&self, needed: Role) -> bool {
+        match needed {
+            Role::Client => self.client || self.admin,
+            Role::Admin => self.admin,
+            Role::Peer => self.peer,
+        }
+    }
+
+    /// The highest role held, for audit entries.
+    pub fn label(&self) -> &'static str {
+        if self.admin {
+            "admin"
+        } else if self.peer {
+            "peer"
+        } else if self.client {
+            "client"
+        } else {
+            "none"
+        }
+    }
+}
+
+/// A verified caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// What the certificate says.
+    pub identity: PeerIdentity,
+    /// What the config grants it.
+    pub roles: Roles,
+    /// Short label for audit and logs.
+    pub label: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(cn: &str, dns: &[&str], uris: &[&str]) -> PeerIdentity {
+        PeerIdentity {
+            common_name: Some(cn.into()),
+            dns_names: dns.iter().map(|s| (*s).into()).collect(),
+            uris: uris.iter().map(|s| (*s).into()).collect(),
+            ..PeerIdentity::default()
+        }
+    }
+
+    #[test]
+    fn patterns_map_identities_to_roles() {
+        let map = RoleMap::new(&RolesConfig {
+            client: vec!["cn:client".into(), "dns:app.example".into()],
+            admin: vec!["cn:admin".into()],
+            peer: vec!["uri:spiffe://x/node-b".into()],
+        })
+        .unwrap();
+        assert!(map.roles(&id("client", &[], &[])).allows(Role::Client));
+        assert!(!map.roles(&id("client", &[], &[])).allows(Role::Admin));
+        assert!(map.roles(&id("admin", &[], &[])).allows(Role::Client));
+        assert!(map.roles(&id("x", &["APP.example"], &[])).allows(Role::Client));
+        let peer = map.roles(&id("node-b", &[], &["spiffe://x/node-b"]));
+        assert!(peer.allows(Role::Peer) && !peer.allows(Role::Client));
+        assert_eq!(map.roles(&id("stranger", &[], &[])), Roles::default());
+    }
+
+    #[test]
+    fn bad_patterns_are_refused() {
+        for bad in ["admin", "cn:", "ip:1.2.3.4"] {
+            assert!(Pattern::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(Pattern::parse("cn:*").unwrap(), Pattern::AnyCn);
+    }
+}

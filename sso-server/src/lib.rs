@@ -1,0 +1,34 @@
+//! `sso-server`: the master-secret server. Holds the keystore and hands keys out over
+//! mutual TLS to identities the config grants roles to.
+//!
+//! # Layout
+//! - [`config`]: the TOML file, validated before anything binds.
+//! - [`tls`]: rustls server configuration (mTLS, CRLs, no resumption) and handshake
+//!   failure names.
+//! - [`identity`]: certificate identity → roles.
+//! - [`state`]: the open store and the published, pre-serialised keyring snapshot.
+//! - [`api`]: the endpoints of SPEC §5.
+//! - [`audit`]: the hash-chained, group-committed audit log.
+//! - [`metrics`]: Prometheus counters on their own listener.
+//! - [`server`]: accept loop, hyper, SIGHUP reload, graceful shutdown.
+//! - [`dev`]: `--dev`, the embedded default.
+//!
+//! A request flows: TCP accept (connection cap) → TLS handshake (timeout, client
+//! certificate verified against the CA and CRLs) → [`identity::Caller`] → [`api::handle`]
+//! (route, role check, handler reading the [`state::Snapshot`] or writing through the
+//! store) → response, with an [`audit::AuditEvent`] queued on the way out.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod audit;
+pub mod config;
+pub mod dev;
+pub mod identity;
+pub mod metrics;
+pub mod server;
+pub mod state;
+pub mod tls;
+
+pub use config::Config;
+pub use server::{ServerError, run};

@@ -1,0 +1,238 @@
+//! Prometheus metrics, rendered by hand from atomics: no secrets, no locks on the request
+//! path, served on their own plain-HTTP listener.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// The endpoints requests are counted under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Endpoint {
+    Health,
+    Keyring,
+    Key,
+    Watch,
+    Rotate,
+    Retire,
+    Destroy,
+    Status,
+    Backup,
+    Restore,
+    Peer,
+    Unknown,
+}
+
+impl Endpoint {
+    const ALL: [Endpoint; 12] = [
+        Self::Health,
+        Self::Keyring,
+        Self::Key,
+        Self::Watch,
+        Self::Rotate,
+        Self::Retire,
+        Self::Destroy,
+        Self::Status,
+        Self::Backup,
+        Self::Restore,
+        Self::Peer,
+        Self::Unknown,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Health => "health",
+            Self::Keyring => "keyring",
+            Self::Key => "key",
+            Self::Watch => "watch",
+            Self::Rotate => "rotate",
+            Self::Retire => "retire",
+            Self::Destroy => "destroy",
+            Self::Status => "status",
+            Self::Backup => "backup",
+            Self::Restore => "restore",
+            Self::Peer => "peer",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+const STATUSES: [u16; 14] = [200, 204, 400, 403, 404, 405, 408, 409, 410, 413, 422, 500, 503, 0];
+
+fn status_slot(status: u16) -> usize {
+    STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len() - 1)
+}
+
+/// Every counter and gauge the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    requests: [[AtomicU64; STATUSES.len()]; Endpoint::ALL.len()],
+    /// Keys handed out (keyring fetches count every key in the answer).
+    pub key_fetches: AtomicU64,
+    /// Requests refused for lack of a role.
+    pub denials: AtomicU64,
+    handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
+    /// Connections open now.
+    pub connections_open: AtomicI64,
+    /// The keyring epoch.
+    pub keyring_epoch: AtomicU64,
+    /// Unix time of the last backup; 0 when none was ever written.
+    pub last_backup_unix: AtomicI64,
+    /// Unix time the server certificate expires.
+    pub cert_not_after_unix: AtomicI64,
+    /// Audit entries written.
+    pub audit_written: AtomicU64,
+    /// Audit entries dropped because the writer's queue was full.
+    pub audit_dropped: AtomicU64,
+    /// Audit entries lost to write failures.
+    pub audit_failures: AtomicU64,
+    /// Integrity alarms (conflicting key material, failed row authentication).
+    pub integrity_alarms: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            key_fetches: AtomicU64::new(0),
+            denials: AtomicU64::new(0),
+            handshake_failures: Mutex::new(BTreeMap::new()),
+            connections_open: AtomicI64::new(0),
+            keyring_epoch: AtomicU64::new(0),
+            last_backup_unix: AtomicI64::new(0),
+            cert_not_after_unix: AtomicI64::new(0),
+            audit_written: AtomicU64::new(0),
+            audit_dropped: AtomicU64::new(0),
+            audit_failures: AtomicU64::new(0),
+            integrity_alarms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one answered request.
+    pub fn request(&self, endpoint: Endpoint, status: u16) {
+        let e = Endpoint::ALL
+            .iter()
+            .position(|x| *x == endpoint)
+            .unwrap_or(Endpoint::ALL.len() - 1);
+        self.requests[e][status_slot(status)].fetch_add(1, Relaxed);
+    }
+
+    /// Counts one failed TLS handshake.
+    pub fn handshake_failure(&self, reason: &'static str) {
+        let mut map = self.handshake_failures.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(reason).or_default() += 1;
+    }
+
+    /// Requests counted so far for an endpoint and status (tests and status pages).
+    pub fn requests_for(&self, endpoint: Endpoint, status: u16) -> u64 {
+        let e = Endpoint::ALL
+            .iter()
+            .position(|x| *x == endpoint)
+            .unwrap_or(Endpoint::ALL.len() - 1);
+        self.requests[e][status_slot(status)].load(Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        out.push_str("# HELP sso_requests_total HTTPS requests answered, by endpoint and status.\n");
+        out.push_str("# TYPE sso_requests_total counter\n");
+        for (e, endpoint) in Endpoint::ALL.iter().enumerate() {
+            for (s, status) in STATUSES.iter().enumerate() {
+                let n = self.requests[e][s].load(Relaxed);
+                if n > 0 {
+                    let status = if *status == 0 {
+                        "other".to_string()
+                    } else {
+                        status.to_string()
+                    };
+                    let _ = writeln!(
+                        out,
+                        "sso_requests_total{{endpoint=\"{}\",status=\"{status}\"}} {n}",
+                        endpoint.as_str()
+                    );
+                }
+            }
+        }
+        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        counter(
+            &mut out,
+            "sso_key_fetches_total",
+            "Keys handed out to clients.",
+            self.key_fetches.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "sso_denials_total",
+            "Requests refused for lack of a role.",
+            self.denials.load(Relaxed),
+        );
+        out.push_str("# HELP sso_handshake_failures_total Failed TLS handshakes, by reason.\n");
+        out.push_str("# TYPE sso_handshake_failures_total counter\n");
+        for (reason, n) in self.handshake_failures.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "sso_handshake_failures_total{{reason=\"{reason}\"}} {n}");
+        }
+        gauge(
+            &mut out,
+            "sso_connections_open",
+            "TLS connections open.",
+            self.connections_open.load(Relaxed) as f64,
+        );
+        gauge(
+            &mut out,
+            "sso_keyring_epoch",
+            "Keyring epoch.",
+            self.keyring_epoch.load(Relaxed) as f64,
+        );
+        let last = self.last_backup_unix.load(Relaxed);
+        let since = if last == 0 { -1 } else { now - last };
+        gauge(
+            &mut out,
+            "sso_seconds_since_last_backup",
+            "Seconds since a backup was last written; -1 when never.",
+            since as f64,
+        );
+        let expiry = self.cert_not_after_unix.load(Relaxed);
+        gauge(
+            &mut out,
+            "sso_server_cert_expiry_seconds",
+            "Seconds until the server certificate expires.",
+            (expiry - now) as f64,
+        );
+        counter(
+            &mut out,
+            "sso_audit_written_total",
+            "Audit entries written.",
+            self.audit_written.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "sso_audit_dropped_total",
+            "Audit entries dropped: the writer's queue was full.",
+            self.audit_dropped.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "sso_audit_failures_total",
+            "Audit entries lost to write failures.",
+            self.audit_failures.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "sso_integrity_alarms_total",
+            "Integrity alarms.",
+            self.integrity_alarms.load(Relaxed),
+        );
+        out
+    }
+}
