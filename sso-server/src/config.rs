@@ -248,7 +248,7 @@ impl Config {
                 "must be 1-64 characters of letters, digits, '-', '_' or '.'",
             ));
         }
-        if self.metrics_listen == self.listen {
+        if self.metrics_listen == self.listen && self.listen.port() != 0 {
             return Err(err("metrics_listen", "must differ from listen"));
         }
         for (field, path) in [

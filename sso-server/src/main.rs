@@ -99,6 +99,12 @@ fn main() -> ExitCode {
                 );
             }
         };
+        // Install the signal handlers before announcing readiness, so a SIGTERM sent the
+        // moment the listening line appears is handled gracefully, not fatally.
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => return fail(EX_UNAVAILABLE, &format!("cannot install signal handlers: {e}"), ""),
+        };
         let (https_addr, metrics_addr) = (https.local_addr().ok(), metrics.local_addr().ok());
         tracing::info!(https = ?https_addr, metrics = ?metrics_addr, node = %config.node, "listening");
         // A stable line on stdout for scripts and tests that bind port 0.
@@ -111,7 +117,7 @@ fn main() -> ExitCode {
         }
         let _ = out.flush();
         drop(out);
-        match sso_server::run(config, store, https, metrics, shutdown_signal()).await {
+        match sso_server::run(config, store, https, metrics, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EX_UNAVAILABLE, &e, ""),
         }
@@ -145,14 +151,14 @@ fn init_logging(config: &Config) {
     }
 }
 
-async fn shutdown_signal() {
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }

@@ -81,7 +81,14 @@ pub async fn run(
     }
 
     let metrics_task = tokio::spawn(serve_metrics(metrics_listener, metrics.clone()));
-    let reload_task = tokio::spawn(reload_on_sighup(config.clone(), tls_config.clone(), metrics.clone()));
+    // Registered here, not inside the task, so a SIGHUP right after start is not fatal.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let reload_task = tokio::spawn(reload_on_sighup(
+        hup,
+        config.clone(),
+        tls_config.clone(),
+        metrics.clone(),
+    ));
 
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
@@ -196,12 +203,12 @@ fn handshake_failed(state: &AppState, peer: std::net::SocketAddr, reason: &'stat
     });
 }
 
-async fn reload_on_sighup(config: Config, tls_config: Arc<ArcSwap<rustls::ServerConfig>>, metrics: Arc<Metrics>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP: certificate reload disabled");
-        return;
-    };
+async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    config: Config,
+    tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
+    metrics: Arc<Metrics>,
+) {
     while hup.recv().await.is_some() {
         match tls::build(&config.tls) {
             Ok(loaded) => {

@@ -1,2 +1,405 @@
-//! Shared helpers for the process-level integration tests; they arrive with the server.
+//! Shared helpers for process-level tests: a per-test PKI made with rcgen, a store, a
+//! config, the real `sso-server` binary started on port 0 and killed with SIGKILL, and an
+//! mTLS HTTP client.
+//!
+//! # Layout
+//! - [`Pki`]: a CA per test, with helpers for the certificates the negative matrix needs
+//!   (another CA, expired, not yet valid, revoked).
+//! - [`ServerSetup`] / [`TestServer`]: writes a config and store, starts the binary,
+//!   waits for its `listening` line, captures its log.
+//! - [`Client`]: HTTPS requests with a chosen client certificate, one connection each.
+//! - [`assert_eventually!`]: poll a condition with a deadline.
 #![forbid(unsafe_code)]
+#![allow(missing_docs, clippy::missing_panics_doc)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use certs::{CertificateAuthority, LeafSpec, LeafUsage};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+#[macro_export]
+macro_rules! assert_eventually {
+    ($timeout:expr, $cond:expr, $($msg:tt)+) => {{
+        let deadline = std::time::Instant::now() + $timeout;
+        loop {
+            if $cond {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!($($msg)+);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }};
+}
+
+/// A certificate and key written to disk.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub serial: Vec<u8>,
+}
+
+/// A per-test PKI in a directory.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca: CertificateAuthority,
+    pub ca_file: PathBuf,
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pki").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        // A distinct name per CA, so a certificate from another test CA is an unknown issuer
+        // rather than a bad signature from a same-named one.
+        let name = format!("test CA {}", dir.display());
+        let ca = CertificateAuthority::generate(&name, 30).unwrap();
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+        Self {
+            dir: dir.to_path_buf(),
+            ca,
+            ca_file,
+        }
+    }
+
+    /// Issues `spec` and writes `NAME.pem` and `NAME-key.pem`.
+    pub fn issue_spec(&self, file: &str, spec: &LeafSpec) -> CertFiles {
+        let leaf = self.ca.issue(spec).unwrap();
+        let cert = self.dir.join(format!("{file}.pem"));
+        let key = self.dir.join(format!("{file}-key.pem"));
+        std::fs::write(&cert, &leaf.cert_pem).unwrap();
+        std::fs::write(&key, leaf.key_pem.as_bytes()).unwrap();
+        CertFiles {
+            cert,
+            key,
+            serial: leaf.serial,
+        }
+    }
+
+    /// A client certificate with CN `name`.
+    pub fn client(&self, name: &str) -> CertFiles {
+        self.issue_spec(name, &LeafSpec::client(name, 30))
+    }
+
+    /// A server certificate for localhost / 127.0.0.1, usable as a client too (peers).
+    pub fn server(&self, file: &str) -> CertFiles {
+        let mut spec = LeafSpec::server(file, &["localhost"], &[[127, 0, 0, 1].into()], 30);
+        spec.usage = LeafUsage::ServerAndClient;
+        self.issue_spec(file, &spec)
+    }
+
+    /// Writes a CRL revoking `serials` and returns its path.
+    pub fn crl(&self, file: &str, serials: &[Vec<u8>], number: u64) -> PathBuf {
+        let path = self.dir.join(file);
+        std::fs::write(&path, self.ca.crl(serials, number, 7).unwrap()).unwrap();
+        path
+    }
+}
+
+/// Everything needed to start a server.
+#[derive(Debug, Clone)]
+pub struct ServerSetup {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub store: PathBuf,
+    pub unseal_key: PathBuf,
+    pub audit: PathBuf,
+    pub server_cert: CertFiles,
+}
+
+impl ServerSetup {
+    /// A store with one key, a key file, and a config with `extra` TOML appended (CRLs,
+    /// limits). Listens on 127.0.0.1:0.
+    pub fn new(dir: &Path, pki: &Pki, node: &str, tls_extra: &str, extra: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let server_cert = pki.server(&format!("{node}-server"));
+        let unseal_key = dir.join("unseal.key");
+        let key = keystore::UnsealKey::generate_key_file(&unseal_key).unwrap();
+        let store = dir.join("store.db");
+        let mut s = keystore::SealedStore::create(&store, &key, &keystore::CreateOptions::new(node)).unwrap();
+        s.rotate().unwrap();
+        drop(s);
+        let audit = dir.join("audit.log");
+        let config = dir.join("server.toml");
+        let toml = format!(
+            r#"node = "{node}"
+listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+client_ca = "{ca}"
+{tls_extra}
+
+[store]
+path = "{store}"
+unseal = {{ key_file = "{unseal}" }}
+
+[audit]
+path = "{audit}"
+
+[roles]
+client = ["cn:client", "cn:client2"]
+admin = ["cn:admin"]
+
+[log]
+level = "sso_server=debug,info"
+{extra}
+"#,
+            cert = server_cert.cert.display(),
+            key = server_cert.key.display(),
+            ca = pki.ca_file.display(),
+            store = store.display(),
+            unseal = unseal_key.display(),
+            audit = audit.display(),
+        );
+        std::fs::write(&config, toml).unwrap();
+        Self {
+            dir: dir.to_path_buf(),
+            config,
+            store,
+            unseal_key,
+            audit,
+            server_cert,
+        }
+    }
+}
+
+/// A running `sso-server` process.
+#[derive(Debug)]
+pub struct TestServer {
+    pub child: Child,
+    pub https: SocketAddr,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl TestServer {
+    /// Starts `binary --config CONFIG`, waiting up to 30 s for its listening line.
+    pub fn start(binary: &Path, config: &Path, log: &Path) -> Self {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let mut child = Command::new(binary)
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .env_remove("RUST_LOG")
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.strip_prefix("sso-server listening ") {
+                    let _ = tx.send(rest.to_owned());
+                }
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "server did not start; log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+        };
+        let field = |name: &str| -> SocketAddr {
+            line.split(' ')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+        };
+        Self {
+            https: field("https"),
+            metrics: field("metrics"),
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`HUP`, `TERM`, `KILL`) with the `kill` utility.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The metrics page.
+    pub fn metrics_text(&self) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    /// The value of one metric line (exact name with labels), or 0.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics_text()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|v| v.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// An mTLS client for one identity (or none).
+#[derive(Debug, Clone)]
+pub struct Client {
+    config: Arc<rustls::ClientConfig>,
+    pub addr: SocketAddr,
+}
+
+impl Client {
+    /// A client that trusts `ca` and presents `cert` (or nothing).
+    pub fn new(addr: SocketAddr, ca: &Path, cert: Option<&CertFiles>) -> Self {
+        Self::with_alpn(addr, ca, cert, vec![b"http/1.1".to_vec()])
+    }
+
+    pub fn with_alpn(addr: SocketAddr, ca: &Path, cert: Option<&CertFiles>, alpn: Vec<Vec<u8>>) -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut config = match cert {
+            Some(c) => {
+                let chain: Vec<_> = CertificateDer::pem_file_iter(&c.cert)
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+                let key = PrivateKeyDer::from_pem_file(&c.key).unwrap();
+                builder.with_client_auth_cert(chain, key).unwrap()
+            }
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = alpn;
+        Self {
+            config: Arc::new(config),
+            addr,
+        }
+    }
+
+    /// One request on a fresh connection. `Err` carries the transport error text (a
+    /// refused handshake shows up here).
+    pub async fn request(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Reply, String> {
+        let tcp = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let connector = tokio_rustls::TlsConnector::from(self.config.clone());
+        let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+        let tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Reply { status, body })
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Reply, String> {
+        self.request("GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> Result<Reply, String> {
+        self.request("POST", path, Some(serde_json::to_vec(body).unwrap()))
+            .await
+    }
+}
+
+/// Deadline helper for async polling.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
