@@ -165,7 +165,7 @@ pub async fn handle(
     peer: SocketAddr,
     state: Arc<AppState>,
 ) -> Response<Body> {
-    let (endpoint, op, key_id, result) = match route(req.method(), req.uri().path()) {
+    let (endpoint, op, mut key_id, result) = match route(req.method(), req.uri().path()) {
         Err(e) => (Endpoint::Unknown, "request", None, Err(e)),
         Ok(route) => {
             let result = match route.needs {
@@ -187,12 +187,14 @@ pub async fn handle(
             response,
             audit,
             detail,
+            key,
         }) => {
             let status = response.status().as_u16();
             state.metrics.request(endpoint, status);
             if !audit {
                 return response;
             }
+            key_id = key_id.or(key);
             (response, "ok", detail)
         }
         Err(e) => {
@@ -201,6 +203,7 @@ pub async fn handle(
         }
     };
     state.audit.record(AuditEvent {
+        time: std::time::SystemTime::now(),
         identity: caller.label.clone(),
         role: caller.roles.label(),
         op,
@@ -217,6 +220,8 @@ struct Answer {
     response: Response<Body>,
     audit: bool,
     detail: Option<String>,
+    /// The key the answer concerns, when the route did not name one.
+    key: Option<KeyId>,
 }
 
 fn quiet(response: Response<Body>) -> Answer {
@@ -224,6 +229,7 @@ fn quiet(response: Response<Body>) -> Answer {
         response,
         audit: false,
         detail: None,
+        key: None,
     }
 }
 
@@ -232,6 +238,7 @@ fn audited(response: Response<Body>, detail: Option<String>) -> Answer {
         response,
         audit: true,
         detail,
+        key: None,
     }
 }
 
@@ -288,8 +295,10 @@ fn keyring(state: &AppState) -> Answer {
         .metrics
         .key_fetches
         .fetch_add(snap.served as u64, std::sync::atomic::Ordering::Relaxed);
-    let detail = Some(format!("epoch {}, {} keys", snap.epoch, snap.served));
-    audited(json_response(StatusCode::OK, snap.keyring_body.clone()), detail)
+    // The audit entry names the primary; no per-request formatting on this hot path.
+    let mut answer = audited(json_response(StatusCode::OK, snap.keyring_body.clone()), None);
+    answer.key = snap.primary;
+    answer
 }
 
 fn key(id: Option<KeyId>, state: &AppState) -> Result<Answer, ApiError> {

@@ -139,8 +139,8 @@ pub struct Caller {
     pub identity: PeerIdentity,
     /// What the config grants it.
     pub roles: Roles,
-    /// Short label for audit and logs.
-    pub label: String,
+    /// Short label for audit and logs; shared by every audit entry of the connection.
+    pub label: std::sync::Arc<str>,
 }
 
 #[cfg(test)]

@@ -180,7 +180,7 @@ fn caller_of(stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>, st
     let identity = certs::identity_from_der(der).ok()?;
     let roles = state.roles.roles(&identity);
     Some(Caller {
-        label: identity.label(),
+        label: identity.label().into(),
         identity,
         roles,
     })
@@ -190,6 +190,7 @@ fn handshake_failed(state: &AppState, peer: std::net::SocketAddr, reason: &'stat
     state.metrics.handshake_failure(reason);
     tracing::debug!(%peer, reason, "TLS handshake failed");
     state.audit.record(AuditEvent {
+        time: std::time::SystemTime::now(),
         identity: "-".into(),
         role: "none",
         op: "tls.handshake",
