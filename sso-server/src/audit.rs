@@ -583,6 +583,32 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_disk_is_counted_and_never_stalls() {
+        // /dev/full accepts the open and fails every write with ENOSPC.
+        let metrics = Arc::new(Metrics::default());
+        let audit = Audit::open(Path::new("/dev/full"), "a", 1024, metrics.clone()).unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..1000 {
+            audit.record(event("keyring.fetch"));
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "recording stalled on a failing disk"
+        );
+        for _ in 0..500 {
+            if metrics.audit_failures.load(Relaxed) > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            metrics.audit_failures.load(Relaxed) > 0,
+            "write failures were not counted"
+        );
+        assert_eq!(metrics.audit_written.load(Relaxed), 0);
+    }
+
+    #[test]
     fn a_full_queue_drops_and_counts_instead_of_blocking() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(Metrics::default());

@@ -494,3 +494,107 @@ fn a_wrong_unseal_key_is_refused() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_are_never_resumed() {
+    // A revoked certificate must not come back on a ticket: the server issues none, so a
+    // client that offers resumption still gets a full handshake every time.
+    use rustls_pki_types::pem::PemObject;
+    let f = start("", "");
+    let cert = f.pki.client("client");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_file(&f.pki.ca_file).unwrap())
+        .unwrap();
+    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&cert.cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&cert.key).unwrap();
+    let config = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap(),
+    );
+    for _ in 0..3 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let tcp = tokio::net::TcpStream::connect(f.server.https).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        tls.write_all(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        tls.read_to_end(&mut out).await.unwrap();
+        assert!(out.starts_with(b"HTTP/1.1 200"));
+        assert_eq!(tls.get_ref().1.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_restore_through_the_admin_api() {
+    let f = start("", "");
+    let admin = f.client("admin");
+    let ring = f.client("client").get("/v1/keyring").await.unwrap().json();
+
+    let short = admin
+        .post("/v1/admin/backup", &serde_json::json!({"password": "short"}))
+        .await
+        .unwrap();
+    assert_eq!(short.status, 400);
+    let backup = admin
+        .post(
+            "/v1/admin/backup",
+            &serde_json::json!({"password": "a long backup password", "hint": "the long one"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(backup.status, 200);
+    assert_eq!(keystore::backup::read_info(&backup.body).unwrap().hint, "the long one");
+    let status = admin.get("/v1/admin/status").await.unwrap().json();
+    assert!(status["backup"]["last_backup_at"].is_string());
+    assert_eq!(status["backup"]["not_backed_up"].as_array().unwrap().len(), 0);
+
+    // Restore into a second, fresh server: it then serves the same key.
+    let dir = tempfile::tempdir().unwrap();
+    let other = ServerSetup::new(&dir.path().join("b"), &f.pki, "node-b", "", "");
+    let server_b = TestServer::start(Path::new(BIN), &other.config, &dir.path().join("b.log"));
+    let admin_b = Client::new(server_b.https, &f.pki.ca_file, Some(&f.pki.client("admin")));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&backup.body);
+    let wrong = admin_b
+        .post(
+            "/v1/admin/restore",
+            &serde_json::json!({"password": "not the password", "backup": b64}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(wrong.status, 403);
+    assert_eq!(wrong.json()["error"], "wrong_password");
+    let restored = admin_b
+        .post(
+            "/v1/admin/restore",
+            &serde_json::json!({"password": "a long backup password", "backup": b64}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(restored.status, 200, "{:?}", restored.body);
+    assert_eq!(restored.json()["added"], 1);
+    let ring_b = Client::new(server_b.https, &f.pki.ca_file, Some(&f.pki.client("client")))
+        .get("/v1/keyring")
+        .await
+        .unwrap()
+        .json();
+    let key_a = &ring["keys"][0];
+    assert!(
+        ring_b["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["key_id"] == key_a["key_id"] && k["key"] == key_a["key"])
+    );
+}
