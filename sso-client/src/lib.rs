@@ -1,11 +1,46 @@
-//! `sso-client`: the client library with its in-memory key cache, and the `sso-agent`
-//! daemon. The cache arrives with the client milestone; today this crate holds the
-//! process-hardening helper that the server uses too.
+//! `sso-client`: the client of the master-secret service. It keeps the whole keyring in a
+//! zeroized in-memory cache, so host processes keep sealing and opening while every server
+//! is down; a restart clears the cache, and the process then needs a server again.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), sso_client::Error> {
+//! // Against `cargo run -p sso-server -- --dev` (see examples/seal_open.rs).
+//! let client = sso_client::Client::builder()
+//!     .endpoint("https://localhost:7443")
+//!     .ca("sso-dev/ca.pem")
+//!     .identity("sso-dev/client.pem", "sso-dev/client-key.pem")
+//!     .build()?;
+//! let envelope = client.seal(b"table=users", b"secret data").await?;
+//! assert_eq!(client.open(b"table=users", &envelope).await?, b"secret data");
+//! println!("{:?}", client.status());
+//! # Ok(()) }
+//! ```
 //!
 //! # Layout
+//! - [`client`]: [`Client`] (async), [`BlockingClient`], [`ClientBuilder`], [`Status`];
+//!   the background watch long-poll, periodic poll and on-demand key fetches.
+//! - `cache`: the immutable keyring snapshot swapped through an `ArcSwap` (lock-free
+//!   reads), and [`KeyHandle`] for raw key bytes.
+//! - `transport`: HTTP/2 over mTLS per endpoint, bounded connects, failover.
 //! - [`hardening`]: no core dumps, non-dumpable, locked memory; the workspace's only
 //!   `unsafe` code.
+//! - [`agent`]: the `sso-agent` daemon (Unix socket, HTTP/JSON) built on [`Client`].
+//!
+//! Keys flow one way: server JSON → zeroizing base64 buffer → [`sso_proto::MasterSecret`]
+//! and its expanded AES key in the cache → envelopes. Nothing is ever written to disk.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod agent;
+mod cache;
+pub mod client;
+mod error;
 pub mod hardening;
+mod transport;
+
+pub use cache::KeyHandle;
+pub use client::{BlockingClient, Client, ClientBuilder, Freshness, Status};
+pub use error::Error;
+/// Re-exported so callers use the same `secrecy` as this crate.
+pub use secrecy;
+pub use sso_proto::{KeyId, KeyState};

@@ -89,7 +89,13 @@ impl AppState {
 /// Reads the store and serialises what clients are served.
 pub fn build_snapshot(store: &SealedStore) -> keystore::Result<Snapshot> {
     let keyring = store.keyring()?;
-    let states = store.list()?.into_iter().map(|k| (k.key_id, k.state)).collect();
+    let states: HashMap<KeyId, KeyState> = store.list()?.into_iter().map(|k| (k.key_id, k.state)).collect();
+    let mut gone: Vec<KeyId> = states
+        .iter()
+        .filter(|(_, s)| matches!(s, KeyState::Retired | KeyState::Destroyed))
+        .map(|(id, _)| *id)
+        .collect();
+    gone.sort_unstable();
     let mut key_bodies = HashMap::with_capacity(keyring.keys.len());
     for record in &keyring.keys {
         key_bodies.insert(record.meta.key_id, zeroizing_bytes(key_json(record)));
@@ -97,7 +103,7 @@ pub fn build_snapshot(store: &SealedStore) -> keystore::Result<Snapshot> {
     Ok(Snapshot {
         epoch: keyring.epoch,
         primary: keyring.primary,
-        keyring_body: zeroizing_bytes(keyring_json(keyring.epoch, keyring.primary, &keyring.keys)),
+        keyring_body: zeroizing_bytes(keyring_json(keyring.epoch, keyring.primary, &keyring.keys, &gone)),
         key_bodies,
         states,
         served: keyring.keys.len(),
@@ -144,9 +150,11 @@ pub fn key_json(record: &KeyRecord) -> Zeroizing<Vec<u8>> {
     out
 }
 
-/// The `GET /v1/keyring` body.
-pub fn keyring_json(epoch: u64, primary: Option<KeyId>, keys: &[KeyRecord]) -> Zeroizing<Vec<u8>> {
-    let bound = 96 + keys.iter().map(|k| key_json_bound(&k.meta) + 1).sum::<usize>();
+/// The `GET /v1/keyring` body. Beyond SPEC §5's fields it lists the ids of retired and
+/// destroyed keys in `gone`, so a client can drop exactly those (a key merely missing from
+/// one node's answer may be a key that node has not replicated yet).
+pub fn keyring_json(epoch: u64, primary: Option<KeyId>, keys: &[KeyRecord], gone: &[KeyId]) -> Zeroizing<Vec<u8>> {
+    let bound = 96 + keys.iter().map(|k| key_json_bound(&k.meta) + 1).sum::<usize>() + gone.len() * 35;
     let mut out = Zeroizing::new(Vec::with_capacity(bound));
     out.extend_from_slice(b"{\"primary\":");
     match primary {
@@ -165,6 +173,15 @@ pub fn keyring_json(epoch: u64, primary: Option<KeyId>, keys: &[KeyRecord]) -> Z
             out.push(b',');
         }
         write_key_json(&mut out, record);
+    }
+    out.extend_from_slice(b"],\"gone\":[");
+    for (i, id) in gone.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        out.extend_from_slice(id.to_string().as_bytes());
+        out.push(b'"');
     }
     out.extend_from_slice(b"]}");
     debug_assert!(out.len() <= bound, "keyring JSON outgrew its buffer");
@@ -191,7 +208,7 @@ mod tests {
                 secret: Some(MasterSecret::generate(&rng).unwrap()),
             })
             .collect();
-        let body = keyring_json(42, Some(keys[4].meta.key_id), &keys);
+        let body = keyring_json(42, Some(keys[4].meta.key_id), &keys, &[keys[0].meta.key_id]);
         let cap = body.capacity();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["epoch"], 42);

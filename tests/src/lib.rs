@@ -403,3 +403,119 @@ where
     }
     false
 }
+
+/// Path of a workspace binary (`sso-server`, `sso-agent`, `ssoctl`), freshly built.
+///
+/// The first call in a test process runs `cargo build --workspace --bins` into its own
+/// target directory (`target/test-bins`). Building into the main one would fight the
+/// outer `cargo test` over the binaries' files (their names carry no feature hash, and
+/// dev-dependencies change feature unification), rebuilding them on every run.
+pub fn bin(name: &str) -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+        let target = workspace.join("target").join("test-bins");
+        let exe = std::env::current_exe().unwrap();
+        let release = exe
+            .parent()
+            .and_then(Path::parent)
+            .is_some_and(|d| d.ends_with("release"));
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--workspace", "--bins", "--quiet"])
+            .current_dir(&workspace)
+            .env("CARGO_TARGET_DIR", &target);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().unwrap();
+        assert!(status.success(), "could not build the workspace binaries");
+        target.join(if release { "release" } else { "debug" })
+    });
+    dir.join(name)
+}
+
+/// A running `sso-agent`.
+#[derive(Debug)]
+pub struct TestAgent {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl TestAgent {
+    /// Starts `sso-agent --config CONFIG` and waits for its socket.
+    pub fn start(config: &Path, log: &Path) -> Self {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let mut child = Command::new(bin("sso-agent"))
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("sso-agent listening socket=") {
+                    let _ = tx.send(rest.to_owned());
+                }
+            }
+        });
+        let socket = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!(
+                "agent did not start: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        });
+        Self {
+            child,
+            socket: PathBuf::from(socket),
+        }
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Restarts a killed server on the same config (new ports unless the config fixes them).
+pub fn restart(server: &mut TestServer, config: &Path) {
+    server.kill();
+    let log = server.log.clone();
+    *server = TestServer::start(&bin("sso-server"), config, &log);
+}
+
+/// A port that was free a moment ago (bind to 0, read, release).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl ServerSetup {
+    /// Pins the listen and metrics ports, so a restarted server comes back where clients
+    /// expect it. Returns the HTTPS port.
+    pub fn pin_ports(&self) -> u16 {
+        let (https, metrics) = (free_port(), free_port());
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let text = text
+            .replacen(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:{https}\""),
+                1,
+            )
+            .replacen(
+                "metrics_listen = \"127.0.0.1:0\"",
+                &format!("metrics_listen = \"127.0.0.1:{metrics}\""),
+                1,
+            );
+        std::fs::write(&self.config, text).unwrap();
+        https
+    }
+}

@@ -1,0 +1,367 @@
+//! `sso-agent`: one [`Client`] per machine, serving local processes over a Unix socket
+//! with HTTP/JSON, so `curl --unix-socket` works. Key material never leaves the agent:
+//! callers send plaintext and get envelopes, and the reverse.
+//!
+//! Access control is twofold: the socket file's mode, and the connecting process's uid
+//! (from `SO_PEERCRED`) checked against an allowlist before any request is read.
+//!
+//! | request | body | answer |
+//! |---|---|---|
+//! | `POST /v1/seal` | `{"plaintext": B64, "aad"?: B64}` | `{"envelope": B64, "key_id"}` |
+//! | `POST /v1/open` | `{"envelope": B64, "aad"?: B64}` | `{"plaintext": B64, "key_id"}` |
+//! | `GET /v1/status` | | freshness, primary, keys, epoch, endpoint, last error |
+//!
+//! Errors are `{"error": CODE, "message": …}`: 400 `bad_request`, 403 `forbidden`,
+//! 404 `not_found`, 410 `key_retired`, 422 `bad_envelope`, 503 `unavailable`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use tokio::net::UnixListener;
+use zeroize::Zeroizing;
+
+use crate::{Client, ClientBuilder, Error, Freshness};
+
+const MAX_BODY: usize = 8 << 20;
+
+/// The agent's TOML configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Servers, `https://host:port`, tried in order.
+    pub endpoints: Vec<String>,
+    /// CA for server certificates.
+    pub ca: PathBuf,
+    /// The agent's client certificate and key.
+    pub cert: PathBuf,
+    /// The agent's client key.
+    pub key: PathBuf,
+    /// Where to listen.
+    pub socket: PathBuf,
+    /// Socket file mode, octal as a string (default "0660").
+    #[serde(default = "default_mode")]
+    pub socket_mode: String,
+    /// Uids allowed to connect; empty means only the agent's own uid.
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    /// Backup poll interval in seconds (default 30).
+    #[serde(default)]
+    pub poll_interval_secs: Option<u64>,
+    /// Refuse to serve once no server was reached for this long (default: never).
+    #[serde(default)]
+    pub max_stale_secs: Option<u64>,
+}
+
+fn default_mode() -> String {
+    "0660".into()
+}
+
+impl AgentConfig {
+    /// Reads a config file; relative paths are relative to its directory.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        for p in [&mut config.ca, &mut config.cert, &mut config.key, &mut config.socket] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        config.mode()?;
+        if config.endpoints.is_empty() {
+            return Err("endpoints: at least one server is needed".into());
+        }
+        Ok(config)
+    }
+
+    /// The config `sso-agent --dev DIR` uses: the dev server on localhost:7443, the dev
+    /// client certificate, `DIR/agent.sock` with mode 0600 for this uid only.
+    pub fn dev(dir: &Path) -> Self {
+        Self {
+            endpoints: vec!["https://localhost:7443".into()],
+            ca: dir.join("ca.pem"),
+            cert: dir.join("client.pem"),
+            key: dir.join("client-key.pem"),
+            socket: dir.join("agent.sock"),
+            socket_mode: "0600".into(),
+            allowed_uids: Vec::new(),
+            poll_interval_secs: None,
+            max_stale_secs: None,
+        }
+    }
+
+    /// The socket mode as a number.
+    pub fn mode(&self) -> Result<u32, String> {
+        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| format!("socket_mode: {:?} is not an octal mode like \"0660\"", self.socket_mode))
+    }
+
+    /// A client builder for this config.
+    pub fn client_builder(&self) -> ClientBuilder {
+        let mut b = Client::builder().ca(&self.ca).identity(&self.cert, &self.key);
+        for e in &self.endpoints {
+            b = b.endpoint(e);
+        }
+        if let Some(s) = self.poll_interval_secs {
+            b = b.poll_interval(Duration::from_secs(s));
+        }
+        if let Some(s) = self.max_stale_secs {
+            b = b.max_stale(Duration::from_secs(s));
+        }
+        b
+    }
+}
+
+/// Binds the socket: removes a stale socket file (never anything else), then sets the mode.
+pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        } else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; refusing to replace it", path.display()),
+            ));
+        }
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
+
+/// Serves until `shutdown` completes.
+pub async fn serve(listener: UnixListener, client: Client, allowed_uids: Vec<u32>, shutdown: impl Future<Output = ()>) {
+    let own = current_uid();
+    let allowed = if allowed_uids.is_empty() {
+        vec![own]
+    } else {
+        allowed_uids
+    };
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => return,
+        };
+        let uid = stream.peer_cred().ok().map(|c| c.uid());
+        let permitted = uid.is_some_and(|u| allowed.contains(&u));
+        let client = client.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let client = client.clone();
+                async move { Ok::<_, Infallible>(handle(req, &client, permitted, uid).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn current_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    // The uid that owns our own /proc entry is our uid; no libc call needed.
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX)
+}
+
+fn reply(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(value).unwrap_or_default())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A refused request: status, code and message, turned into the JSON error body at the end.
+struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, code: &'static str, message: impl std::fmt::Display) -> Self {
+        Self {
+            status,
+            code,
+            message: message.to_string(),
+        }
+    }
+
+    fn bad_request(message: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn response(&self) -> Response<Full<Bytes>> {
+        reply(
+            self.status,
+            &serde_json::json!({"error": self.code, "message": self.message}),
+        )
+    }
+}
+
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Self {
+        match &e {
+            Error::Unavailable(_) | Error::Stale { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
+            Error::UnknownKey(_) => Self::new(StatusCode::NOT_FOUND, "unknown_key", e),
+            Error::KeyRetired(_) => Self::new(StatusCode::GONE, "key_retired", e),
+            Error::Envelope(_) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_envelope", e),
+            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SealRequest {
+    plaintext: String,
+    #[serde(default)]
+    aad: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenRequest {
+    envelope: String,
+    #[serde(default)]
+    aad: Option<String>,
+}
+
+fn b64(s: &str, field: &str) -> Result<Vec<u8>, Refusal> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s.as_bytes())
+        .map_err(|_| Refusal::bad_request(format!("{field} must be standard base64")))
+}
+
+fn aad(field: Option<&str>) -> Result<Vec<u8>, Refusal> {
+    field.map(|a| b64(a, "aad")).transpose().map(Option::unwrap_or_default)
+}
+
+fn b64_encode(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn handle(req: Request<Incoming>, client: &Client, permitted: bool, uid: Option<u32>) -> Response<Full<Bytes>> {
+    if !permitted {
+        tracing::warn!(?uid, "refused a connection from a uid outside the allowlist");
+        return Refusal::new(StatusCode::FORBIDDEN, "forbidden", "this user may not use the agent").response();
+    }
+    match route(req, client).await {
+        Ok(resp) => resp,
+        Err(refusal) => refusal.response(),
+    }
+}
+
+async fn route(req: Request<Incoming>, client: &Client) -> Result<Response<Full<Bytes>>, Refusal> {
+    let path = req.uri().path().to_owned();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/v1/status") => Ok(status(client)),
+        (Method::POST, "/v1/seal") => {
+            let body = read_body(req).await?;
+            let request: SealRequest =
+                serde_json::from_slice(&body).map_err(|e| Refusal::bad_request(format!("malformed JSON: {e}")))?;
+            let plaintext = Zeroizing::new(b64(&request.plaintext, "plaintext")?);
+            let aad = aad(request.aad.as_deref())?;
+            let envelope = client.seal(&aad, &plaintext).await?;
+            let key_id = sso_proto::EnvelopeRef::parse(&envelope)
+                .map(|e| e.key_id.to_string())
+                .unwrap_or_default();
+            Ok(reply(
+                StatusCode::OK,
+                &serde_json::json!({"envelope": b64_encode(&envelope), "key_id": key_id}),
+            ))
+        }
+        (Method::POST, "/v1/open") => {
+            let body = read_body(req).await?;
+            let request: OpenRequest =
+                serde_json::from_slice(&body).map_err(|e| Refusal::bad_request(format!("malformed JSON: {e}")))?;
+            let envelope = b64(&request.envelope, "envelope")?;
+            let aad = aad(request.aad.as_deref())?;
+            let plaintext = Zeroizing::new(client.open(&aad, &envelope).await?);
+            let key_id = sso_proto::EnvelopeRef::parse(&envelope)
+                .map(|e| e.key_id.to_string())
+                .unwrap_or_default();
+            Ok(reply(
+                StatusCode::OK,
+                &serde_json::json!({"plaintext": b64_encode(&plaintext), "key_id": key_id}),
+            ))
+        }
+        (_, "/v1/status" | "/v1/seal" | "/v1/open") => Err(Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "wrong method",
+        )),
+        _ => Err(Refusal::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+    }
+}
+
+fn status(client: &Client) -> Response<Full<Bytes>> {
+    let s = client.status();
+    let (freshness, since) = match s.freshness {
+        Freshness::Fresh => ("fresh", None),
+        Freshness::Stale { since } => ("stale", Some(since)),
+        Freshness::Empty => ("empty", None),
+    };
+    let since = since.map(|t| {
+        time::OffsetDateTime::from(t)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    });
+    reply(
+        StatusCode::OK,
+        &serde_json::json!({
+            "status": freshness,
+            "stale_since": since,
+            "primary": s.primary.map(|k| k.to_string()),
+            "keys": s.keys,
+            "epoch": s.epoch,
+            "endpoint": s.endpoint,
+            "last_error": s.last_error,
+        }),
+    )
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Zeroizing<Vec<u8>>, Refusal> {
+    let limited = Limited::new(req.into_body(), MAX_BODY).collect();
+    let collected = tokio::time::timeout(Duration::from_secs(10), limited)
+        .await
+        .map_err(|_| {
+            Refusal::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the request body arrived too slowly",
+            )
+        })?
+        .map_err(|_| {
+            Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("bodies are limited to {MAX_BODY} bytes"),
+            )
+        })?;
+    Ok(Zeroizing::new(collected.to_bytes().to_vec()))
+}

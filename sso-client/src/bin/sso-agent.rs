@@ -1,0 +1,99 @@
+//! `sso-agent`: the per-machine key agent. Holds one client (the cache), serves local
+//! processes over a Unix socket.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use sso_client::agent::{self, AgentConfig};
+
+/// The per-machine key agent.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (TOML).
+    #[arg(long, conflicts_with = "dev", required_unless_present = "dev")]
+    config: Option<PathBuf>,
+    /// Pair with `sso-server --dev`: use the dev PKI in DIR and listen on DIR/agent.sock.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "sso-dev")]
+    dev: Option<PathBuf>,
+}
+
+fn fail(code: u8, error: &dyn std::fmt::Display, hint: &str) -> ExitCode {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "error: {error}");
+    if !hint.is_empty() {
+        let _ = writeln!(err, "hint: {hint}");
+    }
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args = Args::parse();
+    let config = match (&args.config, &args.dev) {
+        (Some(path), _) => match AgentConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => return fail(64, &e, "fix the field named above"),
+        },
+        (None, Some(dir)) => AgentConfig::dev(dir),
+        (None, None) => return fail(64, &"no configuration", "pass --config FILE or --dev DIR"),
+    };
+    let mode = match config.mode() {
+        Ok(m) => m,
+        Err(e) => return fail(64, &e, ""),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let hardening = sso_client::hardening::harden_process();
+    tracing::info!(?hardening, "process hardening");
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => return fail(69, &e, ""),
+    };
+    runtime.block_on(async move {
+        let client = match config.client_builder().build() {
+            Ok(c) => c,
+            Err(e) => return fail(64, &e, "check ca, cert, key and endpoints"),
+        };
+        let listener = match agent::bind(&config.socket, mode) {
+            Ok(l) => l,
+            Err(e) => return fail(69, &format!("cannot listen on {}: {e}", config.socket.display()), ""),
+        };
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(e) => return fail(69, &e, ""),
+        };
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "sso-agent listening socket={}", config.socket.display());
+        if args.dev.is_some() {
+            let s = config.socket.display();
+            let _ = writeln!(
+                out,
+                "  curl --unix-socket {s} -X POST http://agent/v1/seal -d '{{\"plaintext\":\"aGVsbG8=\"}}'\n  curl --unix-socket {s} http://agent/v1/status"
+            );
+        }
+        let _ = out.flush();
+        drop(out);
+        agent::serve(listener, client, config.allowed_uids.clone(), shutdown).await;
+        let _ = std::fs::remove_file(&config.socket);
+        ExitCode::SUCCESS
+    })
+}
+
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}

@@ -1,0 +1,646 @@
+//! [`Client`]: seal and open against the cache, and the background work that keeps the
+//! cache fresh (watch long-poll, periodic poll, on-demand fetch of unknown keys).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sso_proto::{EnvelopeRef, KeyId, envelope};
+use tokio::sync::OnceCell;
+
+use crate::Error;
+use crate::cache::{self, Cache, CachedKey, KeyHandle};
+use crate::transport::Transport;
+
+/// How long a watch long-poll may stay open; the server answers 204 well before.
+const WATCH_TIMEOUT: Duration = Duration::from_secs(40);
+/// Timeout of ordinary fetches (keyring, one key).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a key id is not found, ask again no sooner than this.
+const MISS_TTL: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Configures a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    endpoints: Vec<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    poll_interval: Duration,
+    max_stale: Option<Duration>,
+    connect_timeout: Duration,
+    watch: bool,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            ca: None,
+            cert: None,
+            key: None,
+            poll_interval: Duration::from_secs(30),
+            max_stale: None,
+            connect_timeout: Duration::from_millis(500),
+            watch: true,
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// Adds a server, `https://host:port`. Servers are tried in the order added; the last
+    /// one that answered is tried first.
+    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+        self.endpoints.push(url.into());
+        self
+    }
+
+    /// The CA that server certificates chain to (PEM).
+    pub fn ca(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca = Some(path.into());
+        self
+    }
+
+    /// This client's certificate and private key (PEM).
+    pub fn identity(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.cert = Some(cert.into());
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Backup poll interval (default 30 s; each wait is jittered by up to ±20 %).
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// Refuse to seal or open once no server has been reached for this long. Unset by
+    /// default: the cache serves for as long as the process lives.
+    pub fn max_stale(mut self, bound: Duration) -> Self {
+        self.max_stale = Some(bound);
+        self
+    }
+
+    /// Bound on TCP connect plus TLS and HTTP/2 handshakes per endpoint (default 500 ms).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Whether to hold a watch long-poll open (default yes). Without it, rotations arrive
+    /// with the periodic poll or on demand.
+    pub fn watch(mut self, watch: bool) -> Self {
+        self.watch = watch;
+        self
+    }
+
+    fn tls(&self) -> Result<rustls::ClientConfig, Error> {
+        let need =
+            |p: &Option<PathBuf>, what: &str| p.clone().ok_or_else(|| Error::Config(format!("{what} is not set")));
+        let (ca, cert, key) = (
+            need(&self.ca, "ca")?,
+            need(&self.cert, "client certificate")?,
+            need(&self.key, "client key")?,
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        let cas = CertificateDer::pem_file_iter(&ca).map_err(|e| Error::Config(format!("{}: {e}", ca.display())))?;
+        for c in cas {
+            let c = c.map_err(|e| Error::Config(format!("{}: {e}", ca.display())))?;
+            roots
+                .add(c)
+                .map_err(|e| Error::Config(format!("{}: {e}", ca.display())))?;
+        }
+        let chain = CertificateDer::pem_file_iter(&cert)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| Error::Config(format!("{}: {e}", cert.display())))?;
+        let key_der =
+            PrivateKeyDer::from_pem_file(&key).map_err(|e| Error::Config(format!("{}: {e}", key.display())))?;
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .map_err(|e| Error::Config(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| Error::Config(format!("client certificate: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+
+    /// Builds the client and starts its background work on the current tokio runtime.
+    /// Nothing is fetched synchronously: with every server down this still succeeds, and
+    /// calls fail with [`Error::Unavailable`] until a server answers.
+    pub fn build(self) -> Result<Client, Error> {
+        let transport = Transport::new(&self.endpoints, Arc::new(self.tls()?), self.connect_timeout)?;
+        let inner = Arc::new(Inner {
+            transport,
+            cache: ArcSwap::from_pointee(Cache::default()),
+            last_contact_ms: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            max_stale: self.max_stale,
+            poll_interval: self.poll_interval,
+            refresh: tokio::sync::Mutex::new(()),
+            inflight: tokio::sync::Mutex::new(HashMap::new()),
+            misses: Mutex::new(HashMap::new()),
+        });
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::Config("build() must run inside a tokio runtime; use BlockingClient otherwise".into())
+        })?;
+        let mut tasks = vec![runtime.spawn(poll_loop(inner.clone()))];
+        if self.watch {
+            tasks.push(runtime.spawn(watch_loop(inner.clone())));
+        }
+        Ok(Client {
+            inner,
+            _tasks: Arc::new(Tasks(tasks)),
+        })
+    }
+}
+
+/// Aborts the background tasks when the last [`Client`] clone goes, so the tasks' share of
+/// the state (and with it every key) is dropped and wiped.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// One shared result per key id being fetched.
+type Inflight = HashMap<KeyId, Arc<OnceCell<Result<KeyHandle, Error>>>>;
+
+pub(crate) struct Inner {
+    transport: Transport,
+    cache: ArcSwap<Cache>,
+    /// Unix milliseconds of the last answer from any server (0: never).
+    last_contact_ms: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    max_stale: Option<Duration>,
+    poll_interval: Duration,
+    /// Serialises full keyring fetches so a cold start by many callers costs one.
+    refresh: tokio::sync::Mutex<()>,
+    /// On-demand fetches in flight, so concurrent misses on one key id share one request.
+    inflight: tokio::sync::Mutex<Inflight>,
+    /// Key ids recently not found, to rate-limit lookups of garbage ids.
+    misses: Mutex<HashMap<KeyId, (Instant, Error)>>,
+}
+
+/// A client of the key service. Cheap to clone; clones share the cache.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+    _tasks: Arc<Tasks>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cache = self.inner.cache.load();
+        f.debug_struct("Client")
+            .field("keys", &cache.keys.len())
+            .field("primary", &cache.primary.as_ref().map(|k| k.meta.key_id))
+            .field("epoch", &cache.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How current the cache is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Freshness {
+    /// A server answered recently (within twice the poll interval).
+    Fresh,
+    /// Keys are cached but no server has answered since this time.
+    Stale {
+        /// Last answer from a server.
+        since: SystemTime,
+    },
+    /// Nothing cached: the client cannot work until a server answers.
+    Empty,
+}
+
+/// What [`Client::status`] reports.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// Fresh, stale since, or empty.
+    pub freshness: Freshness,
+    /// The key new envelopes are sealed under.
+    pub primary: Option<KeyId>,
+    /// Keys cached.
+    pub keys: usize,
+    /// Epoch of the last keyring applied.
+    pub epoch: u64,
+    /// The endpoint that answered last.
+    pub endpoint: Option<String>,
+    /// The last error talking to the servers, if the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+impl Client {
+    /// Starts configuring a client.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// Seals `plaintext` under the primary key, binding `aad`. Served from the cache
+    /// while servers are down; a cold cache fetches the keyring first.
+    pub async fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, Error> {
+        if let Some(result) = self.try_seal_cached(aad, plaintext) {
+            return result;
+        }
+        self.inner.refresh_keyring().await?;
+        self.try_seal_cached(aad, plaintext)
+            .unwrap_or_else(|| Err(Error::Unavailable("the keyring has no primary key yet".into())))
+    }
+
+    /// Opens an envelope. A key id not in the cache is fetched on demand.
+    pub async fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Error> {
+        let parsed = EnvelopeRef::parse(sealed)?;
+        self.inner.check_stale()?;
+        if let Some(key) = self.inner.cache.load().keys.get(&parsed.key_id) {
+            return Ok(parsed.open(&key.envelope, aad)?);
+        }
+        let key = self.inner.fetch_key(parsed.key_id).await?;
+        Ok(parsed.open(&key.0.envelope, aad)?)
+    }
+
+    /// The seal fast path: no await, no lock. `None` when nothing is cached yet.
+    pub fn try_seal_cached(&self, aad: &[u8], plaintext: &[u8]) -> Option<Result<Vec<u8>, Error>> {
+        let cache = self.inner.cache.load();
+        let key = cache.primary.as_ref()?;
+        Some(
+            self.inner
+                .check_stale()
+                .and_then(|()| Ok(envelope::seal(&key.envelope, aad, plaintext)?)),
+        )
+    }
+
+    /// The open fast path: `None` when the envelope's key is not cached.
+    pub fn try_open_cached(&self, aad: &[u8], sealed: &[u8]) -> Option<Result<Vec<u8>, Error>> {
+        let parsed = match EnvelopeRef::parse(sealed) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e.into())),
+        };
+        let cache = self.inner.cache.load();
+        let key = cache.keys.get(&parsed.key_id)?;
+        Some(
+            self.inner
+                .check_stale()
+                .and_then(|()| Ok(parsed.open(&key.envelope, aad)?)),
+        )
+    }
+
+    /// A handle to the primary key's raw bytes.
+    pub async fn primary_key(&self) -> Result<KeyHandle, Error> {
+        if let Some(k) = self.inner.cache.load().primary.clone() {
+            return Ok(KeyHandle(k));
+        }
+        self.inner.refresh_keyring().await?;
+        self.inner
+            .cache
+            .load()
+            .primary
+            .clone()
+            .map(KeyHandle)
+            .ok_or_else(|| Error::Unavailable("no primary key yet".into()))
+    }
+
+    /// A handle to one key's raw bytes, fetched on demand if needed.
+    pub async fn key(&self, key_id: KeyId) -> Result<KeyHandle, Error> {
+        if let Some(k) = self.inner.cache.load().keys.get(&key_id) {
+            return Ok(KeyHandle(k.clone()));
+        }
+        self.inner.fetch_key(key_id).await
+    }
+
+    /// A cached key by id, without network (the lookup the open path does).
+    pub fn cached_key(&self, key_id: &KeyId) -> Option<KeyHandle> {
+        self.inner.cache.load().keys.get(key_id).cloned().map(KeyHandle)
+    }
+
+    /// Whether `key_id` is cached (no network).
+    pub fn is_cached(&self, key_id: &KeyId) -> bool {
+        self.inner.cache.load().keys.contains_key(key_id)
+    }
+
+    /// Fresh / stale since / empty, the primary, the last error.
+    pub fn status(&self) -> Status {
+        let cache = self.inner.cache.load();
+        let last = self.inner.last_contact();
+        let freshness = match (cache.keys.is_empty(), last) {
+            (true, _) => Freshness::Empty,
+            (false, Some(t))
+                if t.elapsed().unwrap_or_default() <= self.inner.poll_interval.max(Duration::from_secs(30)) * 2 =>
+            {
+                Freshness::Fresh
+            }
+            (false, t) => Freshness::Stale {
+                since: t.unwrap_or(UNIX_EPOCH),
+            },
+        };
+        Status {
+            freshness,
+            primary: cache.primary.as_ref().map(|k| k.meta.key_id),
+            keys: cache.keys.len(),
+            epoch: cache.epoch,
+            endpoint: cache.endpoint.map(|i| self.inner.transport.url(i).to_owned()),
+            last_error: self.inner.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+
+    /// Fetches the whole keyring now (for example to warm the cache at start).
+    pub async fn refresh(&self) -> Result<(), Error> {
+        self.inner.refresh_keyring().await
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Inner {
+    fn last_contact(&self) -> Option<SystemTime> {
+        match self.last_contact_ms.load(Relaxed) {
+            0 => None,
+            ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
+        }
+    }
+
+    fn contact_ok(&self) {
+        self.last_contact_ms.store(now_ms(), Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    fn contact_failed(&self, error: &str) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_owned());
+    }
+
+    fn check_stale(&self) -> Result<(), Error> {
+        let Some(bound) = self.max_stale else { return Ok(()) };
+        let last = self.last_contact_ms.load(Relaxed);
+        if now_ms().saturating_sub(last) > bound.as_millis() as u64 {
+            return Err(Error::Stale {
+                since: UNIX_EPOCH + Duration::from_millis(last),
+            });
+        }
+        Ok(())
+    }
+
+    /// Applies a keyring body from endpoint `idx`.
+    fn apply(&self, idx: usize, body: &[u8]) -> Result<(), Error> {
+        let wire = cache::parse_keyring(body).map_err(|problem| self.protocol(idx, problem))?;
+        let current = self.cache.load();
+        let next = cache::apply(&current, wire, idx).map_err(|problem| self.protocol(idx, problem))?;
+        let changed = next.epoch != current.epoch
+            || next.endpoint != current.endpoint
+            || next.keys.len() != current.keys.len()
+            || next.primary.as_ref().map(|k| k.meta.key_id) != current.primary.as_ref().map(|k| k.meta.key_id);
+        drop(current);
+        self.cache.store(Arc::new(next));
+        if changed {
+            tracing::debug!(endpoint = self.transport.url(idx), "keyring updated");
+        }
+        Ok(())
+    }
+
+    fn protocol(&self, idx: usize, problem: String) -> Error {
+        Error::Protocol {
+            endpoint: self.transport.url(idx).to_owned(),
+            problem,
+        }
+    }
+
+    /// Fetches and applies the whole keyring; concurrent callers share one fetch.
+    async fn refresh_keyring(&self) -> Result<(), Error> {
+        let seen = self.last_contact_ms.load(Relaxed);
+        let _guard = self.refresh.lock().await;
+        if self.last_contact_ms.load(Relaxed) != seen && self.cache.load().primary.is_some() {
+            return Ok(()); // someone else refreshed while we waited
+        }
+        match self.transport.get("/v1/keyring", FETCH_TIMEOUT).await {
+            Ok((idx, reply)) if reply.status == 200 => {
+                self.contact_ok();
+                self.apply(idx, &reply.body)
+            }
+            Ok((idx, reply)) => {
+                let e = format!("{} answered {}", self.transport.url(idx), reply.status);
+                self.contact_failed(&e);
+                Err(Error::Unavailable(e))
+            }
+            Err(e) => {
+                self.contact_failed(&e);
+                Err(Error::Unavailable(e))
+            }
+        }
+    }
+
+    /// Fetches one key by id: deduplicated per id, and a miss is remembered briefly so a
+    /// stream of envelopes under a bogus id costs one request per second, not one each.
+    async fn fetch_key(&self, key_id: KeyId) -> Result<KeyHandle, Error> {
+        if let Some((at, e)) = self.misses.lock().unwrap_or_else(|p| p.into_inner()).get(&key_id)
+            && at.elapsed() < MISS_TTL
+        {
+            return Err(e.clone());
+        }
+        let cell = {
+            let mut inflight = self.inflight.lock().await;
+            inflight
+                .entry(key_id)
+                .or_insert_with(|| Arc::new(OnceCell::new()))
+                .clone()
+        };
+        let result = cell.get_or_init(|| self.fetch_key_now(key_id)).await.clone();
+        self.inflight.lock().await.remove(&key_id);
+        if let Err(e @ (Error::UnknownKey(_) | Error::KeyRetired(_))) = &result {
+            let mut misses = self.misses.lock().unwrap_or_else(|p| p.into_inner());
+            misses.retain(|_, (at, _)| at.elapsed() < MISS_TTL);
+            misses.insert(key_id, (Instant::now(), e.clone()));
+        }
+        result
+    }
+
+    async fn fetch_key_now(&self, key_id: KeyId) -> Result<KeyHandle, Error> {
+        if let Some(k) = self.cache.load().keys.get(&key_id) {
+            return Ok(KeyHandle(k.clone()));
+        }
+        let (idx, reply) = self
+            .transport
+            .get(&format!("/v1/keys/{key_id}"), FETCH_TIMEOUT)
+            .await
+            .map_err(|e| {
+                self.contact_failed(&e);
+                Error::Unavailable(e)
+            })?;
+        self.contact_ok();
+        match reply.status {
+            200 => {
+                let wire: cache::WireKey = serde_json::from_slice(&reply.body)
+                    .map_err(|e| self.protocol(idx, format!("malformed key (column {})", e.column())))?;
+                let key: Arc<CachedKey> = Arc::new(wire.into_cached().map_err(|p| self.protocol(idx, p))?);
+                let current = self.cache.load();
+                self.cache.store(Arc::new(cache::with_key(&current, key.clone())));
+                Ok(KeyHandle(key))
+            }
+            404 => Err(Error::UnknownKey(key_id)),
+            410 => Err(Error::KeyRetired(key_id)),
+            other => Err(self.protocol(idx, format!("status {other} for a key fetch"))),
+        }
+    }
+}
+
+fn jittered(base: Duration) -> Duration {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 2];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    let unit = f64::from(u16::from_le_bytes(b)) / f64::from(u16::MAX); // 0..1
+    base.mul_f64(0.8 + 0.4 * unit)
+}
+
+/// Holds a watch long-poll open; applies each answer; backs off exponentially on errors.
+async fn watch_loop(inner: Arc<Inner>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let cache = inner.cache.load();
+        let (after, idx) = (cache.epoch, cache.endpoint);
+        drop(cache);
+        // Epochs are per node: ask the node the cache came from for changes after its
+        // epoch; any other node (after a failover) for its whole keyring.
+        let result = match idx {
+            Some(i) => inner
+                .transport
+                .get_on(i, &format!("/v1/keyring/watch?after={after}"), WATCH_TIMEOUT)
+                .await
+                .map(|r| (i, r)),
+            None => inner.transport.get("/v1/keyring/watch?after=0", WATCH_TIMEOUT).await,
+        };
+        let ok = match result {
+            Ok((i, reply)) if reply.status == 200 => {
+                inner.contact_ok();
+                inner.apply(i, &reply.body).is_ok()
+            }
+            Ok((_, reply)) if reply.status == 204 => {
+                inner.contact_ok();
+                true
+            }
+            Ok((i, reply)) => {
+                inner.contact_failed(&format!("{} answered {}", inner.transport.url(i), reply.status));
+                false
+            }
+            Err(e) => {
+                inner.contact_failed(&e);
+                if idx.is_some() {
+                    // That node is gone: fail over to the whole list with a full fetch.
+                    let current = inner.cache.load();
+                    inner.cache.store(Arc::new(Cache {
+                        keys: current.keys.clone(),
+                        primary: current.primary.clone(),
+                        epoch: 0,
+                        endpoint: None,
+                    }));
+                    continue;
+                }
+                false
+            }
+        };
+        if ok {
+            backoff = BACKOFF_MIN;
+        } else {
+            tokio::time::sleep(jittered(backoff)).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+/// The periodic poll: a safety net under the watch (a silently dead connection, a missed
+/// answer). The first poll runs at once, to warm the cache.
+async fn poll_loop(inner: Arc<Inner>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut warm = false;
+    loop {
+        let ok = inner.refresh_keyring().await.is_ok();
+        warm |= ok;
+        let wait = if ok {
+            backoff = BACKOFF_MIN;
+            jittered(inner.poll_interval)
+        } else if !warm {
+            // Cold: keep trying quickly (with backoff) until a first answer.
+            let w = jittered(backoff);
+            backoff = (backoff * 2).min(inner.poll_interval);
+            w
+        } else {
+            jittered(inner.poll_interval.min(backoff.max(BACKOFF_MIN) * 8))
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// A blocking wrapper for code that does not run on tokio: owns a small runtime that runs
+/// the background work. Must not be used from inside a tokio runtime.
+pub struct BlockingClient {
+    client: Client,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for BlockingClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockingClient").field("client", &self.client).finish()
+    }
+}
+
+impl BlockingClient {
+    /// Builds a client on a private one-thread runtime.
+    pub fn new(builder: ClientBuilder) -> Result<Self, Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sso-client")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Config(format!("cannot start the client runtime: {e}")))?;
+        let client = {
+            let _enter = runtime.enter();
+            builder.build()?
+        };
+        Ok(Self { client, runtime })
+    }
+
+    /// [`Client::seal`], blocking only when the cache is cold.
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, Error> {
+        match self.client.try_seal_cached(aad, plaintext) {
+            Some(r) => r,
+            None => self.runtime.block_on(self.client.seal(aad, plaintext)),
+        }
+    }
+
+    /// [`Client::open`], blocking only when the key is not cached.
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Error> {
+        match self.client.try_open_cached(aad, sealed) {
+            Some(r) => r,
+            None => self.runtime.block_on(self.client.open(aad, sealed)),
+        }
+    }
+
+    /// [`Client::status`].
+    pub fn status(&self) -> Status {
+        self.client.status()
+    }
+
+    /// [`Client::key`].
+    pub fn key(&self, key_id: KeyId) -> Result<KeyHandle, Error> {
+        self.runtime.block_on(self.client.key(key_id))
+    }
+
+    /// The async client underneath.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
