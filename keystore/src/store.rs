@@ -444,6 +444,43 @@ impl SealedStore {
         self.insert_new(Lifecycle::Promoted)
     }
 
+    /// Generates a key in memory without storing it: the first step of a replicated
+    /// rotation, which must reach the peer before it is written here. Store it with
+    /// [`SealedStore::merge`]. The generation is one more than any stored.
+    pub fn generate_key(&self, state: KeyState) -> Result<KeyRecord> {
+        let secret = MasterSecret::generate(&self.rng).map_err(|_| Error::Randomness)?;
+        let key_id = KeyId::generate(&self.rng).map_err(|_| Error::Randomness)?;
+        let max: i64 = self
+            .conn
+            .query_row("SELECT COALESCE(MAX(generation), 0) FROM keys", [], |r| r.get(0))?;
+        let created_at = OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        Ok(KeyRecord {
+            meta: KeyMeta {
+                key_id,
+                generation: u64::try_from(max).unwrap_or(0) + 1,
+                created_at,
+                origin: self.node.clone(),
+                state,
+            },
+            secret: Some(secret),
+        })
+    }
+
+    /// A digest of the key set: ids, generations and stored states, no material. Two stores
+    /// with equal digests hold the same keys in the same states.
+    pub fn digest(&self) -> Result<String> {
+        let rows = load_rows(&self.conn)?;
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for row in &rows {
+            ctx.update(row.key_id.as_bytes());
+            ctx.update(&row.generation.to_be_bytes());
+            ctx.update(&[row.lifecycle as u8]);
+        }
+        Ok(hex::encode(ctx.finish()))
+    }
+
     fn insert_new(&mut self, lifecycle: Lifecycle) -> Result<KeyMeta> {
         let secret = MasterSecret::generate(&self.rng).map_err(|_| Error::Randomness)?;
         let key_id = KeyId::generate(&self.rng).map_err(|_| Error::Randomness)?;

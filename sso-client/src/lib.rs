@@ -36,7 +36,7 @@ mod cache;
 pub mod client;
 mod error;
 pub mod hardening;
-mod transport;
+pub mod transport;
 
 pub use cache::KeyHandle;
 pub use client::{BlockingClient, Client, ClientBuilder, Freshness, Status};

@@ -1,6 +1,9 @@
 //! Talking to the servers: one HTTP/2 connection per endpoint over mTLS, opened on demand
 //! with a short bound on TCP connect plus TLS and HTTP/2 handshakes, and failover across
 //! the endpoint list that starts at the last endpoint that answered.
+//!
+//! Public because `sso-server` reaches its peer through it too; applications use
+//! [`crate::Client`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -16,8 +19,11 @@ use zeroize::Zeroizing;
 use crate::Error;
 
 /// An answer: status and a body that is wiped when dropped (keyring bodies carry keys).
-pub(crate) struct Reply {
+#[derive(Debug)]
+pub struct Reply {
+    /// HTTP status.
     pub status: u16,
+    /// The whole body.
     pub body: Zeroizing<Vec<u8>>,
 }
 
@@ -29,19 +35,24 @@ struct Endpoint {
 }
 
 /// The endpoint list and its connections.
-pub(crate) struct Transport {
+pub struct Transport {
     endpoints: Vec<Endpoint>,
     preferred: AtomicUsize,
     tls: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
 }
 
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("endpoints", &self.endpoints.iter().map(|e| &e.url).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 impl Transport {
-    pub(crate) fn new(
-        urls: &[String],
-        tls: Arc<rustls::ClientConfig>,
-        connect_timeout: Duration,
-    ) -> Result<Self, Error> {
+    /// Endpoints are `https://host:port`; `tls` must offer ALPN `h2`.
+    pub fn new(urls: &[String], tls: Arc<rustls::ClientConfig>, connect_timeout: Duration) -> Result<Self, Error> {
         if urls.is_empty() {
             return Err(Error::Config("no endpoints configured".into()));
         }
@@ -82,13 +93,14 @@ impl Transport {
         })
     }
 
-    pub(crate) fn url(&self, idx: usize) -> &str {
+    /// The URL of endpoint `idx`.
+    pub fn url(&self, idx: usize) -> &str {
         self.endpoints.get(idx).map_or("", |e| e.url.as_str())
     }
 
     /// GET `path`, trying the preferred endpoint first and then the others in order.
     /// The endpoint that answers becomes the preferred one.
-    pub(crate) async fn get(&self, path: &str, timeout: Duration) -> Result<(usize, Reply), String> {
+    pub async fn get(&self, path: &str, timeout: Duration) -> Result<(usize, Reply), String> {
         let first = self.preferred.load(Relaxed);
         let mut errors = Vec::new();
         for i in 0..self.endpoints.len() {
@@ -105,11 +117,27 @@ impl Transport {
     }
 
     /// GET `path` on one endpoint.
-    pub(crate) async fn get_on(&self, idx: usize, path: &str, timeout: Duration) -> Result<Reply, String> {
-        let endpoint = &self.endpoints[idx];
+    pub async fn get_on(&self, idx: usize, path: &str, timeout: Duration) -> Result<Reply, String> {
+        self.request_on(idx, hyper::Method::GET, path, Bytes::new(), timeout)
+            .await
+    }
+
+    /// Any request on one endpoint, with a body (empty for GET).
+    pub async fn request_on(
+        &self,
+        idx: usize,
+        method: hyper::Method,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Reply, String> {
+        let endpoint = self.endpoints.get(idx).ok_or("no such endpoint")?;
         let mut send = self.connection(endpoint).await?;
-        let req = hyper::Request::get(format!("https://{}{path}", endpoint.authority))
-            .body(Full::new(Bytes::new()))
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("https://{}{path}", endpoint.authority))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
             .map_err(|e| e.to_string())?;
         let result = tokio::time::timeout(timeout, async {
             let resp = send.send_request(req).await.map_err(|e| e.to_string())?;

@@ -67,9 +67,8 @@ impl From<keystore::Error> for ApiError {
             E::RetirePrimary(_) | E::DestroyUnretired(_) | E::InvalidTransition { .. } => {
                 Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
-            E::ConflictingKey(_) | E::Integrity { .. } => {
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "integrity", e.to_string())
-            }
+            E::ConflictingKey(_) => Self::new(StatusCode::CONFLICT, "integrity", e.to_string()),
+            E::Integrity { .. } => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "integrity", e.to_string()),
             E::WrongBackupPassword => Self::new(StatusCode::FORBIDDEN, "wrong_password", e.to_string()),
             E::NotABackup
             | E::UnsupportedBackupVersion(_)
@@ -145,6 +144,8 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         ["v1", "admin", "status"] => ("GET", r(Endpoint::Status, Some(Role::Admin), "admin.status", None)),
         ["v1", "admin", "backup"] => ("POST", r(Endpoint::Backup, Some(Role::Admin), "admin.backup", None)),
         ["v1", "admin", "restore"] => ("POST", r(Endpoint::Restore, Some(Role::Admin), "admin.restore", None)),
+        ["v1", "peer", "keys"] => ("GET", r(Endpoint::Peer, Some(Role::Peer), "peer.keys", None)),
+        ["v1", "peer", "merge"] => ("POST", r(Endpoint::Peer, Some(Role::Peer), "peer.merge", None)),
         _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
     };
     let (want, route) = allowed;
@@ -165,6 +166,7 @@ pub async fn handle(
     peer: SocketAddr,
     state: Arc<AppState>,
 ) -> Response<Body> {
+    tracing::debug!(method = %req.method(), path = %req.uri().path(), identity = %caller.label, %peer, "request");
     let (endpoint, op, mut key_id, result) = match route(req.method(), req.uri().path()) {
         Err(e) => (Endpoint::Unknown, "request", None, Err(e)),
         Ok(route) => {
@@ -265,7 +267,13 @@ async fn dispatch(
                 move |store| if destroy { store.destroy(id) } else { store.retire(id) },
             )
             .await?;
-            Ok(audited(json_value(StatusCode::OK, &meta_json(&meta)), None))
+            let replication = replicate_key(state, id).await;
+            let mut answer = meta_json(&meta);
+            answer["replication"] = replication.into();
+            Ok(audited(
+                json_value(StatusCode::OK, &answer),
+                Some(format!("replication {replication}")),
+            ))
         }
         Endpoint::Status => status(state).await,
         Endpoint::Backup => {
@@ -276,17 +284,29 @@ async fn dispatch(
             let body = read_body(req, state).await?;
             restore(&body, caller, state).await
         }
-        Endpoint::Peer | Endpoint::Unknown => {
-            Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint"))
+        Endpoint::Peer if route.op == "peer.keys" => peer_keys(req.uri().query(), state).await,
+        Endpoint::Peer => {
+            let body = read_body(req, state).await?;
+            peer_merge(&body, state).await
         }
+        Endpoint::Unknown => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
     }
 }
 
 fn health(state: &AppState) -> Response<Body> {
     json_value(
         StatusCode::OK,
-        &serde_json::json!({"status": "ok", "node": state.node, "sealed": false, "peer": "none"}),
+        &serde_json::json!({"status": "ok", "node": state.node, "sealed": false, "peer": peer_state(state)}),
     )
+}
+
+/// `up`, `down`, or `none` without a configured peer.
+fn peer_state(state: &AppState) -> &'static str {
+    match &state.peer {
+        None => "none",
+        Some(p) if p.status().up => "up",
+        Some(_) => "down",
+    }
 }
 
 fn keyring(state: &AppState) -> Answer {
@@ -392,23 +412,195 @@ async fn rotate(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> 
     } else {
         parse_json(body)?
     };
-    // A standalone node has no peer to be degraded from; the flag matters to the pair.
-    tracing::debug!(allow_degraded = request.allow_degraded, "rotate requested");
-    // Add, distribute, promote: publish the staged key first so watching clients hold it
-    // before anything can be sealed under it.
+    let Some(peer) = state.peer.clone() else {
+        let promoted = rotate_locally(state).await?;
+        return Ok(rotated(&promoted, "standalone"));
+    };
+    // Add: a new key, in memory only, goes to the peer first. If the peer cannot take it,
+    // nothing has changed anywhere and the operator decides (retry, or allow_degraded).
+    let st = state.clone();
+    let record = tokio::task::spawn_blocking(move || {
+        st.store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .generate_key(KeyState::Staged)
+    })
+    .await
+    .map_err(|_| ApiError::internal())??;
+    let epoch = state.snapshot.load().epoch;
+    if let Err(e) = peer.push(&state.node, epoch, std::slice::from_ref(&record)).await {
+        state
+            .metrics
+            .replication_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let crate::peer::PeerError::Conflict(_) = e {
+            state
+                .metrics
+                .integrity_alarms
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if !request.allow_degraded {
+            return Err(peer_unavailable(&peer.url, &e, "nothing was changed on either node"));
+        }
+        tracing::warn!(error = %e, "peer unreachable: rotating degraded");
+        let promoted = rotate_locally(state).await?;
+        return Ok(rotated(&promoted, "degraded"));
+    }
+    // Distribute: staged and durable on the peer; now here, and to watching clients.
+    let id = record.meta.key_id;
+    let promote_record = keystore::KeyRecord {
+        meta: sso_proto::KeyMeta {
+            state: KeyState::Active,
+            ..record.meta.clone()
+        },
+        secret: record.secret.as_ref().map(sso_proto::MasterSecret::clone_secret),
+    };
+    with_store(state, move |store| store.merge(std::slice::from_ref(&record))).await?;
+    tokio::time::sleep(state.distribute_wait).await;
+    // Promote: on the peer first, so `replicated` means durable on both.
+    let replication = match peer
+        .push(&state.node, epoch, std::slice::from_ref(&promote_record))
+        .await
+    {
+        Ok(_) => "replicated",
+        Err(e) if request.allow_degraded => {
+            state
+                .metrics
+                .replication_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "peer lost during rotation: promoting degraded");
+            "degraded"
+        }
+        Err(e) => {
+            state
+                .metrics
+                .replication_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(peer_unavailable(
+                &peer.url,
+                &e,
+                &format!("key {id} is staged on both nodes but not promoted: it is not in use; rotate again"),
+            ));
+        }
+    };
+    let promoted = with_store(state, move |store| store.promote(id)).await?;
+    Ok(rotated(&promoted, replication))
+}
+
+fn peer_unavailable(url: &str, e: &crate::peer::PeerError, what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "peer_unavailable",
+        format!(
+            "the peer {url} did not take the rotation ({e}); {what}. Retry when the peer is back, or rotate with allow_degraded"
+        ),
+    )
+}
+
+/// Stage, distribute to watchers, promote, all on this node.
+async fn rotate_locally(state: &Arc<AppState>) -> Result<sso_proto::KeyMeta, ApiError> {
     let staged = with_store(state, |store| store.stage_new()).await?;
     tokio::time::sleep(state.distribute_wait).await;
     let id = staged.key_id;
-    let promoted = with_store(state, move |store| store.promote(id)).await?;
+    with_store(state, move |store| store.promote(id)).await
+}
+
+fn rotated(promoted: &sso_proto::KeyMeta, replication: &str) -> Answer {
+    tracing::info!(key_id = %promoted.key_id, generation = promoted.generation, replication, "rotated");
     let answer = serde_json::json!({
         "key_id": promoted.key_id,
         "generation": promoted.generation,
-        "replication": "standalone",
+        "replication": replication,
     });
-    tracing::info!(key_id = %promoted.key_id, generation = promoted.generation, "rotated");
+    audited(
+        json_value(StatusCode::OK, &answer),
+        Some(format!("new primary {}, {replication}", promoted.key_id)),
+    )
+}
+
+/// Pushes one key's current record to the peer; `standalone`, `replicated`, or `pending`
+/// (the peer is unreachable; anti-entropy will carry the change).
+async fn replicate_key(state: &Arc<AppState>, id: KeyId) -> &'static str {
+    let Some(peer) = state.peer.clone() else {
+        return "standalone";
+    };
+    let st = state.clone();
+    let record = tokio::task::spawn_blocking(move || {
+        let store = st.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.export().map(|all| all.into_iter().find(|r| r.meta.key_id == id))
+    })
+    .await;
+    let Ok(Ok(Some(record))) = record else { return "pending" };
+    match peer.push(&state.node, state.snapshot.load().epoch, &[record]).await {
+        Ok(_) => "replicated",
+        Err(e) => {
+            state
+                .metrics
+                .replication_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "state change not replicated yet; anti-entropy will retry");
+            "pending"
+        }
+    }
+}
+
+async fn peer_keys(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    let theirs = query
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("digest="))
+        .unwrap_or("")
+        .to_owned();
+    let st = state.clone();
+    let body = tokio::task::spawn_blocking(move || -> keystore::Result<Option<Zeroizing<Vec<u8>>>> {
+        let store = st.store.lock().unwrap_or_else(|p| p.into_inner());
+        let digest = store.digest()?;
+        if digest == theirs {
+            return Ok(None);
+        }
+        let records = store.export()?;
+        Ok(Some(crate::peer::records_json(
+            &st.node,
+            store.epoch()?,
+            &digest,
+            &records,
+        )))
+    })
+    .await
+    .map_err(|_| ApiError::internal())??;
+    match body {
+        // In sync: nothing to send, nothing worth an audit entry (this runs twice a second).
+        None => Ok(quiet(
+            Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(Full::new(Bytes::new()))
+                .unwrap_or_default(),
+        )),
+        Some(body) => Ok(audited(
+            json_response(StatusCode::OK, crate::state::zeroizing_bytes(body)),
+            Some("key set sent".into()),
+        )),
+    }
+}
+
+async fn peer_merge(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    let incoming = crate::peer::parse_records(body).map_err(ApiError::bad_request)?;
+    let from = incoming.node.clone();
+    let records = incoming.records;
+    let (report, digest) = with_store(state, move |store| {
+        let report = store.merge(&records)?;
+        Ok((report, store.digest()?))
+    })
+    .await?;
+    let answer = serde_json::json!({
+        "epoch": report.epoch, "digest": digest, "added": report.added, "advanced": report.advanced,
+    });
     Ok(audited(
         json_value(StatusCode::OK, &answer),
-        Some(format!("new primary {}", promoted.key_id)),
+        Some(format!(
+            "from {from}: added {}, advanced {}",
+            report.added, report.advanced
+        )),
     ))
 }
 
@@ -436,7 +628,19 @@ async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
         "node": status.node,
         "epoch": status.epoch,
         "primary": status.primary,
-        "peer": null,
+        "peer": state.peer.as_ref().map(|p| {
+            let ps = p.status();
+            serde_json::json!({
+                "url": p.url,
+                "node": ps.node,
+                "state": if ps.up { "up" } else { "down" },
+                "last_contact": ps.last_contact.map(rfc),
+                "peer_epoch": ps.peer_epoch,
+                "lag_epochs": ps.synced_local_epoch.map(|e| status.epoch.saturating_sub(e)),
+                "last_error": ps.last_error,
+                "integrity_alarm": ps.alarm,
+            })
+        }),
         "keys": status.keys.iter().map(meta_json).collect::<Vec<_>>(),
         "backup": {
             "last_backup_at": status.last_backup_at.map(rfc),

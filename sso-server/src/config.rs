@@ -51,6 +51,42 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// The other node of the failover pair; absent for a standalone server.
+    #[serde(default)]
+    pub peer: Option<PeerConfig>,
+}
+
+/// The other node of the pair.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its HTTPS address, `https://host:port`.
+    pub url: String,
+    /// The identity its server certificate must show (`cn:…`, `dns:…`, `uri:…`); its
+    /// client certificate must also hold the `peer` role through `roles.peer`.
+    pub identity: String,
+    /// Anti-entropy period: how often each node pulls the other's key set.
+    #[serde(default = "default_sync_interval_ms")]
+    pub sync_interval_ms: u64,
+    /// Timeout of one replication request.
+    #[serde(default = "default_peer_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Client certificate presented to the peer (default: `tls.cert`).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its key (default: `tls.key`).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// CA for the peer's server certificate (default: `tls.client_ca`).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+fn default_sync_interval_ms() -> u64 {
+    500
+}
+fn default_peer_timeout_ms() -> u64 {
+    2_000
 }
 
 fn default_metrics_listen() -> SocketAddr {
@@ -231,6 +267,11 @@ impl Config {
         fix(&mut self.store.path);
         fix(&mut self.audit.path);
         self.store.unseal.key_file.as_mut().map(fix);
+        if let Some(peer) = self.peer.as_mut() {
+            peer.cert.as_mut().map(fix);
+            peer.key.as_mut().map(fix);
+            peer.ca.as_mut().map(fix);
+        }
         self.store.unseal.passphrase_file.as_mut().map(fix);
     }
 
@@ -326,6 +367,32 @@ impl Config {
                 "roles",
                 "no identity may do anything: set roles.client or roles.admin",
             ));
+        }
+        if let Some(peer) = &self.peer {
+            if !peer.url.starts_with("https://") {
+                return Err(err("peer.url", "must be https://host:port"));
+            }
+            crate::identity::Pattern::parse(&peer.identity).map_err(|p| err("peer.identity", p))?;
+            if self.roles.peer.is_empty() {
+                return Err(err(
+                    "roles.peer",
+                    "a peer is configured but no identity holds the peer role",
+                ));
+            }
+            if !(50..=60_000).contains(&peer.sync_interval_ms) {
+                return Err(err("peer.sync_interval_ms", "must be between 50 and 60000"));
+            }
+            for (field, path) in [
+                ("peer.cert", &peer.cert),
+                ("peer.key", &peer.key),
+                ("peer.ca", &peer.ca),
+            ] {
+                if let Some(p) = path
+                    && !p.is_file()
+                {
+                    return Err(err(field, format!("{} does not exist", p.display())));
+                }
+            }
         }
         let l = &self.limits;
         if l.max_connections == 0 {

@@ -57,7 +57,8 @@ impl Pattern {
         }
     }
 
-    fn matches(&self, id: &PeerIdentity) -> bool {
+    /// Whether a certificate identity matches this pattern.
+    pub fn matches(&self, id: &PeerIdentity) -> bool {
         match self {
             Self::AnyCn => true,
             Self::Cn(cn) => id.common_name.as_deref() == Some(cn.as_str()),

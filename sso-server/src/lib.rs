@@ -11,6 +11,7 @@
 //! - [`audit`]: the hash-chained, group-committed audit log.
 //! - [`metrics`]: Prometheus counters on their own listener.
 //! - [`server`]: accept loop, hyper, SIGHUP reload, graceful shutdown.
+//! - [`peer`]: the failover pair: replication protocol, peer client, anti-entropy.
 //! - [`dev`]: `--dev`, the embedded default.
 //!
 //! A request flows: TCP accept (connection cap) → TLS handshake (timeout, client
@@ -26,6 +27,7 @@ pub mod config;
 pub mod dev;
 pub mod identity;
 pub mod metrics;
+pub mod peer;
 pub mod server;
 pub mod state;
 pub mod tls;

@@ -90,6 +90,14 @@ pub struct Metrics {
     pub audit_failures: AtomicU64,
     /// Integrity alarms (conflicting key material, failed row authentication).
     pub integrity_alarms: AtomicU64,
+    /// 1 when the peer answered the last attempt, 0 when not, -1 when there is no peer.
+    pub peer_up: AtomicI64,
+    /// Our epochs since the two key sets were last seen equal.
+    pub peer_lag_epochs: AtomicU64,
+    /// Unix time of the peer's last answer (0: never).
+    pub peer_last_contact_unix: AtomicI64,
+    /// Replication requests that failed.
+    pub replication_failures: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -107,6 +115,10 @@ impl Default for Metrics {
             audit_dropped: AtomicU64::new(0),
             audit_failures: AtomicU64::new(0),
             integrity_alarms: AtomicU64::new(0),
+            peer_up: AtomicI64::new(-1),
+            peer_lag_epochs: AtomicU64::new(0),
+            peer_last_contact_unix: AtomicI64::new(0),
+            replication_failures: AtomicU64::new(0),
         }
     }
 }

@@ -64,6 +64,10 @@ pub async fn run(
     let tls_config = Arc::new(ArcSwap::new(loaded.config));
     let audit = Audit::open(&config.audit.path, &config.node, config.audit.queue, metrics.clone())?;
     let (epoch_tx, _) = watch::channel(0);
+    let peer = match &config.peer {
+        Some(p) => Some(Arc::new(crate::peer::Peer::new(p, &config.tls)?)),
+        None => None,
+    };
     let state = Arc::new(AppState {
         node: config.node.clone(),
         store: std::sync::Mutex::new(store),
@@ -74,6 +78,7 @@ pub async fn run(
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         distribute_wait: Duration::from_millis(250),
+        peer,
     });
     {
         let store = state.store.lock().unwrap_or_else(|p| p.into_inner());
@@ -81,6 +86,7 @@ pub async fn run(
     }
 
     let metrics_task = tokio::spawn(serve_metrics(metrics_listener, metrics.clone()));
+    let sync_task = tokio::spawn(crate::peer::sync_loop(state.clone()));
     // Registered here, not inside the task, so a SIGHUP right after start is not fatal.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let reload_task = tokio::spawn(reload_on_sighup(
@@ -164,6 +170,7 @@ pub async fn run(
     }
     metrics_task.abort();
     reload_task.abort();
+    sync_task.abort();
     Ok(())
 }
 

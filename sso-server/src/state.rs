@@ -62,6 +62,8 @@ pub struct AppState {
     /// Pause between staging a new key and promoting it, so watching clients hold it
     /// before anything is sealed under it.
     pub distribute_wait: std::time::Duration,
+    /// The other node of the pair, if configured.
+    pub peer: Option<Arc<crate::peer::Peer>>,
 }
 
 impl AppState {

@@ -24,7 +24,7 @@ pub struct TlsError {
     problem: String,
 }
 
-fn tls_err(what: impl Into<String>, problem: impl ToString) -> TlsError {
+pub(crate) fn tls_err(what: impl Into<String>, problem: impl ToString) -> TlsError {
     TlsError {
         what: what.into(),
         problem: problem.to_string(),

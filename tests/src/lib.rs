@@ -12,6 +12,8 @@
 #![forbid(unsafe_code)]
 #![allow(missing_docs, clippy::missing_panics_doc)]
 
+pub mod pair;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

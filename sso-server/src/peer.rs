@@ -1,0 +1,561 @@
+//! The failover pair: replication to the other node and anti-entropy.
+//!
+//! Protocol (`/v1/peer/…`, role `peer`, over the same mTLS listener):
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /v1/peer/keys?digest=D` | 204 when the node's key-set digest equals `D`; else 200 with every key (retired ones with material, destroyed ones without) |
+//! | `POST /v1/peer/merge` (same body) | merged durably (union by key id, states forward only), then 200 `{"epoch","digest","added","advanced"}`; 409 `integrity` when a key id arrives with other material |
+//!
+//! Body: `{"node","epoch","digest","keys":[{"key_id","generation","created_at","origin","state","key"?}]}`,
+//! `state` one of `staged`, `active` (promoted; the primary is derived), `retired`,
+//! `destroyed`; `key` is standard base64, absent for destroyed keys.
+//!
+//! Rotation is add → distribute → promote across the pair (see `api::rotate`). Each node
+//! also pulls the other's key set every `sync_interval_ms` (and so at once after a restart
+//! or a healed partition), so both converge to the union of keys and, the primary being
+//! derived from the key set, to the same primary.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use keystore::KeyRecord;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use sso_client::transport::Transport;
+use sso_proto::{KeyId, KeyMeta, KeyState, MasterSecret};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use zeroize::Zeroizing;
+
+use crate::config::{PeerConfig, TlsConfig};
+use crate::identity::Pattern;
+use crate::tls::{self, TlsError};
+
+/// Checks the peer's server certificate as webpki does, then that it names the configured
+/// peer identity: a certificate for another server of the same CA is not the peer.
+#[derive(Debug)]
+struct PeerVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    expected: Pattern,
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        let identity = certs::identity_from_der(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
+        if !self.expected.matches(&identity) {
+            return Err(rustls::Error::General(format!(
+                "the peer presented {}, not the configured peer identity",
+                identity.label()
+            )));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// What this node knows about its peer, for health, status and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct PeerStatus {
+    /// The peer's node name, once it answered.
+    pub node: Option<String>,
+    /// Whether the last contact attempt succeeded.
+    pub up: bool,
+    /// When the peer last answered.
+    pub last_contact: Option<OffsetDateTime>,
+    /// The peer's keyring epoch at last contact.
+    pub peer_epoch: Option<u64>,
+    /// Our epoch when the two key sets were last seen equal.
+    pub synced_local_epoch: Option<u64>,
+    /// The last replication error.
+    pub last_error: Option<String>,
+    /// An integrity alarm raised by the last sync, if any.
+    pub alarm: Option<String>,
+}
+
+/// The other node.
+#[derive(Debug)]
+pub struct Peer {
+    transport: Transport,
+    /// Its URL, for messages.
+    pub url: String,
+    timeout: Duration,
+    /// Anti-entropy period.
+    pub interval: Duration,
+    status: Mutex<PeerStatus>,
+    last_attempt: Mutex<Option<Instant>>,
+}
+
+/// The peer's key set, as pulled.
+#[derive(Debug)]
+pub struct PeerKeys {
+    /// Its node name.
+    pub node: String,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Its digest.
+    pub digest: String,
+    /// Every key it holds.
+    pub records: Vec<KeyRecord>,
+}
+
+impl Peer {
+    /// Builds the peer client: our certificate as client identity, the peer's server
+    /// certificate checked against the CA and the configured identity.
+    pub fn new(config: &PeerConfig, tls_config: &TlsConfig) -> Result<Self, TlsError> {
+        let provider = tls::provider();
+        let ca_path = config.ca.as_ref().unwrap_or(&tls_config.client_ca);
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in tls::load_certs(ca_path)? {
+            roots
+                .add(ca)
+                .map_err(|e| tls::tls_err(ca_path.display().to_string(), e))?;
+        }
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| tls::tls_err("peer verifier", e))?;
+        let expected = Pattern::parse(&config.identity).map_err(|e| tls::tls_err("peer.identity", e))?;
+        let chain = tls::load_certs(config.cert.as_ref().unwrap_or(&tls_config.cert))?;
+        let key = tls::load_key(config.key.as_ref().unwrap_or(&tls_config.key))?;
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| tls::tls_err("peer tls", e))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PeerVerifier { inner, expected }))
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| tls::tls_err("peer client certificate", e))?;
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let transport = Transport::new(
+            std::slice::from_ref(&config.url),
+            Arc::new(client),
+            timeout.min(Duration::from_secs(1)),
+        )
+        .map_err(|e| tls::tls_err("peer.url", e))?;
+        Ok(Self {
+            transport,
+            url: config.url.clone(),
+            timeout,
+            interval: Duration::from_millis(config.sync_interval_ms),
+            status: Mutex::new(PeerStatus::default()),
+            last_attempt: Mutex::new(None),
+        })
+    }
+
+    /// A copy of what we know about the peer.
+    pub fn status(&self) -> PeerStatus {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut PeerStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn contact(&self, node: &str, epoch: u64) {
+        self.update(|s| {
+            s.up = true;
+            s.node = Some(node.to_owned());
+            s.peer_epoch = Some(epoch);
+            s.last_contact = Some(OffsetDateTime::now_utc());
+            s.last_error = None;
+        });
+    }
+
+    fn failed(&self, error: &str) {
+        self.update(|s| {
+            s.up = false;
+            s.last_error = Some(error.to_owned());
+        });
+    }
+
+    /// Records that the key sets were equal at our epoch `epoch`.
+    pub fn synced(&self, epoch: u64) {
+        self.update(|s| {
+            s.synced_local_epoch = Some(epoch);
+            s.alarm = None;
+        });
+    }
+
+    /// Records an integrity alarm from a sync.
+    pub fn alarm(&self, problem: &str) {
+        self.update(|s| s.alarm = Some(problem.to_owned()));
+    }
+
+    /// Sends `records` to the peer, which merges them durably before answering.
+    pub async fn push(&self, node: &str, epoch: u64, records: &[KeyRecord]) -> Result<MergeAnswer, PeerError> {
+        let body = records_json(node, epoch, "", records);
+        let reply = self
+            .transport
+            .request_on(
+                0,
+                hyper::Method::POST,
+                "/v1/peer/merge",
+                Bytes::from_owner(body),
+                self.timeout,
+            )
+            .await
+            .map_err(|e| {
+                self.failed(&e);
+                PeerError::Unreachable(e)
+            })?;
+        match reply.status {
+            200 => {
+                let answer: MergeAnswer =
+                    serde_json::from_slice(&reply.body).map_err(|e| PeerError::Protocol(e.to_string()))?;
+                self.contact(self.status().node.as_deref().unwrap_or("peer"), answer.epoch);
+                Ok(answer)
+            }
+            409 => Err(PeerError::Conflict(String::from_utf8_lossy(&reply.body).into_owned())),
+            other => {
+                let e = format!("the peer answered {other}: {}", String::from_utf8_lossy(&reply.body));
+                self.failed(&e);
+                Err(PeerError::Unreachable(e))
+            }
+        }
+    }
+
+    /// Pulls the peer's key set, unless its digest equals `local_digest` (then `None`).
+    pub async fn pull(&self, local_digest: &str) -> Result<Option<PeerKeys>, PeerError> {
+        *self.last_attempt.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let reply = self
+            .transport
+            .get_on(0, &format!("/v1/peer/keys?digest={local_digest}"), self.timeout)
+            .await
+            .map_err(|e| {
+                self.failed(&e);
+                PeerError::Unreachable(e)
+            })?;
+        match reply.status {
+            204 => {
+                let epoch = self.status().peer_epoch.unwrap_or(0);
+                self.contact(self.status().node.as_deref().unwrap_or("peer"), epoch);
+                Ok(None)
+            }
+            200 => {
+                let keys = parse_records(&reply.body).map_err(PeerError::Protocol)?;
+                self.contact(&keys.node, keys.epoch);
+                Ok(Some(keys))
+            }
+            other => {
+                let e = format!("the peer answered {other}: {}", String::from_utf8_lossy(&reply.body));
+                self.failed(&e);
+                Err(PeerError::Unreachable(e))
+            }
+        }
+    }
+}
+
+/// A replication request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The peer did not answer (down, partitioned, refused us).
+    #[error("peer unreachable: {0}")]
+    Unreachable(String),
+    /// The peer holds different material for a key id: an integrity alarm.
+    #[error("integrity alarm from the peer: {0}")]
+    Conflict(String),
+    /// The peer answered something unexpected.
+    #[error("unexpected answer from the peer: {0}")]
+    Protocol(String),
+}
+
+/// What the peer says after a merge.
+#[derive(Debug, Deserialize)]
+pub struct MergeAnswer {
+    /// Its epoch after the merge.
+    pub epoch: u64,
+    /// Keys it did not have.
+    pub added: usize,
+    /// Keys whose state moved forward.
+    pub advanced: usize,
+}
+
+fn state_name(state: KeyState) -> &'static str {
+    match state {
+        KeyState::Staged => "staged",
+        KeyState::Primary | KeyState::Active => "active",
+        KeyState::Retired => "retired",
+        KeyState::Destroyed => "destroyed",
+    }
+}
+
+/// Serialises key records into a zeroizing buffer sized up front.
+pub fn records_json(node: &str, epoch: u64, digest: &str, records: &[KeyRecord]) -> Zeroizing<Vec<u8>> {
+    let header = serde_json::json!({"node": node, "epoch": epoch, "digest": digest}).to_string();
+    let bound = header.len() + 16 + records.iter().map(|r| 230 + r.meta.origin.len() * 6).sum::<usize>();
+    let mut out = Zeroizing::new(Vec::with_capacity(bound));
+    out.extend_from_slice(&header.as_bytes()[..header.len() - 1]);
+    out.extend_from_slice(b",\"keys\":[");
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let meta = &r.meta;
+        let fields = serde_json::json!({
+            "key_id": meta.key_id,
+            "generation": meta.generation,
+            "created_at": meta.created_at.format(&Rfc3339).unwrap_or_default(),
+            "origin": meta.origin,
+            "state": state_name(meta.state),
+        })
+        .to_string();
+        out.extend_from_slice(&fields.as_bytes()[..fields.len() - 1]);
+        if let Some(secret) = &r.secret {
+            let mut b64 = Zeroizing::new([0u8; 44]);
+            let n = base64::engine::general_purpose::STANDARD
+                .encode_slice(secret.expose_secret(), b64.as_mut_slice())
+                .unwrap_or(0);
+            out.extend_from_slice(b",\"key\":\"");
+            out.extend_from_slice(&b64[..n]);
+            out.push(b'"');
+        }
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
+    debug_assert!(out.len() <= bound, "peer JSON outgrew its buffer");
+    out
+}
+
+#[derive(Deserialize)]
+struct WireRecords {
+    node: String,
+    epoch: u64,
+    #[serde(default)]
+    digest: String,
+    keys: Vec<WireRecord>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireRecord {
+    key_id: KeyId,
+    generation: u64,
+    created_at: String,
+    origin: String,
+    state: String,
+    #[serde(default)]
+    key: Option<SecretString>,
+}
+
+/// Parses a peer body. Errors name the problem, never key material.
+pub fn parse_records(body: &[u8]) -> Result<PeerKeys, String> {
+    let wire: WireRecords = serde_json::from_slice(body)
+        .map_err(|e| format!("malformed peer body (line {}, column {})", e.line(), e.column()))?;
+    let mut records = Vec::with_capacity(wire.keys.len());
+    for w in wire.keys {
+        let state = match w.state.as_str() {
+            "staged" => KeyState::Staged,
+            "active" | "primary" => KeyState::Active,
+            "retired" => KeyState::Retired,
+            "destroyed" => KeyState::Destroyed,
+            _ => return Err(format!("key {}: unknown state", w.key_id)),
+        };
+        let created_at =
+            OffsetDateTime::parse(&w.created_at, &Rfc3339).map_err(|_| format!("key {}: bad created_at", w.key_id))?;
+        let secret = match w.key {
+            Some(b64) => {
+                let mut raw = Zeroizing::new([0u8; 48]);
+                let n = base64::engine::general_purpose::STANDARD
+                    .decode_slice(b64.expose_secret().as_bytes(), raw.as_mut_slice())
+                    .map_err(|_| format!("key {}: material is not base64", w.key_id))?;
+                Some(
+                    MasterSecret::copy_from_slice(&raw[..n])
+                        .map_err(|_| format!("key {}: material is not 32 bytes", w.key_id))?,
+                )
+            }
+            None => None,
+        };
+        records.push(KeyRecord {
+            meta: KeyMeta {
+                key_id: w.key_id,
+                generation: w.generation,
+                created_at,
+                origin: w.origin,
+                state,
+            },
+            secret,
+        });
+    }
+    Ok(PeerKeys {
+        node: wire.node,
+        epoch: wire.epoch,
+        digest: wire.digest,
+        records,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_through_json() {
+        let rng = ring::rand::SystemRandom::new();
+        let records: Vec<KeyRecord> = [
+            KeyState::Staged,
+            KeyState::Primary,
+            KeyState::Retired,
+            KeyState::Destroyed,
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, state)| KeyRecord {
+            meta: KeyMeta {
+                key_id: KeyId::generate(&rng).unwrap(),
+                generation: i as u64 + 1,
+                created_at: OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
+                origin: "node \"a\"".into(),
+                state,
+            },
+            secret: (state != KeyState::Destroyed).then(|| MasterSecret::generate(&rng).unwrap()),
+        })
+        .collect();
+        let body = records_json("a", 7, "d", &records);
+        let back = parse_records(&body).unwrap();
+        assert_eq!((back.node.as_str(), back.epoch, back.digest.as_str()), ("a", 7, "d"));
+        for (a, b) in records.iter().zip(&back.records) {
+            assert_eq!(a.meta.key_id, b.meta.key_id);
+            assert_eq!(a.meta.origin, b.meta.origin);
+            assert_eq!(a.secret.is_some(), b.secret.is_some());
+            if let (Some(x), Some(y)) = (&a.secret, &b.secret) {
+                assert!(x.ct_eq(y));
+            }
+        }
+        assert_eq!(back.records[1].meta.state, KeyState::Active);
+        assert!(parse_records(b"{\"node\":1}").is_err());
+    }
+}
+
+/// Anti-entropy: pull the peer's key set every interval and merge it. Both nodes run
+/// this, so after a restart, a partition or a wiped store each converges to the union
+/// within one interval of the peer answering again.
+pub async fn sync_loop(state: Arc<crate::state::AppState>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(peer) = state.peer.clone() else { return };
+    let mut last_alarm: Option<String> = None;
+    loop {
+        let outcome = sync_once(&state, &peer).await;
+        let ps = peer.status();
+        state.metrics.peer_up.store(i64::from(ps.up), Relaxed);
+        if let Some(t) = ps.last_contact {
+            state.metrics.peer_last_contact_unix.store(t.unix_timestamp(), Relaxed);
+        }
+        let local = state.snapshot.load().epoch;
+        state.metrics.peer_lag_epochs.store(
+            ps.synced_local_epoch.map_or(local, |e| local.saturating_sub(e)),
+            Relaxed,
+        );
+        match outcome {
+            Ok(()) => last_alarm = None,
+            Err(SyncError::Alarm(problem)) => {
+                // An alarm repeats every interval until an operator acts; count and audit
+                // it once per distinct problem.
+                if last_alarm.as_deref() != Some(problem.as_str()) {
+                    state.metrics.integrity_alarms.fetch_add(1, Relaxed);
+                    tracing::error!(%problem, "integrity alarm during anti-entropy: nothing was merged");
+                    state.audit.record(crate::audit::AuditEvent {
+                        time: std::time::SystemTime::now(),
+                        identity: ps.node.clone().unwrap_or_else(|| "peer".into()).into(),
+                        role: "peer",
+                        op: "peer.sync",
+                        key_id: None,
+                        outcome: "integrity_alarm",
+                        detail: Some(problem.clone()),
+                        peer: None,
+                    });
+                    peer.alarm(&problem);
+                    last_alarm = Some(problem);
+                }
+            }
+            Err(SyncError::Other(e)) => {
+                tracing::debug!(error = %e, "anti-entropy round failed");
+            }
+        }
+        tokio::time::sleep(peer.interval).await;
+    }
+}
+
+enum SyncError {
+    Alarm(String),
+    Other(String),
+}
+
+async fn sync_once(state: &Arc<crate::state::AppState>, peer: &Peer) -> Result<(), SyncError> {
+    let st = state.clone();
+    let (digest, epoch) = tokio::task::spawn_blocking(move || {
+        let store = st.store.lock().unwrap_or_else(|p| p.into_inner());
+        Ok::<_, keystore::Error>((store.digest()?, store.epoch()?))
+    })
+    .await
+    .map_err(|e| SyncError::Other(e.to_string()))?
+    .map_err(|e| SyncError::Other(e.to_string()))?;
+    let Some(keys) = peer.pull(&digest).await.map_err(|e| SyncError::Other(e.to_string()))? else {
+        peer.synced(epoch);
+        return Ok(());
+    };
+    let theirs = keys.digest.clone();
+    let st = state.clone();
+    let merged = tokio::task::spawn_blocking(move || {
+        let mut store = st.store.lock().unwrap_or_else(|p| p.into_inner());
+        let report = store.merge(&keys.records)?;
+        if report.changed() {
+            st.refresh(&store)?;
+        }
+        Ok::<_, keystore::Error>((report, store.digest()?, store.epoch()?))
+    })
+    .await
+    .map_err(|e| SyncError::Other(e.to_string()))?;
+    match merged {
+        Ok((report, ours, epoch)) => {
+            if report.changed() {
+                tracing::info!(
+                    added = report.added,
+                    advanced = report.advanced,
+                    "anti-entropy merged the peer's keys"
+                );
+            }
+            if ours == theirs {
+                peer.synced(epoch);
+            }
+            Ok(())
+        }
+        Err(e @ keystore::Error::ConflictingKey(_)) => Err(SyncError::Alarm(e.to_string())),
+        Err(e) => Err(SyncError::Other(e.to_string())),
+    }
+}

@@ -1,0 +1,205 @@
+//! A failover pair on loopback, each node reaching the other through a [`Relay`] the test
+//! can cut and heal.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::{Pki, ServerSetup, TestServer, bin};
+
+/// A TCP relay to `target`. `cut` drops every open connection and every new one until
+/// `heal`: a network partition between the nodes.
+#[derive(Debug)]
+pub struct Relay {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Relay {
+    pub fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (c, s, k) = (cut.clone(), stop.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for inbound in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(inbound) = inbound else { continue };
+                if c.load(Ordering::SeqCst) {
+                    let _ = inbound.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(outbound) = TcpStream::connect(target) else {
+                    let _ = inbound.shutdown(Shutdown::Both);
+                    continue;
+                };
+                {
+                    let mut list = k.lock().unwrap();
+                    list.retain(|s| s.peer_addr().is_ok());
+                    list.push(inbound.try_clone().unwrap());
+                    list.push(outbound.try_clone().unwrap());
+                }
+                for (mut from, mut to) in [
+                    (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                    (outbound, inbound),
+                ] {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Both);
+                        let _ = from.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { port, cut, conns, stop }
+    }
+
+    /// Partition: close every connection through the relay and refuse new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Heal the partition.
+    pub fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cut();
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// One node of a pair: its files, its pinned port, and the process when running.
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    pub setup: ServerSetup,
+    pub port: u16,
+    pub log: PathBuf,
+    pub server: Option<TestServer>,
+}
+
+impl Node {
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    pub fn start(&mut self) {
+        self.server = Some(TestServer::start(&bin("sso-server"), &self.setup.config, &self.log));
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.kill();
+        }
+    }
+
+    pub fn server(&self) -> &TestServer {
+        self.server.as_ref().expect("node is not running")
+    }
+
+    /// Replaces the store with a new, empty one (new unseal key): a node whose disk died.
+    pub fn wipe(&mut self) {
+        self.kill();
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.setup.store.display()));
+        }
+        std::fs::remove_file(&self.setup.unseal_key).unwrap();
+        let key = keystore::UnsealKey::generate_key_file(&self.setup.unseal_key).unwrap();
+        keystore::SealedStore::create(&self.setup.store, &key, &keystore::CreateOptions::new(&self.name)).unwrap();
+    }
+}
+
+/// Two nodes, each configured with the other as peer through a relay.
+#[derive(Debug)]
+pub struct Pair {
+    pub pki: Pki,
+    pub a: Node,
+    pub b: Node,
+    /// A → B.
+    pub relay_ab: Relay,
+    /// B → A.
+    pub relay_ba: Relay,
+}
+
+impl Pair {
+    /// Sets up (does not start) a pair in `dir`. Only node A starts with a key; B gets
+    /// it by replication. `extra` is appended to both configs.
+    pub fn new(dir: &Path, extra: &str) -> Self {
+        let pki = Pki::new(&dir.join("pki"));
+        let mut nodes = Vec::new();
+        for name in ["node-a", "node-b"] {
+            let setup = ServerSetup::new(&dir.join(name), &pki, name, "", extra);
+            let port = setup.pin_ports();
+            nodes.push((name, setup, port));
+        }
+        let relay_ab = Relay::start(SocketAddr::from(([127, 0, 0, 1], nodes[1].2)));
+        let relay_ba = Relay::start(SocketAddr::from(([127, 0, 0, 1], nodes[0].2)));
+        let mut built = Vec::new();
+        for (i, (name, setup, port)) in nodes.into_iter().enumerate() {
+            let (other, relay) = if i == 0 {
+                ("node-b", &relay_ab)
+            } else {
+                ("node-a", &relay_ba)
+            };
+            let text = std::fs::read_to_string(&setup.config).unwrap();
+            let text = text.replacen(
+                "admin = [\"cn:admin\"]\n",
+                &format!("admin = [\"cn:admin\"]\npeer = [\"cn:{other}-server\"]\n"),
+                1,
+            );
+            let text = format!(
+                "{text}\n[peer]\nurl = \"https://localhost:{}\"\nidentity = \"cn:{other}-server\"\nsync_interval_ms = 200\ntimeout_ms = 1000\n",
+                relay.port
+            );
+            std::fs::write(&setup.config, text).unwrap();
+            let log = setup.dir.join("server.log");
+            built.push(Node {
+                name: name.to_owned(),
+                setup,
+                port,
+                log,
+                server: None,
+            });
+        }
+        let b = built.pop().unwrap();
+        let mut a = built.pop().unwrap();
+        // B starts empty: it must get everything from A.
+        let mut b = b;
+        b.wipe();
+        a.server = None;
+        Self {
+            pki,
+            a,
+            b,
+            relay_ab,
+            relay_ba,
+        }
+    }
+}

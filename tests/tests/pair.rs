@@ -1,0 +1,247 @@
+//! The failover pair, real binaries on loopback, a relay between the nodes that the tests
+//! cut, and SIGKILL.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use sso_client::Client;
+use tests::pair::{Node, Pair};
+
+fn admin(pair: &Pair, node: &Node) -> tests::Client {
+    tests::Client::new(node.server().https, &pair.pki.ca_file, Some(&pair.pki.client("admin")))
+}
+
+/// (key_id, state) of every key, and the primary, from the node's admin status.
+async fn view(pair: &Pair, node: &Node) -> Option<(BTreeSet<(String, String)>, Option<String>)> {
+    let r = admin(pair, node).get("/v1/admin/status").await.ok()?;
+    let v = r.json();
+    let keys = v["keys"]
+        .as_array()?
+        .iter()
+        .map(|k| {
+            (
+                k["key_id"].as_str().unwrap_or("").to_owned(),
+                k["state"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    Some((keys, v["primary"].as_str().map(str::to_owned)))
+}
+
+async fn wait_converged(pair: &Pair, within: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (a, b) = (view(pair, &pair.a).await, view(pair, &pair.b).await);
+        if let (Some(a), Some(b)) = (&a, &b)
+            && a == b
+            && a.1.is_some()
+        {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "the pair did not converge within {within:?}: a={a:?} b={b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn rotate(pair: &Pair, node: &Node, degraded: bool) -> tests::Reply {
+    admin(pair, node)
+        .post("/v1/admin/rotate", &serde_json::json!({"allow_degraded": degraded}))
+        .await
+        .unwrap()
+}
+
+fn client(pair: &Pair, nodes: &[&Node]) -> Client {
+    let cert = pair.pki.client("client");
+    let mut b = Client::builder().ca(&pair.pki.ca_file).identity(&cert.cert, &cert.key);
+    for n in nodes {
+        b = b.endpoint(n.url());
+    }
+    b.build().unwrap()
+}
+
+fn started_pair(extra: &str) -> (tempfile::TempDir, Pair) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pair = Pair::new(dir.path(), extra);
+    pair.a.start();
+    pair.b.start();
+    (dir, pair)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_on_a_is_on_b_before_the_answer() {
+    let (_dir, pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let r = rotate(&pair, &pair.a, false).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = r.json();
+    assert_eq!(r["replication"], "replicated");
+    let new = r["key_id"].as_str().unwrap().to_owned();
+    // Immediately after the answer: B holds the key, as primary.
+    let (keys, primary) = view(&pair, &pair.b).await.unwrap();
+    assert!(keys.iter().any(|(id, _)| *id == new), "B lacks the rotated key");
+    assert_eq!(primary.as_deref(), Some(new.as_str()));
+    let health = admin(&pair, &pair.a).get("/v1/health").await.unwrap().json();
+    assert_eq!(health["peer"], "up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_b_down_a_rotation_needs_degraded_and_b_catches_up() {
+    let (_dir, mut pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let ring = |p: &Pair| {
+        let c = tests::Client::new(p.a.server().https, &p.pki.ca_file, Some(&p.pki.client("client")));
+        async move { c.get("/v1/keyring").await.unwrap().json() }
+    };
+    let before = ring(&pair).await;
+    pair.b.kill();
+
+    let r = rotate(&pair, &pair.a, false).await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    let err = r.json();
+    assert_eq!(err["error"], "peer_unavailable");
+    assert!(
+        err["message"].as_str().unwrap().contains("nothing was changed"),
+        "{err}"
+    );
+    assert_eq!(ring(&pair).await, before, "a refused rotation changed what clients see");
+
+    let r = rotate(&pair, &pair.a, true).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["replication"], "degraded");
+    let health = admin(&pair, &pair.a).get("/v1/health").await.unwrap().json();
+    assert_eq!(health["peer"], "down");
+
+    pair.b.start();
+    let took = wait_converged(&pair, Duration::from_secs(10)).await;
+    assert!(took < Duration::from_secs(2), "B caught up only after {took:?}");
+    eprintln!("B caught up {took:?} after its restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_with_rotations_on_both_sides_heals() {
+    let (_dir, pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let (ca, cb) = (client(&pair, &[&pair.a]), client(&pair, &[&pair.b]));
+    ca.refresh().await.unwrap();
+    cb.refresh().await.unwrap();
+
+    pair.relay_ab.cut();
+    pair.relay_ba.cut();
+    let ra = rotate(&pair, &pair.a, true).await.json();
+    let rb = rotate(&pair, &pair.b, true).await.json();
+    assert_eq!(
+        (ra["replication"].as_str(), rb["replication"].as_str()),
+        (Some("degraded"), Some("degraded"))
+    );
+    let (ka, kb) = (
+        ra["key_id"].as_str().unwrap().to_owned(),
+        rb["key_id"].as_str().unwrap().to_owned(),
+    );
+    // Each side's clients seal under their side's new key.
+    for (c, k) in [(&ca, &ka), (&cb, &kb)] {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while c.status().primary.map(|p| p.to_string()).as_deref() != Some(k.as_str()) {
+            assert!(Instant::now() < deadline, "client did not see its side's rotation");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let ea = ca.seal(b"", b"sealed on side A").await.unwrap();
+    let eb = cb.seal(b"", b"sealed on side B").await.unwrap();
+
+    pair.relay_ab.heal();
+    pair.relay_ba.heal();
+    let healed = Instant::now();
+    let took = wait_converged(&pair, Duration::from_secs(10)).await;
+    assert!(took < Duration::from_secs(2), "converged only {took:?} after the heal");
+    let (keys, primary) = view(&pair, &pair.a).await.unwrap();
+    assert!(keys.iter().any(|(id, _)| *id == ka) && keys.iter().any(|(id, _)| *id == kb));
+    assert_eq!(
+        primary,
+        Some(ka.clone().max(kb.clone())),
+        "primary is not the highest (generation, key_id)"
+    );
+    // Clients on either side open everything either side sealed.
+    for c in [&ca, &cb] {
+        assert_eq!(c.open(b"", &ea).await.unwrap(), b"sealed on side A");
+        assert_eq!(c.open(b"", &eb).await.unwrap(), b"sealed on side B");
+    }
+    eprintln!("converged {:?} after the heal", healed.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_node_rebuilds_from_its_peer() {
+    let (_dir, mut pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    for _ in 0..3 {
+        assert_eq!(rotate(&pair, &pair.a, false).await.status, 200);
+    }
+    let (keys, _) = view(&pair, &pair.a).await.unwrap();
+    let oldest = keys.iter().find(|(_, s)| s == "active").unwrap().0.clone();
+    let r = admin(&pair, &pair.a)
+        .post(&format!("/v1/admin/keys/{oldest}/retire"), &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.json()["replication"], "replicated");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+
+    pair.b.wipe();
+    pair.b.start();
+    let took = wait_converged(&pair, Duration::from_secs(10)).await;
+    assert_eq!(view(&pair, &pair.a).await, view(&pair, &pair.b).await);
+    eprintln!("wiped node rebuilt in {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_both_endpoints_lose_nothing_while_each_node_restarts() {
+    let (_dir, mut pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let c = client(&pair, &[&pair.a, &pair.b]);
+    c.refresh().await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let (c, stop) = (c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let msg = i.to_le_bytes();
+                match c.seal(b"x", &msg).await {
+                    Ok(env) => match c.open(b"x", &env).await {
+                        Ok(p) if p == msg => ok += 1,
+                        other => failed.push(format!("open: {other:?}")),
+                    },
+                    Err(e) => failed.push(format!("seal: {e}")),
+                }
+                if i % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            (ok, failed)
+        })
+    };
+    for victim in ["a", "b"] {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let node = if victim == "a" { &mut pair.a } else { &mut pair.b };
+        node.kill();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        node.start();
+        wait_converged(&pair, Duration::from_secs(10)).await;
+        // A rotation while things settle, replicated to both.
+        assert_eq!(rotate(&pair, &pair.a, false).await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = worker.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} failed operations, first: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(ok > 1000, "only {ok} operations");
+    eprintln!("{ok} seal+open pairs, 0 failures, through a SIGKILL of each node");
+}
