@@ -216,7 +216,7 @@ async fn clients_with_both_endpoints_lose_nothing_while_each_node_restarts() {
                     },
                     Err(e) => failed.push(format!("seal: {e}")),
                 }
-                if i % 64 == 0 {
+                if i.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
             }
