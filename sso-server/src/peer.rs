@@ -420,48 +420,6 @@ pub fn parse_records(body: &[u8]) -> Result<PeerKeys, String> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn records_round_trip_through_json() {
-        let rng = ring::rand::SystemRandom::new();
-        let records: Vec<KeyRecord> = [
-            KeyState::Staged,
-            KeyState::Primary,
-            KeyState::Retired,
-            KeyState::Destroyed,
-        ]
-        .into_iter()
-        .enumerate()
-        .map(|(i, state)| KeyRecord {
-            meta: KeyMeta {
-                key_id: KeyId::generate(&rng).unwrap(),
-                generation: i as u64 + 1,
-                created_at: OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
-                origin: "node \"a\"".into(),
-                state,
-            },
-            secret: (state != KeyState::Destroyed).then(|| MasterSecret::generate(&rng).unwrap()),
-        })
-        .collect();
-        let body = records_json("a", 7, "d", &records);
-        let back = parse_records(&body).unwrap();
-        assert_eq!((back.node.as_str(), back.epoch, back.digest.as_str()), ("a", 7, "d"));
-        for (a, b) in records.iter().zip(&back.records) {
-            assert_eq!(a.meta.key_id, b.meta.key_id);
-            assert_eq!(a.meta.origin, b.meta.origin);
-            assert_eq!(a.secret.is_some(), b.secret.is_some());
-            if let (Some(x), Some(y)) = (&a.secret, &b.secret) {
-                assert!(x.ct_eq(y));
-            }
-        }
-        assert_eq!(back.records[1].meta.state, KeyState::Active);
-        assert!(parse_records(b"{\"node\":1}").is_err());
-    }
-}
-
 /// Anti-entropy: pull the peer's key set every interval and merge it. Both nodes run
 /// this, so after a restart, a partition or a wiped store each converges to the union
 /// within one interval of the peer answering again.
@@ -557,5 +515,47 @@ async fn sync_once(state: &Arc<crate::state::AppState>, peer: &Peer) -> Result<(
         }
         Err(e @ keystore::Error::ConflictingKey(_)) => Err(SyncError::Alarm(e.to_string())),
         Err(e) => Err(SyncError::Other(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_through_json() {
+        let rng = ring::rand::SystemRandom::new();
+        let records: Vec<KeyRecord> = [
+            KeyState::Staged,
+            KeyState::Primary,
+            KeyState::Retired,
+            KeyState::Destroyed,
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, state)| KeyRecord {
+            meta: KeyMeta {
+                key_id: KeyId::generate(&rng).unwrap(),
+                generation: i as u64 + 1,
+                created_at: OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
+                origin: "node \"a\"".into(),
+                state,
+            },
+            secret: (state != KeyState::Destroyed).then(|| MasterSecret::generate(&rng).unwrap()),
+        })
+        .collect();
+        let body = records_json("a", 7, "d", &records);
+        let back = parse_records(&body).unwrap();
+        assert_eq!((back.node.as_str(), back.epoch, back.digest.as_str()), ("a", 7, "d"));
+        for (a, b) in records.iter().zip(&back.records) {
+            assert_eq!(a.meta.key_id, b.meta.key_id);
+            assert_eq!(a.meta.origin, b.meta.origin);
+            assert_eq!(a.secret.is_some(), b.secret.is_some());
+            if let (Some(x), Some(y)) = (&a.secret, &b.secret) {
+                assert!(x.ct_eq(y));
+            }
+        }
+        assert_eq!(back.records[1].meta.state, KeyState::Active);
+        assert!(parse_records(b"{\"node\":1}").is_err());
     }
 }
