@@ -32,6 +32,10 @@ struct Endpoint {
     authority: String,
     server_name: ServerName<'static>,
     conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+    /// Why the last connection ended, when it ended in an error: a TLS 1.3 server refuses
+    /// a client certificate after the handshake, so the reason (an alert) surfaces in the
+    /// connection task, not in the request that failed.
+    conn_error: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// The endpoint list and its connections.
@@ -82,6 +86,7 @@ impl Transport {
                     authority,
                     server_name,
                     conn: tokio::sync::Mutex::new(None),
+                    conn_error: Arc::new(std::sync::Mutex::new(None)),
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -106,6 +111,29 @@ impl Transport {
         for i in 0..self.endpoints.len() {
             let idx = (first + i) % self.endpoints.len();
             match self.get_on(idx, path, timeout).await {
+                Ok(reply) => {
+                    self.preferred.store(idx, Relaxed);
+                    return Ok((idx, reply));
+                }
+                Err(e) => errors.push(format!("{}: {e}", self.endpoints[idx].url)),
+            }
+        }
+        Err(errors.join("; "))
+    }
+
+    /// Any request, trying the preferred endpoint first and then the others in order.
+    pub async fn request(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<(usize, Reply), String> {
+        let first = self.preferred.load(Relaxed);
+        let mut errors = Vec::new();
+        for i in 0..self.endpoints.len() {
+            let idx = (first + i) % self.endpoints.len();
+            match self.request_on(idx, method.clone(), path, body.clone(), timeout).await {
                 Ok(reply) => {
                     self.preferred.store(idx, Relaxed);
                     return Ok((idx, reply));
@@ -163,7 +191,12 @@ impl Transport {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => {
                 *endpoint.conn.lock().await = None;
-                Err(e)
+                // Give the connection task a moment to record why it ended.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                match endpoint.conn_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    Some(cause) => Err(format!("{e}: {cause}")),
+                    None => Err(e),
+                }
             }
             Err(_) => {
                 *endpoint.conn.lock().await = None;
@@ -183,6 +216,7 @@ impl Transport {
         let tls = self.tls.clone();
         let name = endpoint.server_name.clone();
         let authority = endpoint.authority.clone();
+        let conn_error = endpoint.conn_error.clone();
         // One bound over TCP connect, TLS and HTTP/2 handshakes: a blackholed endpoint (SYN
         // dropped, or accepted and never answered) costs at most this long.
         let send = tokio::time::timeout(self.connect_timeout, async move {
@@ -203,7 +237,10 @@ impl Transport {
                 .await
                 .map_err(|e| e.to_string())?;
             tokio::spawn(async move {
-                let _ = conn.await;
+                if let Err(e) = conn.await {
+                    let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
+                    *conn_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(cause);
+                }
             });
             Ok::<_, String>(send)
         })

@@ -1,0 +1,169 @@
+//! The command line: global connection flags (accepted before or after the subcommand)
+//! and the subcommands.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Operate the master-secret service: initialise, rotate, inspect, back up and restore.
+#[derive(Parser, Debug)]
+#[command(name = "ssoctl", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Connection and output flags.
+    #[command(flatten)]
+    pub global: Global,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every subcommand accepts.
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Server URL, https://host:port; repeat for a pair (tried in order).
+    #[arg(long = "server", global = true, env = "SSOCTL_SERVER", value_delimiter = ',')]
+    pub servers: Vec<String>,
+    /// CA certificate that server certificates chain to.
+    #[arg(long, global = true, env = "SSOCTL_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client (admin) certificate.
+    #[arg(long, global = true, env = "SSOCTL_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Client (admin) key.
+    #[arg(long, global = true, env = "SSOCTL_KEY")]
+    pub key: Option<PathBuf>,
+    /// Use the dev setup in DIR (as made by `sso-server --dev`): its CA, admin
+    /// certificate, and https://localhost:7443.
+    #[arg(long, global = true, env = "SSOCTL_DEV", value_name = "DIR")]
+    pub dev: Option<PathBuf>,
+    /// Read passwords from this file (mode 0600) instead of the environment or a prompt.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a store offline, with its first key and a mandatory first backup.
+    Init(Init),
+    /// Create, distribute and promote a new key.
+    Rotate {
+        /// With the peer unreachable, rotate on this node alone (acknowledged "degraded").
+        #[arg(long)]
+        allow_degraded: bool,
+    },
+    /// Node, peer, keys, backup coverage and audit head.
+    Status,
+    /// List, retire or destroy keys.
+    #[command(subcommand)]
+    Keys(Keys),
+    /// Write a backup of every key to a file.
+    Backup {
+        /// Where to write it (mode 0600; never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// A hint stored in plaintext beside the sealed keys.
+        #[arg(long, default_value = "")]
+        hint: String,
+    },
+    /// Merge a backup into the server's store.
+    Restore {
+        /// The backup file.
+        #[arg(long = "in")]
+        input: PathBuf,
+    },
+    /// Show what a backup says about itself, without its password.
+    BackupHint {
+        /// The backup file.
+        file: PathBuf,
+    },
+    /// Make or extend a PKI for the service.
+    #[command(subcommand)]
+    Certs(Certs),
+    /// Audit log tools.
+    #[command(subcommand)]
+    Audit(Audit),
+    /// Print shell completions.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `ssoctl init`.
+#[derive(Args, Debug)]
+pub struct Init {
+    /// The new store file.
+    #[arg(long)]
+    pub store: PathBuf,
+    /// This node's name.
+    #[arg(long)]
+    pub node: String,
+    /// Unseal with this key file; created (32 random bytes, mode 0600) if it does not
+    /// exist. Without it, the store is sealed by a passphrase (SSOCTL_PASSPHRASE or a
+    /// prompt).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Where to write the mandatory first backup.
+    #[arg(long)]
+    pub backup_out: PathBuf,
+    /// Hint stored with the backup.
+    #[arg(long, default_value = "")]
+    pub hint: String,
+}
+
+/// `ssoctl keys …`.
+#[derive(Subcommand, Debug)]
+pub enum Keys {
+    /// Every key with its state and age.
+    List,
+    /// Stop serving a key (it stays stored; backups keep it).
+    Retire {
+        /// The key id (32 hex characters).
+        key_id: String,
+    },
+    /// Wipe a retired key's material for good.
+    Destroy {
+        /// The key id (32 hex characters).
+        key_id: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// `ssoctl certs …`.
+#[derive(Subcommand, Debug)]
+pub enum Certs {
+    /// Create a dev PKI in DIR: CA, server, admin and client certificates.
+    Init {
+        /// Directory to create (must not exist or be empty).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate from the CA in DIR.
+    Issue {
+        /// Directory with ca.pem and ca-key.pem.
+        #[arg(long, default_value = "sso-dev")]
+        dir: PathBuf,
+        /// client, admin, peer or server.
+        #[arg(long)]
+        role: String,
+        /// Common name (and file name).
+        #[arg(long)]
+        name: String,
+    },
+}
+
+/// `ssoctl audit …`.
+#[derive(Subcommand, Debug)]
+pub enum Audit {
+    /// Check an audit log's hash chain end to end.
+    Verify {
+        /// The audit log.
+        file: PathBuf,
+    },
+}

@@ -1,0 +1,512 @@
+//! One function per subcommand. Human output is aligned text; `--json` prints one JSON
+//! document.
+
+use std::io::Write;
+use std::path::Path;
+
+use base64::Engine;
+use bytes::Bytes;
+use hyper::Method;
+use secrecy::{ExposeSecret, SecretString};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::cli::{Audit, Certs, Cli, Command, Global, Init, Keys};
+use crate::online::Online;
+use crate::{EX_DATAERR, EX_NOINPUT, EX_SOFTWARE, EX_USAGE, Failure};
+
+/// Runs a parsed command line, printing results to `out`.
+pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), Failure> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Init(init) => init_store(g, &init, out),
+        Command::BackupHint { file } => backup_hint(g, &file, out),
+        Command::Certs(certs) => certs_cmd(g, certs, out),
+        Command::Audit(Audit::Verify { file }) => audit_verify(g, &file, out),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "ssoctl", out);
+            Ok(())
+        }
+        online => {
+            // Check what can be checked before touching the network.
+            if let Command::Keys(Keys::Retire { key_id } | Keys::Destroy { key_id, .. }) = &online {
+                parse_key_id(key_id)?;
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Failure::new(EX_SOFTWARE, e, ""))?;
+            runtime.block_on(run_online(g, online, out))
+        }
+    }
+}
+
+async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result<(), Failure> {
+    let conn = Online::connect(g)?;
+    match command {
+        Command::Rotate { allow_degraded } => {
+            let body = serde_json::json!({ "allow_degraded": allow_degraded }).to_string();
+            let v = json(&conn.call(Method::POST, "/v1/admin/rotate", Bytes::from(body)).await?)?;
+            emit(g, out, &v, || {
+                format!(
+                    "rotated: new primary {} (generation {}), replication {}\n{}",
+                    v["key_id"].as_str().unwrap_or("?"),
+                    v["generation"],
+                    v["replication"].as_str().unwrap_or("?"),
+                    "reminder: take a backup now (ssoctl backup --out FILE); the new key is in none yet"
+                )
+            })
+        }
+        Command::Status => {
+            let v = json(&conn.call(Method::GET, "/v1/admin/status", Bytes::new()).await?)?;
+            emit(g, out, &v, || status_text(&v))
+        }
+        Command::Keys(Keys::List) => {
+            let v = json(&conn.call(Method::GET, "/v1/admin/status", Bytes::new()).await?)?;
+            let keys = v["keys"].clone();
+            emit(g, out, &keys, || keys_table(&keys))
+        }
+        Command::Keys(Keys::Retire { key_id }) => {
+            let id = parse_key_id(&key_id)?;
+            let v = json(
+                &conn
+                    .call(Method::POST, &format!("/v1/admin/keys/{id}/retire"), Bytes::new())
+                    .await?,
+            )?;
+            emit(g, out, &v, || {
+                format!(
+                    "retired {id} (replication {})",
+                    v["replication"].as_str().unwrap_or("?")
+                )
+            })
+        }
+        Command::Keys(Keys::Destroy { key_id, yes }) => {
+            let id = parse_key_id(&key_id)?;
+            if !yes {
+                confirm(
+                    &format!(
+                        "destroy key {id}? Its material is wiped on every node and data sealed under it can never be opened again. Type the first 8 characters of the key id to confirm: "
+                    ),
+                    &id.to_string()[..8],
+                )?;
+            }
+            let v = json(
+                &conn
+                    .call(Method::POST, &format!("/v1/admin/keys/{id}/destroy"), Bytes::new())
+                    .await?,
+            )?;
+            emit(g, out, &v, || {
+                format!(
+                    "destroyed {id} (replication {})",
+                    v["replication"].as_str().unwrap_or("?")
+                )
+            })
+        }
+        Command::Backup { out: path, hint } => {
+            if path.exists() {
+                return Err(Failure::new(
+                    EX_USAGE,
+                    format!("{} exists", path.display()),
+                    "choose a new file name; backups are never overwritten",
+                ));
+            }
+            let password = password(g, "SSOCTL_BACKUP_PASSWORD", "backup password: ", true)?;
+            let body = serde_json::json!({ "password": password.expose_secret(), "hint": hint }).to_string();
+            let body = zeroize::Zeroizing::new(body.into_bytes());
+            let bytes = conn
+                .call(Method::POST, "/v1/admin/backup", Bytes::copy_from_slice(&body))
+                .await?;
+            keystore::fsutil::write_private_new(&path, &bytes)?;
+            let info = keystore::backup::read_info(&bytes)?;
+            let v = serde_json::json!({"file": path, "bytes": bytes.len(), "hint": info.hint, "node": info.node});
+            emit(g, out, &v, || {
+                format!(
+                    "backup written to {} ({} bytes, from node {})",
+                    path.display(),
+                    bytes.len(),
+                    info.node
+                )
+            })
+        }
+        Command::Restore { input } => {
+            let file = std::fs::read(&input)
+                .map_err(|e| Failure::new(EX_NOINPUT, format!("{}: {e}", input.display()), "check the path"))?;
+            // Fail early and offline on a damaged or foreign file.
+            keystore::backup::read_info(&file)?;
+            let password = password(g, "SSOCTL_BACKUP_PASSWORD", "backup password: ", false)?;
+            let body = serde_json::json!({
+                "password": password.expose_secret(),
+                "backup": base64::engine::general_purpose::STANDARD.encode(&file),
+            })
+            .to_string();
+            let body = zeroize::Zeroizing::new(body.into_bytes());
+            let v = json(
+                &conn
+                    .call(Method::POST, "/v1/admin/restore", Bytes::copy_from_slice(&body))
+                    .await?,
+            )?;
+            emit(g, out, &v, || {
+                format!(
+                    "restored: {} keys added, {} advanced, {} unchanged",
+                    v["added"], v["advanced"], v["unchanged"]
+                )
+            })
+        }
+        _ => Err(Failure::new(EX_SOFTWARE, "not an online command", "")),
+    }
+}
+
+fn json(body: &[u8]) -> Result<serde_json::Value, Failure> {
+    serde_json::from_slice(body).map_err(|e| {
+        Failure::new(
+            EX_SOFTWARE,
+            format!("unexpected answer from the server: {e}"),
+            "are client and server the same release?",
+        )
+    })
+}
+
+fn emit(
+    g: &Global,
+    out: &mut dyn Write,
+    value: &serde_json::Value,
+    human: impl FnOnce() -> String,
+) -> Result<(), Failure> {
+    let text = if g.json {
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    } else {
+        human()
+    };
+    writeln!(out, "{text}").map_err(|e| Failure::new(EX_SOFTWARE, e, ""))
+}
+
+fn parse_key_id(text: &str) -> Result<sso_proto::KeyId, Failure> {
+    text.parse().map_err(|_| {
+        Failure::new(
+            EX_USAGE,
+            format!("{text:?} is not a key id"),
+            "key ids are 32 lowercase hex characters; see `ssoctl keys list`",
+        )
+    })
+}
+
+fn age(rfc: &str) -> String {
+    let Ok(t) = OffsetDateTime::parse(rfc, &Rfc3339) else {
+        return "?".into();
+    };
+    let secs = (OffsetDateTime::now_utc() - t).whole_seconds().max(0);
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn keys_table(keys: &serde_json::Value) -> String {
+    let rows: Vec<[String; 5]> = keys
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|k| {
+                    [
+                        k["key_id"].as_str().unwrap_or("").to_owned(),
+                        k["generation"].to_string(),
+                        k["state"].as_str().unwrap_or("").to_owned(),
+                        age(k["created_at"].as_str().unwrap_or("")),
+                        k["origin"].as_str().unwrap_or("").to_owned(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let header = ["KEY ID", "GEN", "STATE", "AGE", "ORIGIN"];
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: [&str; 5]| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if i > 0 {
+                s.push_str("  ");
+            }
+            s.push_str(&format!("{c:<w$}"));
+        }
+        s.trim_end().to_owned()
+    };
+    let mut out = vec![line(header)];
+    out.extend(rows.iter().map(|r| line([&r[0], &r[1], &r[2], &r[3], &r[4]])));
+    out.join("\n")
+}
+
+fn status_text(v: &serde_json::Value) -> String {
+    let mut s = format!(
+        "node      {}\nepoch     {}\nprimary   {}\n",
+        v["node"].as_str().unwrap_or("?"),
+        v["epoch"],
+        v["primary"].as_str().unwrap_or("(none)")
+    );
+    match v["peer"].as_object() {
+        None => s.push_str("peer      none (standalone)\n"),
+        Some(p) => s.push_str(&format!(
+            "peer      {} {} ({}), lag {} epochs, last contact {}\n",
+            p.get("node").and_then(|n| n.as_str()).unwrap_or("?"),
+            p.get("state").and_then(|n| n.as_str()).unwrap_or("?"),
+            p.get("url").and_then(|n| n.as_str()).unwrap_or("?"),
+            p.get("lag_epochs").map_or("?".into(), |l| l.to_string()),
+            p.get("last_contact")
+                .and_then(|t| t.as_str())
+                .map_or("never".into(), |t| format!("{} ago", age(t))),
+        )),
+    }
+    let uncovered = v["backup"]["not_backed_up"].as_array().map_or(0, Vec::len);
+    s.push_str(&format!(
+        "backup    last {}; {}\n",
+        v["backup"]["last_backup_at"]
+            .as_str()
+            .map_or("never".into(), |t| format!("{} ago", age(t))),
+        if uncovered == 0 {
+            "every key is covered".to_owned()
+        } else {
+            format!("{uncovered} key(s) in no backup: run ssoctl backup")
+        }
+    ));
+    s.push_str(&format!(
+        "audit     {} entries, head {}\n\n",
+        v["audit"]["seq"],
+        v["audit"]["head"].as_str().unwrap_or("?")
+    ));
+    s.push_str(&keys_table(&v["keys"]));
+    s
+}
+
+/// A password from `--password-file`, then `env_var`, then the terminal (asked twice when
+/// `confirm`).
+fn password(g: &Global, env_var: &str, prompt: &str, confirm_twice: bool) -> Result<SecretString, Failure> {
+    let missing = || {
+        Failure::new(
+            EX_USAGE,
+            "no password given",
+            format!("pass --password-file FILE, set {env_var}, or run on a terminal"),
+        )
+    };
+    if let Some(path) = &g.password_file {
+        keystore::fsutil::check_private(path)?;
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| Failure::new(EX_NOINPUT, format!("{}: {e}", path.display()), "check the path"))?,
+        );
+        let text = text.strip_suffix('\n').unwrap_or(&text);
+        if text.is_empty() {
+            return Err(missing());
+        }
+        return Ok(SecretString::from(text.to_owned()));
+    }
+    if let Ok(v) = std::env::var(env_var)
+        && !v.is_empty()
+    {
+        return Ok(SecretString::from(v));
+    }
+    let first = rpassword::prompt_password(prompt).map_err(|_| missing())?;
+    if confirm_twice {
+        let again = rpassword::prompt_password("again: ").map_err(|_| missing())?;
+        if again != first {
+            return Err(Failure::new(
+                EX_USAGE,
+                "the passwords differ",
+                "type the same password twice",
+            ));
+        }
+    }
+    if first.is_empty() {
+        return Err(missing());
+    }
+    Ok(SecretString::from(first))
+}
+
+fn confirm(question: &str, expected: &str) -> Result<(), Failure> {
+    use std::io::BufRead;
+    let mut err = std::io::stderr().lock();
+    let _ = write!(err, "{question}");
+    let _ = err.flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut answer)
+        .map_err(|e| Failure::new(EX_USAGE, e, "pass --yes to skip the confirmation"))?;
+    if answer.trim() != expected {
+        return Err(Failure::new(
+            EX_USAGE,
+            "not confirmed; nothing was changed",
+            "type the first 8 characters of the key id, or pass --yes",
+        ));
+    }
+    Ok(())
+}
+
+fn init_store(g: &Global, init: &Init, out: &mut dyn Write) -> Result<(), Failure> {
+    if init.backup_out.exists() {
+        return Err(Failure::new(
+            EX_USAGE,
+            format!("{} exists", init.backup_out.display()),
+            "choose a new file for the first backup",
+        ));
+    }
+    let key = match &init.key_file {
+        Some(path) if path.exists() => keystore::UnsealKey::key_file(path)?,
+        Some(path) => keystore::UnsealKey::generate_key_file(path)?,
+        None => {
+            let pass = password(
+                &Global {
+                    password_file: None,
+                    ..g.clone()
+                },
+                "SSOCTL_PASSPHRASE",
+                "new store passphrase: ",
+                true,
+            )?;
+            keystore::UnsealKey::passphrase(pass)?
+        }
+    };
+    let mut store = keystore::SealedStore::create(&init.store, &key, &keystore::CreateOptions::new(init.node.clone()))?;
+    let first = store.rotate()?;
+    let backup_password = password(g, "SSOCTL_BACKUP_PASSWORD", "backup password: ", true)?;
+    // The first backup is part of init: until it is written, init has not succeeded.
+    if let Err(e) = store.write_backup_file(
+        &init.backup_out,
+        &backup_password,
+        &init.hint,
+        keystore::KdfParams::default(),
+    ) {
+        drop(store);
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", init.store.display()));
+        }
+        return Err(Failure::from(e));
+    }
+    let v =
+        serde_json::json!({"store": init.store, "node": init.node, "primary": first.key_id, "backup": init.backup_out});
+    emit(g, out, &v, || {
+        format!(
+            "created {} for node {} with primary {}\nfirst backup written to {}: keep it, and its password, somewhere safe and separate",
+            init.store.display(),
+            init.node,
+            first.key_id,
+            init.backup_out.display()
+        )
+    })
+}
+
+fn backup_hint(g: &Global, file: &Path, out: &mut dyn Write) -> Result<(), Failure> {
+    let info = keystore::backup::read_info_file(file)?;
+    let created = info.created_at.format(&Rfc3339).unwrap_or_default();
+    let v = serde_json::json!({"hint": info.hint, "node": info.node, "created_at": created, "format_version": info.version});
+    emit(g, out, &v, || {
+        format!(
+            "hint     {}\nnode     {}\ncreated  {} ({} ago)\nformat   {}",
+            if info.hint.is_empty() { "(none)" } else { &info.hint },
+            info.node,
+            created,
+            age(&created),
+            info.version
+        )
+    })
+}
+
+fn write_pki_file(dir: &Path, name: &str, contents: &str, private: bool) -> Result<(), Failure> {
+    let path = dir.join(name);
+    if private {
+        keystore::fsutil::write_private_new(&path, contents.as_bytes())?;
+    } else {
+        std::fs::write(&path, contents)
+            .map_err(|e| Failure::new(EX_NOINPUT, format!("{}: {e}", path.display()), "check the directory"))?;
+    }
+    Ok(())
+}
+
+fn certs_cmd(g: &Global, certs: Certs, out: &mut dyn Write) -> Result<(), Failure> {
+    let gen_err = |e: certs::Error| Failure::new(EX_SOFTWARE, e, "");
+    match certs {
+        Certs::Init { dir } => {
+            if dir.exists() && std::fs::read_dir(&dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+                return Err(Failure::new(
+                    EX_USAGE,
+                    format!("{} exists and is not empty", dir.display()),
+                    "choose a new directory; certs init never overwrites",
+                ));
+            }
+            std::fs::create_dir_all(&dir).map_err(|e| Failure::new(EX_NOINPUT, e, "check the path"))?;
+            let pki = certs::DevPki::generate().map_err(gen_err)?;
+            for f in pki.files() {
+                write_pki_file(&dir, f.name, f.contents, f.private)?;
+            }
+            write_pki_file(&dir, "ca-key.pem", &pki.ca.key_pem(), true)?;
+            let v = serde_json::json!({"dir": dir, "files": ["ca.pem", "ca-key.pem", "server.pem", "server-key.pem", "admin.pem", "admin-key.pem", "client.pem", "client-key.pem"]});
+            emit(g, out, &v, || {
+                format!(
+                    "dev PKI written to {}: CA, server (localhost, 127.0.0.1), admin and client certificates",
+                    dir.display()
+                )
+            })
+        }
+        Certs::Issue { dir, role, name } => {
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f)).map_err(|e| {
+                    Failure::new(
+                        EX_NOINPUT,
+                        format!("{}: {e}", dir.join(f).display()),
+                        "run `ssoctl certs init --dir DIR` first, or point --dir at it",
+                    )
+                })
+            };
+            let ca = certs::CertificateAuthority::from_pem(&read("ca.pem")?, &read("ca-key.pem")?).map_err(gen_err)?;
+            let mut spec = match role.as_str() {
+                "client" | "admin" => certs::LeafSpec::client(&name, 365),
+                "server" | "peer" => {
+                    let mut s = certs::LeafSpec::server(&name, &["localhost", &name], &[[127, 0, 0, 1].into()], 365);
+                    s.usage = certs::LeafUsage::ServerAndClient;
+                    s
+                }
+                other => {
+                    return Err(Failure::new(
+                        EX_USAGE,
+                        format!("unknown role {other:?}"),
+                        "roles: client, admin, server, peer",
+                    ));
+                }
+            };
+            spec.common_name = name.clone();
+            let leaf = ca.issue(&spec).map_err(gen_err)?;
+            write_pki_file(&dir, &format!("{name}.pem"), &leaf.cert_pem, false)?;
+            write_pki_file(&dir, &format!("{name}-key.pem"), &leaf.key_pem, true)?;
+            let v = serde_json::json!({"cert": dir.join(format!("{name}.pem")), "key": dir.join(format!("{name}-key.pem")), "role": role});
+            emit(g, out, &v, || {
+                format!(
+                    "issued {name}.pem and {name}-key.pem in {} (CN {name}); grant it with roles.{role} = [\"cn:{name}\"] in the server config",
+                    dir.display()
+                )
+            })
+        }
+    }
+}
+
+fn audit_verify(g: &Global, file: &Path, out: &mut dyn Write) -> Result<(), Failure> {
+    match sso_server::audit::verify(file) {
+        Ok(r) => {
+            let v = serde_json::json!({"entries": r.entries, "head": r.head, "intact": true});
+            emit(g, out, &v, || {
+                format!("audit log intact: {} entries, head {}", r.entries, r.head)
+            })
+        }
+        Err(e) if e.line == 0 => Err(Failure::new(EX_NOINPUT, e, "check the path")),
+        Err(e) => Err(Failure::new(
+            EX_DATAERR,
+            e,
+            "the log was edited, truncated or reordered at that line: keep this copy as evidence",
+        )),
+    }
+}

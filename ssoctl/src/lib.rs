@@ -1,0 +1,115 @@
+//! `ssoctl`: the operator CLI. Offline commands work on files (a new store, backup hints,
+//! certificates, the audit log); online commands talk to a server over mTLS.
+//!
+//! # Layout
+//! - [`cli`]: the clap definition (global connection flags, subcommands).
+//! - [`Failure`]: every error with its exit code and a hint; printed as `error:` + `hint:`.
+//! - `online`: the mTLS connection (`--server`/`--ca`/`--cert`/`--key` or `--dev DIR`).
+//! - `commands`: one function per subcommand; human output by default, `--json` for
+//!   machines.
+//!
+//! Exit codes: 0 success, 64 usage, 65 integrity or damaged data, 66 not found,
+//! 69 unavailable, 77 authentication or permission denied, 70 internal.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod cli;
+mod commands;
+mod online;
+
+use std::fmt;
+
+pub use commands::run;
+
+/// Exit code: bad usage or configuration.
+pub const EX_USAGE: u8 = 64;
+/// Exit code: integrity failure or damaged input (tampered backup, conflicting keys).
+pub const EX_DATAERR: u8 = 65;
+/// Exit code: something named does not exist (key, file, store).
+pub const EX_NOINPUT: u8 = 66;
+/// Exit code: no server could be reached.
+pub const EX_UNAVAILABLE: u8 = 69;
+/// Exit code: internal error.
+pub const EX_SOFTWARE: u8 = 70;
+/// Exit code: authentication or permission denied (wrong password, certificate refused,
+/// 403).
+pub const EX_NOPERM: u8 = 77;
+
+/// A failed command: what happened, what to do, and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    /// Process exit code.
+    pub code: u8,
+    /// What went wrong.
+    pub message: String,
+    /// The remedy.
+    pub hint: String,
+}
+
+impl Failure {
+    /// A failure with a code, a message and a hint.
+    pub fn new(code: u8, message: impl fmt::Display, hint: impl fmt::Display) -> Self {
+        Self {
+            code,
+            message: message.to_string(),
+            hint: hint.to_string(),
+        }
+    }
+
+    /// The stable name of the exit code, for `--json`.
+    pub fn kind(&self) -> &'static str {
+        match self.code {
+            EX_USAGE => "usage",
+            EX_DATAERR => "integrity",
+            EX_NOINPUT => "not_found",
+            EX_UNAVAILABLE => "unavailable",
+            EX_NOPERM => "denied",
+            _ => "internal",
+        }
+    }
+}
+
+impl From<keystore::Error> for Failure {
+    fn from(e: keystore::Error) -> Self {
+        use keystore::Error as E;
+        let (code, hint) = match &e {
+            E::WrongUnsealKey(_) | E::UnsealKindMismatch { .. } => {
+                (EX_NOPERM, "use the passphrase or key file this store was created with")
+            }
+            E::WrongBackupPassword => (
+                EX_NOPERM,
+                "check the password; `ssoctl backup-hint FILE` shows the hint stored with it",
+            ),
+            E::BackupTampered | E::BackupTruncated { .. } | E::BackupMalformed(_) | E::NotABackup => {
+                (EX_DATAERR, "the file is damaged or not a backup: use another copy")
+            }
+            E::UnsupportedBackupVersion(_) | E::UnsupportedSchema { .. } => {
+                (EX_DATAERR, "use the release that wrote it, or a newer one")
+            }
+            E::Integrity { .. } | E::ConflictingKey(_) => (
+                EX_DATAERR,
+                "stop and investigate: restore from a backup or resync from the peer",
+            ),
+            E::StoreNotFound(_) | E::KeyNotFound(_) => (EX_NOINPUT, "check the path or key id"),
+            E::StoreExists(_) => (EX_USAGE, "choose a new path; init never overwrites a store"),
+            E::InsecurePermissions { .. } => (EX_NOPERM, "chmod 600 the file, then retry"),
+            E::EnvVarMissing(_) | E::EmptyPassphrase | E::KeyFile { .. } | E::KeyEnv { .. } => (
+                EX_USAGE,
+                "pass the secret with --password-file, the environment variable, or at the prompt",
+            ),
+            E::Io { .. } => (EX_NOINPUT, "check the path and its permissions"),
+            _ => (EX_SOFTWARE, "see the message above"),
+        };
+        Self::new(code, e, hint)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "error: {}", self.message)?;
+        if !self.hint.is_empty() {
+            write!(f, "\nhint: {}", self.hint)?;
+        }
+        Ok(())
+    }
+}

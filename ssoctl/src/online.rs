@@ -1,0 +1,200 @@
+//! The mTLS connection to the servers, built from the global flags.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sso_client::transport::Transport;
+use zeroize::Zeroizing;
+
+use crate::cli::Global;
+use crate::{EX_DATAERR, EX_NOINPUT, EX_NOPERM, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE, Failure};
+
+/// A connection to one server or a pair.
+pub(crate) struct Online {
+    transport: Transport,
+    /// The same TLS settings over HTTP/1.1, for diagnosing a refused connection.
+    probe: Arc<rustls::ClientConfig>,
+    servers: Vec<String>,
+}
+
+fn usage(message: impl std::fmt::Display) -> Failure {
+    Failure::new(
+        EX_USAGE,
+        message,
+        "pass --server URL with --ca, --cert and --key, or --dev DIR",
+    )
+}
+
+impl Online {
+    pub(crate) fn connect(global: &Global) -> Result<Self, Failure> {
+        let dev = global.dev.as_ref();
+        let pick = |explicit: &Option<PathBuf>, dev_file: &str, what: &str| -> Result<PathBuf, Failure> {
+            explicit
+                .clone()
+                .or_else(|| dev.map(|d| d.join(dev_file)))
+                .ok_or_else(|| usage(format!("no {what} given")))
+        };
+        let ca = pick(&global.ca, "ca.pem", "CA (--ca)")?;
+        let cert = pick(&global.cert, "admin.pem", "client certificate (--cert)")?;
+        let key = pick(&global.key, "admin-key.pem", "client key (--key)")?;
+        let servers = if global.servers.is_empty() {
+            match dev {
+                Some(_) => vec!["https://localhost:7443".to_owned()],
+                None => return Err(usage("no server given (--server)")),
+            }
+        } else {
+            global.servers.clone()
+        };
+        let file_err = |path: &PathBuf, e: &dyn std::fmt::Display| {
+            Failure::new(
+                EX_NOINPUT,
+                format!("{}: {e}", path.display()),
+                "check the path; --dev DIR expects the files sso-server --dev made",
+            )
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(&ca).map_err(|e| file_err(&ca, &e))? {
+            roots
+                .add(c.map_err(|e| file_err(&ca, &e))?)
+                .map_err(|e| file_err(&ca, &e))?;
+        }
+        let chain = CertificateDer::pem_file_iter(&cert)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| file_err(&cert, &e))?;
+        let key_der = PrivateKeyDer::from_pem_file(&key).map_err(|e| file_err(&key, &e))?;
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .map_err(|e| Failure::new(EX_SOFTWARE, e, ""))?
+                .with_root_certificates(roots)
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| file_err(&key, &e))?;
+        let mut probe = config.clone();
+        probe.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let transport = Transport::new(&servers, Arc::new(config), Duration::from_secs(2)).map_err(usage)?;
+        Ok(Self {
+            transport,
+            probe: Arc::new(probe),
+            servers,
+        })
+    }
+
+    /// Why a server dropped us, if it was the TLS layer refusing our certificate. In TLS
+    /// 1.3 that refusal arrives as an alert after the handshake; over HTTP/2 the client
+    /// writes first and sees only a broken pipe. Over HTTP/1.1 the server says nothing
+    /// first, so a read right after the handshake returns the alert.
+    async fn diagnose(&self) -> Option<String> {
+        use tokio::io::AsyncReadExt;
+        for url in &self.servers {
+            let authority = url.trim_start_matches("https://").trim_end_matches('/').to_owned();
+            let host = authority
+                .rsplit_once(':')
+                .map_or(authority.as_str(), |(h, _)| h)
+                .to_owned();
+            let Ok(name) = rustls_pki_types::ServerName::try_from(host) else {
+                continue;
+            };
+            let attempt = async {
+                let tcp = tokio::net::TcpStream::connect(&authority).await.ok()?;
+                let mut tls = match tokio_rustls::TlsConnector::from(self.probe.clone())
+                    .connect(name, tcp)
+                    .await
+                {
+                    Ok(t) => t,
+                    Err(e) => return Some(e.to_string()),
+                };
+                let mut buf = [0u8; 1];
+                match tokio::time::timeout(Duration::from_millis(500), tls.read(&mut buf)).await {
+                    Ok(Err(e)) => Some(e.to_string()),
+                    _ => None,
+                }
+            };
+            if let Ok(Some(reason)) = tokio::time::timeout(Duration::from_secs(3), attempt).await {
+                return Some(reason);
+            }
+        }
+        None
+    }
+
+    /// Sends a request to the first server that answers; maps transport failures and
+    /// error statuses to failures with hints.
+    pub(crate) async fn call(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Zeroizing<Vec<u8>>, Failure> {
+        let timeout = Duration::from_secs(60);
+        let refused = |e: &str| {
+            Failure::new(
+                EX_NOPERM,
+                format!("TLS refused: {e}"),
+                "check --ca, --cert and --key: the server must trust your certificate and you must trust the server's CA",
+            )
+        };
+        let (_, reply) = match self.transport.request(method, path, body, timeout).await {
+            Ok(r) => r,
+            Err(e) => {
+                let lower = e.to_lowercase();
+                if lower.contains("certificate") || lower.contains("alert") || lower.contains("unknownissuer") {
+                    return Err(refused(&e));
+                }
+                if !lower.contains("refused")
+                    && let Some(reason) = self.diagnose().await
+                {
+                    return Err(refused(&reason));
+                }
+                return Err(Failure::new(
+                    EX_UNAVAILABLE,
+                    format!("no server answered: {e}"),
+                    "is the server running? check --server (or --dev DIR)",
+                ));
+            }
+        };
+        if (200..300).contains(&reply.status) {
+            return Ok(reply.body);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+        let code = v["error"].as_str().unwrap_or("");
+        let message = v["message"]
+            .as_str()
+            .map_or_else(|| format!("the server answered {}", reply.status), str::to_owned);
+        Err(match (reply.status, code) {
+            (403, "wrong_password") => Failure::new(
+                EX_NOPERM,
+                message,
+                "check the backup password; `ssoctl backup-hint FILE` shows its hint",
+            ),
+            (403, _) => Failure::new(
+                EX_NOPERM,
+                message,
+                "use a certificate that holds the admin role (roles.admin in the server config)",
+            ),
+            (404, _) => Failure::new(EX_NOINPUT, message, "check the key id with `ssoctl keys list`"),
+            (409, "integrity") => Failure::new(
+                EX_DATAERR,
+                message,
+                "an integrity alarm: compare both nodes' keys before anything else",
+            ),
+            (409, _) => Failure::new(EX_USAGE, message, "see the message: states only move forward"),
+            (422, _) => Failure::new(
+                EX_DATAERR,
+                message,
+                "the backup is damaged or not a backup: use another copy",
+            ),
+            (503, _) => Failure::new(
+                EX_UNAVAILABLE,
+                message,
+                "bring the peer back, or pass --allow-degraded to rotate on one node",
+            ),
+            (400 | 413, _) => Failure::new(EX_USAGE, message, "see the message"),
+            (500, "integrity") => Failure::new(EX_DATAERR, message, "an integrity error on the server: check its log"),
+            _ => Failure::new(EX_SOFTWARE, message, "see the server log"),
+        })
+    }
+}

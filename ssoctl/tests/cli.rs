@@ -1,0 +1,467 @@
+//! ssoctl against real processes, with its output pinned in golden files
+//! (`tests/snapshots/*.txt`; regenerate with `SNAPSHOTS=overwrite cargo test -p ssoctl`).
+//! Variable parts (paths, ports, key ids, times, hashes) are normalised first.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tests::{Pki, ServerSetup, TestServer, bin};
+
+const SSOCTL: &str = env!("CARGO_BIN_EXE_ssoctl");
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn ssoctl(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(SSOCTL);
+    cmd.args(args)
+        .env_remove("SSOCTL_SERVER")
+        .env_remove("SSOCTL_DEV")
+        .env_remove("SSOCTL_BACKUP_PASSWORD");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let Output { status, stdout, stderr } = cmd.output().unwrap();
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into(),
+        stderr: String::from_utf8_lossy(&stderr).into(),
+    }
+}
+
+/// Replaces what changes between runs with placeholders.
+fn normalise(text: &str, dir: &Path) -> String {
+    let mut out = text.replace(&dir.display().to_string(), "<DIR>");
+    let mut result = String::with_capacity(out.len());
+    // Hex runs of 16+ characters (key ids, hashes) → <HEX>; digits after "localhost:" → <PORT>.
+    let chars: Vec<char> = out.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let run = chars[i..].iter().take_while(|c| c.is_ascii_hexdigit()).count();
+        if run >= 16 {
+            result.push_str("<HEX>");
+            i += run;
+            continue;
+        }
+        result.push(chars[i]);
+        i += 1;
+    }
+    out = result;
+    out = mask_ports(&out);
+    // RFC 3339 times and ages.
+    out.lines()
+        .map(|l| {
+            if l.starts_with("audit ") && l.contains(" entries") {
+                "audit <N> entries, head <HEX>"
+            } else {
+                l
+            }
+        })
+        .map(|l| {
+            let l = if let Some(i) = l.find("20") {
+                if l[i..].len() >= 20 && l[i..].chars().nth(4) == Some('-') && l[i..].chars().nth(10) == Some('T') {
+                    format!("{}<TIME>{}", &l[..i], &l[i + 20..])
+                } else {
+                    l.to_owned()
+                }
+            } else {
+                l.to_owned()
+            };
+            l.split(' ')
+                .filter(|w| !w.is_empty())
+                .map(|w| {
+                    if w.len() <= 4
+                        && w.ends_with(['s', 'm', 'h', 'd'])
+                        && w[..w.len() - 1].chars().all(|c| c.is_ascii_digit())
+                        && w.len() > 1
+                    {
+                        "<AGE>"
+                    } else {
+                        w
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// `localhost:1234` → `localhost:<PORT>`.
+fn mask_ports(s: &str) -> String {
+    let mut o = String::new();
+    let mut rest = s;
+    while let Some(pos) = rest.find("localhost:") {
+        o.push_str(&rest[..pos + 10]);
+        rest = &rest[pos + 10..];
+        let digits = rest.chars().take_while(char::is_ascii_digit).count();
+        if digits > 0 {
+            o.push_str("<PORT>");
+            rest = &rest[digits..];
+        }
+    }
+    o.push_str(rest);
+    o
+}
+
+fn snapshot(name: &str, run: &Run, dir: &Path) {
+    let text = format!(
+        "exit: {}\n--- stdout\n{}\n--- stderr\n{}\n",
+        run.code,
+        normalise(run.stdout.trim_end(), dir),
+        normalise(run.stderr.trim_end(), dir)
+    );
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(format!("{name}.txt"));
+    if std::env::var("SNAPSHOTS").as_deref() == Ok("overwrite") || !path.exists() {
+        std::fs::write(&path, &text).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        text, expected,
+        "snapshot {name} differs; if intended, rerun with SNAPSHOTS=overwrite"
+    );
+}
+
+fn pw_file(dir: &Path, name: &str, pw: &str) -> String {
+    let p = dir.join(name);
+    keystore::fsutil::write_private_new(&p, format!("{pw}\n").as_bytes()).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn help_and_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    snapshot("help", &ssoctl(&["--help"], &[]), d);
+    snapshot("keys_help", &ssoctl(&["keys", "--help"], &[]), d);
+    let r = ssoctl(&["frobnicate"], &[]);
+    assert_eq!(r.code, 64);
+    snapshot("unknown_command", &r, d);
+    let r = ssoctl(&["status"], &[]);
+    assert_eq!(r.code, 64);
+    snapshot("status_without_server", &r, d);
+    let r = ssoctl(&["--dev", "/nonexistent", "keys", "retire", "nothex"], &[]);
+    assert_eq!(r.code, 64, "{}", r.stderr);
+    snapshot("bad_key_id", &r, d);
+    let r = ssoctl(&["backup-hint", &d.join("missing.ssob").display().to_string()], &[]);
+    assert_eq!(r.code, 66);
+    snapshot("backup_hint_missing", &r, d);
+    std::fs::write(d.join("junk.ssob"), b"definitely not a backup").unwrap();
+    let r = ssoctl(&["backup-hint", &d.join("junk.ssob").display().to_string()], &[]);
+    assert_eq!(r.code, 65);
+    snapshot("backup_hint_junk", &r, d);
+    let r = ssoctl(&["completions", "bash"], &[]);
+    assert_eq!(r.code, 0);
+    assert!(r.stdout.contains("ssoctl"));
+}
+
+#[test]
+fn global_flags_go_before_or_after_the_subcommand() {
+    let before = ssoctl(&["--dev", "/nonexistent-dev", "status"], &[]);
+    let after = ssoctl(&["status", "--dev", "/nonexistent-dev"], &[]);
+    assert_eq!(before.code, 66, "{}", before.stderr);
+    assert_eq!((before.code, before.stderr), (after.code, after.stderr));
+}
+
+#[test]
+fn init_then_server_then_rotate_list_backup_and_restore_into_a_fresh_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = Pki::new(&d.join("pki"));
+    // init: a store with its first key and a first backup that must exist afterwards.
+    let backup_pw = pw_file(d, "backup.pw", "first backup password");
+    let store = d.join("node").join("store.db");
+    std::fs::create_dir_all(store.parent().unwrap()).unwrap();
+    let r = ssoctl(
+        &[
+            "init",
+            "--store",
+            &store.display().to_string(),
+            "--node",
+            "node-a",
+            "--key-file",
+            &d.join("node/unseal.key").display().to_string(),
+            "--backup-out",
+            &d.join("first.ssob").display().to_string(),
+            "--password-file",
+            &backup_pw,
+            "--hint",
+            "the first one",
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    snapshot("init", &r, d);
+    assert!(d.join("first.ssob").is_file());
+    // init refuses to overwrite.
+    let again = ssoctl(
+        &[
+            "init",
+            "--store",
+            &store.display().to_string(),
+            "--node",
+            "x",
+            "--key-file",
+            &d.join("node/unseal.key").display().to_string(),
+            "--backup-out",
+            &d.join("second.ssob").display().to_string(),
+            "--password-file",
+            &backup_pw,
+        ],
+        &[],
+    );
+    assert_eq!(again.code, 64, "{}", again.stderr);
+
+    // A server on that store.
+    let setup = ServerSetup::new(&d.join("cfg"), &pki, "node-a", "", "");
+    let config = std::fs::read_to_string(&setup.config)
+        .unwrap()
+        .replace(&setup.store.display().to_string(), &store.display().to_string())
+        .replace(
+            &setup.unseal_key.display().to_string(),
+            &d.join("node/unseal.key").display().to_string(),
+        );
+    std::fs::write(&setup.config, config).unwrap();
+    let server = TestServer::start(&bin("sso-server"), &setup.config, &d.join("a.log"));
+    let admin = pki.client("admin");
+    let url = format!("https://localhost:{}", server.https.port());
+    let conn = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "--server".into(),
+            url.clone(),
+            "--ca".into(),
+            pki.ca_file.display().to_string(),
+            "--cert".into(),
+            admin.cert.display().to_string(),
+            "--key".into(),
+            admin.key.display().to_string(),
+        ];
+        v.extend(extra.iter().map(|s| (*s).to_owned()));
+        v
+    };
+    let run =
+        |args: Vec<String>, env: &[(&str, &str)]| ssoctl(&args.iter().map(String::as_str).collect::<Vec<_>>(), env);
+
+    let rotated = run(conn(&["--json", "rotate"]), &[]);
+    assert_eq!(rotated.code, 0, "{}", rotated.stderr);
+    let new: serde_json::Value = serde_json::from_str(&rotated.stdout).unwrap();
+    let new_id = new["key_id"].as_str().unwrap().to_owned();
+    let list = run(conn(&["keys", "list"]), &[]);
+    assert!(
+        list.stdout
+            .lines()
+            .any(|l| l.starts_with(&new_id) && l.contains("primary")),
+        "{}",
+        list.stdout
+    );
+    snapshot("keys_list", &list, d);
+    snapshot("status", &run(conn(&["status"]), &[]), d);
+
+    let pw = pw_file(d, "b.pw", "a good backup password");
+    let out = d.join("full.ssob");
+    let b = run(
+        conn(&[
+            "--password-file",
+            &pw,
+            "backup",
+            "--out",
+            &out.display().to_string(),
+            "--hint",
+            "b.pw",
+        ]),
+        &[],
+    );
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    snapshot("backup", &b, d);
+    let hint = ssoctl(&["backup-hint", &out.display().to_string()], &[]);
+    snapshot("backup_hint", &hint, d);
+
+    // Error paths, each with its own exit code and a hint.
+    let wrong = pw_file(d, "wrong.pw", "not the password");
+    let r = run(
+        conn(&["--password-file", &wrong, "restore", "--in", &out.display().to_string()]),
+        &[],
+    );
+    assert_eq!(r.code, 77);
+    snapshot("restore_wrong_password", &r, d);
+    let mut tampered = std::fs::read(&out).unwrap();
+    let n = tampered.len();
+    tampered[n - 5] ^= 1;
+    std::fs::write(d.join("tampered.ssob"), &tampered).unwrap();
+    let r = run(
+        conn(&[
+            "--password-file",
+            &pw,
+            "restore",
+            "--in",
+            &d.join("tampered.ssob").display().to_string(),
+        ]),
+        &[],
+    );
+    assert_eq!(r.code, 65);
+    snapshot("restore_tampered", &r, d);
+    let other = Pki::new(&d.join("other"));
+    let stranger = other.client("admin");
+    let r = ssoctl(
+        &[
+            "--server",
+            &url,
+            "--ca",
+            &pki.ca_file.display().to_string(),
+            "--cert",
+            &stranger.cert.display().to_string(),
+            "--key",
+            &stranger.key.display().to_string(),
+            "status",
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 77, "{}", r.stderr);
+    assert!(r.stderr.contains("hint:"));
+    let client = pki.client("client");
+    let r = ssoctl(
+        &[
+            "--server",
+            &url,
+            "--ca",
+            &pki.ca_file.display().to_string(),
+            "--cert",
+            &client.cert.display().to_string(),
+            "--key",
+            &client.key.display().to_string(),
+            "rotate",
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 77);
+    snapshot("rotate_not_admin", &r, d);
+    let r = run(conn(&["keys", "retire", &new_id]), &[]);
+    assert_eq!(r.code, 64);
+    snapshot("retire_primary", &r, d);
+    let r = run(conn(&["keys", "destroy", &"ab".repeat(16), "--yes"]), &[]);
+    assert_eq!(r.code, 66, "{}", r.stderr);
+
+    // Restore into a fresh store: a second node with its own first key.
+    let store_b = d.join("node-b").join("store.db");
+    std::fs::create_dir_all(store_b.parent().unwrap()).unwrap();
+    let r = ssoctl(
+        &[
+            "init",
+            "--store",
+            &store_b.display().to_string(),
+            "--node",
+            "node-b",
+            "--key-file",
+            &d.join("node-b/unseal.key").display().to_string(),
+            "--backup-out",
+            &d.join("b-first.ssob").display().to_string(),
+            "--password-file",
+            &backup_pw,
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let setup_b = ServerSetup::new(&d.join("cfg-b"), &pki, "node-b", "", "");
+    let config = std::fs::read_to_string(&setup_b.config)
+        .unwrap()
+        .replace(&setup_b.store.display().to_string(), &store_b.display().to_string())
+        .replace(
+            &setup_b.unseal_key.display().to_string(),
+            &d.join("node-b/unseal.key").display().to_string(),
+        );
+    std::fs::write(&setup_b.config, config).unwrap();
+    let server_b = TestServer::start(&bin("sso-server"), &setup_b.config, &d.join("b.log"));
+    let url_b = format!("https://localhost:{}", server_b.https.port());
+    let r = ssoctl(
+        &[
+            "--server",
+            &url_b,
+            "--ca",
+            &pki.ca_file.display().to_string(),
+            "--cert",
+            &admin.cert.display().to_string(),
+            "--key",
+            &admin.key.display().to_string(),
+            "--password-file",
+            &pw,
+            "restore",
+            "--in",
+            &out.display().to_string(),
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    snapshot("restore", &r, d);
+    // The restored node serves the same keys.
+    let keys = |u: &str| -> std::collections::BTreeMap<String, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let addr = ([127, 0, 0, 1], u.rsplit(':').next().unwrap().parse::<u16>().unwrap()).into();
+        let c = tests::Client::new(addr, &pki.ca_file, Some(&client));
+        let ring = runtime.block_on(c.get("/v1/keyring")).unwrap().json();
+        ring["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| {
+                (
+                    k["key_id"].as_str().unwrap().to_owned(),
+                    k["key"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let (ka, kb) = (keys(&url), keys(&url_b));
+    for (id, material) in &ka {
+        assert_eq!(
+            kb.get(id),
+            Some(material),
+            "restored node lacks {id} or serves other material"
+        );
+    }
+
+    // Server down: unavailable.
+    drop(server);
+    drop(server_b);
+    let r = run(conn(&["status"]), &[]);
+    assert_eq!(r.code, 69);
+    snapshot("server_down", &r, d);
+}
+
+#[test]
+fn audit_verify_finds_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = Pki::new(&d.join("pki"));
+    let setup = ServerSetup::new(&d.join("a"), &pki, "node-a", "", "");
+    let server = TestServer::start(&bin("sso-server"), &setup.config, &d.join("a.log"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let c = tests::Client::new(server.https, &pki.ca_file, Some(&pki.client("client")));
+    for _ in 0..5 {
+        runtime.block_on(c.get("/v1/keyring")).unwrap();
+    }
+    drop(server);
+    let log = setup.audit.display().to_string();
+    let ok = ssoctl(&["audit", "verify", &log], &[]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    let text = std::fs::read_to_string(&setup.audit).unwrap();
+    std::fs::write(
+        &setup.audit,
+        text.replacen("\"outcome\":\"ok\"", "\"outcome\":\"no\"", 1),
+    )
+    .unwrap();
+    let bad = ssoctl(&["audit", "verify", &log], &[]);
+    assert_eq!(bad.code, 65);
+    snapshot("audit_tampered", &bad, d);
+}
