@@ -108,8 +108,12 @@ pub struct Init {
     #[arg(long)]
     pub key_file: Option<PathBuf>,
     /// Where to write the mandatory first backup.
-    #[arg(long)]
-    pub backup_out: PathBuf,
+    #[arg(long, required_unless_present = "join")]
+    pub backup_out: Option<PathBuf>,
+    /// Create an empty store for the second node of a pair: no first key (it arrives
+    /// from the peer by replication), so no first backup either.
+    #[arg(long, conflicts_with_all = ["backup_out", "hint"])]
+    pub join: bool,
     /// Hint stored with the backup.
     #[arg(long, default_value = "")]
     pub hint: String,

@@ -54,7 +54,7 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
                     v["key_id"].as_str().unwrap_or("?"),
                     v["generation"],
                     v["replication"].as_str().unwrap_or("?"),
-                    "reminder: take a backup now (ssoctl backup --out FILE); the new key is in none yet"
+                    "reminder: take a backup now (ssoctl backup --out FILE); the new key is in no backup yet"
                 )
             })
         }
@@ -349,10 +349,12 @@ fn confirm(question: &str, expected: &str) -> Result<(), Failure> {
 }
 
 fn init_store(g: &Global, init: &Init, out: &mut dyn Write) -> Result<(), Failure> {
-    if init.backup_out.exists() {
+    if let Some(b) = &init.backup_out
+        && b.exists()
+    {
         return Err(Failure::new(
             EX_USAGE,
-            format!("{} exists", init.backup_out.display()),
+            format!("{} exists", b.display()),
             "choose a new file for the first backup",
         ));
     }
@@ -373,30 +375,34 @@ fn init_store(g: &Global, init: &Init, out: &mut dyn Write) -> Result<(), Failur
         }
     };
     let mut store = keystore::SealedStore::create(&init.store, &key, &keystore::CreateOptions::new(init.node.clone()))?;
+    let Some(backup_out) = init.backup_out.as_ref().filter(|_| !init.join) else {
+        let v = serde_json::json!({"store": init.store, "node": init.node, "primary": null});
+        return emit(g, out, &v, || {
+            format!(
+                "created an empty store {} for node {}: it takes its keys from its peer once both servers run",
+                init.store.display(),
+                init.node
+            )
+        });
+    };
     let first = store.rotate()?;
     let backup_password = password(g, "SSOCTL_BACKUP_PASSWORD", "backup password: ", true)?;
     // The first backup is part of init: until it is written, init has not succeeded.
-    if let Err(e) = store.write_backup_file(
-        &init.backup_out,
-        &backup_password,
-        &init.hint,
-        keystore::KdfParams::default(),
-    ) {
+    if let Err(e) = store.write_backup_file(backup_out, &backup_password, &init.hint, keystore::KdfParams::default()) {
         drop(store);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", init.store.display()));
         }
         return Err(Failure::from(e));
     }
-    let v =
-        serde_json::json!({"store": init.store, "node": init.node, "primary": first.key_id, "backup": init.backup_out});
+    let v = serde_json::json!({"store": init.store, "node": init.node, "primary": first.key_id, "backup": backup_out});
     emit(g, out, &v, || {
         format!(
             "created {} for node {} with primary {}\nfirst backup written to {}: keep it, and its password, somewhere safe and separate",
             init.store.display(),
             init.node,
             first.key_id,
-            init.backup_out.display()
+            backup_out.display()
         )
     })
 }
