@@ -75,6 +75,17 @@ pub enum Command {
         #[arg(long = "in")]
         input: PathBuf,
     },
+    /// Re-seal envelope files (or every file under directories) to the primary key.
+    /// Atomic per file; rerunning after an interruption resumes (current files are
+    /// skipped).
+    Rewrap {
+        /// Files and directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// The associated data the envelopes were sealed with (UTF-8).
+        #[arg(long, default_value = "")]
+        aad: String,
+    },
     /// Show what a backup says about itself, without its password.
     BackupHint {
         /// The backup file.

@@ -153,6 +153,28 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
                 )
             })
         }
+        Command::Rewrap { paths, aad } => {
+            let tally = crate::rewrap::rewrap(g, &paths, aad.as_bytes()).await?;
+            let v = serde_json::json!({
+                "rewrapped": tally.rewrapped, "already_current": tally.current, "not_envelopes": tally.not_envelopes,
+                "failed": tally.failed, "stale_temporary_files_removed": tally.stale_tmp_removed,
+            });
+            emit(g, out, &v, || {
+                format!(
+                    "rewrapped {}, already under the primary {}, not envelopes {}, failed {}{}",
+                    tally.rewrapped,
+                    tally.current,
+                    tally.not_envelopes,
+                    tally.failed.len(),
+                    if tally.stale_tmp_removed > 0 {
+                        format!(" (removed {} leftovers of an interrupted run)", tally.stale_tmp_removed)
+                    } else {
+                        String::new()
+                    }
+                )
+            })?;
+            crate::rewrap::failure_for(&tally).map_or(Ok(()), Err)
+        }
         _ => Err(Failure::new(EX_SOFTWARE, "not an online command", "")),
     }
 }

@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`cli`]: the clap definition (global connection flags, subcommands).
 //! - [`Failure`]: every error with its exit code and a hint; printed as `error:` + `hint:`.
+//! - `rewrap`: re-sealing envelope files under the primary, atomically per file.
 //! - `online`: the mTLS connection (`--server`/`--ca`/`--cert`/`--key` or `--dev DIR`).
 //! - `commands`: one function per subcommand; human output by default, `--json` for
 //!   machines.
@@ -16,6 +17,7 @@
 pub mod cli;
 mod commands;
 mod online;
+mod rewrap;
 
 use std::fmt;
 

@@ -13,6 +13,37 @@ use zeroize::Zeroizing;
 use crate::cli::Global;
 use crate::{EX_DATAERR, EX_NOINPUT, EX_NOPERM, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE, Failure};
 
+/// The connection settings as `(servers, ca, cert, key)`, from flags or `--dev DIR`.
+fn settings(global: &Global) -> Result<(Vec<String>, PathBuf, PathBuf, PathBuf), Failure> {
+    let dev = global.dev.as_ref();
+    let pick = |explicit: &Option<PathBuf>, dev_file: &str, what: &str| -> Result<PathBuf, Failure> {
+        explicit
+            .clone()
+            .or_else(|| dev.map(|d| d.join(dev_file)))
+            .ok_or_else(|| usage(format!("no {what} given")))
+    };
+    let ca = pick(&global.ca, "ca.pem", "CA (--ca)")?;
+    let cert = pick(&global.cert, "admin.pem", "client certificate (--cert)")?;
+    let key = pick(&global.key, "admin-key.pem", "client key (--key)")?;
+    let servers = match (global.servers.is_empty(), dev) {
+        (false, _) => global.servers.clone(),
+        (true, Some(_)) => vec!["https://localhost:7443".to_owned()],
+        (true, None) => return Err(usage("no server given (--server)")),
+    };
+    Ok((servers, ca, cert, key))
+}
+
+/// A key-caching client with the same settings (for rewrap: keys stay in its zeroized
+/// cache, in this process only).
+pub(crate) fn client(global: &Global) -> Result<sso_client::Client, Failure> {
+    let (servers, ca, cert, key) = settings(global)?;
+    let mut b = sso_client::Client::builder().ca(ca).identity(cert, key).watch(false);
+    for s in servers {
+        b = b.endpoint(s);
+    }
+    b.build().map_err(usage)
+}
+
 /// A connection to one server or a pair.
 pub(crate) struct Online {
     transport: Transport,
@@ -31,24 +62,7 @@ fn usage(message: impl std::fmt::Display) -> Failure {
 
 impl Online {
     pub(crate) fn connect(global: &Global) -> Result<Self, Failure> {
-        let dev = global.dev.as_ref();
-        let pick = |explicit: &Option<PathBuf>, dev_file: &str, what: &str| -> Result<PathBuf, Failure> {
-            explicit
-                .clone()
-                .or_else(|| dev.map(|d| d.join(dev_file)))
-                .ok_or_else(|| usage(format!("no {what} given")))
-        };
-        let ca = pick(&global.ca, "ca.pem", "CA (--ca)")?;
-        let cert = pick(&global.cert, "admin.pem", "client certificate (--cert)")?;
-        let key = pick(&global.key, "admin-key.pem", "client key (--key)")?;
-        let servers = if global.servers.is_empty() {
-            match dev {
-                Some(_) => vec!["https://localhost:7443".to_owned()],
-                None => return Err(usage("no server given (--server)")),
-            }
-        } else {
-            global.servers.clone()
-        };
+        let (servers, ca, cert, key) = settings(global)?;
         let file_err = |path: &PathBuf, e: &dyn std::fmt::Display| {
             Failure::new(
                 EX_NOINPUT,
