@@ -35,6 +35,8 @@ pub mod agent;
 mod cache;
 pub mod client;
 mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod hardening;
 pub mod transport;
 

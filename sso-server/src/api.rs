@@ -752,6 +752,20 @@ async fn read_body(req: Request<Incoming>, state: &AppState) -> Result<Zeroizing
     Ok(out)
 }
 
+/// The router, for the fuzz target.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_route(method: &Method, path: &str) -> bool {
+    route(method, path).is_ok()
+}
+
+/// Every admin request body parser, for the fuzz target.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_bodies(data: &[u8]) {
+    let _ = parse_json::<RotateRequest>(data);
+    let _ = parse_json::<BackupRequest>(data);
+    let _ = parse_json::<RestoreRequest>(data);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

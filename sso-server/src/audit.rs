@@ -445,6 +445,12 @@ fn parse_line(line: &str) -> Result<ParsedLine<'_>, String> {
     })
 }
 
+/// One line through the parser `verify` uses, for the fuzz target.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_line(line: &str) {
+    let _ = parse_line(line);
+}
+
 /// What [`verify`] found in an intact log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyReport {

@@ -25,6 +25,8 @@ pub mod api;
 pub mod audit;
 pub mod config;
 pub mod dev;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod identity;
 pub mod metrics;
 pub mod peer;

@@ -1,0 +1,32 @@
+//! Entry points for `fuzz/`: each takes arbitrary bytes and must never panic.
+
+/// A peer replication body (`/v1/peer/merge`, `/v1/peer/keys`).
+pub fn peer_records(data: &[u8]) {
+    let _ = crate::peer::parse_records(data);
+}
+
+/// A configuration file.
+pub fn config(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(config) = crate::config::Config::parse(text)
+    {
+        let _ = config.validate();
+    }
+}
+
+/// A request line: method and path through the router, and the admin JSON bodies.
+pub fn request(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let (method, rest) = text.split_once(' ').unwrap_or(("GET", &text));
+    if let Ok(method) = hyper::Method::from_bytes(method.as_bytes()) {
+        let _ = crate::api::fuzz_route(&method, rest);
+    }
+    crate::api::fuzz_bodies(data);
+}
+
+/// One audit log line, as `ssoctl audit verify` reads it.
+pub fn audit_line(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        crate::audit::fuzz_line(text);
+    }
+}
