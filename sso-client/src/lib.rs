@@ -24,6 +24,7 @@
 //! - `transport`: HTTP/2 over mTLS per endpoint, bounded connects, failover.
 //! - [`hardening`]: no core dumps, non-dumpable, locked memory; the workspace's only
 //!   `unsafe` code.
+//! - [`daemon`]: error exits and signal handling shared by the two daemons.
 //! - [`agent`]: the `sso-agent` daemon (Unix socket, HTTP/JSON) built on [`Client`].
 //!
 //! Keys flow one way: server JSON → zeroizing base64 buffer → [`sso_proto::MasterSecret`]
@@ -34,6 +35,7 @@
 pub mod agent;
 mod cache;
 pub mod client;
+pub mod daemon;
 mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

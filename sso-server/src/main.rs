@@ -5,6 +5,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use sso_client::daemon::{fail, shutdown_signal};
+
 use clap::Parser;
 use keystore::{SealedStore, UnsealKey};
 use sso_server::Config;
@@ -27,15 +29,6 @@ struct Args {
 const EX_USAGE: u8 = 64;
 const EX_DATAERR: u8 = 65;
 const EX_UNAVAILABLE: u8 = 69;
-
-fn fail(code: u8, error: &dyn std::fmt::Display, hint: &str) -> ExitCode {
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "error: {error}");
-    if !hint.is_empty() {
-        let _ = writeln!(err, "hint: {hint}");
-    }
-    ExitCode::from(code)
-}
 
 fn main() -> ExitCode {
     // ring is the only provider; install it before anything asks for a default.
@@ -149,16 +142,4 @@ fn init_logging(config: &Config) {
     } else {
         builder.init();
     }
-}
-
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    })
 }

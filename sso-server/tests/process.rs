@@ -331,27 +331,8 @@ async fn negative_matrix_is_refused_audited_and_the_server_keeps_serving() {
 /// Sends half a request's headers over mTLS and reports whether the server hangs up
 /// within 5 s.
 async fn slow_headers(addr: std::net::SocketAddr, ca: &Path, cert: &tests::CertFiles) -> bool {
-    use rustls_pki_types::pem::PemObject;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&cert.cert)
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&cert.key).unwrap();
-    let config =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let mut tls = connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+    let mut tls = Client::new(addr, ca, Some(cert)).connect_tls().await;
     tls.write_all(b"GET /v1/keyring HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .unwrap();
@@ -417,26 +398,7 @@ async fn sighup_swaps_the_server_certificate_without_dropping_the_listener() {
 }
 
 async fn peer_serial(addr: std::net::SocketAddr, ca: &Path, cert: &tests::CertFiles) -> String {
-    use rustls_pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&cert.cert)
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&cert.key).unwrap();
-    let config =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let tls = connector.connect("localhost".try_into().unwrap(), tcp).await.unwrap();
+    let tls = Client::new(addr, ca, Some(cert)).connect_tls().await;
     let der = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     certs::identity_from_der(&der).unwrap().serial
 }
@@ -499,33 +461,12 @@ fn a_wrong_unseal_key_is_refused() {
 async fn tls_sessions_are_never_resumed() {
     // A revoked certificate must not come back on a ticket: the server issues none, so a
     // client that offers resumption still gets a full handshake every time.
-    use rustls_pki_types::pem::PemObject;
     let f = start("", "");
-    let cert = f.pki.client("client");
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(rustls_pki_types::CertificateDer::from_pem_file(&f.pki.ca_file).unwrap())
-        .unwrap();
-    let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(&cert.cert)
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&cert.key).unwrap();
-    let config = std::sync::Arc::new(
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .unwrap(),
-    );
+    // One client configuration for every connection, so its resumption cache is offered.
+    let client = f.client("client");
     for _ in 0..3 {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let tcp = tokio::net::TcpStream::connect(f.server.https).await.unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(config.clone())
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
+        let mut tls = client.connect_tls().await;
         tls.write_all(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();

@@ -313,6 +313,30 @@ impl Reply {
     }
 }
 
+/// A rustls client configuration (ring provider) trusting `ca` and presenting `cert`.
+pub fn tls_config(ca: &Path, cert: Option<&CertFiles>) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    match cert {
+        Some(c) => {
+            let chain: Vec<_> = CertificateDer::pem_file_iter(&c.cert)
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+            let key = PrivateKeyDer::from_pem_file(&c.key).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    }
+}
+
 /// An mTLS client for one identity (or none).
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -327,31 +351,22 @@ impl Client {
     }
 
     pub fn with_alpn(addr: SocketAddr, ca: &Path, cert: Option<&CertFiles>, alpn: Vec<Vec<u8>>) -> Self {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(ca).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots);
-        let mut config = match cert {
-            Some(c) => {
-                let chain: Vec<_> = CertificateDer::pem_file_iter(&c.cert)
-                    .unwrap()
-                    .map(Result::unwrap)
-                    .collect();
-                let key = PrivateKeyDer::from_pem_file(&c.key).unwrap();
-                builder.with_client_auth_cert(chain, key).unwrap()
-            }
-            None => builder.with_no_client_auth(),
-        };
+        let mut config = tls_config(ca, cert);
         config.alpn_protocols = alpn;
         Self {
             config: Arc::new(config),
             addr,
         }
+    }
+
+    /// A TLS connection to the server, handshake done, nothing sent.
+    pub async fn connect_tls(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap()
     }
 
     /// One request on a fresh connection. `Err` carries the transport error text (a

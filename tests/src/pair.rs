@@ -203,3 +203,29 @@ impl Pair {
         }
     }
 }
+
+/// What a node reports: every key's (id, state), and the primary.
+pub type View = (std::collections::BTreeSet<(String, String)>, Option<String>);
+
+impl Pair {
+    /// An mTLS client with the admin certificate, to `node`.
+    pub fn admin(&self, node: &Node) -> crate::Client {
+        crate::Client::new(node.server().https, &self.pki.ca_file, Some(&self.pki.client("admin")))
+    }
+
+    /// The node's keys and primary from its admin status; `None` when it does not answer.
+    pub async fn view(&self, node: &Node) -> Option<View> {
+        let v = self.admin(node).get("/v1/admin/status").await.ok()?.json();
+        let keys = v["keys"]
+            .as_array()?
+            .iter()
+            .map(|k| {
+                (
+                    k["key_id"].as_str().unwrap_or("").to_owned(),
+                    k["state"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        Some((keys, v["primary"].as_str().map(str::to_owned)))
+    }
+}

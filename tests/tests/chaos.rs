@@ -17,22 +17,11 @@ use sso_client::Client;
 use tests::pair::{Node, Pair};
 
 fn admin(pair: &Pair, node: &Node) -> tests::Client {
-    tests::Client::new(node.server().https, &pair.pki.ca_file, Some(&pair.pki.client("admin")))
+    pair.admin(node)
 }
 
-async fn view(pair: &Pair, node: &Node) -> Option<(BTreeSet<(String, String)>, Option<String>)> {
-    let v = admin(pair, node).get("/v1/admin/status").await.ok()?.json();
-    let keys = v["keys"]
-        .as_array()?
-        .iter()
-        .map(|k| {
-            (
-                k["key_id"].as_str().unwrap_or("").to_owned(),
-                k["state"].as_str().unwrap_or("").to_owned(),
-            )
-        })
-        .collect();
-    Some((keys, v["primary"].as_str().map(str::to_owned)))
+async fn view(pair: &Pair, node: &Node) -> Option<tests::pair::View> {
+    pair.view(node).await
 }
 
 struct Rng(SystemRandom);

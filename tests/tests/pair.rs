@@ -1,31 +1,17 @@
 //! The failover pair, real binaries on loopback, a relay between the nodes that the tests
 //! cut, and SIGKILL.
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use sso_client::Client;
 use tests::pair::{Node, Pair};
 
 fn admin(pair: &Pair, node: &Node) -> tests::Client {
-    tests::Client::new(node.server().https, &pair.pki.ca_file, Some(&pair.pki.client("admin")))
+    pair.admin(node)
 }
 
-/// (key_id, state) of every key, and the primary, from the node's admin status.
-async fn view(pair: &Pair, node: &Node) -> Option<(BTreeSet<(String, String)>, Option<String>)> {
-    let r = admin(pair, node).get("/v1/admin/status").await.ok()?;
-    let v = r.json();
-    let keys = v["keys"]
-        .as_array()?
-        .iter()
-        .map(|k| {
-            (
-                k["key_id"].as_str().unwrap_or("").to_owned(),
-                k["state"].as_str().unwrap_or("").to_owned(),
-            )
-        })
-        .collect();
-    Some((keys, v["primary"].as_str().map(str::to_owned)))
+async fn view(pair: &Pair, node: &Node) -> Option<tests::pair::View> {
+    pair.view(node).await
 }
 
 async fn wait_converged(pair: &Pair, within: Duration) -> Duration {

@@ -6,6 +6,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use sso_client::daemon::{fail, shutdown_signal};
+
 use clap::Parser;
 use sso_client::agent::{self, AgentConfig};
 
@@ -19,15 +21,6 @@ struct Args {
     /// Pair with `sso-server --dev`: use the dev PKI in DIR and listen on DIR/agent.sock.
     #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "sso-dev")]
     dev: Option<PathBuf>,
-}
-
-fn fail(code: u8, error: &dyn std::fmt::Display, hint: &str) -> ExitCode {
-    let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "error: {error}");
-    if !hint.is_empty() {
-        let _ = writeln!(err, "hint: {hint}");
-    }
-    ExitCode::from(code)
 }
 
 fn main() -> ExitCode {
@@ -83,17 +76,5 @@ fn main() -> ExitCode {
         agent::serve(listener, client, config.allowed_uids.clone(), shutdown).await;
         let _ = std::fs::remove_file(&config.socket);
         ExitCode::SUCCESS
-    })
-}
-
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
     })
 }
