@@ -28,3 +28,32 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
         }
     })
 }
+
+/// Tells systemd (`Type=notify`) the daemon is ready, when `NOTIFY_SOCKET` is set: one
+/// `READY=1` datagram. Returns whether a notification was sent. Errors are logged, never
+/// fatal: the service works the same without a supervisor.
+pub fn notify_ready() -> bool {
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return false;
+    };
+    let send = || -> std::io::Result<()> {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = target.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            // An abstract socket name (Linux).
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            socket.send_to_addr(b"READY=1", &addr)?;
+        } else {
+            socket.send_to(b"READY=1", &target)?;
+        }
+        Ok(())
+    };
+    match send() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not notify the service manager of readiness");
+            false
+        }
+    }
+}

@@ -110,6 +110,7 @@ fn main() -> ExitCode {
         }
         let _ = out.flush();
         drop(out);
+        sso_client::daemon::notify_ready();
         match sso_server::run(config, store, https, metrics, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EX_UNAVAILABLE, &e, ""),

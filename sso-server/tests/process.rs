@@ -539,3 +539,22 @@ async fn backup_and_restore_through_the_admin_api() {
             .any(|k| k["key_id"] == key_a["key_id"] && k["key"] == key_a["key"])
     );
 }
+
+#[test]
+fn readiness_is_reported_to_systemd() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _server = TestServer::start_with_env(
+        Path::new(BIN),
+        &setup.config,
+        &dir.path().join("server.log"),
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).expect("no readiness notification");
+    assert_eq!(&buf[..n], b"READY=1");
+}

@@ -198,10 +198,16 @@ pub struct TestServer {
 impl TestServer {
     /// Starts `binary --config CONFIG`, waiting up to 30 s for its listening line.
     pub fn start(binary: &Path, config: &Path, log: &Path) -> Self {
+        Self::start_with_env(binary, config, log, &[])
+    }
+
+    /// [`TestServer::start`] with extra environment variables.
+    pub fn start_with_env(binary: &Path, config: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let mut child = Command::new(binary)
             .arg("--config")
             .arg(config)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log_file)
             .env_remove("RUST_LOG")
