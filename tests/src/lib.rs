@@ -88,7 +88,7 @@ impl Pki {
         let cert = self.dir.join(format!("{file}.pem"));
         let key = self.dir.join(format!("{file}-key.pem"));
         std::fs::write(&cert, &leaf.cert_pem).unwrap();
-        std::fs::write(&key, leaf.key_pem.as_bytes()).unwrap();
+        keystore::fsutil::write_private_atomic(&key, leaf.key_pem.as_bytes()).unwrap();
         CertFiles {
             cert,
             key,
