@@ -196,7 +196,7 @@ async fn no_key_material_in_logs_audit_or_store_files() {
     let planted = dir.path().join("planted.log");
     std::fs::write(&planted, format!("DEBUG oops key={}\n", hex::encode(&keys[0]))).unwrap();
     assert_eq!(
-        leaks(&[planted.clone()], &keys).len(),
+        leaks(std::slice::from_ref(&planted), &keys).len(),
         1,
         "the scanner missed a deliberately logged key"
     );
