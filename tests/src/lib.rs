@@ -193,6 +193,8 @@ pub struct TestServer {
     pub https: SocketAddr,
     pub metrics: SocketAddr,
     pub log: PathBuf,
+    /// The config it was started with (for the leak check on drop).
+    pub config: Option<PathBuf>,
 }
 
 impl TestServer {
@@ -244,6 +246,7 @@ impl TestServer {
             metrics: field("metrics"),
             child,
             log: log.to_path_buf(),
+            config: Some(config.to_path_buf()),
         }
     }
 
@@ -303,6 +306,43 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.kill();
+        // Every process test is also a leak check: nothing the store holds may appear in
+        // the server's log or audit log. Skipped while a test is already failing.
+        if !std::thread::panicking()
+            && let Some(found) = self.key_material_in_logs()
+        {
+            panic!("{found}");
+        }
+    }
+}
+
+impl TestServer {
+    /// Opens the (stopped) server's store with its key file and looks for any key's bytes,
+    /// as hex or base64, in its log and audit log. `Some(description)` when found.
+    pub fn key_material_in_logs(&self) -> Option<String> {
+        let config_path = self.config.as_ref()?;
+        let text = std::fs::read_to_string(config_path).ok()?;
+        let config = sso_server::Config::parse(&text).ok()?;
+        let base = config_path.parent()?;
+        let resolve = |p: &Path| if p.is_relative() { base.join(p) } else { p.to_path_buf() };
+        let key = keystore::UnsealKey::key_file(&resolve(config.store.unseal.key_file.as_ref()?)).ok()?;
+        let store = keystore::SealedStore::open(&resolve(&config.store.path), &key).ok()?;
+        let records = store.export().ok()?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let files = [self.log.clone(), resolve(&config.audit.path)];
+        for record in records {
+            let Some(secret) = &record.secret else { continue };
+            let raw = secret.expose_secret();
+            use base64::Engine;
+            for needle in [hex::encode(raw), b64.encode(raw), hex::encode(&raw[..12])] {
+                for f in &files {
+                    if std::fs::read_to_string(f).unwrap_or_default().contains(&needle) {
+                        return Some(format!("key {} leaked into {}", record.meta.key_id, f.display()));
+                    }
+                }
+            }
+        }
+        None
     }
 }
 

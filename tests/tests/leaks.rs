@@ -210,3 +210,35 @@ async fn no_key_material_in_logs_audit_or_store_files() {
     .unwrap();
     assert_eq!(leaks(&[planted], &keys).len(), 1, "the scanner missed a base64 key");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_test_checks_its_server_log_for_keys() {
+    // TestServer's drop scans the server's log and audit log for every key in its store;
+    // prove it would catch a key that got logged.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = tests::Pki::new(&dir.path().join("pki"));
+    let setup = tests::ServerSetup::new(&dir.path().join("a"), &pki, "node-a", "", "");
+    let mut server = tests::TestServer::start(&tests::bin("sso-server"), &setup.config, &dir.path().join("a.log"));
+    let ring = tests::Client::new(server.https, &pki.ca_file, Some(&pki.client("client")))
+        .get("/v1/keyring")
+        .await
+        .unwrap()
+        .json();
+    server.kill();
+    assert_eq!(server.key_material_in_logs(), None, "a clean run reported a leak");
+    let clean = std::fs::read_to_string(&server.log).unwrap();
+    std::fs::write(
+        &server.log,
+        format!(
+            "{clean}DEBUG planted key={}\n",
+            ring["keys"][0]["key"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let found = server.key_material_in_logs();
+    assert!(
+        found.is_some_and(|f| f.contains("leaked into")),
+        "the drop check missed a planted key"
+    );
+    std::fs::write(&server.log, clean).unwrap();
+}
