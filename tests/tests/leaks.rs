@@ -195,9 +195,8 @@ async fn no_key_material_in_logs_audit_or_store_files() {
     // Self-check: a key deliberately logged is found.
     let planted = dir.path().join("planted.log");
     std::fs::write(&planted, format!("DEBUG oops key={}\n", hex::encode(&keys[0]))).unwrap();
-    assert_eq!(
-        leaks(std::slice::from_ref(&planted), &keys).len(),
-        1,
+    assert!(
+        !leaks(std::slice::from_ref(&planted), &keys).is_empty(),
         "the scanner missed a deliberately logged key"
     );
     std::fs::write(
@@ -208,7 +207,8 @@ async fn no_key_material_in_logs_audit_or_store_files() {
         ),
     )
     .unwrap();
-    assert_eq!(leaks(&[planted], &keys).len(), 1, "the scanner missed a base64 key");
+    // (Standard and URL-safe base64 can both match the same text: at least one must.)
+    assert!(!leaks(&[planted], &keys).is_empty(), "the scanner missed a base64 key");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
