@@ -13,6 +13,19 @@ fn fingerprint(secret: &sso_proto::MasterSecret) -> String {
     hex::encode(&ring::digest::digest(&ring::digest::SHA256, secret.expose_secret()).as_ref()[..8])
 }
 
+/// Rotates once; the new key's id and material fingerprint.
+fn rotate(store: &mut SealedStore) -> keystore::Result<(String, String)> {
+    let meta = store.rotate()?;
+    let ring = store.keyring()?;
+    let secret = ring
+        .keys
+        .iter()
+        .find(|r| r.meta.key_id == meta.key_id)
+        .and_then(|r| r.secret.as_ref())
+        .expect("a fresh key is served");
+    Ok((meta.key_id.to_string(), fingerprint(secret)))
+}
+
 /// In the child: rotate until it fails, reporting each success and the failure.
 #[test]
 fn disk_full_child() {
@@ -21,19 +34,8 @@ fn disk_full_child() {
     let key = UnsealKey::key_file(&dir.join("unseal.key")).unwrap();
     let mut store = SealedStore::open(&dir.join("store.db"), &key).unwrap();
     for _ in 0..100_000 {
-        match store.rotate() {
-            Ok(meta) => {
-                let ring = store.keyring().unwrap();
-                let secret = ring
-                    .keys
-                    .iter()
-                    .find(|r| r.meta.key_id == meta.key_id)
-                    .unwrap()
-                    .secret
-                    .as_ref()
-                    .unwrap();
-                println!("rotated {} {}", meta.key_id, fingerprint(secret));
-            }
+        match rotate(&mut store) {
+            Ok((id, fp)) => println!("rotated {id} {fp}"),
             Err(e) => {
                 println!("failed {e}");
                 return;
@@ -51,17 +53,7 @@ fn a_full_disk_fails_the_rotation_and_keeps_every_earlier_key() {
     let mut store = SealedStore::create(&path, &key, &CreateOptions::new("full")).unwrap();
     let mut expected = Vec::new();
     for _ in 0..3 {
-        let meta = store.rotate().unwrap();
-        let ring = store.keyring().unwrap();
-        let secret = ring
-            .keys
-            .iter()
-            .find(|r| r.meta.key_id == meta.key_id)
-            .unwrap()
-            .secret
-            .as_ref()
-            .unwrap();
-        expected.push((meta.key_id.to_string(), fingerprint(secret)));
+        expected.push(rotate(&mut store).unwrap());
     }
     drop(store);
     let largest = ["", "-wal", "-shm"]

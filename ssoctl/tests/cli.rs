@@ -220,14 +220,7 @@ fn init_then_server_then_rotate_list_backup_and_restore_into_a_fresh_store() {
 
     // A server on that store.
     let setup = ServerSetup::new(&d.join("cfg"), &pki, "node-a", "", "");
-    let config = std::fs::read_to_string(&setup.config)
-        .unwrap()
-        .replace(&setup.store.display().to_string(), &store.display().to_string())
-        .replace(
-            &setup.unseal_key.display().to_string(),
-            &d.join("node/unseal.key").display().to_string(),
-        );
-    std::fs::write(&setup.config, config).unwrap();
+    setup.use_store(&store, &d.join("node/unseal.key"));
     let server = TestServer::start(&bin("sso-server"), &setup.config, &d.join("a.log"));
     let admin = pki.client("admin");
     let url = format!("https://localhost:{}", server.https.port());
@@ -368,14 +361,7 @@ fn init_then_server_then_rotate_list_backup_and_restore_into_a_fresh_store() {
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
     let setup_b = ServerSetup::new(&d.join("cfg-b"), &pki, "node-b", "", "");
-    let config = std::fs::read_to_string(&setup_b.config)
-        .unwrap()
-        .replace(&setup_b.store.display().to_string(), &store_b.display().to_string())
-        .replace(
-            &setup_b.unseal_key.display().to_string(),
-            &d.join("node-b/unseal.key").display().to_string(),
-        );
-    std::fs::write(&setup_b.config, config).unwrap();
+    setup_b.use_store(&store_b, &d.join("node-b/unseal.key"));
     let server_b = TestServer::start(&bin("sso-server"), &setup_b.config, &d.join("b.log"));
     let url_b = format!("https://localhost:{}", server_b.https.port());
     let r = ssoctl(

@@ -562,6 +562,15 @@ pub fn free_port() -> u16 {
 }
 
 impl ServerSetup {
+    /// Points the config at another store and key file (one made by `ssoctl init`, say).
+    pub fn use_store(&self, store: &Path, key_file: &Path) {
+        let text = std::fs::read_to_string(&self.config)
+            .unwrap()
+            .replace(&self.store.display().to_string(), &store.display().to_string())
+            .replace(&self.unseal_key.display().to_string(), &key_file.display().to_string());
+        std::fs::write(&self.config, text).unwrap();
+    }
+
     /// Pins the listen and metrics ports, so a restarted server comes back where clients
     /// expect it. Returns the HTTPS port.
     pub fn pin_ports(&self) -> u16 {
