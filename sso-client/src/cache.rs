@@ -8,11 +8,9 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use base64::Engine;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sso_proto::{EnvelopeKey, KeyId, KeyMeta, KeyState, MasterSecret};
-use zeroize::Zeroizing;
 
 /// Key ids are 128 random bits, so their first eight bytes already are a good hash; this
 /// saves SipHash on every lookup. An attacker choosing ids in envelopes can only make
@@ -108,12 +106,8 @@ pub(crate) struct WireKey {
 
 impl WireKey {
     pub(crate) fn into_cached(self) -> Result<CachedKey, String> {
-        let mut raw = Zeroizing::new([0u8; 48]);
-        let n = base64::engine::general_purpose::STANDARD
-            .decode_slice(self.key.expose_secret().as_bytes(), raw.as_mut_slice())
-            .map_err(|_| format!("key {}: material is not base64", self.key_id))?;
-        let secret = MasterSecret::copy_from_slice(&raw[..n])
-            .map_err(|_| format!("key {}: material is not 32 bytes", self.key_id))?;
+        let secret = MasterSecret::from_base64(self.key.expose_secret().as_bytes())
+            .map_err(|_| format!("key {}: material is not 32 bytes of base64", self.key_id))?;
         let created_at = time::OffsetDateTime::parse(&self.created_at, &time::format_description::well_known::Rfc3339)
             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
         let envelope = EnvelopeKey::new(self.key_id, &secret);

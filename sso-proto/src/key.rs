@@ -194,6 +194,29 @@ impl MasterSecret {
         }))
     }
 
+    /// Appends the secret as standard base64 (44 characters) to `out`, through a buffer that
+    /// is wiped afterwards: the one way key material is written into wire JSON.
+    pub fn push_base64(&self, out: &mut Vec<u8>) {
+        use base64::Engine;
+        let mut b64 = zeroize::Zeroizing::new([0u8; 44]);
+        let n = base64::engine::general_purpose::STANDARD
+            .encode_slice(self.expose_secret(), b64.as_mut_slice())
+            .unwrap_or(0);
+        out.extend_from_slice(&b64[..n]);
+    }
+
+    /// Decodes standard base64 into a secret, through a buffer that is wiped afterwards:
+    /// the one way key material is read from wire JSON. Fails on bad base64 or a length
+    /// other than 32 bytes; the error never contains the input.
+    pub fn from_base64(text: &[u8]) -> Result<Self, Error> {
+        use base64::Engine;
+        let mut raw = zeroize::Zeroizing::new([0u8; 48]);
+        let n = base64::engine::general_purpose::STANDARD
+            .decode_slice(text, raw.as_mut_slice())
+            .map_err(|_| Error::InvalidSecretLength)?;
+        Self::copy_from_slice(&raw[..n])
+    }
+
     /// Constant-time comparison, so a mismatch reveals nothing about where it lies.
     pub fn ct_eq(&self, other: &Self) -> bool {
         self.expose_secret().ct_eq(other.expose_secret()).into()
@@ -228,6 +251,18 @@ mod tests {
         let b = MasterSecret::generate(&rng).unwrap();
         assert!(a.ct_eq(&a.clone_secret()));
         assert!(!a.ct_eq(&b));
+    }
+
+    #[test]
+    fn base64_round_trips_and_rejects_bad_input() {
+        let rng = SystemRandom::new();
+        let secret = MasterSecret::generate(&rng).unwrap();
+        let mut text = Vec::new();
+        secret.push_base64(&mut text);
+        assert_eq!(text.len(), 44);
+        assert!(MasterSecret::from_base64(&text).unwrap().ct_eq(&secret));
+        assert!(MasterSecret::from_base64(b"not base64!").is_err());
+        assert!(MasterSecret::from_base64(b"AAAA").is_err());
     }
 
     #[test]

@@ -19,7 +19,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use bytes::Bytes;
 use keystore::KeyRecord;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -337,12 +336,8 @@ pub fn records_json(node: &str, epoch: u64, digest: &str, records: &[KeyRecord])
         .to_string();
         out.extend_from_slice(&fields.as_bytes()[..fields.len() - 1]);
         if let Some(secret) = &r.secret {
-            let mut b64 = Zeroizing::new([0u8; 44]);
-            let n = base64::engine::general_purpose::STANDARD
-                .encode_slice(secret.expose_secret(), b64.as_mut_slice())
-                .unwrap_or(0);
             out.extend_from_slice(b",\"key\":\"");
-            out.extend_from_slice(&b64[..n]);
+            secret.push_base64(&mut out);
             out.push(b'"');
         }
         out.push(b'}');
@@ -389,16 +384,10 @@ pub fn parse_records(body: &[u8]) -> Result<PeerKeys, String> {
         let created_at =
             OffsetDateTime::parse(&w.created_at, &Rfc3339).map_err(|_| format!("key {}: bad created_at", w.key_id))?;
         let secret = match w.key {
-            Some(b64) => {
-                let mut raw = Zeroizing::new([0u8; 48]);
-                let n = base64::engine::general_purpose::STANDARD
-                    .decode_slice(b64.expose_secret().as_bytes(), raw.as_mut_slice())
-                    .map_err(|_| format!("key {}: material is not base64", w.key_id))?;
-                Some(
-                    MasterSecret::copy_from_slice(&raw[..n])
-                        .map_err(|_| format!("key {}: material is not 32 bytes", w.key_id))?,
-                )
-            }
+            Some(b64) => Some(
+                MasterSecret::from_base64(b64.expose_secret().as_bytes())
+                    .map_err(|_| format!("key {}: material is not 32 bytes of base64", w.key_id))?,
+            ),
             None => None,
         };
         records.push(KeyRecord {

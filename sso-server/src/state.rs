@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use base64::Engine;
 use bytes::Bytes;
 use keystore::{KeyRecord, SealedStore};
 use sso_proto::{KeyId, KeyMeta, KeyState};
@@ -136,11 +135,7 @@ fn write_key_json(out: &mut Zeroizing<Vec<u8>>, record: &KeyRecord) {
     out.extend_from_slice(created.as_bytes());
     out.extend_from_slice(b"\",\"key\":\"");
     if let Some(secret) = &record.secret {
-        let mut b64 = Zeroizing::new([0u8; 44]);
-        let n = base64::engine::general_purpose::STANDARD
-            .encode_slice(secret.expose_secret(), b64.as_mut_slice())
-            .unwrap_or(0);
-        out.extend_from_slice(&b64[..n]);
+        secret.push_base64(out);
     }
     out.extend_from_slice(b"\"}");
 }
@@ -193,6 +188,7 @@ pub fn keyring_json(epoch: u64, primary: Option<KeyId>, keys: &[KeyRecord], gone
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
     use sso_proto::MasterSecret;
 
     #[test]
