@@ -112,11 +112,11 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
                 ));
             }
             let password = password(g, "SSOCTL_BACKUP_PASSWORD", "backup password: ", true)?;
-            let body = serde_json::json!({ "password": password.expose_secret(), "hint": hint }).to_string();
-            let body = zeroize::Zeroizing::new(body.into_bytes());
-            let bytes = conn
-                .call(Method::POST, "/v1/admin/backup", Bytes::copy_from_slice(&body))
-                .await?;
+            let body = secret_body(&BackupBody {
+                password: password.expose_secret(),
+                hint: &hint,
+            });
+            let bytes = conn.call(Method::POST, "/v1/admin/backup", body).await?;
             keystore::fsutil::write_private_new(&path, &bytes)?;
             let info = keystore::backup::read_info(&bytes)?;
             let v = serde_json::json!({"file": path, "bytes": bytes.len(), "hint": info.hint, "node": info.node});
@@ -135,17 +135,12 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
             // Fail early and offline on a damaged or foreign file.
             keystore::backup::read_info(&file)?;
             let password = password(g, "SSOCTL_BACKUP_PASSWORD", "backup password: ", false)?;
-            let body = serde_json::json!({
-                "password": password.expose_secret(),
-                "backup": base64::engine::general_purpose::STANDARD.encode(&file),
-            })
-            .to_string();
-            let body = zeroize::Zeroizing::new(body.into_bytes());
-            let v = json(
-                &conn
-                    .call(Method::POST, "/v1/admin/restore", Bytes::copy_from_slice(&body))
-                    .await?,
-            )?;
+            let backup = base64::engine::general_purpose::STANDARD.encode(&file);
+            let body = secret_body(&RestoreBody {
+                password: password.expose_secret(),
+                backup: &backup,
+            });
+            let v = json(&conn.call(Method::POST, "/v1/admin/restore", body).await?)?;
             emit(g, out, &v, || {
                 format!(
                     "restored: {} keys added, {} advanced, {} unchanged",
@@ -177,6 +172,40 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
         }
         _ => Err(Failure::new(EX_SOFTWARE, "not an online command", "")),
     }
+}
+
+#[derive(serde::Serialize)]
+struct BackupBody<'a> {
+    password: &'a str,
+    hint: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct RestoreBody<'a> {
+    password: &'a str,
+    backup: &'a str,
+}
+
+/// A request body that carries a password: serialised from borrowed fields (no copy of
+/// the password in a JSON value) into a buffer sized up front, and wiped when the HTTP
+/// client drops it.
+fn secret_body<T: serde::Serialize>(value: &T) -> Bytes {
+    let mut size = 0;
+    // One dry run to learn the length, into a sink that keeps nothing.
+    struct Count<'a>(&'a mut usize);
+    impl std::io::Write for Count<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            *self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let _ = serde_json::to_writer(Count(&mut size), value);
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(size));
+    let _ = serde_json::to_writer(&mut *buf, value);
+    Bytes::from_owner(buf)
 }
 
 fn json(body: &[u8]) -> Result<serde_json::Value, Failure> {
