@@ -351,3 +351,156 @@ async fn a_client_is_served_quickly_while_thousands_of_idle_connections_are_held
     assert!(f.server.metric("sso_connections_open") >= 10_990.0);
     drop((authenticated, tcp));
 }
+
+/// CPU seconds the process has used (user + system), from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // After the command name: state is field 0, utime 11, stime 12; 100 ticks a second.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn handshake_failures(server: &TestServer) -> f64 {
+    server
+        .metrics_text()
+        .lines()
+        .filter(|l| l.starts_with("sso_handshake_failures_total{"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_flood_is_audited_as_counts_while_every_request_keeps_its_line() {
+    const FLOOD: Duration = Duration::from_secs(5);
+    let f = start("", "");
+    let addr = f.server.https;
+    let client = Client::new(addr, &f.pki.ca_file, Some(&f.pki.client("client")));
+    assert_eq!(client.get("/v1/keyring").await.unwrap().status, 200);
+    tests::assert_eventually!(
+        Duration::from_secs(5),
+        std::fs::read_to_string(&f.setup.audit)
+            .unwrap_or_default()
+            .contains("keyring.fetch"),
+        "first fetch not audited"
+    );
+    let size_before = std::fs::metadata(&f.setup.audit).unwrap().len();
+    let failures_before = handshake_failures(&f.server);
+    let cpu_before = cpu_seconds(f.server.pid());
+
+    // Garbage instead of a ClientHello, as fast as this machine allows, from 4 threads
+    // with blocking sockets (cheaper per connection than async ones).
+    let until = Instant::now() + FLOOD;
+    let flooders: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut sent = 0u64;
+                while Instant::now() < until {
+                    if let Ok(mut tcp) = std::net::TcpStream::connect(addr) {
+                        let _ = tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+                        sent += 1;
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    // Authenticated requests during the flood: each keeps its own audit line.
+    let mut fetched = 0;
+    while Instant::now() < until {
+        if let Ok(r) = client.get("/v1/keyring").await {
+            assert_eq!(r.status, 200);
+            fetched += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut sent = 0;
+    for t in flooders {
+        sent += t.join().unwrap();
+    }
+    let elapsed = FLOOD.as_secs_f64();
+    tests::assert_eventually!(
+        Duration::from_secs(10),
+        handshake_failures(&f.server) - failures_before >= sent as f64 * 0.9,
+        "the server did not count the flood's failed handshakes"
+    );
+    let failed = handshake_failures(&f.server) - failures_before;
+    let rate = failed / elapsed;
+    let cpu = cpu_seconds(f.server.pid()) - cpu_before;
+    eprintln!(
+        "garbage flood: {sent} connections sent, {failed} failed handshakes counted in {elapsed} s = {rate:.0}/s; server CPU {:.0} us per failed handshake",
+        cpu * 1e6 / failed
+    );
+    // The rate depends on the machine's load (2 shared cores here); the bounds below
+    // hold per failed handshake, so they mean something at any rate above a trickle.
+    assert!(failed >= 500.0, "the flood was too small to mean anything: {failed}");
+
+    // The aggregated counts are written once the interval ends (checked below, after the
+    // size: a log without aggregation fails on its size first).
+    let aggregated = || {
+        std::fs::read_to_string(&f.setup.audit)
+            .unwrap_or_default()
+            .contains("(aggregated)")
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !aggregated() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let audit = std::fs::read_to_string(&f.setup.audit).unwrap();
+    let grown = std::fs::metadata(&f.setup.audit).unwrap().len() - size_before;
+    let handshake_bytes: usize = audit
+        .lines()
+        .filter(|l| l.contains("\"op\":\"tls.handshake\""))
+        .map(|l| l.len() + 1)
+        .sum();
+    // 1 MB per 20 s of flood, scaled to this flood's length.
+    let allowed = (1_000_000.0 * elapsed / 20.0) as u64;
+    eprintln!(
+        "audit log grew {grown} bytes ({handshake_bytes} of them handshake failures) for {failed} failed handshakes (allowed {allowed})"
+    );
+    assert!(
+        grown < allowed,
+        "audit log grew {grown} bytes during a {elapsed} s flood"
+    );
+    // One line per failure is about 390 bytes: the aggregated log must stay far below.
+    assert!(
+        (handshake_bytes as f64) < failed * 10.0,
+        "{handshake_bytes} bytes of handshake-failure lines for {failed} failed handshakes"
+    );
+    assert!(aggregated(), "no aggregated handshake-failure line");
+    let counted: u64 = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["op"] == "tls.handshake")
+        .map(|e| {
+            let detail = e["detail"].as_str().unwrap_or("");
+            detail
+                .split_once("count=")
+                .and_then(|(_, rest)| rest.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1)
+        })
+        .sum();
+    assert!(
+        counted as f64 >= failed * 0.99,
+        "the audit log accounts for {counted} of {failed} failed handshakes"
+    );
+    let fetch_lines = audit
+        .lines()
+        .filter(|l| l.contains("\"op\":\"keyring.fetch\"") && l.contains("\"identity\":\"client\""))
+        .count();
+    assert!(
+        fetched >= 10,
+        "only {fetched} authenticated requests got through the flood"
+    );
+    assert!(
+        fetch_lines > fetched,
+        "{fetch_lines} keyring.fetch lines for {fetched} fetches during the flood (+1 before)"
+    );
+}
