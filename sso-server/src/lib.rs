@@ -12,6 +12,7 @@
 //! - [`metrics`]: Prometheus counters on their own listener.
 //! - [`server`]: accept loop, hyper, SIGHUP reload, graceful shutdown.
 //! - [`peer`]: the failover pair: replication protocol, peer client, anti-entropy.
+//! - [`rotation`]: rotation serialised across the pair (domain logic, no HTTP).
 //! - [`dev`]: `--dev`, the embedded default.
 //!
 //! A request flows: TCP accept (connection cap) → TLS handshake (timeout, client
@@ -30,6 +31,7 @@ pub mod fuzzing;
 pub mod identity;
 pub mod metrics;
 pub mod peer;
+pub mod rotation;
 pub mod server;
 pub mod state;
 pub mod tls;

@@ -78,6 +78,13 @@ pub async fn run(
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         distribute_wait: Duration::from_millis(250),
+        rotations: crate::rotation::Rotations::new(
+            config
+                .peer
+                .as_ref()
+                .map_or(Duration::from_secs(1), |p| Duration::from_millis(p.timeout_ms)),
+            Duration::from_millis(250),
+        ),
         peer,
     });
     {
