@@ -10,6 +10,8 @@
 //! - [`api`]: the endpoints of SPEC §5.
 //! - [`audit`]: the hash-chained, group-committed audit log.
 //! - [`metrics`]: Prometheus counters on their own listener.
+//! - [`limits`]: pending-handshake, per-identity connection and watch caps, deadlines
+//!   after the handshake, aggregated audit of handshake floods.
 //! - [`server`]: accept loop, hyper, SIGHUP reload, graceful shutdown.
 //! - [`peer`]: the failover pair: replication protocol, peer client, anti-entropy.
 //! - [`rotation`]: rotation serialised across the pair (domain logic, no HTTP).
@@ -29,6 +31,7 @@ pub mod dev;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod peer;
 pub mod rotation;
