@@ -10,8 +10,11 @@
 //! - [`api`]: the endpoints of SPEC §5.
 //! - [`audit`]: the hash-chained, group-committed audit log.
 //! - [`metrics`]: Prometheus counters on their own listener.
+//! - [`limits`]: pending-handshake, per-identity connection and watch caps, deadlines
+//!   after the handshake, aggregated audit of handshake floods.
 //! - [`server`]: accept loop, hyper, SIGHUP reload, graceful shutdown.
 //! - [`peer`]: the failover pair: replication protocol, peer client, anti-entropy.
+//! - [`rotation`]: rotation serialised across the pair (domain logic, no HTTP).
 //! - [`dev`]: `--dev`, the embedded default.
 //!
 //! A request flows: TCP accept (connection cap) → TLS handshake (timeout, client
@@ -28,8 +31,10 @@ pub mod dev;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod peer;
+pub mod rotation;
 pub mod server;
 pub mod state;
 pub mod tls;
