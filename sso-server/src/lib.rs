@@ -14,6 +14,7 @@
 //!   after the handshake, aggregated audit of handshake floods.
 //! - [`server`]: accept loop, hyper, SIGHUP reload, graceful shutdown.
 //! - [`peer`]: the failover pair: replication protocol, peer client, anti-entropy.
+//! - [`rotation`]: rotation serialised across the pair (domain logic, no HTTP).
 //! - [`dev`]: `--dev`, the embedded default.
 //!
 //! A request flows: TCP accept (connection cap) → TLS handshake (timeout, client
@@ -33,6 +34,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod peer;
+pub mod rotation;
 pub mod server;
 pub mod state;
 pub mod tls;
