@@ -64,10 +64,13 @@ impl From<keystore::Error> for ApiError {
         use keystore::Error as E;
         match &e {
             E::KeyNotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
-            E::RetirePrimary(_) | E::DestroyUnretired(_) | E::InvalidTransition { .. } => {
-                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
-            }
+            E::RetirePrimary(_)
+            | E::DestroyUnretired(_)
+            | E::InvalidTransition { .. }
+            | E::RefusedTransition { .. }
+            | E::GenerationExhausted => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
             E::ConflictingKey(_) => Self::new(StatusCode::CONFLICT, "integrity", e.to_string()),
+            E::MalformedRecord { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_record", e.to_string()),
             E::Integrity { .. } => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "integrity", e.to_string()),
             E::WrongBackupPassword => Self::new(StatusCode::FORBIDDEN, "wrong_password", e.to_string()),
             E::NotABackup
@@ -262,18 +265,40 @@ async fn dispatch(
         Endpoint::Retire | Endpoint::Destroy => {
             let id = route.key_id.ok_or_else(|| ApiError::bad_request("missing key id"))?;
             let destroy = route.endpoint == Endpoint::Destroy;
-            let meta = with_store(
-                state,
-                move |store| if destroy { store.destroy(id) } else { store.retire(id) },
-            )
+            let body = read_body(req, state).await?;
+            let request: RetireRequest = if body.iter().all(u8::is_ascii_whitespace) {
+                RetireRequest::default()
+            } else {
+                parse_json(&body)?
+            };
+            let force = request.force_retire_primary;
+            if force && destroy {
+                return Err(ApiError::bad_request("force_retire_primary applies to retire only"));
+            }
+            let (meta, primary) = with_store(state, move |store| {
+                let meta = if destroy {
+                    store.destroy(id)?
+                } else if force {
+                    store.force_retire(id)?
+                } else {
+                    store.retire(id)?
+                };
+                Ok((meta, store.primary()?.map(|p| p.key_id)))
+            })
             .await?;
             let replication = replicate_key(state, id).await;
             let mut answer = meta_json(&meta);
             answer["replication"] = replication.into();
-            Ok(audited(
-                json_value(StatusCode::OK, &answer),
-                Some(format!("replication {replication}")),
-            ))
+            let detail = if force {
+                tracing::warn!(key_id = %id, ?primary, "operator override: forced retirement of a primary");
+                format!(
+                    "forced retirement of the primary (override); new primary {}; replication {replication}",
+                    primary.map_or_else(|| "none".to_owned(), |p| p.to_string())
+                )
+            } else {
+                format!("replication {replication}")
+            };
+            Ok(audited(json_value(StatusCode::OK, &answer), Some(detail)))
         }
         Endpoint::Status => status(state).await,
         Endpoint::Backup => {
@@ -397,6 +422,16 @@ async fn with_store<T: Send + 'static>(
     })
     .await
     .map_err(|_| ApiError::internal())?
+}
+
+/// Body of `POST /v1/admin/keys/{id}/retire` (optional).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RetireRequest {
+    /// Retire the key even if it is the primary (an operator's audited override for a
+    /// primary of unknown origin); the next promoted key becomes the primary.
+    #[serde(default)]
+    force_retire_primary: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -666,8 +701,20 @@ async fn backup(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> 
             "the backup password must be at least 8 characters",
         ));
     }
+    // Export under the store lock, run the KDF and seal without it, confirm under it.
+    let (records, node) = with_store(state, |store| Ok((store.export()?, store.node().to_owned()))).await?;
+    let pending = tokio::task::spawn_blocking(move || {
+        keystore::backup::seal_pending(
+            &records,
+            &request.password,
+            &request.hint,
+            &node,
+            keystore::KdfParams::default(),
+        )
+    })
+    .await
+    .map_err(|_| ApiError::internal())??;
     let bytes = with_store(state, move |store| {
-        let pending = store.create_backup(&request.password, &request.hint, keystore::KdfParams::default())?;
         store.confirm_backup(&pending)?;
         Ok(pending.bytes)
     })
@@ -694,7 +741,11 @@ async fn restore(body: &[u8], _caller: &Caller, state: &Arc<AppState>) -> Result
     let file = base64::engine::general_purpose::STANDARD
         .decode(request.backup.as_bytes())
         .map_err(|_| ApiError::bad_request("backup must be standard base64"))?;
-    let report = with_store(state, move |store| store.restore_backup(&file, &request.password)).await?;
+    // The KDF runs here, without the store lock; only the merge takes it.
+    let opened = tokio::task::spawn_blocking(move || keystore::backup::open_file(&file, &request.password))
+        .await
+        .map_err(|_| ApiError::internal())??;
+    let report = with_store(state, move |store| store.restore_opened(&opened)).await?;
     let answer = serde_json::json!({
         "added": report.added, "advanced": report.advanced, "unchanged": report.unchanged, "epoch": report.epoch,
     });
@@ -762,6 +813,7 @@ pub(crate) fn fuzz_route(method: &Method, path: &str) -> bool {
 #[cfg(feature = "fuzzing")]
 pub(crate) fn fuzz_bodies(data: &[u8]) {
     let _ = parse_json::<RotateRequest>(data);
+    let _ = parse_json::<RetireRequest>(data);
     let _ = parse_json::<BackupRequest>(data);
     let _ = parse_json::<RestoreRequest>(data);
 }
