@@ -30,3 +30,8 @@ pub fn audit_line(data: &[u8]) {
         crate::audit::fuzz_line(text);
     }
 }
+
+/// A CRL file (PEM or DER) through the loader's parse and signature check.
+pub fn crl_file(data: &[u8]) {
+    crate::tls::fuzz_crl(data);
+}

@@ -10,7 +10,9 @@
 //! - [`api`]: the endpoints of SPEC §5.
 //! - [`audit`]: the hash-chained, group-committed audit log.
 //! - [`metrics`]: Prometheus counters on their own listener.
-//! - [`server`]: accept loop, hyper, SIGHUP reload, graceful shutdown.
+//! - [`server`]: accept loop, hyper, graceful shutdown.
+//! - [`connections`]: live connections over time: SIGHUP reload (all or nothing) and the
+//!   re-check of live connections, certificate expiry, maximum connection age.
 //! - [`peer`]: the failover pair: replication protocol, peer client, anti-entropy.
 //! - [`dev`]: `--dev`, the embedded default.
 //!
@@ -24,6 +26,7 @@
 pub mod api;
 pub mod audit;
 pub mod config;
+pub mod connections;
 pub mod dev;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

@@ -98,6 +98,71 @@ pub struct Metrics {
     pub peer_last_contact_unix: AtomicI64,
     /// Replication requests that failed.
     pub replication_failures: AtomicU64,
+    /// TLS reloads (SIGHUP) and live-connection checks: see [`TlsMetrics`].
+    pub tls: TlsMetrics,
+}
+
+/// Certificate reloads, CRL freshness and connections ended by the trust boundary.
+#[derive(Debug, Default)]
+pub struct TlsMetrics {
+    /// Reloads applied.
+    pub reloads: AtomicU64,
+    /// Reloads refused (the previous configuration stayed in force).
+    pub reload_failures: AtomicU64,
+    /// Earliest `nextUpdate` of the CRLs in force, unix seconds; 0 without CRLs.
+    pub crl_next_update_unix: AtomicI64,
+    /// Oldest `thisUpdate` of the CRLs in force, unix seconds; 0 without CRLs.
+    pub crl_this_update_unix: AtomicI64,
+    /// Live connections cut because a reloaded CA/CRL set refuses their certificate.
+    pub closed_revoked: AtomicU64,
+    /// Live connections cut because their certificate expired.
+    pub closed_expired: AtomicU64,
+    /// Connections ended gracefully at the maximum connection age.
+    pub closed_max_age: AtomicU64,
+}
+
+impl TlsMetrics {
+    fn render(&self, out: &mut String, now: i64) {
+        let _ = writeln!(
+            out,
+            "# HELP sso_tls_reloads_total Certificate and CRL reloads applied.\n# TYPE sso_tls_reloads_total counter\nsso_tls_reloads_total {}",
+            self.reloads.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sso_tls_reload_failures_total Reloads refused; the previous certificates and CRLs stayed in force.\n# TYPE sso_tls_reload_failures_total counter\nsso_tls_reload_failures_total {}",
+            self.reload_failures.load(Relaxed)
+        );
+        let next = self.crl_next_update_unix.load(Relaxed);
+        if next != 0 {
+            let _ = writeln!(
+                out,
+                "# HELP sso_crl_next_update_seconds Seconds until the earliest CRL nextUpdate; negative once a CRL is stale.\n# TYPE sso_crl_next_update_seconds gauge\nsso_crl_next_update_seconds {}",
+                next - now
+            );
+        }
+        let this = self.crl_this_update_unix.load(Relaxed);
+        if this != 0 {
+            let _ = writeln!(
+                out,
+                "# HELP sso_crl_age_seconds Seconds since the oldest CRL in force was issued (thisUpdate).\n# TYPE sso_crl_age_seconds gauge\nsso_crl_age_seconds {}",
+                now - this
+            );
+        }
+        out.push_str("# HELP sso_connections_closed_total Live connections ended by the server, by reason.\n");
+        out.push_str("# TYPE sso_connections_closed_total counter\n");
+        for (reason, v) in [
+            ("revoked", &self.closed_revoked),
+            ("expired", &self.closed_expired),
+            ("max_age", &self.closed_max_age),
+        ] {
+            let _ = writeln!(
+                out,
+                "sso_connections_closed_total{{reason=\"{reason}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -119,6 +184,7 @@ impl Default for Metrics {
             peer_lag_epochs: AtomicU64::new(0),
             peer_last_contact_unix: AtomicI64::new(0),
             replication_failures: AtomicU64::new(0),
+            tls: TlsMetrics::default(),
         }
     }
 }
@@ -245,6 +311,7 @@ impl Metrics {
             "Integrity alarms.",
             self.integrity_alarms.load(Relaxed),
         );
+        self.tls.render(&mut out, now);
         out
     }
 }

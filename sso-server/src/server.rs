@@ -1,6 +1,7 @@
 //! Listeners and connections: the TLS accept loop with its handshake timeout and
-//! connection cap, hyper (HTTP/1.1 and HTTP/2) on top, the metrics listener, certificate
-//! reload on SIGHUP, and graceful shutdown.
+//! connection cap, hyper (HTTP/1.1 and HTTP/2) on top, the metrics listener, and graceful
+//! shutdown. Each served connection is driven by [`connections::drive`] (revocation,
+//! expiry, maximum age); SIGHUP reloads live in [`connections`] too.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,15 +13,15 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use keystore::SealedStore;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::api;
-use crate::audit::{Audit, AuditError, AuditEvent};
+use crate::audit::{Audit, AuditError, AuditEvent, CertRef};
 use crate::config::Config;
+use crate::connections::{self, Registry};
 use crate::identity::{Caller, RoleMap};
 use crate::metrics::Metrics;
 use crate::state::{AppState, Snapshot};
@@ -61,6 +62,7 @@ pub async fn run(
     metrics
         .cert_not_after_unix
         .store(loaded.server_cert_not_after.unwrap_or(0), Relaxed);
+    connections::publish_crls(&metrics, &loaded.crls);
     let tls_config = Arc::new(ArcSwap::new(loaded.config));
     let audit = Audit::open(&config.audit.path, &config.node, config.audit.queue, metrics.clone())?;
     let (epoch_tx, _) = watch::channel(0);
@@ -89,14 +91,20 @@ pub async fn run(
     let sync_task = tokio::spawn(crate::peer::sync_loop(state.clone()));
     // Registered here, not inside the task, so a SIGHUP right after start is not fatal.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let reload_task = tokio::spawn(reload_on_sighup(
+    // Requests in flight at a graceful end get as long as a watch may wait, and a little.
+    let drain = Duration::from_millis(config.limits.watch_max_wait_ms) + Duration::from_secs(5);
+    let registry = Registry::new(Duration::from_millis(config.limits.max_connection_age_ms), drain);
+    let reload_task = tokio::spawn(connections::reload_on_sighup(
         hup,
         config.clone(),
-        tls_config.clone(),
-        metrics.clone(),
+        connections::Reloadable {
+            tls_config: tls_config.clone(),
+            registry: registry.clone(),
+        },
+        state.clone(),
+        loaded.crls,
     ));
 
-    let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -136,7 +144,7 @@ pub async fn run(
         let acceptor = TlsAcceptor::from(tls_config.load_full());
         let state = state.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let registry = registry.clone();
         tokio::spawn(async move {
             let _permit = permit;
             state.metrics.connections_open.fetch_add(1, Relaxed);
@@ -150,22 +158,23 @@ pub async fn run(
                 return handshake_failed(&state, peer, "no_certificate", None);
             };
             let caller = Arc::new(caller);
+            let ticket = registry.register(stream.get_ref().1, caller.clone(), peer);
+            let served = state.clone();
             let service = service_fn(move |req| {
-                let (caller, state) = (caller.clone(), state.clone());
+                let (caller, state) = (caller.clone(), served.clone());
                 async move { Ok::<_, Infallible>(api::handle(req, caller, peer, state).await) }
             });
             let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            connections::drive(conn, ticket, &state, |c| c.graceful_shutdown()).await;
         });
     }
     drop(https);
     tracing::info!("shutting down: no longer accepting, draining connections");
     state.epoch_tx.send_modify(|_| {});
     let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
+    registry.shutdown();
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = registry.drained() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
     }
     metrics_task.abort();
@@ -188,6 +197,10 @@ fn caller_of(stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>, st
     let roles = state.roles.roles(&identity);
     Some(Caller {
         label: identity.label().into(),
+        cert: Arc::new(CertRef {
+            serial: identity.serial.clone(),
+            sha256: identity.sha256.clone(),
+        }),
         identity,
         roles,
     })
@@ -199,6 +212,7 @@ fn handshake_failed(state: &AppState, peer: std::net::SocketAddr, reason: &'stat
     state.audit.record(AuditEvent {
         time: std::time::SystemTime::now(),
         identity: "-".into(),
+        cert: None,
         role: "none",
         op: "tls.handshake",
         key_id: None,
@@ -209,28 +223,6 @@ fn handshake_failed(state: &AppState, peer: std::net::SocketAddr, reason: &'stat
         }),
         peer: Some(peer),
     });
-}
-
-async fn reload_on_sighup(
-    mut hup: tokio::signal::unix::Signal,
-    config: Config,
-    tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
-    metrics: Arc<Metrics>,
-) {
-    while hup.recv().await.is_some() {
-        match tls::build(&config.tls) {
-            Ok(loaded) => {
-                tls_config.store(loaded.config);
-                metrics
-                    .cert_not_after_unix
-                    .store(loaded.server_cert_not_after.unwrap_or(0), Relaxed);
-                tracing::info!("SIGHUP: reloaded certificates and CRLs; new connections use them");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "SIGHUP: reload failed; still serving with the previous certificates")
-            }
-        }
-    }
 }
 
 async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
