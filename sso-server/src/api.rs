@@ -254,7 +254,7 @@ async fn dispatch(
     match route.endpoint {
         Endpoint::Health => Ok(quiet(health(state))),
         Endpoint::Keyring => Ok(keyring(state)),
-        Endpoint::Watch => watch(req.uri().query(), state).await,
+        Endpoint::Watch => watch(req.uri().query(), caller, state).await,
         Endpoint::Key => key(route.key_id, state),
         Endpoint::Rotate => {
             let body = read_body(req, state).await?;
@@ -346,7 +346,7 @@ fn key(id: Option<KeyId>, state: &AppState) -> Result<Answer, ApiError> {
     }
 }
 
-async fn watch(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer, ApiError> {
+async fn watch(query: Option<&str>, caller: &Caller, state: &Arc<AppState>) -> Result<Answer, ApiError> {
     let after = query
         .unwrap_or("")
         .split('&')
@@ -359,6 +359,25 @@ async fn watch(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer, Api
         .unwrap_or(0);
     // Subscribe before looking, so a change between the look and the wait is not missed.
     let mut rx = state.epoch_tx.subscribe();
+    if *rx.borrow_and_update() > after {
+        return Ok(keyring(state));
+    }
+    // Only a watch that waits holds a slot; the caps bound the memory open watches take.
+    let _slot = state.limiter.watch(caller).map_err(|refused| match refused {
+        crate::limits::WatchRefused::Identity => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_watches",
+            format!(
+                "this identity holds {} watches, the most allowed (limits.max_watches_per_identity); close some",
+                state.limits.max_watches_per_identity
+            ),
+        ),
+        crate::limits::WatchRefused::Total => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "watch_capacity",
+            "the server holds as many watches as it allows (limits.max_watches); retry later",
+        ),
+    })?;
     let wait = Duration::from_millis(state.limits.watch_max_wait_ms);
     let changed = tokio::time::timeout(wait, rx.wait_for(|epoch| *epoch > after)).await;
     match changed {

@@ -211,8 +211,31 @@ pub struct RolesConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Connections served at once; further ones wait in the listen backlog.
+    /// Connections served at once, handshakes included; further ones wait in the listen
+    /// backlog. The process needs a file-descriptor limit above this.
     pub max_connections: usize,
+    /// TLS handshakes in progress at once (connections with no verified identity yet).
+    /// Past it, each new connection closes the oldest pending handshake, so silent TCP
+    /// connections cannot hold the slots that authenticated clients need. Never more than
+    /// `max_connections`.
+    pub max_pending_handshakes: usize,
+    /// Connections one certificate identity that holds a role may keep open; past it,
+    /// new connections are answered 429 and closed.
+    pub max_connections_per_identity: usize,
+    /// Connections a certificate identity that holds no role may keep open (it can only
+    /// reach `/v1/health` anyway).
+    pub max_connections_per_roleless_identity: usize,
+    /// Deadline from the end of the TLS handshake to the first complete request head, on
+    /// every protocol (HTTP/1.1, HTTP/2, and the protocol detection before either).
+    /// Default: `header_read_timeout_ms`.
+    pub first_request_timeout_ms: Option<u64>,
+    /// A connection with no request in flight for this long is closed (HTTP/2 with
+    /// GOAWAY). HTTP/1.1 keep-alive connections are also bounded by the header timeout.
+    pub idle_timeout_ms: u64,
+    /// Watch long-polls open at once, over all identities; past it, 503.
+    pub max_watches: usize,
+    /// Watch long-polls one identity may hold open; past it, 429.
+    pub max_watches_per_identity: usize,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     /// Time allowed to send request headers (slow-loris bound), and the keep-alive idle
@@ -233,7 +256,14 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_connections: 4096,
+            max_connections: 16_384,
+            max_pending_handshakes: 12_288,
+            max_connections_per_identity: 1024,
+            max_connections_per_roleless_identity: 4,
+            first_request_timeout_ms: None,
+            idle_timeout_ms: 60_000,
+            max_watches: 16_384,
+            max_watches_per_identity: 1024,
             max_body_bytes: 1 << 20,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 10_000,
@@ -436,6 +466,25 @@ impl Config {
         let l = &self.limits;
         if l.max_connections == 0 {
             return Err(err("limits.max_connections", "must be at least 1"));
+        }
+        if l.max_pending_handshakes == 0 {
+            return Err(err("limits.max_pending_handshakes", "must be at least 1"));
+        }
+        if l.max_connections_per_identity == 0 || l.max_connections_per_roleless_identity == 0 {
+            return Err(err(
+                "limits.max_connections_per_identity",
+                "per-identity connection caps must be at least 1",
+            ));
+        }
+        if l.max_watches == 0 || l.max_watches_per_identity == 0 {
+            return Err(err("limits.max_watches", "watch caps must be at least 1"));
+        }
+        let first = l.first_request_timeout_ms.unwrap_or(l.header_read_timeout_ms);
+        if !(100..=3_600_000).contains(&first) || !(100..=3_600_000).contains(&l.idle_timeout_ms) {
+            return Err(err(
+                "limits.first_request_timeout_ms",
+                "first_request_timeout_ms and idle_timeout_ms must be between 100 and 3600000",
+            ));
         }
         if l.max_body_bytes < 1024 {
             return Err(err("limits.max_body_bytes", "must be at least 1024"));

@@ -11,17 +11,12 @@
 //! - **Maximum age**: a connection older than `limits.max_connection_age_ms` is ended
 //!   gracefully (HTTP/2 GOAWAY: requests in flight finish, clients open a new connection
 //!   for the next one), so every client goes through the current CA, CRLs and roles again.
-//! - **Shutdown**: every connection is ended gracefully; the server waits for the
-//!   [`Registry`] to drain, within its grace period.
 //!
 //! Revoked and expired certificates are cut hard, not drained: a graceful end would let a
 //! watch in flight receive one more keyring.
 
 use std::collections::HashMap;
-use std::fmt::Display;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,9 +24,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, UnixTime};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
-use crate::audit::AuditEvent;
+use crate::audit::{Audit, AuditEvent, CertRef};
 use crate::config::{Config, TlsConfig};
 use crate::identity::Caller;
 use crate::metrics::Metrics;
@@ -43,8 +38,6 @@ use crate::tls::{self, CrlSummary};
 pub struct Registry {
     live: Mutex<HashMap<u64, Live>>,
     next_id: AtomicU64,
-    shutdown: watch::Sender<bool>,
-    emptied: Notify,
     max_age: Duration,
     /// Bound on a graceful end (maximum age): requests in flight get this long to finish,
     /// a watch long-poll included.
@@ -61,12 +54,24 @@ struct Live {
 /// One registered connection; dropping it unregisters the connection.
 #[derive(Debug)]
 pub struct Ticket {
-    guard: Guard,
+    /// Unregisters the connection when the ticket is dropped.
+    _guard: Guard,
     cut: watch::Receiver<Option<&'static str>>,
-    shutdown: watch::Receiver<bool>,
-    expires_in: Option<Duration>,
-    caller: Arc<Caller>,
+    age_at: tokio::time::Instant,
+    expires_at: Option<tokio::time::Instant>,
+    drain: Duration,
+    who: Who,
+}
+
+/// What the audit entry of a cut connection names.
+#[derive(Debug)]
+struct Who {
+    label: Arc<str>,
+    cert: Arc<CertRef>,
+    role: &'static str,
     peer: SocketAddr,
+    metrics: Arc<Metrics>,
+    audit: Audit,
 }
 
 #[derive(Debug)]
@@ -77,12 +82,21 @@ struct Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let mut live = self.registry.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.remove(&self.id);
-        if live.is_empty() {
-            self.registry.emptied.notify_waiters();
-        }
+        self.registry
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
     }
+}
+
+/// How a connection must end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// At once, without a graceful close: the certificate was revoked or expired.
+    Cut,
+    /// Gracefully (HTTP/2 GOAWAY), letting requests in flight finish within the bound.
+    Graceful(Duration),
 }
 
 impl Registry {
@@ -91,39 +105,58 @@ impl Registry {
         Arc::new(Self {
             live: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
-            shutdown: watch::channel(false).0,
-            emptied: Notify::new(),
             max_age,
             drain,
         })
     }
 
     /// Registers a connection whose handshake `tls` completed, for `caller`.
-    pub fn register(self: &Arc<Self>, tls: &rustls::ServerConnection, caller: Arc<Caller>, peer: SocketAddr) -> Ticket {
+    pub fn register(
+        self: &Arc<Self>,
+        tls: &rustls::ServerConnection,
+        caller: &Caller,
+        peer: SocketAddr,
+        state: &AppState,
+    ) -> Ticket {
         let chain: Arc<[CertificateDer<'static>]> = tls
             .peer_certificates()
             .map(|c| c.iter().map(|d| d.clone().into_owned()).collect())
             .unwrap_or_default();
-        let expires_in = caller.identity.not_after.map(|t| {
-            let left = t - time::OffsetDateTime::now_utc();
-            Duration::try_from(left).unwrap_or(Duration::ZERO)
-        });
+        let now = tokio::time::Instant::now();
         let id = self.next_id.fetch_add(1, Relaxed);
+        // Up to a tenth earlier than the maximum, so connections opened together (a fleet
+        // restarted at once) do not all end together.
+        let spread = u32::try_from(id.wrapping_mul(2_654_435_761) % 1000).unwrap_or(0);
+        let age_at = now + (self.max_age - self.max_age / 10 * spread / 1000);
+        // Past the maximum age (and its drain) the expiry cannot matter.
+        let expires_at = caller
+            .identity
+            .not_after
+            .map(|t| Duration::try_from(t - time::OffsetDateTime::now_utc()).unwrap_or(Duration::ZERO))
+            .filter(|left| *left <= self.max_age + self.drain)
+            .map(|left| now + left);
         let (cut_tx, cut_rx) = watch::channel(None);
         self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, Live { chain, cut: cut_tx });
         Ticket {
-            guard: Guard {
+            _guard: Guard {
                 id,
                 registry: self.clone(),
             },
             cut: cut_rx,
-            shutdown: self.shutdown.subscribe(),
-            expires_in,
-            caller,
-            peer,
+            age_at,
+            expires_at,
+            drain: self.drain,
+            who: Who {
+                label: caller.label.clone(),
+                cert: caller.cert.clone(),
+                role: caller.roles.label(),
+                peer,
+                metrics: state.metrics.clone(),
+                audit: state.audit.clone(),
+            },
         }
     }
 
@@ -164,103 +197,65 @@ impl Registry {
             .filter(|(id, reason)| live.get(id).is_some_and(|l| l.cut.send(Some(reason)).is_ok()))
             .count()
     }
-
-    /// Asks every connection to end gracefully.
-    pub fn shutdown(&self) {
-        self.shutdown.send_replace(true);
-    }
-
-    /// Completes once no connection is registered.
-    pub async fn drained(&self) {
-        loop {
-            let notified = self.emptied.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_empty() {
-                return;
-            }
-            notified.await;
-        }
-    }
 }
 
-/// Serves `conn` until it ends, enforcing the rules of this module. `graceful` starts a
-/// graceful end (hyper's `graceful_shutdown`).
-pub async fn drive<C, E>(conn: C, ticket: Ticket, state: &AppState, mut graceful: impl FnMut(Pin<&mut C>))
-where
-    C: Future<Output = Result<(), E>>,
-    E: Display,
-{
-    let Ticket {
-        guard,
-        mut cut,
-        mut shutdown,
-        expires_in,
-        caller,
-        peer,
-    } = ticket;
-    let (id, registry) = (guard.id, &guard.registry);
-    tokio::pin!(conn);
-    // Up to a tenth earlier than the maximum, so connections opened together (a fleet
-    // restarted at once) do not all end together.
-    let jitter = registry.max_age / 10 * u32::try_from(id.wrapping_mul(2_654_435_761) % 1000).unwrap_or(0) / 1000;
-    let age = tokio::time::sleep(registry.max_age - jitter);
-    // Beyond the maximum age the expiry cannot matter; this also keeps the timer in range.
-    let expiry = tokio::time::sleep(expires_in.map_or(registry.max_age, |e| e.min(registry.max_age + registry.drain)));
-    let hard_stop = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(age, expiry, hard_stop);
-    let mut draining = false;
-    let outcome: Result<(), String> = loop {
+impl Ticket {
+    /// Completes when the connection must end, and how: cut at once when a reload refuses
+    /// its certificate or the certificate expires (audited and counted here), gracefully
+    /// at its maximum age.
+    pub async fn ended(&mut self) -> End {
+        let (expires_at, age_at) = (self.expires_at, self.age_at);
+        let expiry = async move {
+            match expires_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            r = conn.as_mut() => break r.map_err(|e| e.to_string()),
-            changed = cut.changed() => {
+            changed = self.cut.changed() => {
                 let reason = match changed {
-                    Ok(()) => (*cut.borrow()).unwrap_or("refused"),
-                    // The registry is gone: the server is stopping.
-                    Err(_) => break Ok(()),
+                    Ok(()) => (*self.cut.borrow()).unwrap_or("refused"),
+                    Err(_) => return std::future::pending().await,
                 };
-                state.metrics.tls.closed_revoked.fetch_add(1, Relaxed);
-                closed(state, &caller, peer, "revoked", reason);
-                return;
+                self.who.metrics.limit_event("sso_connections_closed_total", "revoked");
+                self.who.closed("revoked", reason);
+                End::Cut
             }
-            () = &mut expiry, if expires_in.is_some_and(|e| e <= registry.max_age + registry.drain) => {
-                state.metrics.tls.closed_expired.fetch_add(1, Relaxed);
-                closed(state, &caller, peer, "expired", "the client certificate expired");
-                return;
+            () = expiry => {
+                self.who.metrics.limit_event("sso_connections_closed_total", "expired");
+                self.who.closed("expired", "the client certificate expired");
+                End::Cut
             }
-            () = &mut age, if !draining => {
-                state.metrics.tls.closed_max_age.fetch_add(1, Relaxed);
-                tracing::debug!(%peer, identity = %caller.label, "maximum connection age: ending gracefully");
-                graceful(conn.as_mut());
-                draining = true;
-                hard_stop.as_mut().reset(tokio::time::Instant::now() + registry.drain);
+            () = tokio::time::sleep_until(age_at) => {
+                self.who.metrics.limit_event("sso_connections_closed_total", "max_age");
+                tracing::debug!(peer = %self.who.peer, identity = %self.who.label, "maximum connection age: ending gracefully");
+                End::Graceful(self.drain)
             }
-            Ok(()) = shutdown.changed(), if !draining => {
-                graceful(conn.as_mut());
-                draining = true;
-                hard_stop.as_mut().reset(tokio::time::Instant::now() + registry.drain);
-            }
-            () = &mut hard_stop, if draining => break Ok(()),
         }
-    };
-    if let Err(e) = outcome {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
-fn closed(state: &AppState, caller: &Caller, peer: SocketAddr, outcome: &'static str, reason: &str) {
-    tracing::warn!(%peer, identity = %caller.label, serial = %caller.cert.serial, reason, "closed a live connection: {outcome}");
-    state.audit.record(AuditEvent {
-        time: std::time::SystemTime::now(),
-        identity: caller.label.clone(),
-        cert: Some(caller.cert.clone()),
-        role: caller.roles.label(),
-        op: "connection.closed",
-        key_id: None,
-        outcome,
-        detail: Some(reason.to_owned()),
-        peer: Some(peer),
-    });
+impl Who {
+    fn closed(&self, outcome: &'static str, reason: &str) {
+        tracing::warn!(
+            peer = %self.peer,
+            identity = %self.label,
+            serial = %self.cert.serial,
+            reason,
+            "closed a live connection: {outcome}"
+        );
+        self.audit.record(AuditEvent {
+            time: std::time::SystemTime::now(),
+            identity: self.label.clone(),
+            cert: Some(self.cert.clone()),
+            role: self.role,
+            op: "connection.closed",
+            key_id: None,
+            outcome,
+            detail: Some(reason.to_owned()),
+            peer: Some(self.peer),
+        });
+    }
 }
 
 /// Publishes the CRLs' freshness as metrics.

@@ -10,6 +10,8 @@
 //! - [`api`]: the endpoints of SPEC §5.
 //! - [`audit`]: the hash-chained, group-committed audit log.
 //! - [`metrics`]: Prometheus counters on their own listener.
+//! - [`limits`]: pending-handshake, per-identity connection and watch caps, deadlines
+//!   after the handshake, aggregated audit of handshake floods.
 //! - [`server`]: accept loop, hyper, graceful shutdown.
 //! - [`connections`]: live connections over time: SIGHUP reload (all or nothing) and the
 //!   re-check of live connections, certificate expiry, maximum connection age.
@@ -31,6 +33,7 @@ pub mod dev;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod peer;
 pub mod server;

@@ -59,11 +59,30 @@ impl Endpoint {
     }
 }
 
-const STATUSES: [u16; 14] = [200, 204, 400, 403, 404, 405, 408, 409, 410, 413, 422, 500, 503, 0];
+const STATUSES: [u16; 15] = [200, 204, 400, 403, 404, 405, 408, 409, 410, 413, 422, 429, 500, 503, 0];
 
 fn status_slot(status: u16) -> usize {
     STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len() - 1)
 }
+
+/// The counters of connection and watch limits, with their help text. Reasons:
+/// `sso_connections_closed_total`: `first_request_timeout`, `idle_timeout`,
+/// `handshake_evicted`, and from [`crate::connections`] `revoked`, `expired`, `max_age`; `sso_connection_refusals_total`: `identity`, `no_role`;
+/// `sso_watch_refusals_total`: `identity`, `total`.
+pub const LIMIT_METRICS: [(&str, &str); 3] = [
+    (
+        "sso_connections_closed_total",
+        "Connections the server closed, by reason: a deadline, to make room, or the trust boundary (revoked, expired, max_age).",
+    ),
+    (
+        "sso_connection_refusals_total",
+        "Connections refused (429) because their identity held too many, by reason.",
+    ),
+    (
+        "sso_watch_refusals_total",
+        "Watch long-polls refused: 429 for one identity's cap, 503 for the total cap.",
+    ),
+];
 
 /// Every counter and gauge the server exports.
 #[derive(Debug)]
@@ -76,6 +95,12 @@ pub struct Metrics {
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Connections open now.
     pub connections_open: AtomicI64,
+    /// TLS handshakes in progress now.
+    pub handshakes_pending: AtomicI64,
+    /// Watch long-polls open now.
+    pub watches_open: AtomicI64,
+    /// Connection and watch limits at work, by (metric, reason): see [`LIMIT_METRICS`].
+    limit_events: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// The keyring epoch.
     pub keyring_epoch: AtomicU64,
     /// Unix time of the last backup; 0 when none was ever written.
@@ -113,12 +138,6 @@ pub struct TlsMetrics {
     pub crl_next_update_unix: AtomicI64,
     /// Oldest `thisUpdate` of the CRLs in force, unix seconds; 0 without CRLs.
     pub crl_this_update_unix: AtomicI64,
-    /// Live connections cut because a reloaded CA/CRL set refuses their certificate.
-    pub closed_revoked: AtomicU64,
-    /// Live connections cut because their certificate expired.
-    pub closed_expired: AtomicU64,
-    /// Connections ended gracefully at the maximum connection age.
-    pub closed_max_age: AtomicU64,
 }
 
 impl TlsMetrics {
@@ -149,19 +168,6 @@ impl TlsMetrics {
                 now - this
             );
         }
-        out.push_str("# HELP sso_connections_closed_total Live connections ended by the server, by reason.\n");
-        out.push_str("# TYPE sso_connections_closed_total counter\n");
-        for (reason, v) in [
-            ("revoked", &self.closed_revoked),
-            ("expired", &self.closed_expired),
-            ("max_age", &self.closed_max_age),
-        ] {
-            let _ = writeln!(
-                out,
-                "sso_connections_closed_total{{reason=\"{reason}\"}} {}",
-                v.load(Relaxed)
-            );
-        }
     }
 }
 
@@ -173,6 +179,9 @@ impl Default for Metrics {
             denials: AtomicU64::new(0),
             handshake_failures: Mutex::new(BTreeMap::new()),
             connections_open: AtomicI64::new(0),
+            handshakes_pending: AtomicI64::new(0),
+            watches_open: AtomicI64::new(0),
+            limit_events: Mutex::new(BTreeMap::new()),
             keyring_epoch: AtomicU64::new(0),
             last_backup_unix: AtomicI64::new(0),
             cert_not_after_unix: AtomicI64::new(0),
@@ -203,6 +212,12 @@ impl Metrics {
     pub fn handshake_failure(&self, reason: &'static str) {
         let mut map = self.handshake_failures.lock().unwrap_or_else(|p| p.into_inner());
         *map.entry(reason).or_default() += 1;
+    }
+
+    /// Counts one limit at work: `metric` is one of [`LIMIT_METRICS`], `reason` its label.
+    pub fn limit_event(&self, metric: &'static str, reason: &'static str) {
+        let mut map = self.limit_events.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry((metric, reason)).or_default() += 1;
     }
 
     /// Requests counted so far for an endpoint and status (tests and status pages).
@@ -266,6 +281,27 @@ impl Metrics {
             "TLS connections open.",
             self.connections_open.load(Relaxed) as f64,
         );
+        gauge(
+            &mut out,
+            "sso_handshakes_pending",
+            "TLS handshakes in progress (connections with no verified identity yet).",
+            self.handshakes_pending.load(Relaxed) as f64,
+        );
+        gauge(
+            &mut out,
+            "sso_watches_open",
+            "Watch long-polls open.",
+            self.watches_open.load(Relaxed) as f64,
+        );
+        {
+            let events = self.limit_events.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, help) in LIMIT_METRICS {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+                for ((_, reason), n) in events.range((name, "")..).take_while(|((m, _), _)| *m == name) {
+                    let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+                }
+            }
+        }
         gauge(
             &mut out,
             "sso_keyring_epoch",

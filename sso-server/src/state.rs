@@ -58,6 +58,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Request limits.
     pub limits: Limits,
+    /// Connection and watch caps, deadlines, aggregated audit of floods.
+    pub limiter: Arc<crate::limits::Limiter>,
     /// Pause between staging a new key and promoting it, so watching clients hold it
     /// before anything is sealed under it.
     pub distribute_wait: std::time::Duration,

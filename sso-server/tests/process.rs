@@ -44,7 +44,8 @@ fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        // The writer may be mid-line while we read: a partial last line is skipped.
+        .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
 }
 

@@ -63,7 +63,7 @@ struct LiveWatch {
 }
 
 impl LiveWatch {
-    async fn open(client: &Client) -> Self {
+    async fn open(client: &Client, server: &TestServer) -> Self {
         let tls = client.connect_tls().await;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
         tokio::spawn(conn);
@@ -79,6 +79,8 @@ impl LiveWatch {
         let epoch = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["epoch"]
             .as_u64()
             .unwrap();
+        // The connection must be ready for its next request (the first one fully done).
+        send.ready().await.unwrap();
         let watch = send.send_request(get(format!("/v1/keyring/watch?after={epoch}")));
         let answer = tokio::spawn(async move {
             let resp = watch.await.map_err(|e| e.to_string())?;
@@ -88,7 +90,13 @@ impl LiveWatch {
         });
         // Let the watch reach the server before the test acts.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!answer.is_finished(), "the watch answered at once");
+        if answer.is_finished() {
+            panic!(
+                "the watch answered at once: {:?}; server log:\n{}",
+                answer.await,
+                server.log_text()
+            );
+        }
         Self { answer }
     }
 }
@@ -113,8 +121,8 @@ async fn a_revoked_client_loses_its_live_connection_and_watch_on_reload() {
         "[limits]\nwatch_max_wait_ms = 20000",
     );
     let server = TestServer::start(Path::new(BIN), &setup.config, &dir.path().join("server.log"));
-    let doomed = LiveWatch::open(&Client::new(server.https, &pki.ca_file, Some(&revoked))).await;
-    let kept = LiveWatch::open(&Client::new(server.https, &pki.ca_file, Some(&good))).await;
+    let doomed = LiveWatch::open(&Client::new(server.https, &pki.ca_file, Some(&revoked)), &server).await;
+    let kept = LiveWatch::open(&Client::new(server.https, &pki.ca_file, Some(&good)), &server).await;
 
     write_crl(&pki, &crl, std::slice::from_ref(&revoked.serial), 2);
     let sent = Instant::now();
@@ -174,7 +182,7 @@ async fn a_certificate_that_expires_while_connected_stops_being_served() {
         "[limits]\nwatch_max_wait_ms = 20000",
     );
     let server = TestServer::start(Path::new(BIN), &setup.config, &dir.path().join("server.log"));
-    let watch = LiveWatch::open(&Client::new(server.https, &pki.ca_file, Some(&short))).await;
+    let watch = LiveWatch::open(&Client::new(server.https, &pki.ca_file, Some(&short)), &server).await;
     let ended = tokio::time::timeout(Duration::from_secs(15), watch.answer)
         .await
         .expect("the connection outlived its certificate by 10 s")
@@ -408,7 +416,7 @@ async fn a_crl_that_does_not_verify_is_refused_whole_and_everyone_keeps_working(
     let client = Client::new(f.server.https, &f.pki.ca_file, Some(&f.pki.client("client")));
     let admin = Client::new(f.server.https, &f.pki.ca_file, Some(&f.pki.client("admin")));
     // A live connection of the valid client must survive the refused reloads too.
-    let live = LiveWatch::open(&client).await;
+    let live = LiveWatch::open(&client, &f.server).await;
     let original = std::fs::read(&f.crl).unwrap();
 
     let other_ca = CertificateAuthority::generate("another CA", 30).unwrap();
@@ -561,7 +569,7 @@ async fn sighup_rereads_the_tls_section_and_applies_a_new_crl() {
     let server = TestServer::start(Path::new(BIN), &setup.config, &dir.path().join("server.log"));
     let c2 = Client::new(server.https, &pki.ca_file, Some(&revoked));
     assert_eq!(c2.get("/v1/keyring").await.unwrap().status, 200);
-    let live = LiveWatch::open(&c2).await;
+    let live = LiveWatch::open(&c2, &server).await;
 
     // Add a CRL to the config file, as an operator would, and send SIGHUP: no restart.
     let crl = pki.crl("crl.pem", std::slice::from_ref(&revoked.serial), 1);
