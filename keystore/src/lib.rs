@@ -93,6 +93,19 @@ pub enum Error {
     /// generation than stored. Refused; nothing was written.
     #[error("integrity alarm: key {0} arrived with different material than stored; nothing was merged")]
     ConflictingKey(KeyId),
+    /// A staged key from the peer whose generation is not above every stored key: a
+    /// rotation that did not see this node's newest key. Nothing was written.
+    #[error(
+        "key {key_id} has generation {generation}, not above this store's highest generation {max}; the rotation must choose again"
+    )]
+    StaleGeneration {
+        /// The key concerned.
+        key_id: KeyId,
+        /// Its generation.
+        generation: u64,
+        /// The highest generation stored here.
+        max: u64,
+    },
     /// A key record is inconsistent (for example a served key without material).
     #[error("malformed key record for {key_id}: {detail}")]
     MalformedRecord {

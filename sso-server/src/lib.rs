@@ -16,6 +16,7 @@
 //! - [`connections`]: live connections over time: SIGHUP reload (all or nothing) and the
 //!   re-check of live connections, certificate expiry, maximum connection age.
 //! - [`peer`]: the failover pair: replication protocol, peer client, anti-entropy.
+//! - [`rotation`]: rotation serialised across the pair (domain logic, no HTTP).
 //! - [`dev`]: `--dev`, the embedded default.
 //!
 //! A request flows: TCP accept (connection cap) → TLS handshake (timeout, client
@@ -36,6 +37,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod peer;
+pub mod rotation;
 pub mod server;
 pub mod state;
 pub mod tls;

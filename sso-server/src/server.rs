@@ -82,6 +82,13 @@ pub async fn run(
         limits: config.limits.clone(),
         limiter: Limiter::new(&config.limits, metrics.clone()),
         distribute_wait: Duration::from_millis(250),
+        rotations: crate::rotation::Rotations::new(
+            config
+                .peer
+                .as_ref()
+                .map_or(Duration::from_secs(1), |p| Duration::from_millis(p.timeout_ms)),
+            Duration::from_millis(250),
+        ),
         peer,
     });
     {

@@ -117,6 +117,14 @@ fn snapshot(name: &str, run: &Run, dir: &Path) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/snapshots")
         .join(format!("{name}.txt"));
+    // Under CI a missing snapshot is a failure, not a freshly written pass: otherwise a
+    // snapshot never committed would make its test vacuous on every clean clone.
+    if !path.exists() && std::env::var_os("CI").is_some() {
+        panic!(
+            "snapshot {} is missing: run the test locally and commit the file",
+            path.display()
+        );
+    }
     if std::env::var("SNAPSHOTS").as_deref() == Ok("overwrite") || !path.exists() {
         std::fs::write(&path, &text).unwrap();
         return;
