@@ -74,7 +74,14 @@ fn main() -> ExitCode {
         let _ = out.flush();
         drop(out);
         sso_client::daemon::notify_ready();
-        agent::serve(listener, client, config.allowed_uids.clone(), shutdown).await;
+        agent::serve(
+            listener,
+            client,
+            config.allowed_uids.clone(),
+            config.max_connections_per_uid,
+            shutdown,
+        )
+        .await;
         let _ = std::fs::remove_file(&config.socket);
         ExitCode::SUCCESS
     })
