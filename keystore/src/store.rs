@@ -731,6 +731,49 @@ impl SealedStore {
         })
     }
 
+    /// The audit chain's HMAC key, derived from the KEK (see [`crate::audit`]).
+    pub fn audit_key(&self) -> crate::audit::AuditKey {
+        self.kek.audit_key().clone()
+    }
+
+    /// The audit log's anchor (entry count and head mac) as last recorded, if any.
+    pub fn audit_anchor(&self) -> Result<Option<crate::audit::AuditAnchor>> {
+        let count = meta_opt::<i64>(&self.conn, "audit_count")?;
+        let head = meta_opt::<String>(&self.conn, "audit_head")?;
+        match (count, head) {
+            (None, None) => Ok(None),
+            (Some(count), Some(head)) if count >= 0 && head.len() == 64 => Ok(Some(crate::audit::AuditAnchor {
+                count: count as u64,
+                head,
+            })),
+            _ => Err(Error::Integrity {
+                key_id: None,
+                detail: "the audit anchor in the store is incomplete or malformed".into(),
+            }),
+        }
+    }
+
+    /// Records the audit log's anchor (both values in one transaction).
+    pub fn set_audit_anchor(&mut self, anchor: &crate::audit::AuditAnchor) -> Result<()> {
+        let count = i64::try_from(anchor.count).map_err(|_| Error::Integrity {
+            key_id: None,
+            detail: "audit entry count out of range".into(),
+        })?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for (name, value) in [
+            ("audit_count", rusqlite::types::Value::from(count)),
+            ("audit_head", anchor.head.clone().into()),
+        ] {
+            tx.execute(
+                "INSERT INTO meta (name, value) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                params![name, value],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Records that a backup holding `key_ids` has been safely written.
     pub(crate) fn mark_backed_up(&mut self, key_ids: &[KeyId], at: OffsetDateTime) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

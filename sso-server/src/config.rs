@@ -179,11 +179,14 @@ pub struct UnsealConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
-    /// Append-only, hash-chained JSON-lines file.
+    /// Append-only JSON-lines file, chained with a keyed MAC.
     pub path: PathBuf,
     /// Entries waiting for the writer before new ones are dropped (and counted).
     #[serde(default = "default_audit_queue")]
     pub queue: usize,
+    /// Rotate the file when it reaches this many bytes (0: never; SIGHUP always reopens).
+    #[serde(default)]
+    pub rotate_bytes: u64,
 }
 
 fn default_audit_queue() -> usize {

@@ -113,6 +113,8 @@ pub struct Metrics {
     pub audit_dropped: AtomicU64,
     /// Audit entries lost to write failures.
     pub audit_failures: AtomicU64,
+    /// The audit chain's entry count (the head's sequence number, as anchored).
+    pub audit_entries: AtomicU64,
     /// Integrity alarms (conflicting key material, failed row authentication).
     pub integrity_alarms: AtomicU64,
     /// 1 when the peer answered the last attempt, 0 when not, -1 when there is no peer.
@@ -188,6 +190,7 @@ impl Default for Metrics {
             audit_written: AtomicU64::new(0),
             audit_dropped: AtomicU64::new(0),
             audit_failures: AtomicU64::new(0),
+            audit_entries: AtomicU64::new(0),
             integrity_alarms: AtomicU64::new(0),
             peer_up: AtomicI64::new(-1),
             peer_lag_epochs: AtomicU64::new(0),
@@ -340,6 +343,12 @@ impl Metrics {
             "sso_audit_failures_total",
             "Audit entries lost to write failures.",
             self.audit_failures.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "sso_audit_entries",
+            "Entries in the audit chain (the head's sequence number, as in admin status).",
+            self.audit_entries.load(Relaxed) as f64,
         );
         counter(
             &mut out,

@@ -65,7 +65,17 @@ pub async fn run(
         .store(loaded.server_cert_not_after.unwrap_or(0), Relaxed);
     connections::publish_crls(&metrics, &loaded.crls);
     let tls_config = Arc::new(ArcSwap::new(loaded.config));
-    let audit = Audit::open(&config.audit.path, &config.node, config.audit.queue, metrics.clone())?;
+    let audit = Audit::open(
+        &config.audit.path,
+        &crate::audit::AuditOptions {
+            node: config.node.clone(),
+            queue: config.audit.queue,
+            rotate_bytes: config.audit.rotate_bytes,
+        },
+        store.audit_key(),
+        store.audit_anchor()?,
+        metrics.clone(),
+    )?;
     let (epoch_tx, _) = watch::channel(0);
     let peer = match &config.peer {
         Some(p) => Some(Arc::new(crate::peer::Peer::new(p, &config.tls)?)),
@@ -96,6 +106,22 @@ pub async fn run(
         state.refresh(&store)?;
     }
 
+    {
+        // Every new audit head is anchored in the store's meta table.
+        let weak = Arc::downgrade(&state);
+        state.audit.anchor_to(Box::new(move |anchor| {
+            let Some(state) = weak.upgrade() else { return Ok(()) };
+            let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
+            store.set_audit_anchor(anchor).map_err(|e| e.to_string())
+        }));
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let audit = state.audit.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                audit.reopen();
+            }
+        });
+    }
     let metrics_task = tokio::spawn(serve_metrics(metrics_listener, metrics.clone()));
     let sync_task = tokio::spawn(crate::peer::sync_loop(state.clone()));
     // Registered here, not inside the task, so a SIGHUP right after start is not fatal.

@@ -231,7 +231,18 @@ async fn audit_entries_tell_apart_certificates_with_the_same_name() {
         assert_eq!(entry["cert_sha256"], sha256_of(cert));
     }
     assert_ne!(sha256_of(&first), sha256_of(&second));
-    sso_server::audit::verify(&setup.audit).unwrap();
+    drop(server);
+    // The new fields are inside the keyed chain: the log still verifies.
+    let key = keystore::UnsealKey::key_file(&setup.unseal_key).unwrap();
+    let store = keystore::SealedStore::open(&setup.store, &key).unwrap();
+    let anchor = store.audit_anchor().unwrap();
+    keystore::audit::verify(
+        std::slice::from_ref(&setup.audit),
+        &store.audit_key(),
+        keystore::audit::Start::Genesis,
+        anchor.as_ref(),
+    )
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
