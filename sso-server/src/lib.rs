@@ -8,7 +8,7 @@
 //! - [`identity`]: certificate identity → roles.
 //! - [`state`]: the open store and the published, pre-serialised keyring snapshot.
 //! - [`api`]: the endpoints of SPEC §5.
-//! - [`audit`]: the hash-chained, group-committed audit log.
+//! - [`audit`]: the MAC-chained (key from the KEK), anchored, group-committed audit log.
 //! - [`metrics`]: Prometheus counters on their own listener.
 //! - [`limits`]: pending-handshake, per-identity connection and watch caps, deadlines
 //!   after the handshake, aggregated audit of handshake floods.

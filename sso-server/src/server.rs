@@ -110,9 +110,14 @@ pub async fn run(
         // Every new audit head is anchored in the store's meta table.
         let weak = Arc::downgrade(&state);
         state.audit.anchor_to(Box::new(move |anchor| {
-            let Some(state) = weak.upgrade() else { return Ok(()) };
-            let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
-            store.set_audit_anchor(anchor).map_err(|e| e.to_string())
+            let Some(state) = weak.upgrade() else { return Ok(true) };
+            // Never wait for the store (a backup may hold it for its KDF): try later.
+            let mut store = match state.store.try_lock() {
+                Ok(s) => s,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            };
+            store.set_audit_anchor(anchor).map(|()| true).map_err(|e| e.to_string())
         }));
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let audit = state.audit.clone();
