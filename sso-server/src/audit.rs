@@ -20,7 +20,8 @@
 //! Line format (fields in this order; `mac` last):
 //!
 //! ```text
-//! {"seq":7,"time":"…","node":"a","identity":"client","role":"client","op":"keyring.fetch",
+//! {"seq":7,"time":"…","node":"a","identity":"client","cert_serial":"<hex>"|null,
+//!  "cert_sha256":"<64 hex>"|null,"role":"client","op":"keyring.fetch",
 //!  "key_id":"…"|null,"outcome":"ok","detail":null|"…","peer":"127.0.0.1:5555"|null,
 //!  "prev":"<64 hex>","mac":"<64 hex>"}
 //! ```
@@ -55,6 +56,9 @@ pub struct AuditEvent {
     pub time: std::time::SystemTime,
     /// Who: the certificate label, or `-` before a handshake completed.
     pub identity: Arc<str>,
+    /// Which certificate: serial and fingerprint, so two certificates with the same
+    /// names (a revoked one and its replacement) are told apart. `None` without one.
+    pub cert: Option<Arc<CertRef>>,
     /// The role the caller held (`none` when it held none).
     pub role: &'static str,
     /// What: `keyring.fetch`, `key.fetch`, `admin.rotate`, `tls.handshake`, …
@@ -69,11 +73,21 @@ pub struct AuditEvent {
     pub peer: Option<std::net::SocketAddr>,
 }
 
+/// The certificate an audit entry is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRef {
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// SHA-256 of the certificate's DER, lowercase hex.
+    pub sha256: String,
+}
+
 impl AuditEvent {
     fn internal(op: &'static str, outcome: &'static str, detail: String) -> Self {
         Self {
             time: std::time::SystemTime::now(),
             identity: "-".into(),
+            cert: None,
             role: "none",
             op,
             key_id: None,
@@ -109,8 +123,9 @@ impl AuditHead {
     }
 }
 
-/// Where the writer records each new head (the store's `meta` table in the server).
-pub type AnchorSink = Box<dyn Fn(&AuditAnchor) -> Result<(), String> + Send + Sync>;
+/// Where the writer records each new head (the store's `meta` table in the server):
+/// `Ok(false)` when the store is busy and the writer should try again later.
+pub type AnchorSink = Box<dyn Fn(&AuditAnchor) -> Result<bool, String> + Send + Sync>;
 
 /// Settings of an audit log beyond its path.
 #[derive(Debug, Clone)]
@@ -245,6 +260,7 @@ impl Audit {
             failed: None,
             pending_first: first,
             anchor_failing: false,
+            anchor_pending: None,
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -367,6 +383,8 @@ struct Writer {
     pending_first: Vec<AuditEvent>,
     /// The last anchor write failed (logged once per episode).
     anchor_failing: bool,
+    /// A head not yet recorded in the store.
+    anchor_pending: Option<AuditAnchor>,
 }
 
 impl Writer {
@@ -379,6 +397,7 @@ impl Writer {
                 match rx.recv_timeout(Duration::from_millis(250)) {
                     Ok(ev) => Some(ev),
                     Err(RecvTimeoutError::Timeout) => {
+                        self.record_anchor();
                         if self.shared.reopen.load(Relaxed) {
                             None
                         } else {
@@ -519,21 +538,33 @@ impl Writer {
 
     fn publish(&mut self, head: AuditHead) {
         self.metrics.audit_entries.store(head.seq, Relaxed);
-        if let Some(sink) = self.shared.sink.get() {
-            match sink(&head.anchor()) {
-                Ok(()) if self.anchor_failing => {
+        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = head.clone();
+        self.anchor_pending = Some(head.anchor());
+        self.record_anchor();
+    }
+
+    /// Writes the pending anchor unless the store is busy (then the next batch, or the
+    /// next idle wake-up within 250 ms, tries again: the writer never waits on the store).
+    fn record_anchor(&mut self) {
+        let (Some(sink), Some(anchor)) = (self.shared.sink.get(), self.anchor_pending.as_ref()) else {
+            return;
+        };
+        match sink(anchor) {
+            Ok(false) => {}
+            Ok(true) => {
+                self.anchor_pending = None;
+                if self.anchor_failing {
                     self.anchor_failing = false;
                     tracing::info!("audit anchor recorded in the store again");
                 }
-                Ok(()) => {}
-                Err(e) if !self.anchor_failing => {
+            }
+            Err(e) => {
+                if !self.anchor_failing {
                     self.anchor_failing = true;
-                    tracing::error!(error = %e, "could not record the audit anchor in the store; retrying with every batch");
+                    tracing::error!(error = %e, "could not record the audit anchor in the store; retrying");
                 }
-                Err(_) => {}
             }
         }
-        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = head;
     }
 
     fn reopen(&mut self, why: &str, batch: &mut Vec<AuditEvent>) {
@@ -593,6 +624,15 @@ fn append_line(
     push_json_str(buf, node);
     buf.extend_from_slice(b",\"identity\":");
     push_json_str(buf, &ev.identity);
+    match ev.cert.as_deref() {
+        Some(c) => {
+            buf.extend_from_slice(b",\"cert_serial\":");
+            push_json_str(buf, &c.serial);
+            buf.extend_from_slice(b",\"cert_sha256\":");
+            push_json_str(buf, &c.sha256);
+        }
+        None => buf.extend_from_slice(b",\"cert_serial\":null,\"cert_sha256\":null"),
+    }
     buf.extend_from_slice(b",\"role\":");
     push_json_str(buf, ev.role);
     buf.extend_from_slice(b",\"op\":");
@@ -791,6 +831,7 @@ mod tests {
         AuditEvent {
             time: std::time::SystemTime::now(),
             identity: "client".into(),
+            cert: None,
             role: "client",
             op,
             key_id: None,
@@ -1071,6 +1112,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(report.last_seq, 22);
+    }
+
+    #[test]
+    fn a_busy_store_delays_the_anchor_but_the_latest_head_gets_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = open(&path, None);
+        let stored: Arc<Mutex<Option<AuditAnchor>>> = Arc::default();
+        let busy = Arc::new(AtomicBool::new(true));
+        let (sink_stored, sink_busy) = (stored.clone(), busy.clone());
+        audit.anchor_to(Box::new(move |a| {
+            if sink_busy.load(Relaxed) {
+                return Ok(false);
+            }
+            *sink_stored.lock().unwrap() = Some(a.clone());
+            Ok(true)
+        }));
+        for _ in 0..20 {
+            audit.record(event("keyring.fetch"));
+        }
+        wait_for(&audit, 20);
+        assert!(stored.lock().unwrap().is_none());
+        // The store frees up; no new entries arrive, yet the head is anchored.
+        busy.store(false, Relaxed);
+        for _ in 0..200 {
+            if stored.lock().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(stored.lock().unwrap().clone(), Some(audit.head().anchor()));
     }
 
     #[test]
