@@ -96,6 +96,16 @@ pub(crate) fn parse_crl_bytes(bytes: &[u8]) -> Result<Vec<CertificateRevocationL
     Ok(crls)
 }
 
+/// A CRL file through the parser and checker `build` uses, for the fuzz target.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_crl(data: &[u8]) {
+    if let Ok(crls) = parse_crl_bytes(data) {
+        for crl in crls {
+            let _ = check_crl(&crl, &[]);
+        }
+    }
+}
+
 /// A CA certificate a CRL may be signed by: a trust anchor from `client_ca` or an issuing
 /// CA from `crl_issuers`.
 struct Signer {
