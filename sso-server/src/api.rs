@@ -214,6 +214,7 @@ pub async fn handle(
     state.audit.record(AuditEvent {
         time: std::time::SystemTime::now(),
         identity: caller.label.clone(),
+        cert: Some(caller.cert.clone()),
         role: caller.roles.label(),
         op,
         key_id,

@@ -28,3 +28,8 @@ pub fn request(data: &[u8]) {
 pub fn audit_line(data: &[u8]) {
     keystore::fuzzing::audit_log(data);
 }
+
+/// A CRL file (PEM or DER) through the loader's parse and signature check.
+pub fn crl_file(data: &[u8]) {
+    crate::tls::fuzz_crl(data);
+}

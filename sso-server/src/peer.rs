@@ -516,6 +516,7 @@ pub async fn sync_loop(state: Arc<crate::state::AppState>) {
                     state.audit.record(crate::audit::AuditEvent {
                         time: std::time::SystemTime::now(),
                         identity: ps.node.clone().unwrap_or_else(|| "peer".into()).into(),
+                        cert: None,
                         role: "peer",
                         op: "peer.sync",
                         key_id: None,
