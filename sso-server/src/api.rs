@@ -282,13 +282,132 @@ async fn dispatch_rare(
         Endpoint::Keyring => Ok(keyring(state)),
         Endpoint::Watch => watch(req.uri().query(), caller, state).await,
         Endpoint::Key => key(route.key_id, state),
-        Endpoint::Rotate => {
-            let body = read_body(req, state).await?;
-            rotate(&body, state).await
+        Endpoint::Rotate | Endpoint::Retire | Endpoint::Destroy | Endpoint::Restore => {
+            admin_write(route, req, caller, state).await
         }
-        Endpoint::Retire | Endpoint::Destroy => {
-            let id = route.key_id.ok_or_else(|| ApiError::bad_request("missing key id"))?;
-            let destroy = route.endpoint == Endpoint::Destroy;
+        Endpoint::Unknown => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+        _ => Box::pin(dispatch_other(route, req, state)).await,
+    }
+}
+
+/// An admin write, with its `Idempotency-Key` if it carries one (see `idempotency`).
+async fn admin_write(
+    route: &Route,
+    req: Request<Incoming>,
+    caller: &Caller,
+    state: &Arc<AppState>,
+) -> Result<Answer, ApiError> {
+    use crate::idempotency::{Begin, Stored};
+    let key = match req.headers().get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if crate::idempotency::valid_key(k) => Some(k.to_owned()),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "the Idempotency-Key header must be 1 to {} visible ASCII characters",
+                    crate::idempotency::MAX_KEY_LEN
+                )));
+            }
+        },
+    };
+    let body = read_body(req, state).await?;
+    let body_copy = Zeroizing::new(body.to_vec());
+    let (endpoint, key_id, runner) = (route.endpoint, route.key_id, caller.clone());
+    let run = {
+        let state = state.clone();
+        move || async move { run_admin_write(endpoint, key_id, &body, &runner, &state).await }
+    };
+    let Some(key) = key else { return run().await };
+    let target = key_id.map(|k| k.to_string()).unwrap_or_default();
+    let fingerprint = crate::idempotency::fingerprint(&state.idempotency_secret, route.op, &target, &body_copy);
+    drop(body_copy);
+    let who = caller.label.to_string();
+    match state.idempotency.begin(&who, &key, fingerprint) {
+        Begin::Fresh => {}
+        Begin::Replay(stored) => {
+            let mut response = json_response(
+                StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
+                stored.body,
+            );
+            response
+                .headers_mut()
+                .insert("idempotent-replay", header::HeaderValue::from_static("true"));
+            return Ok(audited(
+                response,
+                Some(format!("replayed the answer to Idempotency-Key {key}")),
+            ));
+        }
+        Begin::Running => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "in_progress",
+                "a request with this Idempotency-Key is still running; repeat it in a moment to get its answer",
+            ));
+        }
+        Begin::Mismatch => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different request; use a new key for a new request",
+            ));
+        }
+        Begin::Full => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many admin writes are running; retry later",
+            ));
+        }
+    }
+    // Runs to its end even if this client goes away, so a repeat finds the answer.
+    let result = match tokio::spawn(run()).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::internal()),
+    };
+    let keep = |status: StatusCode, code: &str| {
+        !(status.is_server_error() || code == "rotation_busy" || code == "in_progress" || code == "busy")
+    };
+    match result {
+        Ok(answer) => {
+            let (parts, body) = answer.response.into_parts();
+            let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let stored = keep(parts.status, "").then(|| Stored {
+                status: parts.status.as_u16(),
+                body: bytes.clone(),
+            });
+            state.idempotency.finish(&who, &key, fingerprint, stored);
+            Ok(Answer {
+                response: Response::from_parts(parts, Full::new(bytes)),
+                ..answer
+            })
+        }
+        Err(e) => {
+            let stored = keep(e.status, e.code).then(|| Stored {
+                status: e.status.as_u16(),
+                body: Bytes::from(
+                    serde_json::to_vec(&serde_json::json!({ "error": e.code, "message": e.message }))
+                        .unwrap_or_default(),
+                ),
+            });
+            state.idempotency.finish(&who, &key, fingerprint, stored);
+            Err(e)
+        }
+    }
+}
+
+async fn run_admin_write(
+    endpoint: Endpoint,
+    key_id: Option<KeyId>,
+    body: &[u8],
+    caller: &Caller,
+    state: &Arc<AppState>,
+) -> Result<Answer, ApiError> {
+    match endpoint {
+        Endpoint::Rotate => rotate(body, state).await,
+        Endpoint::Restore => restore(body, caller, state).await,
+        _ => {
+            let id = key_id.ok_or_else(|| ApiError::bad_request("missing key id"))?;
+            let destroy = endpoint == Endpoint::Destroy;
             let meta = with_store(
                 state,
                 move |store| if destroy { store.destroy(id) } else { store.retire(id) },
@@ -302,14 +421,15 @@ async fn dispatch_rare(
                 Some(format!("replication {replication}")),
             ))
         }
+    }
+}
+
+async fn dispatch_other(route: &Route, req: Request<Incoming>, state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    match route.endpoint {
         Endpoint::Status => status(state).await,
         Endpoint::Backup => {
             let body = read_body(req, state).await?;
             backup(&body, state).await
-        }
-        Endpoint::Restore => {
-            let body = read_body(req, state).await?;
-            restore(&body, caller, state).await
         }
         Endpoint::Peer if route.op == "peer.keys" => peer_keys(req.uri().query(), state).await,
         Endpoint::Peer => {
@@ -321,7 +441,7 @@ async fn dispatch_rare(
                 _ => peer_merge(&body, state).await,
             }
         }
-        Endpoint::Unknown => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
     }
 }
 

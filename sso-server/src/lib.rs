@@ -33,6 +33,7 @@ pub mod connections;
 pub mod dev;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod idempotency;
 pub mod identity;
 pub mod limits;
 pub mod metrics;

@@ -100,6 +100,9 @@ pub async fn run(
             Duration::from_millis(250),
         ),
         peer,
+        idempotency: crate::idempotency::Idempotency::default(),
+        idempotency_secret: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+            .map_err(|_| ServerError::Io(std::io::Error::other("the random number generator failed")))?,
     });
     {
         let store = state.store.lock().unwrap_or_else(|p| p.into_inner());

@@ -67,6 +67,10 @@ pub struct AppState {
     pub peer: Option<Arc<crate::peer::Peer>>,
     /// The rotation queue and lease (see `rotation`).
     pub rotations: crate::rotation::Rotations,
+    /// Recent answers to admin writes that carried an `Idempotency-Key`.
+    pub idempotency: crate::idempotency::Idempotency,
+    /// Per-process key for the idempotency table's request fingerprints.
+    pub idempotency_secret: ring::hmac::Key,
 }
 
 impl crate::rotation::LocalNode for Arc<AppState> {

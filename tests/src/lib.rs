@@ -418,6 +418,17 @@ impl Client {
     /// One request on a fresh connection. `Err` carries the transport error text (a
     /// refused handshake shows up here).
     pub async fn request(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Reply, String> {
+        self.request_with(method, path, body, &[]).await
+    }
+
+    /// [`Client::request`] with extra headers.
+    pub async fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, String> {
         let tcp = tokio::net::TcpStream::connect(self.addr)
             .await
             .map_err(|e| e.to_string())?;
@@ -432,7 +443,10 @@ impl Client {
             .method(method)
             .uri(path)
             .header("host", "localhost")
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        let req = headers
+            .iter()
+            .fold(req, |req, (name, value)| req.header(*name, *value))
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| e.to_string())?;
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;

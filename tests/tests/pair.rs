@@ -406,3 +406,67 @@ async fn a_replicated_destroy_wipes_the_material_from_both_nodes_files() {
         }
     }
 }
+
+/// Issue 12 / SPEC §10: rotate, retire and destroy with an `Idempotency-Key`: a repeat
+/// returns the first answer byte for byte and changes nothing on either node; the same key
+/// with another request is refused. Before the fix the repeat rotated again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_admin_writes_replay_the_first_answer_and_change_nothing() {
+    let (_dir, pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let a = admin(&pair, &pair.a);
+    let post = |path: String, key: &'static str, body: &'static str| {
+        let a = a.clone();
+        async move {
+            a.request_with(
+                "POST",
+                &path,
+                Some(body.as_bytes().to_vec()),
+                &[("idempotency-key", key)],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let first = post("/v1/admin/rotate".into(), "rotate-1", "{}").await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let after_first = (view(&pair, &pair.a).await.unwrap(), view(&pair, &pair.b).await.unwrap());
+    let again = post("/v1/admin/rotate".into(), "rotate-1", "{}").await;
+    assert_eq!(
+        (again.status, &again.body),
+        (first.status, &first.body),
+        "the repeat did not replay"
+    );
+    assert_eq!(
+        (view(&pair, &pair.a).await.unwrap(), view(&pair, &pair.b).await.unwrap()),
+        after_first,
+        "the repeat changed the key sets"
+    );
+    let reused = post("/v1/admin/rotate".into(), "rotate-1", "{\"allow_degraded\":true}").await;
+    assert_eq!(reused.status, 422, "{:?}", reused.body);
+    assert_eq!(reused.json()["error"], "idempotency_key_reused");
+
+    // Retire then destroy the first key, each twice with its own key.
+    let (keys, _) = view(&pair, &pair.a).await.unwrap();
+    let old = keys.iter().find(|(_, s)| s == "active").unwrap().0.clone();
+    for (op, key) in [("retire", "retire-1"), ("destroy", "destroy-1")] {
+        let path = format!("/v1/admin/keys/{old}/{op}");
+        let one = post(path.clone(), key, "{}").await;
+        assert_eq!(one.status, 200, "{op}: {:?}", one.body);
+        let epoch = admin(&pair, &pair.a).get("/v1/admin/status").await.unwrap().json()["epoch"].clone();
+        let two = post(path, key, "{}").await;
+        assert_eq!((two.status, &two.body), (one.status, &one.body), "{op} did not replay");
+        let now = admin(&pair, &pair.a).get("/v1/admin/status").await.unwrap().json()["epoch"].clone();
+        assert_eq!(now, epoch, "the repeated {op} changed the store");
+    }
+    let bad = a
+        .request_with(
+            "POST",
+            "/v1/admin/rotate",
+            Some(b"{}".to_vec()),
+            &[("idempotency-key", "has space")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 400);
+}
