@@ -59,6 +59,9 @@ pub struct AgentConfig {
     /// Refuse to serve once no server was reached for this long (default: never).
     #[serde(default)]
     pub max_stale_secs: Option<u64>,
+    /// Kubernetes KMS v2 on its own socket (`[kms]`, see [`crate::kms`]).
+    #[serde(default)]
+    pub kms: Option<crate::kms::KmsConfig>,
 }
 
 fn default_mode() -> String {
@@ -71,12 +74,19 @@ impl AgentConfig {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut config: Self = toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        for p in [&mut config.ca, &mut config.cert, &mut config.key, &mut config.socket] {
+        let kms = config.kms.as_mut().map(|k| &mut k.socket);
+        for p in [&mut config.ca, &mut config.cert, &mut config.key, &mut config.socket]
+            .into_iter()
+            .chain(kms)
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
         config.mode()?;
+        if let Some(kms) = &config.kms {
+            kms.mode()?;
+        }
         if config.endpoints.is_empty() {
             return Err("endpoints: at least one server is needed".into());
         }
@@ -96,15 +106,13 @@ impl AgentConfig {
             allowed_uids: Vec::new(),
             poll_interval_secs: None,
             max_stale_secs: None,
+            kms: Some(crate::kms::KmsConfig::dev(dir)),
         }
     }
 
     /// The socket mode as a number.
     pub fn mode(&self) -> Result<u32, String> {
-        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .ok_or_else(|| format!("socket_mode: {:?} is not an octal mode like \"0660\"", self.socket_mode))
+        parse_mode(&self.socket_mode, "socket_mode")
     }
 
     /// A client builder for this config.
@@ -120,6 +128,35 @@ impl AgentConfig {
             b = b.max_stale(Duration::from_secs(s));
         }
         b
+    }
+}
+
+/// Parses an octal socket mode like "0660" (`field` names it in the error).
+pub(crate) fn parse_mode(mode: &str, field: &str) -> Result<u32, String> {
+    u32::from_str_radix(mode.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{field}: {mode:?} is not an octal mode like \"0660\""))
+}
+
+/// Which peer uids may use a socket: the configured list, or only the agent's own uid when
+/// it is empty. Shared by the HTTP socket and the KMS socket.
+#[derive(Debug, Clone)]
+pub struct UidAllowlist(Vec<u32>);
+
+impl UidAllowlist {
+    /// `configured` as given, or the agent's own uid when empty.
+    pub fn new(configured: Vec<u32>) -> Self {
+        if configured.is_empty() {
+            Self(vec![current_uid()])
+        } else {
+            Self(configured)
+        }
+    }
+
+    /// Whether a peer with this uid (`None`: unknown) may connect.
+    pub fn permits(&self, uid: Option<u32>) -> bool {
+        uid.is_some_and(|u| self.0.contains(&u))
     }
 }
 
@@ -143,12 +180,7 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
 
 /// Serves until `shutdown` completes.
 pub async fn serve(listener: UnixListener, client: Client, allowed_uids: Vec<u32>, shutdown: impl Future<Output = ()>) {
-    let own = current_uid();
-    let allowed = if allowed_uids.is_empty() {
-        vec![own]
-    } else {
-        allowed_uids
-    };
+    let allowed = UidAllowlist::new(allowed_uids);
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -163,7 +195,7 @@ pub async fn serve(listener: UnixListener, client: Client, allowed_uids: Vec<u32
             () = &mut shutdown => return,
         };
         let uid = stream.peer_cred().ok().map(|c| c.uid());
-        let permitted = uid.is_some_and(|u| allowed.contains(&u));
+        let permitted = allowed.permits(uid);
         let client = client.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
