@@ -33,7 +33,7 @@ use tonic::codegen::Service;
 use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroizing;
 
-use crate::agent::UidAllowlist;
+use crate::agent::{REFUSALS_ANSWERED_PER_UID, UidAllowlist, UidCounts};
 use crate::{Client, Error, Freshness};
 
 /// Bindings generated from the published API (`proto/kms/v2/api.proto`, package `v2`) by
@@ -216,13 +216,23 @@ impl std::fmt::Debug for DecryptResponse {
     }
 }
 
-/// Serves KMS v2 on `listener` until `shutdown` completes. A peer whose uid `allowed` does
-/// not permit (checked once, when its connection is accepted) gets `PERMISSION_DENIED` on
-/// every call, and no handler runs.
-pub async fn serve(listener: UnixListener, client: Client, allowed: UidAllowlist, shutdown: impl Future<Output = ()>) {
+/// Serves KMS v2 on `listener` until `shutdown` completes, with the HTTP socket's limits:
+/// an allowed uid holds at most `max_per_uid` connections (past it, new ones are closed at
+/// once); a uid outside `allowed` (checked once, when its connection is accepted) gets
+/// `PERMISSION_DENIED` on every call with no handler run, on at most a few connections per
+/// uid, each for [`REFUSAL_LINGER`]; the rest of a flood is closed at once.
+pub async fn serve(
+    listener: UnixListener,
+    client: Client,
+    allowed: UidAllowlist,
+    max_per_uid: usize,
+    shutdown: impl Future<Output = ()>,
+) {
     let service = KeyManagementServiceServer::new(KmsService::new(client))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
+    let serving = UidCounts::default();
+    let refusing = UidCounts::default();
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -237,29 +247,51 @@ pub async fn serve(listener: UnixListener, client: Client, allowed: UidAllowlist
             () = &mut shutdown => return,
         };
         let uid = stream.peer_cred().ok().map(|c| c.uid());
+        let key = uid.unwrap_or(u32::MAX);
         let permitted = allowed.permits(uid);
-        if !permitted {
-            tracing::warn!(?uid, "refused a KMS connection from a uid outside the allowlist");
+        let slot = if permitted {
+            serving.take(key, max_per_uid)
+        } else {
+            refusing.take(key, REFUSALS_ANSWERED_PER_UID)
+        };
+        if !permitted || slot.is_none() {
+            let n = refusing.refused(key);
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    ?uid,
+                    refused = n,
+                    "refused KMS connections from a uid outside the allowlist or over its cap"
+                );
+            }
         }
+        let Some(slot) = slot else {
+            continue; // dropped: closed at once
+        };
         let service = service.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let per_call = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let mut service = service.clone();
                 async move {
                     if !permitted {
-                        return Ok(
-                            Status::permission_denied("this user may not use the agent's KMS socket").into_http(),
-                        );
+                        return Ok(Status::permission_denied("this user may not use the agent's KMS socket").into_http());
                     }
                     service.call(req).await
                 }
             });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(256)
                 .keep_alive_interval(Duration::from_secs(60))
-                .serve_connection(TokioIo::new(stream), per_call)
-                .await;
+                .serve_connection(TokioIo::new(stream), per_call);
+            if permitted {
+                let _ = connection.await;
+            } else {
+                let _ = tokio::time::timeout(REFUSAL_LINGER, connection).await;
+            }
         });
     }
 }
+
+/// How long a refused uid's connection is served (answering `PERMISSION_DENIED`).
+pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);

@@ -34,6 +34,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{PeerConfig, TlsConfig};
 use crate::identity::Pattern;
+use crate::rotation::{LinkError, PeerLink};
 use crate::tls::{self, TlsError};
 
 /// Checks the peer's server certificate as webpki does, then that it names the configured
@@ -280,6 +281,82 @@ impl Peer {
     }
 }
 
+impl Peer {
+    /// POSTs `body` to `path`; the status and body, or `Unreachable`.
+    async fn post(&self, path: &str, body: Bytes) -> Result<(u16, Zeroizing<Vec<u8>>), LinkError> {
+        let reply = self
+            .transport
+            .request_on(0, hyper::Method::POST, path, body, self.timeout)
+            .await
+            .map_err(|e| {
+                self.failed(&e);
+                LinkError::Unreachable(e)
+            })?;
+        if reply.status == 200 {
+            let epoch = self.status().peer_epoch.unwrap_or(0);
+            self.contact(self.status().node.as_deref().unwrap_or("peer"), epoch);
+        }
+        Ok((reply.status, reply.body))
+    }
+}
+
+/// A refusal from a rotation endpoint of the peer.
+fn refusal(status: u16, body: &[u8]) -> LinkError {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    match (status, v["error"].as_str().unwrap_or("")) {
+        (409, "busy") => LinkError::Busy,
+        (409, "lease_lost") => LinkError::LeaseLost,
+        (409, "stale") => LinkError::Stale(v["max_generation"].as_u64().unwrap_or(0)),
+        (409, "integrity") => LinkError::Conflict(v["message"].as_str().unwrap_or("").to_owned()),
+        (404 | 405, _) => LinkError::Protocol(format!(
+            "the peer answered {status}: it does not know the rotation protocol (upgrade it first)"
+        )),
+        _ => LinkError::Unreachable(format!(
+            "the peer answered {status}: {}",
+            v["message"].as_str().unwrap_or("")
+        )),
+    }
+}
+
+impl PeerLink for Peer {
+    async fn lease(&self, node: &str, token: u128, ttl: Duration) -> Result<u64, LinkError> {
+        let body = serde_json::json!({
+            "node": node, "token": format!("{token:032x}"), "ttl_ms": ttl.as_millis() as u64,
+        });
+        let (status, body) = self.post("/v1/peer/lease", Bytes::from(body.to_string())).await?;
+        if status != 200 {
+            return Err(refusal(status, &body));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        v["max_generation"]
+            .as_u64()
+            .ok_or_else(|| LinkError::Protocol("lease answer without max_generation".into()))
+    }
+
+    async fn stage(&self, node: &str, token: u128, record: &KeyRecord) -> Result<(), LinkError> {
+        let body = records_json(node, 0, "", std::slice::from_ref(record));
+        let (status, body) = self
+            .post(&format!("/v1/peer/stage?lease={token:032x}"), Bytes::from_owner(body))
+            .await?;
+        if status != 200 {
+            return Err(refusal(status, &body));
+        }
+        Ok(())
+    }
+
+    async fn promote(&self, node: &str, token: u128, records: &[KeyRecord]) -> Result<Option<KeyId>, LinkError> {
+        let body = records_json(node, 0, "", records);
+        let (status, body) = self
+            .post(&format!("/v1/peer/promote?lease={token:032x}"), Bytes::from_owner(body))
+            .await?;
+        if status != 200 {
+            return Err(refusal(status, &body));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        Ok(v["primary"].as_str().and_then(|p| p.parse().ok()))
+    }
+}
+
 /// A replication request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -439,6 +516,7 @@ pub async fn sync_loop(state: Arc<crate::state::AppState>) {
                     state.audit.record(crate::audit::AuditEvent {
                         time: std::time::SystemTime::now(),
                         identity: ps.node.clone().unwrap_or_else(|| "peer".into()).into(),
+                        cert: None,
                         role: "peer",
                         op: "peer.sync",
                         key_id: None,

@@ -1,6 +1,7 @@
 //! Listeners and connections: the TLS accept loop with its handshake timeout and
-//! connection cap, hyper (HTTP/1.1 and HTTP/2) on top, the metrics listener, certificate
-//! reload on SIGHUP, and graceful shutdown.
+//! connection cap, hyper (HTTP/1.1 and HTTP/2) on top, the metrics listener, and graceful
+//! shutdown. Each served connection is driven by [`connections::drive`] (revocation,
+//! expiry, maximum age); SIGHUP reloads live in [`connections`] too.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,8 +19,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::api;
-use crate::audit::{Audit, AuditError, AuditEvent};
+use crate::audit::{Audit, AuditError, AuditEvent, CertRef};
 use crate::config::Config;
+use crate::connections::{self, Registry};
 use crate::identity::{Caller, RoleMap};
 use crate::limits::{AGGREGATE_INTERVAL, Activity, Limiter, REFUSED_CONNECTION_TIME};
 use crate::metrics::Metrics;
@@ -61,8 +63,19 @@ pub async fn run(
     metrics
         .cert_not_after_unix
         .store(loaded.server_cert_not_after.unwrap_or(0), Relaxed);
+    connections::publish_crls(&metrics, &loaded.crls);
     let tls_config = Arc::new(ArcSwap::new(loaded.config));
-    let audit = Audit::open(&config.audit.path, &config.node, config.audit.queue, metrics.clone())?;
+    let audit = Audit::open(
+        &config.audit.path,
+        &crate::audit::AuditOptions {
+            node: config.node.clone(),
+            queue: config.audit.queue,
+            rotate_bytes: config.audit.rotate_bytes,
+        },
+        store.audit_key(),
+        store.audit_anchor()?,
+        metrics.clone(),
+    )?;
     let (epoch_tx, _) = watch::channel(0);
     let peer = match &config.peer {
         Some(p) => Some(Arc::new(crate::peer::Peer::new(p, &config.tls)?)),
@@ -79,6 +92,13 @@ pub async fn run(
         limits: config.limits.clone(),
         limiter: Limiter::new(&config.limits, metrics.clone()),
         distribute_wait: Duration::from_millis(250),
+        rotations: crate::rotation::Rotations::new(
+            config
+                .peer
+                .as_ref()
+                .map_or(Duration::from_secs(1), |p| Duration::from_millis(p.timeout_ms)),
+            Duration::from_millis(250),
+        ),
         peer,
     });
     {
@@ -86,15 +106,43 @@ pub async fn run(
         state.refresh(&store)?;
     }
 
+    {
+        // Every new audit head is anchored in the store's meta table.
+        let weak = Arc::downgrade(&state);
+        state.audit.anchor_to(Box::new(move |anchor| {
+            let Some(state) = weak.upgrade() else { return Ok(true) };
+            // Never wait for the store (a backup may hold it for its KDF): try later.
+            let mut store = match state.store.try_lock() {
+                Ok(s) => s,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            };
+            store.set_audit_anchor(anchor).map(|()| true).map_err(|e| e.to_string())
+        }));
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let audit = state.audit.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                audit.reopen();
+            }
+        });
+    }
     let metrics_task = tokio::spawn(serve_metrics(metrics_listener, metrics.clone()));
     let sync_task = tokio::spawn(crate::peer::sync_loop(state.clone()));
     // Registered here, not inside the task, so a SIGHUP right after start is not fatal.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let reload_task = tokio::spawn(reload_on_sighup(
+    // Requests in flight at a graceful end get as long as a watch may wait, and a little.
+    let drain = Duration::from_millis(config.limits.watch_max_wait_ms) + Duration::from_secs(5);
+    let registry = Registry::new(Duration::from_millis(config.limits.max_connection_age_ms), drain);
+    let reload_task = tokio::spawn(connections::reload_on_sighup(
         hup,
         config.clone(),
-        tls_config.clone(),
-        metrics.clone(),
+        connections::Reloadable {
+            tls_config: tls_config.clone(),
+            registry: registry.clone(),
+        },
+        state.clone(),
+        loaded.crls,
     ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -138,6 +186,7 @@ pub async fn run(
         let acceptor = TlsAcceptor::from(tls_config.load_full());
         let state = state.clone();
         let builder = builder.clone();
+        let registry = registry.clone();
         let mut stop = shutdown_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -157,7 +206,8 @@ pub async fn run(
             let Some(caller) = caller_of(&stream, &state) else {
                 return handshake_failed(&state, peer, "no_certificate", None);
             };
-            serve_connection(stream, caller, peer, state, &builder, stop).await;
+            let ticket = registry.register(stream.get_ref().1, &caller, peer, &state);
+            serve_connection(stream, caller, peer, state, &builder, stop, ticket).await;
         });
     }
     drop(https);
@@ -197,6 +247,10 @@ fn caller_of(stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>, st
     let roles = state.roles.roles(&identity);
     Some(Caller {
         label: identity.label().into(),
+        cert: Arc::new(CertRef {
+            serial: identity.serial.clone(),
+            sha256: identity.sha256.clone(),
+        }),
         identity,
         roles,
     })
@@ -212,6 +266,7 @@ async fn serve_connection(
     state: Arc<AppState>,
     builder: &auto::Builder<TokioExecutor>,
     mut stop: watch::Receiver<bool>,
+    mut ticket: connections::Ticket,
 ) {
     let slot = state.limiter.admit(&caller);
     let (first, idle) = match &slot {
@@ -223,6 +278,7 @@ async fn serve_connection(
                 AuditEvent {
                     time: std::time::SystemTime::now(),
                     identity: caller.label.clone(),
+                    cert: Some(caller.cert.clone()),
                     role: caller.roles.label(),
                     op: "connection.limit",
                     key_id: None,
@@ -267,6 +323,14 @@ async fn serve_connection(
             conn.as_mut().graceful_shutdown();
             conn.as_mut().await
         }
+        // Revoked or expired: dropped at once. Maximum age: GOAWAY, bounded drain.
+        end = ticket.ended() => match end {
+            connections::End::Cut => Ok(()),
+            connections::End::Graceful(drain) => {
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(drain, conn.as_mut()).await.unwrap_or(Ok(()))
+            }
+        },
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -322,6 +386,7 @@ fn handshake_failed(state: &AppState, peer: std::net::SocketAddr, reason: &'stat
         AuditEvent {
             time: std::time::SystemTime::now(),
             identity: "-".into(),
+            cert: None,
             role: "none",
             op: "tls.handshake",
             key_id: None,
@@ -334,28 +399,6 @@ fn handshake_failed(state: &AppState, peer: std::net::SocketAddr, reason: &'stat
         },
         reason,
     );
-}
-
-async fn reload_on_sighup(
-    mut hup: tokio::signal::unix::Signal,
-    config: Config,
-    tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
-    metrics: Arc<Metrics>,
-) {
-    while hup.recv().await.is_some() {
-        match tls::build(&config.tls) {
-            Ok(loaded) => {
-                tls_config.store(loaded.config);
-                metrics
-                    .cert_not_after_unix
-                    .store(loaded.server_cert_not_after.unwrap_or(0), Relaxed);
-                tracing::info!("SIGHUP: reloaded certificates and CRLs; new connections use them");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "SIGHUP: reload failed; still serving with the previous certificates")
-            }
-        }
-    }
 }
 
 async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {

@@ -65,6 +65,51 @@ pub struct AppState {
     pub distribute_wait: std::time::Duration,
     /// The other node of the pair, if configured.
     pub peer: Option<Arc<crate::peer::Peer>>,
+    /// The rotation queue and lease (see `rotation`).
+    pub rotations: crate::rotation::Rotations,
+}
+
+impl crate::rotation::LocalNode for Arc<AppState> {
+    fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn rotations(&self) -> &crate::rotation::Rotations {
+        &self.rotations
+    }
+
+    async fn with_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut SealedStore) -> keystore::Result<T> + Send + 'static,
+    ) -> keystore::Result<T> {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
+            let before = store.epoch()?;
+            let out = f(&mut store)?;
+            if store.epoch()? != before {
+                state.refresh(&store)?;
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|_| keystore::Error::Integrity {
+            key_id: None,
+            detail: "a store task panicked".into(),
+        })?
+    }
+
+    fn distribute_wait(&self) -> std::time::Duration {
+        self.distribute_wait
+    }
+
+    fn token(&self) -> u128 {
+        use ring::rand::SecureRandom;
+        let mut b = [0u8; 16];
+        // A failed fill leaves zeros: still a valid token, only less unique.
+        let _ = ring::rand::SystemRandom::new().fill(&mut b);
+        u128::from_le_bytes(b)
+    }
 }
 
 impl AppState {

@@ -269,7 +269,23 @@ async fn kms_socket_refuses_uids_outside_its_allowlist() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"status\""), "{out:?}");
     let log = std::fs::read_to_string(e.dir.path().join("strict.log")).unwrap();
-    assert!(log.contains("refused a KMS connection"), "{log}");
+    assert!(log.contains("refused KMS connections"), "{log}");
+
+    // A flood from the refused uid costs the agent no descriptors: past a few answered
+    // refusals per uid, its connections are closed at once.
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).unwrap().count();
+    let before = fds();
+    let kms_socket = agent.kms_socket.clone().unwrap();
+    let held: Vec<_> = (0..200)
+        .map(|_| std::os::unix::net::UnixStream::connect(&kms_socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = fds();
+    assert!(
+        during < before + 20,
+        "the agent holds {during} descriptors with 200 refused connections open (before: {before})"
+    );
+    drop(held);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -102,15 +102,22 @@ fn main() -> ExitCode {
         let _ = out.flush();
         drop(out);
         sso_client::daemon::notify_ready();
+        let max_per_uid = config.max_connections_per_uid;
         let kms = kms_listener.map(|l| {
             let uids = config
                 .kms
                 .as_ref()
                 .and_then(|k| k.allowed_uids.clone())
                 .unwrap_or_else(|| config.allowed_uids.clone());
-            tokio::spawn(kms::serve(l, client.clone(), UidAllowlist::new(uids), stopped()))
+            tokio::spawn(kms::serve(
+                l,
+                client.clone(),
+                UidAllowlist::new(uids),
+                max_per_uid,
+                stopped(),
+            ))
         });
-        agent::serve(listener, client, config.allowed_uids.clone(), stopped()).await;
+        agent::serve(listener, client, config.allowed_uids.clone(), max_per_uid, stopped()).await;
         if let Some(kms) = kms {
             let _ = kms.await;
         }
