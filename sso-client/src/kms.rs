@@ -274,7 +274,9 @@ pub async fn serve(
                 let mut service = service.clone();
                 async move {
                     if !permitted {
-                        return Ok(Status::permission_denied("this user may not use the agent's KMS socket").into_http());
+                        return Ok(
+                            Status::permission_denied("this user may not use the agent's KMS socket").into_http(),
+                        );
                     }
                     service.call(req).await
                 }

@@ -273,7 +273,11 @@ async fn kms_socket_refuses_uids_outside_its_allowlist() {
 
     // A flood from the refused uid costs the agent no descriptors: past a few answered
     // refusals per uid, its connections are closed at once.
-    let fds = || std::fs::read_dir(format!("/proc/{}/fd", agent.child.id())).unwrap().count();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", agent.child.id()))
+            .unwrap()
+            .count()
+    };
     let before = fds();
     let kms_socket = agent.kms_socket.clone().unwrap();
     let held: Vec<_> = (0..200)
