@@ -593,7 +593,7 @@ impl Writer {
         }
         tracing::info!(rotated_to = %to.display(), "audit log rotated");
         self.reopen("rotation", batch);
-        if let Some(first) = batch.first_mut() {
+        if let Some(first) = batch.first_mut().filter(|e| e.op == REOPENED_OP) {
             first.detail = Some(format!("rotation: previous entries are in {}", to.display()));
         }
     }
