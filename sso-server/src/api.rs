@@ -259,6 +259,24 @@ async fn dispatch(
     state: &Arc<AppState>,
 ) -> Result<Answer, ApiError> {
     match route.endpoint {
+        Endpoint::Health => Ok(quiet(health(state))),
+        Endpoint::Keyring => Ok(keyring(state)),
+        Endpoint::Watch => watch(req.uri().query(), caller, state).await,
+        Endpoint::Key => key(route.key_id, state),
+        // The rest is rare and its futures are large (kilobytes): boxed, so the future that
+        // every request, and every open watch, carries stays small. See docs/benchmarks.md,
+        // "Memory per open watch".
+        _ => Box::pin(dispatch_rare(route, req, caller, state)).await,
+    }
+}
+
+async fn dispatch_rare(
+    route: &Route,
+    req: Request<Incoming>,
+    caller: &Caller,
+    state: &Arc<AppState>,
+) -> Result<Answer, ApiError> {
+    match route.endpoint {
         Endpoint::Status if route.op == "admin.audit_verify" => audit_verify(req.uri().query(), state).await,
         Endpoint::Health => Ok(quiet(health(state))),
         Endpoint::Keyring => Ok(keyring(state)),
@@ -919,5 +937,21 @@ mod tests {
         );
         let r = route(&Method::POST, &format!("/v1/admin/keys/{}/retire", "ab".repeat(16))).unwrap();
         assert_eq!(r.needs, Some(Role::Admin));
+    }
+}
+#[cfg(test)]
+mod future_size {
+    use super::*;
+
+    fn future_size<A, B, C, D, Fut, F: Fn(A, B, C, D) -> Fut>(_: F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every open watch holds one request future; admin handlers must not inflate it.
+    #[test]
+    fn the_request_future_stays_small() {
+        let size =
+            future_size(|r: Request<Incoming>, c: Arc<Caller>, p: SocketAddr, s: Arc<AppState>| handle(r, c, p, s));
+        assert!(size <= 2048, "the request handler's future is {size} bytes");
     }
 }
