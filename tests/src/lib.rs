@@ -516,6 +516,8 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct TestAgent {
     pub child: Child,
     pub socket: PathBuf,
+    /// The KMS v2 socket, when the config has `[kms]`.
+    pub kms_socket: Option<PathBuf>,
 }
 
 impl TestAgent {
@@ -532,13 +534,17 @@ impl TestAgent {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut kms = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("sso-agent kms socket=") {
+                    kms = Some(PathBuf::from(rest));
+                }
                 if let Some(rest) = line.strip_prefix("sso-agent listening socket=") {
-                    let _ = tx.send(rest.to_owned());
+                    let _ = tx.send((rest.to_owned(), kms.take()));
                 }
             }
         });
-        let socket = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
+        let (socket, kms_socket) = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
             let _ = child.kill();
             panic!(
                 "agent did not start: {}",
@@ -548,8 +554,34 @@ impl TestAgent {
         Self {
             child,
             socket: PathBuf::from(socket),
+            kms_socket,
         }
     }
+
+    /// A gRPC client of the agent's KMS v2 socket (panics when it has none).
+    pub async fn kms(&self) -> KmsClient {
+        kms_client(self.kms_socket.as_deref().expect("the agent serves no KMS socket")).await
+    }
+}
+
+/// A tonic client of `v2.KeyManagementService`.
+pub type KmsClient =
+    sso_client::kms::v2::key_management_service_client::KeyManagementServiceClient<tonic::transport::Channel>;
+
+/// Connects a tonic client to a KMS v2 Unix socket (one HTTP/2 connection, reused).
+pub async fn kms_client(socket: &Path) -> KmsClient {
+    let path = socket.to_path_buf();
+    // The URI is required by tonic but unused: the connector dials the socket.
+    let channel = tonic::transport::Endpoint::from_static("http://kms.invalid")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", socket.display()));
+    KmsClient::new(channel)
 }
 
 impl Drop for TestAgent {
