@@ -27,6 +27,25 @@ pub fn stored_blob(data: &[u8]) {
     let _ = crate::decode_blob(data);
 }
 
+/// An audit log (one or more lines) through the verifier, keyed with a fixed key, with
+/// the first line's count as an anchor when it parses.
+pub fn audit_log(data: &[u8]) {
+    let key = crate::audit::AuditKey::from_bytes(&[7u8; 32]);
+    let files = [std::path::PathBuf::from("fuzz")];
+    let open = |_: &std::path::Path| Ok(std::io::Cursor::new(data));
+    let anchor = std::str::from_utf8(data)
+        .ok()
+        .and_then(|t| t.lines().next())
+        .and_then(|l| crate::audit::parse_line(l).ok())
+        .map(|l| crate::audit::AuditAnchor {
+            count: l.seq,
+            head: l.mac.to_owned(),
+        });
+    for start in [crate::audit::Start::Genesis, crate::audit::Start::Any] {
+        let _ = crate::audit::verify_with(&files, open, &key, start, anchor.as_ref());
+    }
+}
+
 /// Valid inputs for each target above, to seed the corpora: `(target, bytes)`.
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     use sso_proto::{KeyId, KeyMeta, KeyState, MasterSecret};

@@ -10,6 +10,8 @@
 //!   migrations) and the key model's transitions: stage, promote, retire, destroy, merge.
 //! - [`backup`]: the password-sealed backup file format (`docs/backup-format.md`).
 //! - [`fsutil`]: private (0600), atomic file writes.
+//! - [`audit`]: the audit log's keyed chain (line format, key, anchor, verifier), shared
+//!   by the server that writes it and `ssoctl audit verify`.
 //!
 //! Data flows from an [`UnsealKey`] to a KEK that lives only inside an open
 //! [`SealedStore`]; plaintext secrets leave the store only as
@@ -17,6 +19,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod audit;
 pub mod backup;
 pub mod fsutil;
 pub mod store;
@@ -31,6 +34,7 @@ use std::path::{Path, PathBuf};
 
 use sso_proto::KeyId;
 
+pub use audit::{AuditAnchor, AuditKey};
 pub use backup::{BackupInfo, OpenedBackup, PendingBackup};
 pub use store::{CreateOptions, KeyRecord, Keyring, MergeReport, SealedStore, StoreStatus};
 pub use unseal::{KdfParams, UnsealKey, UnsealKind};
@@ -94,6 +98,19 @@ pub enum Error {
     /// generation than stored. Refused; nothing was written.
     #[error("integrity alarm: key {0} arrived with different material than stored; nothing was merged")]
     ConflictingKey(KeyId),
+    /// A staged key from the peer whose generation is not above every stored key: a
+    /// rotation that did not see this node's newest key. Nothing was written.
+    #[error(
+        "key {key_id} has generation {generation}, not above this store's highest generation {max}; the rotation must choose again"
+    )]
+    StaleGeneration {
+        /// The key concerned.
+        key_id: KeyId,
+        /// Its generation.
+        generation: u64,
+        /// The highest generation stored here.
+        max: u64,
+    },
     /// A key record is inconsistent (for example a served key without material).
     #[error("malformed key record for {key_id}: {detail}")]
     MalformedRecord {

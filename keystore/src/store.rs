@@ -435,37 +435,67 @@ impl SealedStore {
 
     /// Generates a new key and stores it `staged`: distributed, not yet used to encrypt.
     pub fn stage_new(&mut self) -> Result<KeyMeta> {
-        self.insert_new(Lifecycle::Staged)
+        self.insert_new(Lifecycle::Staged, 0)
+    }
+
+    /// Generates a new key and stores it `staged`, with a generation above every stored
+    /// key and above `floor` (the peer's highest generation, learned under its rotation
+    /// lease). The generation is chosen inside the write transaction, so two writers on
+    /// this store can never choose the same one.
+    pub fn stage_new_above(&mut self, floor: u64) -> Result<KeyMeta> {
+        self.insert_new(Lifecycle::Staged, floor)
     }
 
     /// Generates a new key and promotes it at once (a standalone rotation, where there is
     /// nobody to distribute to first).
     pub fn rotate(&mut self) -> Result<KeyMeta> {
-        self.insert_new(Lifecycle::Promoted)
+        self.insert_new(Lifecycle::Promoted, 0)
     }
 
-    /// Generates a key in memory without storing it: the first step of a replicated
-    /// rotation, which must reach the peer before it is written here. Store it with
-    /// [`SealedStore::merge`]. The generation is one more than any stored.
-    pub fn generate_key(&self, state: KeyState) -> Result<KeyRecord> {
-        let secret = MasterSecret::generate(&self.rng).map_err(|_| Error::Randomness)?;
-        let key_id = KeyId::generate(&self.rng).map_err(|_| Error::Randomness)?;
+    /// The highest generation stored (0 for an empty store).
+    pub fn max_generation(&self) -> Result<u64> {
         let max: i64 = self
             .conn
             .query_row("SELECT COALESCE(MAX(generation), 0) FROM keys", [], |r| r.get(0))?;
-        let created_at = OffsetDateTime::now_utc()
-            .replace_nanosecond(0)
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-        Ok(KeyRecord {
-            meta: KeyMeta {
-                key_id,
-                generation: validate::next_generation(max)?,
-                created_at,
-                origin: self.node.clone(),
-                state,
-            },
-            secret: Some(secret),
-        })
+        Ok(u64::try_from(max).unwrap_or(0))
+    }
+
+    /// Stores a key the peer staged for a rotation it coordinates. A key id already stored
+    /// merges as usual (a repeated stage changes nothing); a new key must have a generation
+    /// above every stored key, checked inside the write transaction, else
+    /// [`Error::StaleGeneration`] and nothing is written.
+    pub fn accept_staged(&mut self, record: &KeyRecord) -> Result<MergeReport> {
+        self.merge_checked(std::slice::from_ref(record), true)
+    }
+
+    /// Retires every staged key with a generation below `below`: orphans of rotations that
+    /// were interrupted before promotion. They were never primary, so nothing was sealed
+    /// under them. Returns the retired keys' records (for replication).
+    pub fn retire_orphans(&mut self, below: u64) -> Result<Vec<KeyRecord>> {
+        let orphans: Vec<KeyId> = load_rows(&self.conn)?
+            .iter()
+            .filter(|r| r.lifecycle == Lifecycle::Staged && r.generation < below)
+            .map(|r| r.key_id)
+            .collect();
+        for id in &orphans {
+            self.transition(*id, Lifecycle::Retired)?;
+        }
+        if orphans.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .export()?
+            .into_iter()
+            .filter(|r| orphans.contains(&r.meta.key_id))
+            .collect())
+    }
+
+    /// One key's record with its material (none once destroyed), for replication.
+    pub fn export_key(&self, key_id: KeyId) -> Result<KeyRecord> {
+        self.export()?
+            .into_iter()
+            .find(|r| r.meta.key_id == key_id)
+            .ok_or(Error::KeyNotFound(key_id))
     }
 
     /// A digest of the key set: ids, generations and stored states, no material. Two stores
@@ -481,7 +511,7 @@ impl SealedStore {
         Ok(hex::encode(ctx.finish()))
     }
 
-    fn insert_new(&mut self, lifecycle: Lifecycle) -> Result<KeyMeta> {
+    fn insert_new(&mut self, lifecycle: Lifecycle, floor: u64) -> Result<KeyMeta> {
         let secret = MasterSecret::generate(&self.rng).map_err(|_| Error::Randomness)?;
         let key_id = KeyId::generate(&self.rng).map_err(|_| Error::Randomness)?;
         let created_at = OffsetDateTime::now_utc()
@@ -489,9 +519,17 @@ impl SealedStore {
             .unwrap_or(OffsetDateTime::UNIX_EPOCH);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let max: i64 = tx.query_row("SELECT COALESCE(MAX(generation), 0) FROM keys", [], |r| r.get(0))?;
+        let generation = u64::try_from(max)
+            .unwrap_or(0)
+            .max(floor)
+            .checked_add(1)
+            .ok_or(Error::MalformedRecord {
+                key_id,
+                detail: "generation out of range",
+            })?;
         let row = Row {
             key_id,
-            generation: validate::next_generation(max)?,
+            generation,
             created_at,
             origin: self.node.clone(),
             lifecycle,
@@ -600,8 +638,15 @@ impl SealedStore {
     /// of the two. A key id that arrives with different material or generation than
     /// stored is an integrity alarm: the whole merge is refused and nothing is written.
     pub fn merge(&mut self, incoming: &[KeyRecord]) -> Result<MergeReport> {
+        self.merge_checked(incoming, false)
+    }
+
+    /// [`SealedStore::merge`]; with `above_all`, a key not stored yet must also have a
+    /// generation above every stored key (checked in the same transaction).
+    fn merge_checked(&mut self, incoming: &[KeyRecord], above_all: bool) -> Result<MergeReport> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let rows = load_rows(&tx)?;
+        let max = rows.iter().map(|r| r.generation).max().unwrap_or(0);
         let stored: Vec<KeyMeta> = {
             let primary = derive_primary(&rows);
             rows.iter().map(|r| r.meta(primary)).collect()
@@ -609,10 +654,18 @@ impl SealedStore {
         // Every field of every record is checked before anything is written.
         let checked = validate::check_incoming(&stored, incoming)?;
         let mut report = MergeReport::default();
+        let mut wiped = false;
         for (record, checked) in incoming.iter().zip(&checked) {
             let meta = &record.meta;
             let target = Lifecycle::from_state(checked.state);
             let Some(local) = rows.iter().find(|r| r.key_id == meta.key_id) else {
+                if above_all && meta.generation <= max {
+                    return Err(Error::StaleGeneration {
+                        key_id: meta.key_id,
+                        generation: meta.generation,
+                        max,
+                    });
+                }
                 let row = Row {
                     key_id: meta.key_id,
                     generation: meta.generation,
@@ -642,6 +695,7 @@ impl SealedStore {
             }
             if target > local.lifecycle {
                 Self::rewrite_lifecycle(&self.kek, &self.rng, &tx, local, target)?;
+                wiped |= target == Lifecycle::Destroyed;
                 report.advanced += 1;
             } else {
                 report.unchanged += 1;
@@ -653,6 +707,12 @@ impl SealedStore {
             read_epoch(&tx)?
         };
         tx.commit()?;
+        if wiped {
+            // A destroy that arrived by replication wipes exactly like a local one: fold
+            // the WAL (which still holds the page with the wrapped material) in and
+            // truncate it.
+            self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        }
         Ok(report)
     }
 
@@ -680,6 +740,49 @@ impl SealedStore {
             last_backup_at,
             unseal_kind: UnsealKind::parse(&kind_text).unwrap_or(UnsealKind::Passphrase),
         })
+    }
+
+    /// The audit chain's HMAC key, derived from the KEK (see [`crate::audit`]).
+    pub fn audit_key(&self) -> crate::audit::AuditKey {
+        self.kek.audit_key().clone()
+    }
+
+    /// The audit log's anchor (entry count and head mac) as last recorded, if any.
+    pub fn audit_anchor(&self) -> Result<Option<crate::audit::AuditAnchor>> {
+        let count = meta_opt::<i64>(&self.conn, "audit_count")?;
+        let head = meta_opt::<String>(&self.conn, "audit_head")?;
+        match (count, head) {
+            (None, None) => Ok(None),
+            (Some(count), Some(head)) if count >= 0 && head.len() == 64 => Ok(Some(crate::audit::AuditAnchor {
+                count: count as u64,
+                head,
+            })),
+            _ => Err(Error::Integrity {
+                key_id: None,
+                detail: "the audit anchor in the store is incomplete or malformed".into(),
+            }),
+        }
+    }
+
+    /// Records the audit log's anchor (both values in one transaction).
+    pub fn set_audit_anchor(&mut self, anchor: &crate::audit::AuditAnchor) -> Result<()> {
+        let count = i64::try_from(anchor.count).map_err(|_| Error::Integrity {
+            key_id: None,
+            detail: "audit entry count out of range".into(),
+        })?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for (name, value) in [
+            ("audit_count", rusqlite::types::Value::from(count)),
+            ("audit_head", anchor.head.clone().into()),
+        ] {
+            tx.execute(
+                "INSERT INTO meta (name, value) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                params![name, value],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Records that a backup holding `key_ids` has been safely written.

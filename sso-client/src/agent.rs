@@ -59,7 +59,28 @@ pub struct AgentConfig {
     /// Refuse to serve once no server was reached for this long (default: never).
     #[serde(default)]
     pub max_stale_secs: Option<u64>,
+    /// Connections one allowed uid may hold open at once (default 64); past it, new ones
+    /// are answered 503 and closed.
+    #[serde(default = "default_max_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+    /// Kubernetes KMS v2 on its own socket (`[kms]`, see [`crate::kms`]).
+    #[serde(default)]
+    pub kms: Option<crate::kms::KmsConfig>,
 }
+
+fn default_max_connections_per_uid() -> usize {
+    DEFAULT_MAX_CONNECTIONS_PER_UID
+}
+
+/// Default of [`AgentConfig::max_connections_per_uid`].
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 64;
+/// Refused connections per uid that are kept for a moment to be answered 403; past it,
+/// a refused connection is closed at once without an answer.
+pub(crate) const REFUSALS_ANSWERED_PER_UID: usize = 4;
+/// The socket's listen queue.
+const LISTEN_BACKLOG: u32 = 128;
+/// How long a refused connection is kept to answer 403 before it is closed.
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 
 fn default_mode() -> String {
     "0660".into()
@@ -71,12 +92,22 @@ impl AgentConfig {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut config: Self = toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        for p in [&mut config.ca, &mut config.cert, &mut config.key, &mut config.socket] {
+        let kms = config.kms.as_mut().map(|k| &mut k.socket);
+        for p in [&mut config.ca, &mut config.cert, &mut config.key, &mut config.socket]
+            .into_iter()
+            .chain(kms)
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
         config.mode()?;
+        if let Some(kms) = &config.kms {
+            kms.mode()?;
+        }
+        if config.max_connections_per_uid == 0 {
+            return Err("max_connections_per_uid: must be at least 1".into());
+        }
         if config.endpoints.is_empty() {
             return Err("endpoints: at least one server is needed".into());
         }
@@ -96,15 +127,14 @@ impl AgentConfig {
             allowed_uids: Vec::new(),
             poll_interval_secs: None,
             max_stale_secs: None,
+            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
+            kms: Some(crate::kms::KmsConfig::dev(dir)),
         }
     }
 
     /// The socket mode as a number.
     pub fn mode(&self) -> Result<u32, String> {
-        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .ok_or_else(|| format!("socket_mode: {:?} is not an octal mode like \"0660\"", self.socket_mode))
+        parse_mode(&self.socket_mode, "socket_mode")
     }
 
     /// A client builder for this config.
@@ -123,6 +153,35 @@ impl AgentConfig {
     }
 }
 
+/// Parses an octal socket mode like "0660" (`field` names it in the error).
+pub(crate) fn parse_mode(mode: &str, field: &str) -> Result<u32, String> {
+    u32::from_str_radix(mode.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{field}: {mode:?} is not an octal mode like \"0660\""))
+}
+
+/// Which peer uids may use a socket: the configured list, or only the agent's own uid when
+/// it is empty. Shared by the HTTP socket and the KMS socket.
+#[derive(Debug, Clone)]
+pub struct UidAllowlist(Vec<u32>);
+
+impl UidAllowlist {
+    /// `configured` as given, or the agent's own uid when empty.
+    pub fn new(configured: Vec<u32>) -> Self {
+        if configured.is_empty() {
+            Self(vec![current_uid()])
+        } else {
+            Self(configured)
+        }
+    }
+
+    /// Whether a peer with this uid (`None`: unknown) may connect.
+    pub fn permits(&self, uid: Option<u32>) -> bool {
+        uid.is_some_and(|u| self.0.contains(&u))
+    }
+}
+
 /// Binds the socket: removes a stale socket file (never anything else), then sets the mode.
 pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -136,19 +195,30 @@ pub fn bind(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
             ));
         }
     }
-    let listener = UnixListener::bind(path)?;
+    // A short listen queue (ssh-agent's 128, not the system's 4096): under a connection
+    // flood the queue stays full, and an allowed caller waits behind everything in it.
+    let socket = tokio::net::UnixSocket::new_stream()?;
+    socket.bind(path)?;
+    let listener = socket.listen(LISTEN_BACKLOG)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
 }
 
-/// Serves until `shutdown` completes.
-pub async fn serve(listener: UnixListener, client: Client, allowed_uids: Vec<u32>, shutdown: impl Future<Output = ()>) {
-    let own = current_uid();
-    let allowed = if allowed_uids.is_empty() {
-        vec![own]
-    } else {
-        allowed_uids
-    };
+/// Serves until `shutdown` completes. A connection from a uid outside `allowed_uids` is
+/// answered 403 and closed without reading a request (a few per uid are kept for a
+/// moment so the caller can read the answer; a flood is closed at once), and an allowed
+/// uid holds at most `max_per_uid` connections, so no local user can exhaust the agent's
+/// file descriptors.
+pub async fn serve(
+    listener: UnixListener,
+    client: Client,
+    allowed_uids: Vec<u32>,
+    max_per_uid: usize,
+    shutdown: impl Future<Output = ()>,
+) {
+    let allowed = UidAllowlist::new(allowed_uids);
+    let serving = UidCounts::default();
+    let refusing = UidCounts::default();
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -163,12 +233,21 @@ pub async fn serve(listener: UnixListener, client: Client, allowed_uids: Vec<u32
             () = &mut shutdown => return,
         };
         let uid = stream.peer_cred().ok().map(|c| c.uid());
-        let permitted = uid.is_some_and(|u| allowed.contains(&u));
+        if !allowed.permits(uid) {
+            refuse(stream, uid, &refusing, FORBIDDEN);
+            continue;
+        }
+        let uid = uid.unwrap_or(u32::MAX); // checked just above: the uid is on the allowlist
+        let Some(slot) = serving.take(uid, max_per_uid) else {
+            refuse(stream, Some(uid), &refusing, TOO_MANY);
+            continue;
+        };
         let client = client.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let client = client.clone();
-                async move { Ok::<_, Infallible>(handle(req, &client, permitted, uid).await) }
+                async move { Ok::<_, Infallible>(handle(req, &client).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -176,6 +255,94 @@ pub async fn serve(listener: UnixListener, client: Client, allowed_uids: Vec<u32
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+const FORBIDDEN: &[u8] = b"HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 66\r\n\r\n{\"error\":\"forbidden\",\"message\":\"this user may not use the agent\"}\n";
+const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 95\r\n\r\n{\"error\":\"too_many_connections\",\"message\":\"this user holds too many connections to the agent\"}\n";
+
+/// Answers `response` without reading the request, then closes. Only
+/// [`REFUSALS_ANSWERED_PER_UID`] refusals per uid linger (so a caller sees the answer
+/// rather than a broken pipe); the rest are closed at once.
+fn refuse(stream: tokio::net::UnixStream, uid: Option<u32>, refusing: &UidCounts, response: &'static [u8]) {
+    let key = uid.unwrap_or(u32::MAX);
+    let n = refusing.refused(key);
+    if n.is_power_of_two() {
+        tracing::warn!(
+            ?uid,
+            refused = n,
+            "refused connections from a uid outside the allowlist or over its cap"
+        );
+    }
+    // The answer fits the socket buffer of a fresh connection; if not, nothing is lost.
+    let _ = stream.try_write(response);
+    let Some(slot) = refusing.take(key, REFUSALS_ANSWERED_PER_UID) else {
+        return; // dropped: closed at once
+    };
+    tokio::spawn(async move {
+        let _slot = slot;
+        let mut stream = stream;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+        // Read and discard what the caller sends until it hangs up or the time is over.
+        let drain = async {
+            let mut buf = [0u8; 1024];
+            loop {
+                let _ = stream.readable().await;
+                match stream.try_read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(REFUSAL_LINGER, drain).await;
+    });
+}
+
+/// Connections per uid, and how many were refused.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct UidCounts(std::sync::Arc<std::sync::Mutex<PerUid>>);
+
+/// Connections open per uid, and refusals counted per uid.
+type PerUid = (
+    std::collections::HashMap<u32, usize>,
+    std::collections::HashMap<u32, u64>,
+);
+
+impl UidCounts {
+    pub(crate) fn take(&self, uid: u32, cap: usize) -> Option<UidSlot> {
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = guard.0.entry(uid).or_default();
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(UidSlot(self.clone(), uid))
+    }
+
+    /// Counts one refusal; returns how many so far, for log lines at powers of two.
+    pub(crate) fn refused(&self, uid: u32) -> u64 {
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = guard.1.entry(uid).or_default();
+        *n += 1;
+        *n
+    }
+}
+
+/// One counted connection; gives its count back on drop.
+#[derive(Debug)]
+pub(crate) struct UidSlot(UidCounts, u32);
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut guard = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = guard.0.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                guard.0.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -265,11 +432,7 @@ fn b64_encode(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-async fn handle(req: Request<Incoming>, client: &Client, permitted: bool, uid: Option<u32>) -> Response<Full<Bytes>> {
-    if !permitted {
-        tracing::warn!(?uid, "refused a connection from a uid outside the allowlist");
-        return Refusal::new(StatusCode::FORBIDDEN, "forbidden", "this user may not use the agent").response();
-    }
+async fn handle(req: Request<Incoming>, client: &Client) -> Response<Full<Bytes>> {
     match route(req, client).await {
         Ok(resp) => resp,
         Err(refusal) => refusal.response(),
@@ -375,5 +538,24 @@ pub(crate) fn fuzz_bodies(data: &[u8]) {
     }
     if let Ok(r) = serde_json::from_slice::<OpenRequest>(data) {
         let _ = b64(&r.envelope, "envelope");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn canned_refusals_are_well_formed_http() {
+        for answer in [super::FORBIDDEN, super::TOO_MANY] {
+            let text = std::str::from_utf8(answer).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(length, body.len());
+            serde_json::from_str::<serde_json::Value>(body).unwrap();
+        }
     }
 }

@@ -145,10 +145,17 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
             r(Endpoint::Destroy, Some(Role::Admin), "admin.destroy", Some(key(id)?)),
         ),
         ["v1", "admin", "status"] => ("GET", r(Endpoint::Status, Some(Role::Admin), "admin.status", None)),
+        ["v1", "admin", "audit", "verify"] => (
+            "GET",
+            r(Endpoint::Status, Some(Role::Admin), "admin.audit_verify", None),
+        ),
         ["v1", "admin", "backup"] => ("POST", r(Endpoint::Backup, Some(Role::Admin), "admin.backup", None)),
         ["v1", "admin", "restore"] => ("POST", r(Endpoint::Restore, Some(Role::Admin), "admin.restore", None)),
         ["v1", "peer", "keys"] => ("GET", r(Endpoint::Peer, Some(Role::Peer), "peer.keys", None)),
         ["v1", "peer", "merge"] => ("POST", r(Endpoint::Peer, Some(Role::Peer), "peer.merge", None)),
+        ["v1", "peer", "lease"] => ("POST", r(Endpoint::Peer, Some(Role::Peer), "peer.lease", None)),
+        ["v1", "peer", "stage"] => ("POST", r(Endpoint::Peer, Some(Role::Peer), "peer.stage", None)),
+        ["v1", "peer", "promote"] => ("POST", r(Endpoint::Peer, Some(Role::Peer), "peer.promote", None)),
         _ => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
     };
     let (want, route) = allowed;
@@ -210,6 +217,7 @@ pub async fn handle(
     state.audit.record(AuditEvent {
         time: std::time::SystemTime::now(),
         identity: caller.label.clone(),
+        cert: Some(caller.cert.clone()),
         role: caller.roles.label(),
         op,
         key_id,
@@ -256,20 +264,157 @@ async fn dispatch(
     match route.endpoint {
         Endpoint::Health => Ok(quiet(health(state))),
         Endpoint::Keyring => Ok(keyring(state)),
-        Endpoint::Watch => watch(req.uri().query(), state).await,
+        Endpoint::Watch => watch(req.uri().query(), caller, state).await,
         Endpoint::Key => key(route.key_id, state),
-        Endpoint::Rotate => {
-            let body = read_body(req, state).await?;
-            rotate(&body, state).await
+        // The rest is rare and its futures are large (kilobytes): boxed, so the future that
+        // every request, and every open watch, carries stays small. See docs/benchmarks.md,
+        // "Memory per open watch".
+        _ => Box::pin(dispatch_rare(route, req, caller, state)).await,
+    }
+}
+
+async fn dispatch_rare(
+    route: &Route,
+    req: Request<Incoming>,
+    caller: &Caller,
+    state: &Arc<AppState>,
+) -> Result<Answer, ApiError> {
+    match route.endpoint {
+        Endpoint::Status if route.op == "admin.audit_verify" => audit_verify(req.uri().query(), state).await,
+        Endpoint::Health => Ok(quiet(health(state))),
+        Endpoint::Keyring => Ok(keyring(state)),
+        Endpoint::Watch => watch(req.uri().query(), caller, state).await,
+        Endpoint::Key => key(route.key_id, state),
+        Endpoint::Rotate | Endpoint::Retire | Endpoint::Destroy | Endpoint::Restore => {
+            admin_write(route, req, caller, state).await
         }
-        Endpoint::Retire | Endpoint::Destroy => {
-            let id = route.key_id.ok_or_else(|| ApiError::bad_request("missing key id"))?;
-            let destroy = route.endpoint == Endpoint::Destroy;
-            let body = read_body(req, state).await?;
+        Endpoint::Unknown => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+        _ => Box::pin(dispatch_other(route, req, state)).await,
+    }
+}
+
+/// An admin write, with its `Idempotency-Key` if it carries one (see `idempotency`).
+async fn admin_write(
+    route: &Route,
+    req: Request<Incoming>,
+    caller: &Caller,
+    state: &Arc<AppState>,
+) -> Result<Answer, ApiError> {
+    use crate::idempotency::{Begin, Stored};
+    let key = match req.headers().get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if crate::idempotency::valid_key(k) => Some(k.to_owned()),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "the Idempotency-Key header must be 1 to {} visible ASCII characters",
+                    crate::idempotency::MAX_KEY_LEN
+                )));
+            }
+        },
+    };
+    let body = read_body(req, state).await?;
+    let body_copy = Zeroizing::new(body.to_vec());
+    let (endpoint, key_id, runner) = (route.endpoint, route.key_id, caller.clone());
+    let run = {
+        let state = state.clone();
+        move || async move { run_admin_write(endpoint, key_id, &body, &runner, &state).await }
+    };
+    let Some(key) = key else { return run().await };
+    let target = key_id.map(|k| k.to_string()).unwrap_or_default();
+    let fingerprint = crate::idempotency::fingerprint(&state.idempotency_secret, route.op, &target, &body_copy);
+    drop(body_copy);
+    let who = caller.label.to_string();
+    match state.idempotency.begin(&who, &key, fingerprint) {
+        Begin::Fresh => {}
+        Begin::Replay(stored) => {
+            let mut response = json_response(
+                StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
+                stored.body,
+            );
+            response
+                .headers_mut()
+                .insert("idempotent-replay", header::HeaderValue::from_static("true"));
+            return Ok(audited(
+                response,
+                Some(format!("replayed the answer to Idempotency-Key {key}")),
+            ));
+        }
+        Begin::Running => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "in_progress",
+                "a request with this Idempotency-Key is still running; repeat it in a moment to get its answer",
+            ));
+        }
+        Begin::Mismatch => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different request; use a new key for a new request",
+            ));
+        }
+        Begin::Full => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many admin writes are running; retry later",
+            ));
+        }
+    }
+    // Runs to its end even if this client goes away, so a repeat finds the answer.
+    let result = match tokio::spawn(run()).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::internal()),
+    };
+    let keep = |status: StatusCode, code: &str| {
+        !(status.is_server_error() || code == "rotation_busy" || code == "in_progress" || code == "busy")
+    };
+    match result {
+        Ok(answer) => {
+            let (parts, body) = answer.response.into_parts();
+            let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let stored = keep(parts.status, "").then(|| Stored {
+                status: parts.status.as_u16(),
+                body: bytes.clone(),
+            });
+            state.idempotency.finish(&who, &key, fingerprint, stored);
+            Ok(Answer {
+                response: Response::from_parts(parts, Full::new(bytes)),
+                ..answer
+            })
+        }
+        Err(e) => {
+            let stored = keep(e.status, e.code).then(|| Stored {
+                status: e.status.as_u16(),
+                body: Bytes::from(
+                    serde_json::to_vec(&serde_json::json!({ "error": e.code, "message": e.message }))
+                        .unwrap_or_default(),
+                ),
+            });
+            state.idempotency.finish(&who, &key, fingerprint, stored);
+            Err(e)
+        }
+    }
+}
+
+async fn run_admin_write(
+    endpoint: Endpoint,
+    key_id: Option<KeyId>,
+    body: &[u8],
+    caller: &Caller,
+    state: &Arc<AppState>,
+) -> Result<Answer, ApiError> {
+    match endpoint {
+        Endpoint::Rotate => rotate(body, state).await,
+        Endpoint::Restore => restore(body, caller, state).await,
+        _ => {
+            let id = key_id.ok_or_else(|| ApiError::bad_request("missing key id"))?;
+            let destroy = endpoint == Endpoint::Destroy;
             let request: RetireRequest = if body.iter().all(u8::is_ascii_whitespace) {
                 RetireRequest::default()
             } else {
-                parse_json(&body)?
+                parse_json(body)?
             };
             let force = request.force_retire_primary;
             if force && destroy {
@@ -300,21 +445,27 @@ async fn dispatch(
             };
             Ok(audited(json_value(StatusCode::OK, &answer), Some(detail)))
         }
+    }
+}
+
+async fn dispatch_other(route: &Route, req: Request<Incoming>, state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    match route.endpoint {
         Endpoint::Status => status(state).await,
         Endpoint::Backup => {
             let body = read_body(req, state).await?;
             backup(&body, state).await
         }
-        Endpoint::Restore => {
-            let body = read_body(req, state).await?;
-            restore(&body, caller, state).await
-        }
         Endpoint::Peer if route.op == "peer.keys" => peer_keys(req.uri().query(), state).await,
         Endpoint::Peer => {
+            let query = req.uri().query().unwrap_or("").to_owned();
             let body = read_body(req, state).await?;
-            peer_merge(&body, state).await
+            match route.op {
+                "peer.lease" => peer_lease(&body, state).await,
+                "peer.stage" | "peer.promote" => peer_rotation_step(route.op, &query, &body, state).await,
+                _ => peer_merge(&body, state).await,
+            }
         }
-        Endpoint::Unknown => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
     }
 }
 
@@ -370,7 +521,7 @@ fn key(id: Option<KeyId>, state: &AppState) -> Result<Answer, ApiError> {
     }
 }
 
-async fn watch(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer, ApiError> {
+async fn watch(query: Option<&str>, caller: &Caller, state: &Arc<AppState>) -> Result<Answer, ApiError> {
     let after = query
         .unwrap_or("")
         .split('&')
@@ -383,6 +534,25 @@ async fn watch(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer, Api
         .unwrap_or(0);
     // Subscribe before looking, so a change between the look and the wait is not missed.
     let mut rx = state.epoch_tx.subscribe();
+    if *rx.borrow_and_update() > after {
+        return Ok(keyring(state));
+    }
+    // Only a watch that waits holds a slot; the caps bound the memory open watches take.
+    let _slot = state.limiter.watch(caller).map_err(|refused| match refused {
+        crate::limits::WatchRefused::Identity => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_watches",
+            format!(
+                "this identity holds {} watches, the most allowed (limits.max_watches_per_identity); close some",
+                state.limits.max_watches_per_identity
+            ),
+        ),
+        crate::limits::WatchRefused::Total => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "watch_capacity",
+            "the server holds as many watches as it allows (limits.max_watches); retry later",
+        ),
+    })?;
     let wait = Duration::from_millis(state.limits.watch_max_wait_ms);
     let changed = tokio::time::timeout(wait, rx.wait_for(|epoch| *epoch > after)).await;
     match changed {
@@ -442,114 +612,79 @@ struct RotateRequest {
 }
 
 async fn rotate(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    use crate::rotation::{self, RotateError};
     let request: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
         RotateRequest::default()
     } else {
         parse_json(body)?
     };
-    let Some(peer) = state.peer.clone() else {
-        let promoted = rotate_locally(state).await?;
-        return Ok(rotated(&promoted, "standalone"));
-    };
-    // Add: a new key, in memory only, goes to the peer first. If the peer cannot take it,
-    // nothing has changed anywhere and the operator decides (retry, or allow_degraded).
-    let st = state.clone();
-    let record = tokio::task::spawn_blocking(move || {
-        st.store
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .generate_key(KeyState::Staged)
-    })
-    .await
-    .map_err(|_| ApiError::internal())??;
-    let epoch = state.snapshot.load().epoch;
-    if let Err(e) = peer.push(&state.node, epoch, std::slice::from_ref(&record)).await {
+    let peer = state.peer.clone();
+    let outcome = rotation::rotate(state, peer.as_deref(), request.allow_degraded).await;
+    let url = peer.as_ref().map_or("", |p| p.url.as_str());
+    let count_failure = || {
         state
             .metrics
             .replication_failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let crate::peer::PeerError::Conflict(_) = e {
-            state
-                .metrics
-                .integrity_alarms
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
+    match outcome {
+        Ok(done) => {
+            if done.replication == rotation::Replication::Degraded {
+                count_failure();
+            }
+            Ok(rotated(&done))
         }
-        if !request.allow_degraded {
-            return Err(peer_unavailable(&peer.url, &e, "nothing was changed on either node"));
+        Err(RotateError::PeerUnavailable { error, changed }) => {
+            count_failure();
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "peer_unavailable",
+                format!(
+                    "the peer {url} did not take the rotation ({error}); {changed}. Retry when the peer is back, or rotate with allow_degraded"
+                ),
+            ))
         }
-        tracing::warn!(error = %e, "peer unreachable: rotating degraded");
-        let promoted = rotate_locally(state).await?;
-        return Ok(rotated(&promoted, "degraded"));
+        Err(RotateError::Refused { error, changed }) => {
+            count_failure();
+            if let rotation::LinkError::Conflict(_) = error {
+                state
+                    .metrics
+                    .integrity_alarms
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "integrity",
+                    format!("the peer {url} refused the rotation ({error}); {changed}"),
+                ));
+            }
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "rotation_refused",
+                format!("the peer {url} refused the rotation ({error}); {changed}; rotate again"),
+            ))
+        }
+        Err(e @ (RotateError::Busy(_) | RotateError::Superseded { .. })) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "rotation_busy", e.to_string()))
+        }
+        Err(RotateError::Store(e)) => Err(e.into()),
     }
-    // Distribute: staged and durable on the peer; now here, and to watching clients.
-    let id = record.meta.key_id;
-    let promote_record = keystore::KeyRecord {
-        meta: sso_proto::KeyMeta {
-            state: KeyState::Active,
-            ..record.meta.clone()
-        },
-        secret: record.secret.as_ref().map(sso_proto::MasterSecret::clone_secret),
-    };
-    with_store(state, move |store| store.merge(std::slice::from_ref(&record))).await?;
-    tokio::time::sleep(state.distribute_wait).await;
-    // Promote: on the peer first, so `replicated` means durable on both.
-    let replication = match peer
-        .push(&state.node, epoch, std::slice::from_ref(&promote_record))
-        .await
-    {
-        Ok(_) => "replicated",
-        Err(e) if request.allow_degraded => {
-            state
-                .metrics
-                .replication_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(error = %e, "peer lost during rotation: promoting degraded");
-            "degraded"
-        }
-        Err(e) => {
-            state
-                .metrics
-                .replication_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Err(peer_unavailable(
-                &peer.url,
-                &e,
-                &format!("key {id} is staged on both nodes but not promoted: it is not in use; rotate again"),
-            ));
-        }
-    };
-    let promoted = with_store(state, move |store| store.promote(id)).await?;
-    Ok(rotated(&promoted, replication))
 }
 
-fn peer_unavailable(url: &str, e: &crate::peer::PeerError, what: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "peer_unavailable",
-        format!(
-            "the peer {url} did not take the rotation ({e}); {what}. Retry when the peer is back, or rotate with allow_degraded"
-        ),
-    )
-}
-
-/// Stage, distribute to watchers, promote, all on this node.
-async fn rotate_locally(state: &Arc<AppState>) -> Result<sso_proto::KeyMeta, ApiError> {
-    let staged = with_store(state, |store| store.stage_new()).await?;
-    tokio::time::sleep(state.distribute_wait).await;
-    let id = staged.key_id;
-    with_store(state, move |store| store.promote(id)).await
-}
-
-fn rotated(promoted: &sso_proto::KeyMeta, replication: &str) -> Answer {
+fn rotated(done: &crate::rotation::Rotated) -> Answer {
+    let (promoted, replication) = (&done.meta, done.replication.as_str());
     tracing::info!(key_id = %promoted.key_id, generation = promoted.generation, replication, "rotated");
     let answer = serde_json::json!({
         "key_id": promoted.key_id,
         "generation": promoted.generation,
         "replication": replication,
+        "orphans_retired": done.orphans_retired,
     });
     audited(
         json_value(StatusCode::OK, &answer),
-        Some(format!("new primary {}, {replication}", promoted.key_id)),
+        Some(format!(
+            "new primary {} (generation {}), {replication}",
+            promoted.key_id, promoted.generation
+        )),
     )
 }
 
@@ -639,6 +774,86 @@ async fn peer_merge(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiErr
     ))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaseRequest {
+    node: String,
+    token: String,
+    ttl_ms: u64,
+}
+
+fn parse_token(text: &str) -> Result<u128, ApiError> {
+    if text.len() != 32 {
+        return Err(ApiError::bad_request("the lease token must be 32 hex characters"));
+    }
+    u128::from_str_radix(text, 16).map_err(|_| ApiError::bad_request("the lease token must be 32 hex characters"))
+}
+
+fn link_refusal(e: &crate::rotation::LinkError) -> ApiError {
+    use crate::rotation::LinkError as L;
+    let (code, status) = match e {
+        L::Busy => ("busy", StatusCode::CONFLICT),
+        L::LeaseLost => ("lease_lost", StatusCode::CONFLICT),
+        L::Stale(_) => ("stale", StatusCode::CONFLICT),
+        L::Conflict(_) => ("integrity", StatusCode::CONFLICT),
+        L::Unreachable(_) | L::Protocol(_) => ("internal", StatusCode::INTERNAL_SERVER_ERROR),
+    };
+    ApiError::new(status, code, e.to_string())
+}
+
+/// `POST /v1/peer/lease`: the peer asks for this node's rotation lease.
+async fn peer_lease(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    let request: LeaseRequest = parse_json(body)?;
+    let token = parse_token(&request.token)?;
+    let ttl = Duration::from_millis(request.ttl_ms.min(120_000));
+    match crate::rotation::grant(state, token, ttl).await {
+        Ok(max) => Ok(audited(
+            json_value(StatusCode::OK, &serde_json::json!({"max_generation": max})),
+            Some(format!("rotation lease to {}", request.node)),
+        )),
+        Err(e) => Err(link_refusal(&e)),
+    }
+}
+
+/// `POST /v1/peer/stage?lease=T` and `/v1/peer/promote?lease=T`: the steps of a rotation
+/// the peer coordinates.
+async fn peer_rotation_step(op: &str, query: &str, body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    let token = parse_token(query.split('&').find_map(|kv| kv.strip_prefix("lease=")).unwrap_or(""))?;
+    let incoming = crate::peer::parse_records(body).map_err(ApiError::bad_request)?;
+    let from = incoming.node.clone();
+    if op == "peer.stage" {
+        let mut records = incoming.records;
+        let (Some(record), true) = (records.pop(), records.is_empty()) else {
+            return Err(ApiError::bad_request("a stage carries exactly one key"));
+        };
+        let id = record.meta.key_id;
+        let generation = record.meta.generation;
+        crate::rotation::accept_stage(state, token, record)
+            .await
+            .map_err(|e| match e {
+                crate::rotation::LinkError::Stale(max) => ApiError::new(
+                    StatusCode::CONFLICT,
+                    "stale",
+                    format!("generation {generation} is not above this node's {max}"),
+                ),
+                e => link_refusal(&e),
+            })?;
+        let mut answer = audited(
+            json_value(StatusCode::OK, &serde_json::json!({"staged": id})),
+            Some(format!("staged for {from}, generation {generation}")),
+        );
+        answer.key = Some(id);
+        return Ok(answer);
+    }
+    let primary = crate::rotation::accept_promote(state, token, incoming.records)
+        .await
+        .map_err(|e| link_refusal(&e))?;
+    Ok(audited(
+        json_value(StatusCode::OK, &serde_json::json!({"primary": primary})),
+        Some(format!("promotion from {from}")),
+    ))
+}
+
 fn meta_json(meta: &sso_proto::KeyMeta) -> serde_json::Value {
     serde_json::json!({
         "key_id": meta.key_id,
@@ -684,6 +899,60 @@ async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
         "audit": { "seq": head.seq, "head": head.hash },
     });
     Ok(audited(json_value(StatusCode::OK, &answer), None))
+}
+
+/// The server checks its own audit log (rotated files in its directory, then the current
+/// one) with its audit key, against its live head and, when given (`?head=HEX&count=N`),
+/// an anchor recorded elsewhere. An operator verifies without holding the unseal secret.
+async fn audit_verify(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    let mut head = None;
+    let mut count = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("head", h)) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                head = Some(h.to_ascii_lowercase())
+            }
+            Some(("count", n)) => {
+                count = Some(
+                    n.parse::<u64>()
+                        .map_err(|_| ApiError::bad_request("count must be a whole number"))?,
+                )
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "unknown query: use head=<64 hex> and count=<entries>",
+                ));
+            }
+        }
+    }
+    let extra = match (head, count) {
+        (Some(head), Some(count)) => Some(keystore::AuditAnchor { count, head }),
+        (None, None) => None,
+        _ => return Err(ApiError::bad_request("give head and count together")),
+    };
+    let audit = state.audit.clone();
+    let result = tokio::task::spawn_blocking(move || audit.verify_own(extra.as_ref()))
+        .await
+        .map_err(|_| ApiError::internal())?;
+    let answer = match result {
+        Ok(r) => serde_json::json!({
+            "intact": true,
+            "entries": r.entries,
+            "first_seq": r.first_seq,
+            "last_seq": r.last_seq,
+            "head": r.head,
+            "gaps": r.gaps.iter().map(|g| serde_json::json!({"seq": g.seq, "lost": g.lost, "detail": g.detail})).collect::<Vec<_>>(),
+        }),
+        Err(e) => serde_json::json!({
+            "intact": false,
+            "file": e.file,
+            "line": e.line,
+            "problem": e.problem,
+            "truncated": e.truncated,
+        }),
+    };
+    let detail = Some(format!("intact {}", answer["intact"]));
+    Ok(audited(json_value(StatusCode::OK, &answer), detail))
 }
 
 #[derive(Deserialize)]
@@ -839,5 +1108,21 @@ mod tests {
         );
         let r = route(&Method::POST, &format!("/v1/admin/keys/{}/retire", "ab".repeat(16))).unwrap();
         assert_eq!(r.needs, Some(Role::Admin));
+    }
+}
+#[cfg(test)]
+mod future_size {
+    use super::*;
+
+    fn future_size<A, B, C, D, Fut, F: Fn(A, B, C, D) -> Fut>(_: F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every open watch holds one request future; admin handlers must not inflate it.
+    #[test]
+    fn the_request_future_stays_small() {
+        let size =
+            future_size(|r: Request<Incoming>, c: Arc<Caller>, p: SocketAddr, s: Arc<AppState>| handle(r, c, p, s));
+        assert!(size <= 2048, "the request handler's future is {size} bytes");
     }
 }

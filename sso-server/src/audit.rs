@@ -1,42 +1,53 @@
-//! The audit log: append-only JSON lines, each carrying the SHA-256 of the line before, so
-//! removing, reordering or editing an entry breaks the chain that [`verify`] checks.
+//! The audit log: append-only JSON lines, each carrying an HMAC (keyed by a key derived
+//! from the store's KEK) over its contents and the previous line's MAC, so removing,
+//! reordering, editing or re-chaining an entry is found by `ssoctl audit verify`. The line
+//! format, the key and the verifier live in [`keystore::audit`].
 //!
 //! Request handlers never wait for the disk: [`Audit::record`] puts the entry on a bounded
 //! queue, and one writer thread drains it in batches, writes each batch with one `write`
 //! and one `fdatasync` (group commit). A full queue drops the entry and counts it; a
-//! failing disk is logged and counted. Neither stalls a request.
+//! failing disk is logged and counted. Neither stalls a request. When writing resumes, a
+//! gap record (`"op":"audit.gap"`, `detail` "lost N entries: …") says how many were lost.
 //!
-//! Line format (fields in this order; `hash` last):
+//! After each batch the writer records the head (entry count and MAC) in the store's
+//! `meta` table (the anchor). At start, a log that ends before the anchor was cut short:
+//! the server writes an `audit.truncated` record that `verify` reports as tampering.
+//!
+//! Rotation: with `rotate_bytes` set, a full file is renamed to `NAME.<last seq, 20
+//! digits>` and a new one started; SIGHUP reopens the path (for external logrotate). The
+//! chain continues across files; each new file starts with an `audit.reopened` record.
+//!
+//! Line format (fields in this order; `mac` last):
 //!
 //! ```text
-//! {"seq":7,"time":"…","node":"a","identity":"client","role":"client","op":"keyring.fetch",
+//! {"seq":7,"time":"…","node":"a","identity":"client","cert_serial":"<hex>"|null,
+//!  "cert_sha256":"<64 hex>"|null,"role":"client","op":"keyring.fetch",
 //!  "key_id":"…"|null,"outcome":"ok","detail":null|"…","peer":"127.0.0.1:5555"|null,
-//!  "prev":"<64 hex>","hash":"<64 hex>"}
+//!  "prev":"<64 hex>","mac":"<64 hex>"}
 //! ```
-//!
-//! `hash` = SHA-256 of the line's bytes up to (not including) `,"hash":`. `prev` is the
-//! previous line's `hash` (64 zeros for the first). `seq` counts from 1 without gaps.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use keystore::audit::{AuditAnchor, AuditKey, GAP_OP, GENESIS, MAC_MARK, TRUNCATED_OP};
 use sso_proto::KeyId;
 use time::OffsetDateTime;
 
 use crate::metrics::Metrics;
 
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-const HASH_MARK: &str = ",\"hash\":\"";
 const MAX_DETAIL: usize = 512;
 const MAX_BATCH: usize = 16_384;
 /// Shortest interval between two fdatasyncs of the audit log.
 const LINGER: Duration = Duration::from_millis(5);
+/// `op` of the first record of a file opened by rotation or SIGHUP.
+const REOPENED_OP: &str = "audit.reopened";
 
 /// One thing worth auditing.
 #[derive(Debug, Clone)]
@@ -45,6 +56,9 @@ pub struct AuditEvent {
     pub time: std::time::SystemTime,
     /// Who: the certificate label, or `-` before a handshake completed.
     pub identity: Arc<str>,
+    /// Which certificate: serial and fingerprint, so two certificates with the same
+    /// names (a revoked one and its replacement) are told apart. `None` without one.
+    pub cert: Option<Arc<CertRef>>,
     /// The role the caller held (`none` when it held none).
     pub role: &'static str,
     /// What: `keyring.fetch`, `key.fetch`, `admin.rotate`, `tls.handshake`, …
@@ -59,21 +73,95 @@ pub struct AuditEvent {
     pub peer: Option<std::net::SocketAddr>,
 }
 
-/// The newest entry: sequence number and hash. Shown in admin status.
+/// The certificate an audit entry is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRef {
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// SHA-256 of the certificate's DER, lowercase hex.
+    pub sha256: String,
+}
+
+impl AuditEvent {
+    fn internal(op: &'static str, outcome: &'static str, detail: String) -> Self {
+        Self {
+            time: std::time::SystemTime::now(),
+            identity: "-".into(),
+            cert: None,
+            role: "none",
+            op,
+            key_id: None,
+            outcome,
+            detail: Some(detail),
+            peer: None,
+        }
+    }
+}
+
+/// The newest entry: sequence number and MAC. Shown in admin status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditHead {
     /// Sequence number of the last entry written (0 when empty).
     pub seq: u64,
-    /// Its hash.
+    /// Its MAC.
     pub hash: String,
 }
 
-/// The handle request handlers record through.
+impl AuditHead {
+    fn anchor(&self) -> AuditAnchor {
+        AuditAnchor {
+            count: self.seq,
+            head: self.hash.clone(),
+        }
+    }
+
+    fn from_anchor(a: &AuditAnchor) -> Self {
+        Self {
+            seq: a.count,
+            hash: a.head.clone(),
+        }
+    }
+}
+
+/// Where the writer records each new head (the store's `meta` table in the server):
+/// `Ok(false)` when the store is busy and the writer should try again later.
+pub type AnchorSink = Box<dyn Fn(&AuditAnchor) -> Result<bool, String> + Send + Sync>;
+
+/// Settings of an audit log beyond its path.
 #[derive(Debug, Clone)]
+pub struct AuditOptions {
+    /// This node's name, in every line.
+    pub node: String,
+    /// Queue length before entries are dropped (and counted, and later a gap record).
+    pub queue: usize,
+    /// Rotate when the file reaches this size (0: never; SIGHUP still reopens).
+    pub rotate_bytes: u64,
+}
+
+/// The handle request handlers record through.
+#[derive(Clone)]
 pub struct Audit {
     tx: SyncSender<AuditEvent>,
     metrics: Arc<Metrics>,
     head: Arc<Mutex<AuditHead>>,
+    shared: Arc<Shared>,
+    path: PathBuf,
+    key: AuditKey,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    /// Entries dropped on a full queue and not yet announced by a gap record.
+    dropped_unrecorded: AtomicU64,
+    reopen: AtomicBool,
+    sink: OnceLock<AnchorSink>,
 }
 
 /// Opening the audit log failed.
@@ -86,34 +174,106 @@ pub struct AuditError {
 
 impl Audit {
     /// Opens (or creates, mode 0600) the log at `path`, recovers the chain head from its
-    /// last line, and starts the writer thread.
-    pub fn open(path: &Path, node: &str, queue: usize, metrics: Arc<Metrics>) -> Result<Self, AuditError> {
+    /// last line (or, for an empty file, from `anchor`), compares it with `anchor`, and
+    /// starts the writer thread.
+    pub fn open(
+        path: &Path,
+        options: &AuditOptions,
+        key: AuditKey,
+        anchor: Option<AuditAnchor>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, AuditError> {
         let fail = |problem: String| AuditError {
             path: path.to_path_buf(),
             problem,
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| fail(e.to_string()))?;
-        let head = recover_head(&mut file).map_err(fail)?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(queue);
+        let mut file = open_append(path).map_err(|e| fail(e.to_string()))?;
+        let mut first = Vec::new();
+        let head = match recover_head(&mut file).map_err(&fail)? {
+            Some((h, false)) => {
+                if let Some(a) = &anchor
+                    && (h.seq < a.count || (h.seq == a.count && h.hash != a.head))
+                {
+                    first.push(truncation_event(&h, a, "the log ends"));
+                }
+                h
+            }
+            Some((h, true)) => {
+                // A log from before the chain was keyed: keep it beside, continue the
+                // sequence in a new keyed file.
+                let aside = PathBuf::from(format!(
+                    "{}.unkeyed",
+                    keystore::audit::rotated_name(path, h.seq).display()
+                ));
+                std::fs::rename(path, &aside).map_err(|e| fail(format!("moving the unkeyed log aside: {e}")))?;
+                tracing::warn!(moved_to = %aside.display(), "audit log was written before the chain was keyed; moved aside, continuing in a new keyed file");
+                file = open_append(path).map_err(|e| fail(e.to_string()))?;
+                first.push(AuditEvent::internal(
+                    REOPENED_OP,
+                    "ok",
+                    format!("continues the unkeyed log now at {}", aside.display()),
+                ));
+                h
+            }
+            None => match &anchor {
+                Some(a) if a.count > 0 => {
+                    let h = AuditHead::from_anchor(a);
+                    // An empty file continues a rotated one, or the log was deleted.
+                    if keystore::audit::rotated_name(path, a.count).exists() {
+                        h
+                    } else {
+                        let empty = AuditHead {
+                            seq: 0,
+                            hash: GENESIS.into(),
+                        };
+                        first.push(truncation_event(&empty, a, "the log file is empty"));
+                        empty
+                    }
+                }
+                _ => AuditHead {
+                    seq: 0,
+                    hash: GENESIS.into(),
+                },
+            },
+        };
+        let len = file.metadata().map(|m| m.len()).map_err(|e| fail(e.to_string()))?;
+        metrics.audit_entries.store(head.seq, Relaxed);
+        let (tx, rx) = std::sync::mpsc::sync_channel(options.queue);
         let head = Arc::new(Mutex::new(head));
+        let shared = Arc::new(Shared {
+            dropped_unrecorded: AtomicU64::new(0),
+            reopen: AtomicBool::new(false),
+            sink: OnceLock::new(),
+        });
         let writer = Writer {
             file,
+            len,
             path: path.to_path_buf(),
-            node: node.to_owned(),
+            node: options.node.clone(),
+            rotate_bytes: options.rotate_bytes,
             head: head.clone(),
             metrics: metrics.clone(),
+            key: key.clone(),
+            shared: shared.clone(),
+            lost: 0,
+            lost_reason: String::new(),
+            failed: None,
+            pending_first: first,
+            anchor_failing: false,
+            anchor_pending: None,
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| fail(e.to_string()))?;
-        Ok(Self { tx, metrics, head })
+        Ok(Self {
+            tx,
+            metrics,
+            head,
+            shared,
+            path: path.to_path_buf(),
+            key,
+        })
     }
 
     /// Queues an entry. Never blocks: a full queue drops the entry and counts it.
@@ -121,6 +281,7 @@ impl Audit {
         match self.tx.try_send(event) {
             Ok(()) => {}
             Err(TrySendError::Full(ev)) => {
+                self.shared.dropped_unrecorded.fetch_add(1, Relaxed);
                 let dropped = self.metrics.audit_dropped.fetch_add(1, Relaxed) + 1;
                 if dropped.is_power_of_two() {
                     tracing::error!(dropped, op = ev.op, "audit queue full: entries are being dropped");
@@ -136,68 +297,193 @@ impl Audit {
     pub fn head(&self) -> AuditHead {
         self.head.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// From now on, record every new head with `sink` (set once).
+    pub fn anchor_to(&self, sink: AnchorSink) {
+        let _ = self.shared.sink.set(sink);
+    }
+
+    /// Asks the writer to reopen the path (after an external rotation). Takes effect
+    /// before the next batch, or within 250 ms.
+    pub fn reopen(&self) {
+        self.shared.reopen.store(true, Relaxed);
+    }
+
+    /// Verifies this server's own log: rotated files in the log's directory, then the
+    /// current file, against the live head (and `extra`, an anchor from elsewhere).
+    pub fn verify_own(
+        &self,
+        extra: Option<&AuditAnchor>,
+    ) -> Result<keystore::audit::VerifyReport, keystore::audit::VerifyError> {
+        let live = self.head().anchor();
+        let mut files = keystore::audit::rotated_files(&self.path).map_err(|e| keystore::audit::VerifyError {
+            file: self.path.clone(),
+            line: 0,
+            problem: format!("listing rotated files: {e}"),
+            truncated: false,
+        })?;
+        files.push(self.path.clone());
+        let report = keystore::audit::verify(&files, &self.key, keystore::audit::Start::Any, Some(&live))?;
+        if let Some(a) = extra {
+            keystore::audit::verify(&files, &self.key, keystore::audit::Start::Any, Some(a))?;
+        }
+        Ok(report)
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+}
+
+fn truncation_event(file_head: &AuditHead, anchor: &AuditAnchor, what: &str) -> AuditEvent {
+    let missing = anchor.count.saturating_sub(file_head.seq);
+    tracing::error!(
+        file_entries = file_head.seq,
+        anchor_entries = anchor.count,
+        "audit log is behind the anchor kept in the store: entries were removed; recording it"
+    );
+    AuditEvent::internal(
+        TRUNCATED_OP,
+        "tampered",
+        format!(
+            "missing {missing} entries: {what} at entry {} but the store's anchor is entry {} (head {})",
+            file_head.seq, anchor.count, anchor.head
+        ),
+    )
+}
+
+/// A write that failed: what was pending before it and what it carried.
+struct FailedWrite {
+    base: AuditHead,
+    lost_before: u64,
+    events: u64,
+    gap_first: bool,
 }
 
 struct Writer {
     file: File,
+    len: u64,
     path: PathBuf,
     node: String,
+    rotate_bytes: u64,
     head: Arc<Mutex<AuditHead>>,
     metrics: Arc<Metrics>,
+    key: AuditKey,
+    shared: Arc<Shared>,
+    /// Entries lost and not yet announced by a gap record.
+    lost: u64,
+    lost_reason: String,
+    failed: Option<FailedWrite>,
+    /// Records to write before the next batch (truncation found at open, reopen notes).
+    pending_first: Vec<AuditEvent>,
+    /// The last anchor write failed (logged once per episode).
+    anchor_failing: bool,
+    /// A head not yet recorded in the store.
+    anchor_pending: Option<AuditAnchor>,
 }
 
 impl Writer {
     fn run(mut self, rx: Receiver<AuditEvent>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut buf = Vec::with_capacity(1 << 16);
-        let mut broken = false;
         let mut clock = TimeCache::default();
-        while let Ok(first) = rx.recv() {
+        loop {
+            let first = if self.pending_first.is_empty() {
+                match rx.recv_timeout(Duration::from_millis(250)) {
+                    Ok(ev) => Some(ev),
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.record_anchor();
+                        if self.shared.reopen.load(Relaxed) {
+                            None
+                        } else {
+                            continue;
+                        }
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                None
+            };
             let batch_started = std::time::Instant::now();
-            batch.push(first);
+            batch.append(&mut self.pending_first);
+            batch.extend(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(ev) => batch.push(ev),
                     Err(_) => break,
                 }
             }
-            if broken {
-                // After a failed write the file may end in half a line; cut it off and
-                // re-read the head before chaining onto it.
-                match self
-                    .file
-                    .sync_all()
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| recover_head(&mut self.file))
-                {
-                    Ok(head) => {
-                        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = head;
-                        broken = false;
+            let reopen = self.shared.reopen.swap(false, Relaxed);
+            // Recover on the file that failed (before any reopen): entries of the failed
+            // write that reached it are kept and chained onto.
+            if self.failed.is_some() && !self.recover() {
+                if reopen {
+                    // Give up on the old file: everything of the failed write is lost.
+                    if let Some(f) = self.failed.take() {
+                        self.lost = f.lost_before + f.events;
+                        self.publish(f.base);
                     }
-                    Err(problem) => {
-                        self.fail(batch.len(), &problem);
-                        batch.clear();
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
+                } else {
+                    self.lose(batch.len() as u64, None);
+                    batch.clear();
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
                 }
             }
-            let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if reopen {
+                self.reopen("SIGHUP", &mut batch);
+            }
+            if self.rotate_bytes > 0 && self.len >= self.rotate_bytes {
+                self.rotate(&mut batch);
+            }
+            let dropped = self.shared.dropped_unrecorded.swap(0, Relaxed);
+            if dropped > 0 {
+                self.lose(dropped, Some("the audit queue was full"));
+            }
+            let base = self.head.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut head = base.clone();
             buf.clear();
+            let gap_first = self.lost > 0;
+            if gap_first {
+                let gap = AuditEvent::internal(
+                    GAP_OP,
+                    "gap",
+                    format!("lost {} entries: {}", self.lost, self.lost_reason),
+                );
+                head = append_line(&mut buf, &self.node, &self.key, head, &gap, &mut clock);
+            }
+            let events = batch.len() as u64;
             for ev in batch.drain(..) {
-                head = append_line(&mut buf, &self.node, head, &ev, &mut clock);
+                head = append_line(&mut buf, &self.node, &self.key, head, &ev, &mut clock);
             }
             match self.file.write_all(&buf).and_then(|()| self.file.sync_data()) {
                 Ok(()) => {
-                    self.metrics
-                        .audit_written
-                        .fetch_add(head.seq - self.current_seq(), Relaxed);
-                    *self.head.lock().unwrap_or_else(|p| p.into_inner()) = head;
+                    self.len += buf.len() as u64;
+                    if gap_first {
+                        tracing::warn!(lost = self.lost, "audit writes resumed; gap record written");
+                    }
+                    self.lost = 0;
+                    self.lost_reason.clear();
+                    self.metrics.audit_written.fetch_add(events, Relaxed);
+                    self.publish(head);
                 }
                 Err(e) => {
-                    let lost = buf.iter().filter(|b| **b == b'\n').count();
-                    self.fail(lost, &e.to_string());
-                    broken = true;
+                    self.failed = Some(FailedWrite {
+                        base,
+                        lost_before: self.lost,
+                        events,
+                        gap_first,
+                    });
+                    self.metrics.audit_failures.fetch_add(events, Relaxed);
+                    tracing::error!(path = %self.path.display(), lost = events, problem = %e, "audit write failed");
+                    if self.lost_reason.is_empty() {
+                        self.lost_reason = format!("audit write failed ({e})");
+                    }
                 }
             }
             // Group commit: at most one fdatasync per LINGER. Under load this turns many
@@ -209,20 +495,126 @@ impl Writer {
         }
     }
 
-    fn current_seq(&self) -> u64 {
-        self.head.lock().unwrap_or_else(|p| p.into_inner()).seq
+    /// Counts `n` entries as lost (announced by the next gap record).
+    fn lose(&mut self, n: u64, reason: Option<&str>) {
+        self.lost += n;
+        if self.lost_reason.is_empty() {
+            self.lost_reason = reason.unwrap_or("audit writes failed").to_owned();
+        }
     }
 
-    fn fail(&self, lost: usize, problem: &str) {
-        self.metrics.audit_failures.fetch_add(lost as u64, Relaxed);
-        tracing::error!(path = %self.path.display(), lost, problem, "audit write failed");
+    /// After a failed write the file may end in half a line; cut it off and re-read the
+    /// head. Entries of the failed write that did reach the file are not lost.
+    fn recover(&mut self) -> bool {
+        let Some(failed) = &self.failed else { return true };
+        let recovered = self
+            .file
+            .sync_all()
+            .map_err(|e| e.to_string())
+            .and_then(|()| recover_head(&mut self.file));
+        match recovered {
+            Ok(found) => {
+                let head = match found {
+                    Some((h, _)) if h.seq >= failed.base.seq => h,
+                    _ => failed.base.clone(),
+                };
+                let survived = head.seq - failed.base.seq;
+                self.lost = if failed.gap_first && survived >= 1 {
+                    failed.events - (survived - 1)
+                } else {
+                    failed.lost_before + failed.events - survived.min(failed.events)
+                };
+                self.len = self.file.metadata().map(|m| m.len()).unwrap_or(self.len);
+                self.failed = None;
+                self.publish(head);
+                true
+            }
+            Err(problem) => {
+                tracing::error!(path = %self.path.display(), problem, "audit log still failing");
+                false
+            }
+        }
+    }
+
+    fn publish(&mut self, head: AuditHead) {
+        self.metrics.audit_entries.store(head.seq, Relaxed);
+        *self.head.lock().unwrap_or_else(|p| p.into_inner()) = head.clone();
+        self.anchor_pending = Some(head.anchor());
+        self.record_anchor();
+    }
+
+    /// Writes the pending anchor unless the store is busy (then the next batch, or the
+    /// next idle wake-up within 250 ms, tries again: the writer never waits on the store).
+    fn record_anchor(&mut self) {
+        let (Some(sink), Some(anchor)) = (self.shared.sink.get(), self.anchor_pending.as_ref()) else {
+            return;
+        };
+        match sink(anchor) {
+            Ok(false) => {}
+            Ok(true) => {
+                self.anchor_pending = None;
+                if self.anchor_failing {
+                    self.anchor_failing = false;
+                    tracing::info!("audit anchor recorded in the store again");
+                }
+            }
+            Err(e) => {
+                if !self.anchor_failing {
+                    self.anchor_failing = true;
+                    tracing::error!(error = %e, "could not record the audit anchor in the store; retrying");
+                }
+            }
+        }
+    }
+
+    fn reopen(&mut self, why: &str, batch: &mut Vec<AuditEvent>) {
+        match open_append(&self.path).and_then(|f| f.metadata().map(|m| (f, m.len()))) {
+            Ok((file, len)) => {
+                self.file = file;
+                self.len = len;
+                tracing::info!(path = %self.path.display(), "{why}: audit log reopened");
+                batch.insert(
+                    0,
+                    AuditEvent::internal(REOPENED_OP, "ok", format!("{why}: reopened {}", self.path.display())),
+                );
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e, "{why}: reopening the audit log failed; still writing to the old file")
+            }
+        }
+    }
+
+    fn rotate(&mut self, batch: &mut Vec<AuditEvent>) {
+        let seq = self.head.lock().unwrap_or_else(|p| p.into_inner()).seq;
+        let to = keystore::audit::rotated_name(&self.path, seq);
+        if let Err(e) = self.file.sync_all().and_then(|()| std::fs::rename(&self.path, &to)) {
+            tracing::error!(path = %self.path.display(), error = %e, "audit log rotation failed; continuing in the same file");
+            return;
+        }
+        tracing::info!(rotated_to = %to.display(), "audit log rotated");
+        self.reopen("rotation", batch);
+        if let Some(first) = batch.first_mut().filter(|e| e.op == REOPENED_OP) {
+            first.detail = Some(format!("rotation: previous entries are in {}", to.display()));
+        }
     }
 }
 
-fn append_line(buf: &mut Vec<u8>, node: &str, head: AuditHead, ev: &AuditEvent, clock: &mut TimeCache) -> AuditHead {
+fn append_line(
+    buf: &mut Vec<u8>,
+    node: &str,
+    key: &AuditKey,
+    head: AuditHead,
+    ev: &AuditEvent,
+    clock: &mut TimeCache,
+) -> AuditHead {
     // Written by hand rather than through serde: this runs once per key fetch, and the
     // writer thread shares two cores with the request workers.
-    let seq = head.seq + 1;
+    let seq = if ev.op == TRUNCATED_OP {
+        // Continue after the anchor: the record itself states how many entries are gone.
+        head.seq + 1 + truncated_count(ev)
+    } else {
+        head.seq + 1
+    };
     let start = buf.len();
     buf.extend_from_slice(b"{\"seq\":");
     push_u64(buf, seq);
@@ -232,6 +624,15 @@ fn append_line(buf: &mut Vec<u8>, node: &str, head: AuditHead, ev: &AuditEvent, 
     push_json_str(buf, node);
     buf.extend_from_slice(b",\"identity\":");
     push_json_str(buf, &ev.identity);
+    match ev.cert.as_deref() {
+        Some(c) => {
+            buf.extend_from_slice(b",\"cert_serial\":");
+            push_json_str(buf, &c.serial);
+            buf.extend_from_slice(b",\"cert_sha256\":");
+            push_json_str(buf, &c.sha256);
+        }
+        None => buf.extend_from_slice(b",\"cert_serial\":null,\"cert_sha256\":null"),
+    }
     buf.extend_from_slice(b",\"role\":");
     push_json_str(buf, ev.role);
     buf.extend_from_slice(b",\"op\":");
@@ -263,17 +664,24 @@ fn append_line(buf: &mut Vec<u8>, node: &str, head: AuditHead, ev: &AuditEvent, 
     buf.extend_from_slice(b",\"prev\":\"");
     buf.extend_from_slice(head.hash.as_bytes());
     buf.push(b'"');
-    let digest = ring::digest::digest(&ring::digest::SHA256, &buf[start..]);
-    let mut hash = Vec::with_capacity(64);
-    push_hex(&mut hash, digest.as_ref());
-    buf.extend_from_slice(HASH_MARK.as_bytes());
-    buf.extend_from_slice(&hash);
+    let mac = key.mac_hex(&buf[start..]);
+    buf.extend_from_slice(MAC_MARK.as_bytes());
+    buf.extend_from_slice(&mac);
     buf.extend_from_slice(b"\"}\n");
-    // push_hex writes ASCII only.
     AuditHead {
         seq,
-        hash: String::from_utf8(hash).unwrap_or_default(),
+        // mac_hex writes ASCII only.
+        hash: String::from_utf8(mac.to_vec()).unwrap_or_default(),
     }
+}
+
+fn truncated_count(ev: &AuditEvent) -> u64 {
+    ev.detail
+        .as_deref()
+        .and_then(|d| d.strip_prefix("missing "))
+        .and_then(|d| d.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn push_u64(buf: &mut Vec<u8>, mut v: u64) {
@@ -370,15 +778,13 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Reads the last complete line to find the chain head. A partial last line (a crash in
+/// Reads the last complete line to find the chain head: `None` for an empty file, and
+/// whether the line is from before the chain was keyed. A partial last line (a crash in
 /// the middle of a write) is cut off; everything before it is kept.
-fn recover_head(file: &mut File) -> Result<AuditHead, String> {
+fn recover_head(file: &mut File) -> Result<Option<(AuditHead, bool)>, String> {
     let len = file.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
     if len == 0 {
-        return Ok(AuditHead {
-            seq: 0,
-            hash: GENESIS.into(),
-        });
+        return Ok(None);
     }
     let window = len.min(256 * 1024);
     file.seek(SeekFrom::Start(len - window)).map_err(|e| e.to_string())?;
@@ -402,115 +808,30 @@ fn recover_head(file: &mut File) -> Result<AuditHead, String> {
         .strip_suffix(b"\n")
         .map(|l| l.rsplit(|b| *b == b'\n').next().unwrap_or(l))
     else {
-        return Ok(AuditHead {
-            seq: 0,
-            hash: GENESIS.into(),
-        });
+        return Ok(None);
     };
     let last = std::str::from_utf8(last).map_err(|_| "last line is not UTF-8".to_string())?;
-    let parsed = parse_line(last).map_err(|p| format!("last line: {p}"))?;
-    Ok(AuditHead {
-        seq: parsed.seq,
-        hash: parsed.hash.to_owned(),
-    })
-}
-
-struct ParsedLine<'a> {
-    seq: u64,
-    prev: String,
-    hash: &'a str,
-    body_hash_ok: bool,
-}
-
-fn parse_line(line: &str) -> Result<ParsedLine<'_>, String> {
-    let idx = line.rfind(HASH_MARK).ok_or("no hash field")?;
-    let (body, rest) = line.split_at(idx);
-    let hash = rest
-        .strip_prefix(HASH_MARK)
-        .and_then(|r| r.strip_suffix("\"}"))
-        .filter(|h| h.len() == 64)
-        .ok_or("malformed hash field")?;
-    let computed = hex::encode(ring::digest::digest(&ring::digest::SHA256, body.as_bytes()));
-    #[derive(serde::Deserialize)]
-    struct Fields {
-        seq: u64,
-        prev: String,
-    }
-    let fields: Fields = serde_json::from_str(&format!("{body}}}")).map_err(|e| format!("not valid JSON: {e}"))?;
-    Ok(ParsedLine {
-        seq: fields.seq,
-        prev: fields.prev,
-        hash,
-        body_hash_ok: computed == hash,
-    })
-}
-
-/// One line through the parser `verify` uses, for the fuzz target.
-#[cfg(feature = "fuzzing")]
-pub(crate) fn fuzz_line(line: &str) {
-    let _ = parse_line(line);
-}
-
-/// What [`verify`] found in an intact log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifyReport {
-    /// Entries checked.
-    pub entries: u64,
-    /// The last entry's hash.
-    pub head: String,
-}
-
-/// Where and how a log's chain is broken.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("audit log broken at line {line}: {problem}")]
-pub struct VerifyError {
-    /// 1-based line number.
-    pub line: u64,
-    /// What is wrong there.
-    pub problem: String,
-}
-
-/// Checks a whole log: each line's hash, the chain of `prev` values and the sequence.
-pub fn verify(path: &Path) -> Result<VerifyReport, VerifyError> {
-    use std::io::BufRead;
-    let file = File::open(path).map_err(|e| VerifyError {
-        line: 0,
-        problem: e.to_string(),
-    })?;
-    let mut prev = GENESIS.to_owned();
-    let mut entries = 0u64;
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let n = i as u64 + 1;
-        let broken = |problem: String| VerifyError { line: n, problem };
-        let line = line.map_err(|e| broken(e.to_string()))?;
-        let parsed = parse_line(&line).map_err(broken)?;
-        if !parsed.body_hash_ok {
-            return Err(broken(
-                "the entry was modified: its hash does not match its contents".into(),
-            ));
-        }
-        if parsed.prev != prev {
-            return Err(broken(
-                "the chain is broken: an entry before this one was removed, reordered or replaced".into(),
-            ));
-        }
-        if parsed.seq != n {
-            return Err(broken(format!("sequence number {} where {n} was expected", parsed.seq)));
-        }
-        prev = parsed.hash.to_owned();
-        entries += 1;
-    }
-    Ok(VerifyReport { entries, head: prev })
+    let parsed = keystore::audit::parse_line(last).map_err(|p| format!("last line: {p}"))?;
+    Ok(Some((
+        AuditHead {
+            seq: parsed.seq,
+            hash: parsed.mac.to_owned(),
+        },
+        parsed.legacy,
+    )))
 }
 
 #[cfg(test)]
 mod tests {
+    use keystore::audit::{Start, verify};
+
     use super::*;
 
     fn event(op: &'static str) -> AuditEvent {
         AuditEvent {
             time: std::time::SystemTime::now(),
             identity: "client".into(),
+            cert: None,
             role: "client",
             op,
             key_id: None,
@@ -518,6 +839,22 @@ mod tests {
             detail: Some("a \"quoted\" detail".into()),
             peer: None,
         }
+    }
+
+    fn key() -> AuditKey {
+        AuditKey::from_bytes(&[9u8; 32])
+    }
+
+    fn options() -> AuditOptions {
+        AuditOptions {
+            node: "a".into(),
+            queue: 1024,
+            rotate_bytes: 0,
+        }
+    }
+
+    fn open(path: &Path, anchor: Option<AuditAnchor>) -> Audit {
+        Audit::open(path, &options(), key(), anchor, Arc::new(Metrics::default())).unwrap()
     }
 
     fn wait_for(audit: &Audit, seq: u64) {
@@ -530,32 +867,74 @@ mod tests {
         panic!("audit writer did not reach {seq}");
     }
 
+    fn check(
+        path: &Path,
+        anchor: Option<&AuditAnchor>,
+    ) -> Result<keystore::audit::VerifyReport, keystore::audit::VerifyError> {
+        verify(&[path.to_path_buf()], &key(), Start::Genesis, anchor)
+    }
+
+    /// The log of 50 fetches with an `admin.rotate` every 10th entry; returns its anchor.
+    fn write_log(path: &Path) -> AuditAnchor {
+        let audit = open(path, None);
+        for i in 0..150 {
+            audit.record(event(if i % 10 == 0 { "admin.rotate" } else { "keyring.fetch" }));
+        }
+        wait_for(&audit, 150);
+        audit.head().anchor()
+    }
+
+    /// Recomputes every line's chain with `scheme` (what an attacker without the key can
+    /// do), keeping the lines `keep` accepts.
+    fn rechain(text: &str, keep: impl Fn(&str) -> bool, mark: &str, scheme: impl Fn(&[u8]) -> String) -> String {
+        let mut prev = GENESIS.to_owned();
+        let mut out = String::new();
+        for (seq, line) in text.lines().filter(|l| keep(l)).enumerate() {
+            let body = &line[..line.rfind(MAC_MARK).unwrap()];
+            let mut v: serde_json::Value = serde_json::from_str(&format!("{body}}}")).unwrap();
+            // Keep the field order: replace seq and prev textually.
+            let old_seq = v["seq"].as_u64().unwrap();
+            let old_prev = v["prev"].as_str().unwrap().to_owned();
+            let body = body
+                .replacen(&format!("{{\"seq\":{old_seq},"), &format!("{{\"seq\":{},", seq + 1), 1)
+                .replacen(&old_prev, &prev, 1);
+            v["seq"] = (seq + 1).into();
+            let mac = scheme(body.as_bytes());
+            out.push_str(&format!("{body}{mark}{mac}\"}}\n"));
+            prev = mac;
+        }
+        out
+    }
+
     #[test]
     fn entries_chain_and_verify_and_tampering_is_found() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let audit = Audit::open(&path, "a", 1024, Arc::new(Metrics::default())).unwrap();
+        let audit = open(&path, None);
         for _ in 0..50 {
             audit.record(event("keyring.fetch"));
         }
         wait_for(&audit, 50);
-        let report = verify(&path).unwrap();
+        let report = check(&path, Some(&audit.head().anchor())).unwrap();
         assert_eq!(report.entries, 50);
         assert_eq!(report.head, audit.head().hash);
 
         // Reopening continues the chain.
+        let anchor = audit.head().anchor();
         drop(audit);
-        let audit = Audit::open(&path, "a", 1024, Arc::new(Metrics::default())).unwrap();
+        let audit = open(&path, Some(anchor));
         audit.record(event("admin.rotate"));
         wait_for(&audit, 51);
-        assert_eq!(verify(&path).unwrap().entries, 51);
+        assert_eq!(check(&path, None).unwrap().entries, 51);
 
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        // Edit one entry.
+        // Edit one field of one entry.
         let edited = text.replacen("admin.rotate", "admin.retire", 1);
         std::fs::write(&path, &edited).unwrap();
-        assert_eq!(verify(&path).unwrap_err().line, 51);
+        let e = check(&path, None).unwrap_err();
+        assert_eq!(e.line, 51);
+        assert!(e.problem.contains("modified or forged"), "{e}");
         // Remove one entry.
         let removed: String = lines
             .iter()
@@ -564,35 +943,245 @@ mod tests {
             .map(|(_, l)| format!("{l}\n"))
             .collect();
         std::fs::write(&path, removed).unwrap();
-        assert_eq!(verify(&path).unwrap_err().line, 11);
+        assert_eq!(check(&path, None).unwrap_err().line, 11);
         // Swap two entries.
         let mut swapped = lines.clone();
         swapped.swap(3, 4);
         std::fs::write(&path, swapped.join("\n") + "\n").unwrap();
-        assert_eq!(verify(&path).unwrap_err().line, 4);
+        assert_eq!(check(&path, None).unwrap_err().line, 4);
+    }
+
+    /// The attack of issue 10 §6: drop every `admin.rotate` line and recompute the chain.
+    /// Before the chain was keyed this verified as intact.
+    #[test]
+    fn removing_lines_and_recomputing_the_chain_without_the_key_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        write_log(&path);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let keep = |l: &str| !l.contains("\"op\":\"admin.rotate\"");
+        let sha = |b: &[u8]| hex::encode(ring::digest::digest(&ring::digest::SHA256, b));
+        // The old scheme, exactly: SHA-256 in a "hash" field.
+        std::fs::write(&path, rechain(&text, keep, ",\"hash\":\"", sha)).unwrap();
+        let e = check(&path, None).unwrap_err();
+        assert_eq!(e.line, 1, "{e}");
+        // The new field name with an unkeyed SHA-256, and a MAC under a guessed key.
+        std::fs::write(&path, rechain(&text, keep, MAC_MARK, sha)).unwrap();
+        assert_eq!(check(&path, None).unwrap_err().line, 1);
+        let guessed = AuditKey::from_bytes(&[0u8; 32]);
+        let forge = |b: &[u8]| String::from_utf8(guessed.mac_hex(b).to_vec()).unwrap();
+        std::fs::write(&path, rechain(&text, keep, MAC_MARK, forge)).unwrap();
+        assert!(check(&path, None).unwrap_err().problem.contains("forged"));
+        // Sanity: the same rewrite with the real key would verify (the test can fail).
+        let real = |b: &[u8]| String::from_utf8(key().mac_hex(b).to_vec()).unwrap();
+        std::fs::write(&path, rechain(&text, keep, MAC_MARK, real)).unwrap();
+        assert_eq!(check(&path, None).unwrap().entries, 135);
+    }
+
+    /// `head -n 100`: the cut log still chains, but it does not reach the anchor.
+    #[test]
+    fn a_log_cut_short_fails_against_the_anchor_and_the_server_records_it_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let anchor = write_log(&path);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let head100: String = text.lines().take(100).map(|l| format!("{l}\n")).collect();
+        std::fs::write(&path, &head100).unwrap();
+        assert_eq!(
+            check(&path, None).unwrap().entries,
+            100,
+            "without an anchor the cut is invisible"
+        );
+        let e = check(&path, Some(&anchor)).unwrap_err();
+        assert!(e.truncated, "{e}");
+        assert!(
+            e.problem.contains("truncated") && e.problem.contains("50 entries"),
+            "{e}"
+        );
+        // An anchor from earlier (entry 80) still holds: the prefix was not rewritten.
+        let line80: serde_json::Value = serde_json::from_str(text.lines().nth(79).unwrap()).unwrap();
+        let older = AuditAnchor {
+            count: 80,
+            head: line80["mac"].as_str().unwrap().to_owned(),
+        };
+        assert!(check(&path, Some(&older)).unwrap().anchored);
+
+        // A server starting on the cut log against the store's anchor says so in the log,
+        // under its key, and the sequence continues after the anchor.
+        let audit = open(&path, Some(anchor.clone()));
+        audit.record(event("keyring.fetch"));
+        wait_for(&audit, 152);
+        let e = check(&path, None).unwrap_err();
+        assert_eq!(e.line, 101);
+        assert!(e.problem.contains("50 entries missing"), "{e}");
+        drop(audit);
+
+        // An emptied log file (no rotated file ends at the anchor) is recorded too.
+        std::fs::write(&path, "").unwrap();
+        let audit = open(&path, Some(anchor));
+        audit.record(event("keyring.fetch"));
+        wait_for(&audit, 152);
+        let e = check(&path, None).unwrap_err();
+        assert!(e.problem.contains("150 entries missing"), "{e}");
+    }
+
+    #[test]
+    fn rotation_by_size_continues_the_chain_and_a_missing_middle_file_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let metrics = Arc::new(Metrics::default());
+        let options = AuditOptions {
+            rotate_bytes: 4096,
+            ..options()
+        };
+        let audit = Audit::open(&path, &options, key(), None, metrics.clone()).unwrap();
+        for i in 0..200 {
+            audit.record(event("keyring.fetch"));
+            if i % 10 == 0 {
+                // Several batches, so several rotations.
+                wait_for(&audit, i + 1);
+            }
+        }
+        // Sequence numbers include the `audit.reopened` records: wait until every event
+        // and each rotation's record is written.
+        for _ in 0..500 {
+            let rotations = keystore::audit::rotated_files(&path).unwrap().len() as u64;
+            if metrics.audit_written.load(Relaxed) == 200 + rotations && audit.head().seq == 200 + rotations {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut files = keystore::audit::rotated_files(&path).unwrap();
+        assert!(files.len() >= 3, "expected several rotated files, got {files:?}");
+        files.push(path.clone());
+        let anchor = audit.head().anchor();
+        let report = verify(&files, &key(), Start::Genesis, Some(&anchor)).unwrap();
+        assert_eq!(report.last_seq, anchor.count);
+        assert!(report.anchored);
+        assert_eq!(audit.verify_own(None).unwrap().head, anchor.head);
+
+        // Restarting on an empty current file continues from the anchor (a rotation just
+        // happened), without a truncation record.
+        drop(audit);
+        let last = files.pop().unwrap();
+        std::fs::rename(&last, keystore::audit::rotated_name(&path, anchor.count)).unwrap();
+        files.push(keystore::audit::rotated_name(&path, anchor.count));
+        let audit = open(&path, Some(anchor.clone()));
+        audit.record(event("keyring.fetch"));
+        wait_for(&audit, anchor.count + 1);
+        files.push(path.clone());
+        verify(&files, &key(), Start::Genesis, Some(&audit.head().anchor())).unwrap();
+
+        // A middle file missing.
+        let mut missing = files.clone();
+        missing.remove(1);
+        let e = verify(&missing, &key(), Start::Genesis, None).unwrap_err();
+        assert_eq!(e.line, 1);
+        assert!(e.problem.contains("a file in the sequence is missing"), "{e}");
+        // Out of order.
+        let mut swapped = files.clone();
+        swapped.swap(0, 1);
+        assert!(verify(&swapped, &key(), Start::Genesis, None).is_err());
+        // The first file missing: only with Start::Any, which reports where it began.
+        let later = verify(&files[1..], &key(), Start::Any, None).unwrap();
+        assert!(later.first_seq > 1);
+        assert!(verify(&files[1..], &key(), Start::Genesis, None).is_err());
+    }
+
+    #[test]
+    fn reopen_after_an_external_rename_continues_in_a_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = open(&path, None);
+        for _ in 0..20 {
+            audit.record(event("keyring.fetch"));
+        }
+        wait_for(&audit, 20);
+        let old = dir.path().join("audit.log.1");
+        std::fs::rename(&path, &old).unwrap();
+        audit.reopen();
+        audit.record(event("admin.rotate"));
+        wait_for(&audit, 22);
+        let new = std::fs::read_to_string(&path).unwrap();
+        assert!(new.lines().next().unwrap().contains(REOPENED_OP), "{new}");
+        let report = verify(
+            &[old, path.clone()],
+            &key(),
+            Start::Genesis,
+            Some(&audit.head().anchor()),
+        )
+        .unwrap();
+        assert_eq!(report.last_seq, 22);
+    }
+
+    #[test]
+    fn a_busy_store_delays_the_anchor_but_the_latest_head_gets_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = open(&path, None);
+        let stored: Arc<Mutex<Option<AuditAnchor>>> = Arc::default();
+        let busy = Arc::new(AtomicBool::new(true));
+        let (sink_stored, sink_busy) = (stored.clone(), busy.clone());
+        audit.anchor_to(Box::new(move |a| {
+            if sink_busy.load(Relaxed) {
+                return Ok(false);
+            }
+            *sink_stored.lock().unwrap() = Some(a.clone());
+            Ok(true)
+        }));
+        for _ in 0..20 {
+            audit.record(event("keyring.fetch"));
+        }
+        wait_for(&audit, 20);
+        assert!(stored.lock().unwrap().is_none());
+        // The store frees up; no new entries arrive, yet the head is anchored.
+        busy.store(false, Relaxed);
+        for _ in 0..200 {
+            if stored.lock().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(stored.lock().unwrap().clone(), Some(audit.head().anchor()));
     }
 
     #[test]
     fn a_partial_last_line_is_cut_off_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
-        let audit = Audit::open(&path, "a", 16, Arc::new(Metrics::default())).unwrap();
+        let audit = open(&path, None);
         audit.record(event("x"));
         wait_for(&audit, 1);
         drop(audit);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"seq\":2,\"time\":\"half a li").unwrap();
-        let audit = Audit::open(&path, "a", 16, Arc::new(Metrics::default())).unwrap();
+        let audit = open(&path, None);
         audit.record(event("y"));
         wait_for(&audit, 2);
-        assert_eq!(verify(&path).unwrap().entries, 2);
+        assert_eq!(check(&path, None).unwrap().entries, 2);
+    }
+
+    #[test]
+    fn an_unkeyed_log_is_moved_aside_and_the_sequence_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        write_log(&path);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let sha = |b: &[u8]| hex::encode(ring::digest::digest(&ring::digest::SHA256, b));
+        std::fs::write(&path, rechain(&text, |_| true, ",\"hash\":\"", sha)).unwrap();
+        let audit = open(&path, None);
+        audit.record(event("keyring.fetch"));
+        wait_for(&audit, 152);
+        assert!(dir.path().join("audit.log.00000000000000000150.unkeyed").exists());
+        let report = verify(std::slice::from_ref(&path), &key(), Start::Any, None).unwrap();
+        assert_eq!((report.first_seq, report.last_seq), (151, 152));
     }
 
     #[test]
     fn a_failing_disk_is_counted_and_never_stalls() {
         // /dev/full accepts the open and fails every write with ENOSPC.
         let metrics = Arc::new(Metrics::default());
-        let audit = Audit::open(Path::new("/dev/full"), "a", 1024, metrics.clone()).unwrap();
+        let audit = Audit::open(Path::new("/dev/full"), &options(), key(), None, metrics.clone()).unwrap();
         let start = std::time::Instant::now();
         for _ in 0..1000 {
             audit.record(event("keyring.fetch"));
@@ -615,10 +1204,12 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+    fn a_full_queue_drops_and_counts_and_leaves_a_gap_record() {
         let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
         let metrics = Arc::new(Metrics::default());
-        let audit = Audit::open(&dir.path().join("audit.log"), "a", 1, metrics.clone()).unwrap();
+        let options = AuditOptions { queue: 1, ..options() };
+        let audit = Audit::open(&path, &options, key(), None, metrics.clone()).unwrap();
         let start = std::time::Instant::now();
         for _ in 0..100_000 {
             audit.record(event("flood"));
@@ -632,6 +1223,20 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(total(), 100_000);
-        assert!(metrics.audit_dropped.load(Relaxed) > 0);
+        let dropped = metrics.audit_dropped.load(Relaxed);
+        assert!(dropped > 0);
+        // The drops are announced by the time the next entry is written.
+        audit.record(event("after"));
+        let written = metrics.audit_written.load(Relaxed);
+        for _ in 0..500 {
+            if metrics.audit_written.load(Relaxed) > written {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let report = check(&path, Some(&audit.head().anchor())).unwrap();
+        let lost: u64 = report.gaps.iter().map(|g| g.lost).sum();
+        assert_eq!(lost, dropped, "{:?}", report.gaps);
+        assert!(report.gaps.iter().all(|g| g.detail.contains("queue was full")));
     }
 }

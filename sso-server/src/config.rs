@@ -54,6 +54,9 @@ pub struct Config {
     /// The other node of the failover pair; absent for a standalone server.
     #[serde(default)]
     pub peer: Option<PeerConfig>,
+    /// The file this was loaded from: SIGHUP re-reads its `[tls]` section.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// The other node of the pair.
@@ -112,6 +115,30 @@ pub struct TlsConfig {
     /// Bound on the whole TLS handshake; rustls has no timeout of its own.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// Issuing (intermediate) CA certificates, PEM, whose CRLs `crls` lists although they
+    /// are not in `client_ca`: each must be signed by a CA in `client_ca`. Used only to
+    /// check CRL signatures; they are not trust anchors.
+    #[serde(default)]
+    pub crl_issuers: Option<PathBuf>,
+    /// Which certificates of a client's chain are checked against the CRLs:
+    /// `"end_entity"` (default) or `"full_chain"`.
+    #[serde(default)]
+    pub revocation: Revocation,
+    /// Accept a certificate whose issuer has no CRL in `crls` (by default, once any CRL is
+    /// configured, such a certificate is refused).
+    #[serde(default)]
+    pub allow_unknown_revocation: bool,
+}
+
+/// Which certificates of a client's chain are checked against the CRLs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Revocation {
+    /// Only the client's own certificate: listing the issuing CA's CRL is enough.
+    #[default]
+    EndEntity,
+    /// Every certificate below the trust anchor: each CA in the chain needs its CRL.
+    FullChain,
 }
 
 fn default_min_version() -> String {
@@ -152,11 +179,14 @@ pub struct UnsealConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
-    /// Append-only, hash-chained JSON-lines file.
+    /// Append-only JSON-lines file, chained with a keyed MAC.
     pub path: PathBuf,
     /// Entries waiting for the writer before new ones are dropped (and counted).
     #[serde(default = "default_audit_queue")]
     pub queue: usize,
+    /// Rotate the file when it reaches this many bytes (0: never; SIGHUP always reopens).
+    #[serde(default)]
+    pub rotate_bytes: u64,
 }
 
 fn default_audit_queue() -> usize {
@@ -184,8 +214,31 @@ pub struct RolesConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Connections served at once; further ones wait in the listen backlog.
+    /// Connections served at once, handshakes included; further ones wait in the listen
+    /// backlog. The process needs a file-descriptor limit above this.
     pub max_connections: usize,
+    /// TLS handshakes in progress at once (connections with no verified identity yet).
+    /// Past it, each new connection closes the oldest pending handshake, so silent TCP
+    /// connections cannot hold the slots that authenticated clients need. Never more than
+    /// `max_connections`.
+    pub max_pending_handshakes: usize,
+    /// Connections one certificate identity that holds a role may keep open; past it,
+    /// new connections are answered 429 and closed.
+    pub max_connections_per_identity: usize,
+    /// Connections a certificate identity that holds no role may keep open (it can only
+    /// reach `/v1/health` anyway).
+    pub max_connections_per_roleless_identity: usize,
+    /// Deadline from the end of the TLS handshake to the first complete request head, on
+    /// every protocol (HTTP/1.1, HTTP/2, and the protocol detection before either).
+    /// Default: `header_read_timeout_ms`.
+    pub first_request_timeout_ms: Option<u64>,
+    /// A connection with no request in flight for this long is closed (HTTP/2 with
+    /// GOAWAY). HTTP/1.1 keep-alive connections are also bounded by the header timeout.
+    pub idle_timeout_ms: u64,
+    /// Watch long-polls open at once, over all identities; past it, 503.
+    pub max_watches: usize,
+    /// Watch long-polls one identity may hold open; past it, 429.
+    pub max_watches_per_identity: usize,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     /// Time allowed to send request headers (slow-loris bound), and the keep-alive idle
@@ -197,17 +250,29 @@ pub struct Limits {
     pub watch_max_wait_ms: u64,
     /// Bounded drain on shutdown.
     pub shutdown_grace_ms: u64,
+    /// Longest a connection lives. Then it is ended gracefully (HTTP/2 GOAWAY, or
+    /// `Connection: close` after the current HTTP/1.1 request) so clients reconnect, and
+    /// with the new connection go through the current CA, CRLs and roles again.
+    pub max_connection_age_ms: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_connections: 4096,
+            max_connections: 16_384,
+            max_pending_handshakes: 12_288,
+            max_connections_per_identity: 1024,
+            max_connections_per_roleless_identity: 4,
+            first_request_timeout_ms: None,
+            idle_timeout_ms: 60_000,
+            max_watches: 16_384,
+            max_watches_per_identity: 1024,
             max_body_bytes: 1 << 20,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 10_000,
             watch_max_wait_ms: 25_000,
             shutdown_grace_ms: 5_000,
+            max_connection_age_ms: 3_600_000,
         }
     }
 }
@@ -240,6 +305,7 @@ impl Config {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         config.resolve_paths(&base);
         config.validate()?;
+        config.source = Some(path.to_path_buf());
         Ok(config)
     }
 
@@ -264,6 +330,7 @@ impl Config {
         fix(&mut self.tls.key);
         fix(&mut self.tls.client_ca);
         self.tls.crls.iter_mut().for_each(fix);
+        self.tls.crl_issuers.as_mut().map(fix);
         fix(&mut self.store.path);
         fix(&mut self.audit.path);
         self.store.unseal.key_file.as_mut().map(fix);
@@ -311,6 +378,11 @@ impl Config {
                     format!("{} does not exist", crl.display()),
                 ));
             }
+        }
+        if let Some(p) = &self.tls.crl_issuers
+            && !p.is_file()
+        {
+            return Err(err("tls.crl_issuers", format!("{} does not exist", p.display())));
         }
         if !matches!(self.tls.min_version.as_str(), "1.2" | "1.3") {
             return Err(err("tls.min_version", "must be \"1.3\" or \"1.2\""));
@@ -398,11 +470,36 @@ impl Config {
         if l.max_connections == 0 {
             return Err(err("limits.max_connections", "must be at least 1"));
         }
+        if l.max_pending_handshakes == 0 {
+            return Err(err("limits.max_pending_handshakes", "must be at least 1"));
+        }
+        if l.max_connections_per_identity == 0 || l.max_connections_per_roleless_identity == 0 {
+            return Err(err(
+                "limits.max_connections_per_identity",
+                "per-identity connection caps must be at least 1",
+            ));
+        }
+        if l.max_watches == 0 || l.max_watches_per_identity == 0 {
+            return Err(err("limits.max_watches", "watch caps must be at least 1"));
+        }
+        let first = l.first_request_timeout_ms.unwrap_or(l.header_read_timeout_ms);
+        if !(100..=3_600_000).contains(&first) || !(100..=3_600_000).contains(&l.idle_timeout_ms) {
+            return Err(err(
+                "limits.first_request_timeout_ms",
+                "first_request_timeout_ms and idle_timeout_ms must be between 100 and 3600000",
+            ));
+        }
         if l.max_body_bytes < 1024 {
             return Err(err("limits.max_body_bytes", "must be at least 1024"));
         }
         if l.header_read_timeout_ms == 0 || l.body_read_timeout_ms == 0 {
             return Err(err("limits", "timeouts must be positive"));
+        }
+        if !(1_000..=604_800_000).contains(&l.max_connection_age_ms) {
+            return Err(err(
+                "limits.max_connection_age_ms",
+                "must be between 1000 (1 s) and 604800000 (7 days)",
+            ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(err("log.format", "must be \"text\" or \"json\""));

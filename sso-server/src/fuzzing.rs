@@ -38,9 +38,12 @@ pub fn request(data: &[u8]) {
     crate::api::fuzz_bodies(data);
 }
 
-/// One audit log line, as `ssoctl audit verify` reads it.
+/// Audit log lines, through the verifier `ssoctl audit verify` uses.
 pub fn audit_line(data: &[u8]) {
-    if let Ok(text) = std::str::from_utf8(data) {
-        crate::audit::fuzz_line(text);
-    }
+    keystore::fuzzing::audit_log(data);
+}
+
+/// A CRL file (PEM or DER) through the loader's parse and signature check.
+pub fn crl_file(data: &[u8]) {
+    crate::tls::fuzz_crl(data);
 }

@@ -8,10 +8,15 @@
 //! - [`identity`]: certificate identity → roles.
 //! - [`state`]: the open store and the published, pre-serialised keyring snapshot.
 //! - [`api`]: the endpoints of SPEC §5.
-//! - [`audit`]: the hash-chained, group-committed audit log.
+//! - [`audit`]: the MAC-chained (key from the KEK), anchored, group-committed audit log.
 //! - [`metrics`]: Prometheus counters on their own listener.
-//! - [`server`]: accept loop, hyper, SIGHUP reload, graceful shutdown.
+//! - [`limits`]: pending-handshake, per-identity connection and watch caps, deadlines
+//!   after the handshake, aggregated audit of handshake floods.
+//! - [`server`]: accept loop, hyper, graceful shutdown.
+//! - [`connections`]: live connections over time: SIGHUP reload (all or nothing) and the
+//!   re-check of live connections, certificate expiry, maximum connection age.
 //! - [`peer`]: the failover pair: replication protocol, peer client, anti-entropy.
+//! - [`rotation`]: rotation serialised across the pair (domain logic, no HTTP).
 //! - [`dev`]: `--dev`, the embedded default.
 //!
 //! A request flows: TCP accept (connection cap) → TLS handshake (timeout, client
@@ -24,12 +29,16 @@
 pub mod api;
 pub mod audit;
 pub mod config;
+pub mod connections;
 pub mod dev;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod idempotency;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod peer;
+pub mod rotation;
 pub mod server;
 pub mod state;
 pub mod tls;

@@ -59,11 +59,30 @@ impl Endpoint {
     }
 }
 
-const STATUSES: [u16; 14] = [200, 204, 400, 403, 404, 405, 408, 409, 410, 413, 422, 500, 503, 0];
+const STATUSES: [u16; 15] = [200, 204, 400, 403, 404, 405, 408, 409, 410, 413, 422, 429, 500, 503, 0];
 
 fn status_slot(status: u16) -> usize {
     STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len() - 1)
 }
+
+/// The counters of connection and watch limits, with their help text. Reasons:
+/// `sso_connections_closed_total`: `first_request_timeout`, `idle_timeout`,
+/// `handshake_evicted`, and from [`crate::connections`] `revoked`, `expired`, `max_age`; `sso_connection_refusals_total`: `identity`, `no_role`;
+/// `sso_watch_refusals_total`: `identity`, `total`.
+pub const LIMIT_METRICS: [(&str, &str); 3] = [
+    (
+        "sso_connections_closed_total",
+        "Connections the server closed, by reason: a deadline, to make room, or the trust boundary (revoked, expired, max_age).",
+    ),
+    (
+        "sso_connection_refusals_total",
+        "Connections refused (429) because their identity held too many, by reason.",
+    ),
+    (
+        "sso_watch_refusals_total",
+        "Watch long-polls refused: 429 for one identity's cap, 503 for the total cap.",
+    ),
+];
 
 /// Every counter and gauge the server exports.
 #[derive(Debug)]
@@ -76,6 +95,12 @@ pub struct Metrics {
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
     /// Connections open now.
     pub connections_open: AtomicI64,
+    /// TLS handshakes in progress now.
+    pub handshakes_pending: AtomicI64,
+    /// Watch long-polls open now.
+    pub watches_open: AtomicI64,
+    /// Connection and watch limits at work, by (metric, reason): see [`LIMIT_METRICS`].
+    limit_events: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// The keyring epoch.
     pub keyring_epoch: AtomicU64,
     /// Unix time of the last backup; 0 when none was ever written.
@@ -88,6 +113,8 @@ pub struct Metrics {
     pub audit_dropped: AtomicU64,
     /// Audit entries lost to write failures.
     pub audit_failures: AtomicU64,
+    /// The audit chain's entry count (the head's sequence number, as anchored).
+    pub audit_entries: AtomicU64,
     /// Integrity alarms (conflicting key material, failed row authentication).
     pub integrity_alarms: AtomicU64,
     /// 1 when the peer answered the last attempt, 0 when not, -1 when there is no peer.
@@ -98,6 +125,52 @@ pub struct Metrics {
     pub peer_last_contact_unix: AtomicI64,
     /// Replication requests that failed.
     pub replication_failures: AtomicU64,
+    /// TLS reloads (SIGHUP) and live-connection checks: see [`TlsMetrics`].
+    pub tls: TlsMetrics,
+}
+
+/// Certificate reloads, CRL freshness and connections ended by the trust boundary.
+#[derive(Debug, Default)]
+pub struct TlsMetrics {
+    /// Reloads applied.
+    pub reloads: AtomicU64,
+    /// Reloads refused (the previous configuration stayed in force).
+    pub reload_failures: AtomicU64,
+    /// Earliest `nextUpdate` of the CRLs in force, unix seconds; 0 without CRLs.
+    pub crl_next_update_unix: AtomicI64,
+    /// Oldest `thisUpdate` of the CRLs in force, unix seconds; 0 without CRLs.
+    pub crl_this_update_unix: AtomicI64,
+}
+
+impl TlsMetrics {
+    fn render(&self, out: &mut String, now: i64) {
+        let _ = writeln!(
+            out,
+            "# HELP sso_tls_reloads_total Certificate and CRL reloads applied.\n# TYPE sso_tls_reloads_total counter\nsso_tls_reloads_total {}",
+            self.reloads.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sso_tls_reload_failures_total Reloads refused; the previous certificates and CRLs stayed in force.\n# TYPE sso_tls_reload_failures_total counter\nsso_tls_reload_failures_total {}",
+            self.reload_failures.load(Relaxed)
+        );
+        let next = self.crl_next_update_unix.load(Relaxed);
+        if next != 0 {
+            let _ = writeln!(
+                out,
+                "# HELP sso_crl_next_update_seconds Seconds until the earliest CRL nextUpdate; negative once a CRL is stale.\n# TYPE sso_crl_next_update_seconds gauge\nsso_crl_next_update_seconds {}",
+                next - now
+            );
+        }
+        let this = self.crl_this_update_unix.load(Relaxed);
+        if this != 0 {
+            let _ = writeln!(
+                out,
+                "# HELP sso_crl_age_seconds Seconds since the oldest CRL in force was issued (thisUpdate).\n# TYPE sso_crl_age_seconds gauge\nsso_crl_age_seconds {}",
+                now - this
+            );
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -108,17 +181,22 @@ impl Default for Metrics {
             denials: AtomicU64::new(0),
             handshake_failures: Mutex::new(BTreeMap::new()),
             connections_open: AtomicI64::new(0),
+            handshakes_pending: AtomicI64::new(0),
+            watches_open: AtomicI64::new(0),
+            limit_events: Mutex::new(BTreeMap::new()),
             keyring_epoch: AtomicU64::new(0),
             last_backup_unix: AtomicI64::new(0),
             cert_not_after_unix: AtomicI64::new(0),
             audit_written: AtomicU64::new(0),
             audit_dropped: AtomicU64::new(0),
             audit_failures: AtomicU64::new(0),
+            audit_entries: AtomicU64::new(0),
             integrity_alarms: AtomicU64::new(0),
             peer_up: AtomicI64::new(-1),
             peer_lag_epochs: AtomicU64::new(0),
             peer_last_contact_unix: AtomicI64::new(0),
             replication_failures: AtomicU64::new(0),
+            tls: TlsMetrics::default(),
         }
     }
 }
@@ -137,6 +215,12 @@ impl Metrics {
     pub fn handshake_failure(&self, reason: &'static str) {
         let mut map = self.handshake_failures.lock().unwrap_or_else(|p| p.into_inner());
         *map.entry(reason).or_default() += 1;
+    }
+
+    /// Counts one limit at work: `metric` is one of [`LIMIT_METRICS`], `reason` its label.
+    pub fn limit_event(&self, metric: &'static str, reason: &'static str) {
+        let mut map = self.limit_events.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry((metric, reason)).or_default() += 1;
     }
 
     /// Requests counted so far for an endpoint and status (tests and status pages).
@@ -202,6 +286,27 @@ impl Metrics {
         );
         gauge(
             &mut out,
+            "sso_handshakes_pending",
+            "TLS handshakes in progress (connections with no verified identity yet).",
+            self.handshakes_pending.load(Relaxed) as f64,
+        );
+        gauge(
+            &mut out,
+            "sso_watches_open",
+            "Watch long-polls open.",
+            self.watches_open.load(Relaxed) as f64,
+        );
+        {
+            let events = self.limit_events.lock().unwrap_or_else(|p| p.into_inner());
+            for (name, help) in LIMIT_METRICS {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+                for ((_, reason), n) in events.range((name, "")..).take_while(|((m, _), _)| *m == name) {
+                    let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+                }
+            }
+        }
+        gauge(
+            &mut out,
             "sso_keyring_epoch",
             "Keyring epoch.",
             self.keyring_epoch.load(Relaxed) as f64,
@@ -239,12 +344,19 @@ impl Metrics {
             "Audit entries lost to write failures.",
             self.audit_failures.load(Relaxed),
         );
+        gauge(
+            &mut out,
+            "sso_audit_entries",
+            "Entries in the audit chain (the head's sequence number, as in admin status).",
+            self.audit_entries.load(Relaxed) as f64,
+        );
         counter(
             &mut out,
             "sso_integrity_alarms_total",
             "Integrity alarms.",
             self.integrity_alarms.load(Relaxed),
         );
+        self.tls.render(&mut out, now);
         out
     }
 }

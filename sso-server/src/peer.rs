@@ -34,6 +34,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{PeerConfig, TlsConfig};
 use crate::identity::Pattern;
+use crate::rotation::{LinkError, PeerLink};
 use crate::tls::{self, TlsError};
 
 /// Checks the peer's server certificate as webpki does, then that it names the configured
@@ -280,6 +281,82 @@ impl Peer {
     }
 }
 
+impl Peer {
+    /// POSTs `body` to `path`; the status and body, or `Unreachable`.
+    async fn post(&self, path: &str, body: Bytes) -> Result<(u16, Zeroizing<Vec<u8>>), LinkError> {
+        let reply = self
+            .transport
+            .request_on(0, hyper::Method::POST, path, body, self.timeout)
+            .await
+            .map_err(|e| {
+                self.failed(&e);
+                LinkError::Unreachable(e)
+            })?;
+        if reply.status == 200 {
+            let epoch = self.status().peer_epoch.unwrap_or(0);
+            self.contact(self.status().node.as_deref().unwrap_or("peer"), epoch);
+        }
+        Ok((reply.status, reply.body))
+    }
+}
+
+/// A refusal from a rotation endpoint of the peer.
+fn refusal(status: u16, body: &[u8]) -> LinkError {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    match (status, v["error"].as_str().unwrap_or("")) {
+        (409, "busy") => LinkError::Busy,
+        (409, "lease_lost") => LinkError::LeaseLost,
+        (409, "stale") => LinkError::Stale(v["max_generation"].as_u64().unwrap_or(0)),
+        (409, "integrity") => LinkError::Conflict(v["message"].as_str().unwrap_or("").to_owned()),
+        (404 | 405, _) => LinkError::Protocol(format!(
+            "the peer answered {status}: it does not know the rotation protocol (upgrade it first)"
+        )),
+        _ => LinkError::Unreachable(format!(
+            "the peer answered {status}: {}",
+            v["message"].as_str().unwrap_or("")
+        )),
+    }
+}
+
+impl PeerLink for Peer {
+    async fn lease(&self, node: &str, token: u128, ttl: Duration) -> Result<u64, LinkError> {
+        let body = serde_json::json!({
+            "node": node, "token": format!("{token:032x}"), "ttl_ms": ttl.as_millis() as u64,
+        });
+        let (status, body) = self.post("/v1/peer/lease", Bytes::from(body.to_string())).await?;
+        if status != 200 {
+            return Err(refusal(status, &body));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        v["max_generation"]
+            .as_u64()
+            .ok_or_else(|| LinkError::Protocol("lease answer without max_generation".into()))
+    }
+
+    async fn stage(&self, node: &str, token: u128, record: &KeyRecord) -> Result<(), LinkError> {
+        let body = records_json(node, 0, "", std::slice::from_ref(record));
+        let (status, body) = self
+            .post(&format!("/v1/peer/stage?lease={token:032x}"), Bytes::from_owner(body))
+            .await?;
+        if status != 200 {
+            return Err(refusal(status, &body));
+        }
+        Ok(())
+    }
+
+    async fn promote(&self, node: &str, token: u128, records: &[KeyRecord]) -> Result<Option<KeyId>, LinkError> {
+        let body = records_json(node, 0, "", records);
+        let (status, body) = self
+            .post(&format!("/v1/peer/promote?lease={token:032x}"), Bytes::from_owner(body))
+            .await?;
+        if status != 200 {
+            return Err(refusal(status, &body));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        Ok(v["primary"].as_str().and_then(|p| p.parse().ok()))
+    }
+}
+
 /// A replication request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -314,37 +391,41 @@ fn state_name(state: KeyState) -> &'static str {
     }
 }
 
-/// Serialises key records into a zeroizing buffer sized up front.
+/// Serialises key records into a zeroizing buffer sized exactly (two passes, see
+/// [`crate::state::exact`]): it never reallocates, whatever the key count or node names.
 pub fn records_json(node: &str, epoch: u64, digest: &str, records: &[KeyRecord]) -> Zeroizing<Vec<u8>> {
     let header = serde_json::json!({"node": node, "epoch": epoch, "digest": digest}).to_string();
-    let bound = header.len() + 16 + records.iter().map(|r| 230 + r.meta.origin.len() * 6).sum::<usize>();
-    let mut out = Zeroizing::new(Vec::with_capacity(bound));
-    out.extend_from_slice(&header.as_bytes()[..header.len() - 1]);
-    out.extend_from_slice(b",\"keys\":[");
-    for (i, r) in records.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        let meta = &r.meta;
-        let fields = serde_json::json!({
-            "key_id": meta.key_id,
-            "generation": meta.generation,
-            "created_at": meta.created_at.format(&Rfc3339).unwrap_or_default(),
-            "origin": meta.origin,
-            "state": state_name(meta.state),
+    let fields: Vec<String> = records
+        .iter()
+        .map(|r| {
+            let meta = &r.meta;
+            serde_json::json!({
+                "key_id": meta.key_id,
+                "generation": meta.generation,
+                "created_at": meta.created_at.format(&Rfc3339).unwrap_or_default(),
+                "origin": meta.origin,
+                "state": state_name(meta.state),
+            })
+            .to_string()
         })
-        .to_string();
-        out.extend_from_slice(&fields.as_bytes()[..fields.len() - 1]);
-        if let Some(secret) = &r.secret {
-            out.extend_from_slice(b",\"key\":\"");
-            secret.push_base64(&mut out);
-            out.push(b'"');
+        .collect();
+    crate::state::exact(|out| {
+        out.put(&header.as_bytes()[..header.len() - 1]);
+        out.put(b",\"keys\":[");
+        for (i, (r, f)) in records.iter().zip(&fields).enumerate() {
+            if i > 0 {
+                out.put(b",");
+            }
+            out.put(&f.as_bytes()[..f.len() - 1]);
+            if let Some(secret) = &r.secret {
+                out.put(b",\"key\":\"");
+                out.put_secret(secret);
+                out.put(b"\"");
+            }
+            out.put(b"}");
         }
-        out.push(b'}');
-    }
-    out.extend_from_slice(b"]}");
-    debug_assert!(out.len() <= bound, "peer JSON outgrew its buffer");
-    out
+        out.put(b"]}");
+    })
 }
 
 #[derive(Deserialize)]
@@ -439,6 +520,7 @@ pub async fn sync_loop(state: Arc<crate::state::AppState>) {
                     state.audit.record(crate::audit::AuditEvent {
                         time: std::time::SystemTime::now(),
                         identity: ps.node.clone().unwrap_or_else(|| "peer".into()).into(),
+                        cert: None,
                         role: "peer",
                         op: "peer.sync",
                         key_id: None,
@@ -534,6 +616,7 @@ mod tests {
         })
         .collect();
         let body = records_json("a", 7, "d", &records);
+        assert_eq!(body.len(), body.capacity(), "not sized exactly");
         let back = parse_records(&body).unwrap();
         assert_eq!((back.node.as_str(), back.epoch, back.digest.as_str()), ("a", 7, "d"));
         for (a, b) in records.iter().zip(&back.records) {

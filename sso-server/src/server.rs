@@ -1,6 +1,7 @@
 //! Listeners and connections: the TLS accept loop with its handshake timeout and
-//! connection cap, hyper (HTTP/1.1 and HTTP/2) on top, the metrics listener, certificate
-//! reload on SIGHUP, and graceful shutdown.
+//! connection cap, hyper (HTTP/1.1 and HTTP/2) on top, the metrics listener, and graceful
+//! shutdown. Each served connection is driven by [`connections::drive`] (revocation,
+//! expiry, maximum age); SIGHUP reloads live in [`connections`] too.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,16 +13,17 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use keystore::SealedStore;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::api;
-use crate::audit::{Audit, AuditError, AuditEvent};
+use crate::audit::{Audit, AuditError, AuditEvent, CertRef};
 use crate::config::Config;
+use crate::connections::{self, Registry};
 use crate::identity::{Caller, RoleMap};
+use crate::limits::{AGGREGATE_INTERVAL, Activity, Limiter, REFUSED_CONNECTION_TIME};
 use crate::metrics::Metrics;
 use crate::state::{AppState, Snapshot};
 use crate::tls::{self, TlsError};
@@ -61,8 +63,19 @@ pub async fn run(
     metrics
         .cert_not_after_unix
         .store(loaded.server_cert_not_after.unwrap_or(0), Relaxed);
+    connections::publish_crls(&metrics, &loaded.crls);
     let tls_config = Arc::new(ArcSwap::new(loaded.config));
-    let audit = Audit::open(&config.audit.path, &config.node, config.audit.queue, metrics.clone())?;
+    let audit = Audit::open(
+        &config.audit.path,
+        &crate::audit::AuditOptions {
+            node: config.node.clone(),
+            queue: config.audit.queue,
+            rotate_bytes: config.audit.rotate_bytes,
+        },
+        store.audit_key(),
+        store.audit_anchor()?,
+        metrics.clone(),
+    )?;
     let (epoch_tx, _) = watch::channel(0);
     let peer = match &config.peer {
         Some(p) => Some(Arc::new(crate::peer::Peer::new(p, &config.tls)?)),
@@ -77,26 +90,65 @@ pub async fn run(
         audit,
         metrics: metrics.clone(),
         limits: config.limits.clone(),
+        limiter: Limiter::new(&config.limits, metrics.clone()),
         distribute_wait: Duration::from_millis(250),
+        rotations: crate::rotation::Rotations::new(
+            config
+                .peer
+                .as_ref()
+                .map_or(Duration::from_secs(1), |p| Duration::from_millis(p.timeout_ms)),
+            Duration::from_millis(250),
+        ),
         peer,
+        idempotency: crate::idempotency::Idempotency::default(),
+        idempotency_secret: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+            .map_err(|_| ServerError::Io(std::io::Error::other("the random number generator failed")))?,
     });
     {
         let store = state.store.lock().unwrap_or_else(|p| p.into_inner());
         state.refresh(&store)?;
     }
 
+    {
+        // Every new audit head is anchored in the store's meta table.
+        let weak = Arc::downgrade(&state);
+        state.audit.anchor_to(Box::new(move |anchor| {
+            let Some(state) = weak.upgrade() else { return Ok(true) };
+            // Never wait for the store (a backup may hold it for its KDF): try later.
+            let mut store = match state.store.try_lock() {
+                Ok(s) => s,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+            };
+            store.set_audit_anchor(anchor).map(|()| true).map_err(|e| e.to_string())
+        }));
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let audit = state.audit.clone();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                audit.reopen();
+            }
+        });
+    }
     let metrics_task = tokio::spawn(serve_metrics(metrics_listener, metrics.clone()));
     let sync_task = tokio::spawn(crate::peer::sync_loop(state.clone()));
     // Registered here, not inside the task, so a SIGHUP right after start is not fatal.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let reload_task = tokio::spawn(reload_on_sighup(
+    // Requests in flight at a graceful end get as long as a watch may wait, and a little.
+    let drain = Duration::from_millis(config.limits.watch_max_wait_ms) + Duration::from_secs(5);
+    let registry = Registry::new(Duration::from_millis(config.limits.max_connection_age_ms), drain);
+    let reload_task = tokio::spawn(connections::reload_on_sighup(
         hup,
         config.clone(),
-        tls_config.clone(),
-        metrics.clone(),
+        connections::Reloadable {
+            tls_config: tls_config.clone(),
+            registry: registry.clone(),
+        },
+        state.clone(),
+        loaded.crls,
     ));
 
-    let graceful = GracefulShutdown::new();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let connections = Arc::new(Semaphore::new(config.limits.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -111,6 +163,7 @@ pub async fn run(
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
     let handshake_timeout = config.handshake_timeout();
+    let flush_task = tokio::spawn(flush_aggregated_audit(state.clone()));
 
     tokio::pin!(shutdown);
     loop {
@@ -136,43 +189,52 @@ pub async fn run(
         let acceptor = TlsAcceptor::from(tls_config.load_full());
         let state = state.clone();
         let builder = builder.clone();
-        let watcher = graceful.watcher();
+        let registry = registry.clone();
+        let mut stop = shutdown_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;
             state.metrics.connections_open.fetch_add(1, Relaxed);
             let _open = OpenGuard(state.metrics.clone());
-            let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return handshake_failed(&state, peer, tls::failure_reason(&e), Some(e.to_string())),
-                Err(_) => return handshake_failed(&state, peer, "timeout", None),
+            let pending = state.limiter.begin_handshake();
+            let stream = tokio::select! {
+                r = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)) => match r {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => return handshake_failed(&state, peer, tls::failure_reason(&e), Some(e.to_string())),
+                    Err(_) => return handshake_failed(&state, peer, "timeout", None),
+                },
+                () = pending.evicted() => return handshake_failed(&state, peer, "evicted", None),
+                () = stopped(&mut stop) => return,
             };
+            drop(pending);
             let Some(caller) = caller_of(&stream, &state) else {
                 return handshake_failed(&state, peer, "no_certificate", None);
             };
-            let caller = Arc::new(caller);
-            let service = service_fn(move |req| {
-                let (caller, state) = (caller.clone(), state.clone());
-                async move { Ok::<_, Infallible>(api::handle(req, caller, peer, state).await) }
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            let ticket = registry.register(stream.get_ref().1, &caller, peer, &state);
+            serve_connection(stream, caller, peer, state, &builder, stop, ticket).await;
         });
     }
     drop(https);
     tracing::info!("shutting down: no longer accepting, draining connections");
     state.epoch_tx.send_modify(|_| {});
+    let _ = shutdown_tx.send(true);
     let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(grace) => tracing::warn!("grace period over; closing remaining connections"),
+    // Every connection holds a permit until it is closed: all permits back means drained.
+    let all = u32::try_from(config.limits.max_connections).unwrap_or(u32::MAX);
+    match tokio::time::timeout(grace, connections.acquire_many(all)).await {
+        Ok(_) => tracing::info!("all connections closed"),
+        Err(_) => tracing::warn!("grace period over; closing remaining connections"),
     }
+    flush_task.abort();
+    state.limiter.failures.flush(&state.audit, AGGREGATE_INTERVAL);
     metrics_task.abort();
     reload_task.abort();
     sync_task.abort();
     Ok(())
 }
+
+/// Time an idle connection gets to finish its graceful close (HTTP/2 GOAWAY) before it
+/// is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 struct OpenGuard(Arc<Metrics>);
 
@@ -188,49 +250,158 @@ fn caller_of(stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>, st
     let roles = state.roles.roles(&identity);
     Some(Caller {
         label: identity.label().into(),
+        cert: Arc::new(CertRef {
+            serial: identity.serial.clone(),
+            sha256: identity.sha256.clone(),
+        }),
         identity,
         roles,
     })
 }
 
+/// Serves one authenticated connection: admits it under its identity's cap (or answers
+/// every request 429 for a moment), closes it when it stays idle past the deadlines of
+/// [`crate::limits`], and shuts it down gracefully when the server stops.
+async fn serve_connection(
+    stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    caller: Caller,
+    peer: std::net::SocketAddr,
+    state: Arc<AppState>,
+    builder: &auto::Builder<TokioExecutor>,
+    mut stop: watch::Receiver<bool>,
+    mut ticket: connections::Ticket,
+) {
+    let slot = state.limiter.admit(&caller);
+    let (first, idle) = match &slot {
+        Ok(_) => state.limiter.deadlines(),
+        Err(reason) => {
+            tracing::debug!(%peer, identity = %caller.label, reason, "connection refused: identity holds too many");
+            state.limiter.failures.record(
+                &state.audit,
+                AuditEvent {
+                    time: std::time::SystemTime::now(),
+                    identity: caller.label.clone(),
+                    cert: Some(caller.cert.clone()),
+                    role: caller.roles.label(),
+                    op: "connection.limit",
+                    key_id: None,
+                    outcome: "too_many_connections",
+                    detail: Some(format!("{reason}: this identity holds too many connections")),
+                    peer: Some(peer),
+                },
+                reason,
+            );
+            (REFUSED_CONNECTION_TIME, REFUSED_CONNECTION_TIME)
+        }
+    };
+    let refused = slot.as_ref().err().copied();
+    let limiter = state.limiter.clone();
+    let activity = Activity::new();
+    let caller = Arc::new(caller);
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let (caller, state, activity) = (caller.clone(), state.clone(), activity.clone());
+            async move {
+                let _busy = activity.request();
+                Ok::<_, Infallible>(match refused {
+                    Some(reason) => too_many_connections(reason),
+                    None => api::handle(req, caller, peer, state).await,
+                })
+            }
+        })
+    };
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        reason = activity.idle(first, idle) => {
+            if refused.is_none() {
+                limiter.closed(reason);
+            }
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
+        }
+        () = stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
+        // Revoked or expired: dropped at once. Maximum age: GOAWAY, bounded drain.
+        end = ticket.ended() => match end {
+            connections::End::Cut => Ok(()),
+            connections::End::Graceful(drain) => {
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(drain, conn.as_mut()).await.unwrap_or(Ok(()))
+            }
+        },
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+    drop(slot);
+}
+
+/// Completes once the server is shutting down.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn too_many_connections(reason: &'static str) -> hyper::Response<api::Body> {
+    let body = serde_json::json!({
+        "error": "too_many_connections",
+        "message": format!("this certificate identity holds too many connections ({reason} cap); close some and retry"),
+    });
+    let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )));
+    *resp.status_mut() = hyper::StatusCode::TOO_MANY_REQUESTS;
+    let headers = resp.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
+    headers.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    resp
+}
+
+/// Flushes the aggregated audit counts every [`AGGREGATE_INTERVAL`].
+async fn flush_aggregated_audit(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(AGGREGATE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        state.limiter.failures.flush(&state.audit, AGGREGATE_INTERVAL);
+    }
+}
+
+/// Failed handshakes come from sources with no verified identity: the first per source
+/// and reason is audited at once, a flood only as a count per interval.
 fn handshake_failed(state: &AppState, peer: std::net::SocketAddr, reason: &'static str, detail: Option<String>) {
     state.metrics.handshake_failure(reason);
     tracing::debug!(%peer, reason, "TLS handshake failed");
-    state.audit.record(AuditEvent {
-        time: std::time::SystemTime::now(),
-        identity: "-".into(),
-        role: "none",
-        op: "tls.handshake",
-        key_id: None,
-        outcome: "denied",
-        detail: Some(match detail {
-            Some(d) => format!("{reason}: {d}"),
-            None => reason.to_owned(),
-        }),
-        peer: Some(peer),
-    });
-}
-
-async fn reload_on_sighup(
-    mut hup: tokio::signal::unix::Signal,
-    config: Config,
-    tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
-    metrics: Arc<Metrics>,
-) {
-    while hup.recv().await.is_some() {
-        match tls::build(&config.tls) {
-            Ok(loaded) => {
-                tls_config.store(loaded.config);
-                metrics
-                    .cert_not_after_unix
-                    .store(loaded.server_cert_not_after.unwrap_or(0), Relaxed);
-                tracing::info!("SIGHUP: reloaded certificates and CRLs; new connections use them");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "SIGHUP: reload failed; still serving with the previous certificates")
-            }
-        }
-    }
+    state.limiter.failures.record(
+        &state.audit,
+        AuditEvent {
+            time: std::time::SystemTime::now(),
+            identity: "-".into(),
+            cert: None,
+            role: "none",
+            op: "tls.handshake",
+            key_id: None,
+            outcome: "denied",
+            detail: Some(match detail {
+                Some(d) => format!("{reason}: {d}"),
+                None => reason.to_owned(),
+            }),
+            peer: Some(peer),
+        },
+        reason,
+    );
 }
 
 async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {

@@ -181,9 +181,35 @@ pub enum Certs {
 /// `ssoctl audit …`.
 #[derive(Subcommand, Debug)]
 pub enum Audit {
-    /// Check an audit log's hash chain end to end.
-    Verify {
-        /// The audit log.
-        file: PathBuf,
-    },
+    /// Check an audit log's keyed chain end to end, and that it reaches its anchor.
+    ///
+    /// Without FILES the server checks its own log with its key (--server/--dev; admin
+    /// certificate; no unseal secret needed). With FILES (oldest first: rotated files,
+    /// then the current one) ssoctl checks them itself and needs the store and its
+    /// unseal secret (--store, --key-file or the passphrase), because the chain is keyed
+    /// from the store's KEK.
+    Verify(AuditVerify),
+}
+
+/// `ssoctl audit verify`.
+#[derive(Args, Debug)]
+pub struct AuditVerify {
+    /// Log files in order, oldest first.
+    pub files: Vec<PathBuf>,
+    /// The store whose key chains the log (offline check of FILES).
+    #[arg(long)]
+    pub store: Option<PathBuf>,
+    /// The store's unseal key file; without it the passphrase is read (SSOCTL_PASSPHRASE,
+    /// --password-file or a prompt).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// The head (mac of the newest entry) recorded elsewhere; with --count.
+    #[arg(long, value_name = "HEX", requires = "count")]
+    pub head: Option<String>,
+    /// The entry count that goes with --head.
+    #[arg(long, value_name = "N", requires = "head")]
+    pub count: Option<u64>,
+    /// The first file may start after entry 1 (earlier files were archived).
+    #[arg(long)]
+    pub partial: bool,
 }

@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::cli::{Audit, Certs, Cli, Command, Global, Init, Keys};
+use crate::cli::{Audit, AuditVerify, Certs, Cli, Command, Global, Init, Keys};
 use crate::online::Online;
 use crate::{EX_DATAERR, EX_NOINPUT, EX_SOFTWARE, EX_USAGE, Failure};
 
@@ -22,7 +22,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), Failure> {
         Command::Init(init) => init_store(g, &init, out),
         Command::BackupHint { file } => backup_hint(g, &file, out),
         Command::Certs(certs) => certs_cmd(g, certs, out),
-        Command::Audit(Audit::Verify { file }) => audit_verify(g, &file, out),
+        Command::Audit(Audit::Verify(v)) => audit_verify(g, &v, out),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "ssoctl", out);
@@ -559,19 +559,164 @@ fn certs_cmd(g: &Global, certs: Certs, out: &mut dyn Write) -> Result<(), Failur
     }
 }
 
-fn audit_verify(g: &Global, file: &Path, out: &mut dyn Write) -> Result<(), Failure> {
-    match sso_server::audit::verify(file) {
-        Ok(r) => {
-            let v = serde_json::json!({"entries": r.entries, "head": r.head, "intact": true});
-            emit(g, out, &v, || {
-                format!("audit log intact: {} entries, head {}", r.entries, r.head)
+fn audit_verify(g: &Global, v: &AuditVerify, out: &mut dyn Write) -> Result<(), Failure> {
+    let given = match (&v.head, v.count) {
+        (Some(head), Some(count)) => {
+            if head.len() != 64 || !head.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Failure::new(
+                    EX_USAGE,
+                    "--head must be 64 hex characters",
+                    "copy it from ssoctl status or the metrics",
+                ));
+            }
+            Some(keystore::AuditAnchor {
+                count,
+                head: head.to_ascii_lowercase(),
             })
         }
-        Err(e) if e.line == 0 => Err(Failure::new(EX_NOINPUT, e, "check the path")),
-        Err(e) => Err(Failure::new(
-            EX_DATAERR,
-            e,
-            "the log was edited, truncated or reordered at that line: keep this copy as evidence",
-        )),
+        _ => None,
+    };
+    let online = !g.servers.is_empty() || g.dev.is_some();
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Failure::new(EX_SOFTWARE, e, ""))
+    };
+    if v.files.is_empty() {
+        if !online {
+            return Err(Failure::new(
+                EX_USAGE,
+                "nothing to verify",
+                "give the log files (with --store and its unseal secret), or --server/--dev to have the server verify its own log",
+            ));
+        }
+        let path = match &given {
+            Some(a) => format!("/v1/admin/audit/verify?head={}&count={}", a.head, a.count),
+            None => "/v1/admin/audit/verify".to_owned(),
+        };
+        let answer = runtime()?.block_on(async {
+            let conn = Online::connect(g)?;
+            json(&conn.call(Method::GET, &path, Bytes::new()).await?)
+        })?;
+        if answer["intact"] != true {
+            let problem = format!(
+                "{} line {}: {}",
+                answer["file"].as_str().unwrap_or("?"),
+                answer["line"],
+                answer["problem"].as_str().unwrap_or("?")
+            );
+            return Err(verify_failure(problem, answer["truncated"] == true, g, out, &answer));
+        }
+        let gaps: Vec<(u64, u64)> = answer["gaps"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| (x["seq"].as_u64().unwrap_or(0), x["lost"].as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        return emit(g, out, &answer, || {
+            intact_text(
+                answer["entries"].as_u64().unwrap_or(0),
+                answer["first_seq"].as_u64().unwrap_or(0),
+                answer["head"].as_str().unwrap_or("?"),
+                &gaps,
+                "checked by the server against its live head",
+            )
+        });
     }
+    let Some(store_path) = &v.store else {
+        return Err(Failure::new(
+            EX_USAGE,
+            "checking files needs the store whose key chains them (--store)",
+            "or let the server check its own log: ssoctl audit verify --server URL (or --dev DIR)",
+        ));
+    };
+    let unseal = match &v.key_file {
+        Some(path) => keystore::UnsealKey::key_file(path)?,
+        None => keystore::UnsealKey::passphrase(password(g, "SSOCTL_PASSPHRASE", "store passphrase: ", false)?)?,
+    };
+    let store = keystore::SealedStore::open(store_path, &unseal)?;
+    let key = store.audit_key();
+    let (anchor, source) = match given {
+        Some(a) => (Some(a), "the --head/--count given"),
+        None if online => {
+            let status = runtime()?.block_on(async {
+                let conn = Online::connect(g)?;
+                json(&conn.call(Method::GET, "/v1/admin/status", Bytes::new()).await?)
+            })?;
+            let a = keystore::AuditAnchor {
+                count: status["audit"]["seq"].as_u64().unwrap_or(0),
+                head: status["audit"]["head"].as_str().unwrap_or_default().to_owned(),
+            };
+            (Some(a), "the head the server reports")
+        }
+        None => (store.audit_anchor()?, "the anchor in the store"),
+    };
+    drop(store);
+    let start = if v.partial {
+        keystore::audit::Start::Any
+    } else {
+        keystore::audit::Start::Genesis
+    };
+    match keystore::audit::verify(&v.files, &key, start, anchor.as_ref()) {
+        Ok(r) => {
+            let gaps: Vec<(u64, u64)> = r.gaps.iter().map(|x| (x.seq, x.lost)).collect();
+            let value = serde_json::json!({
+                "intact": true, "entries": r.entries, "first_seq": r.first_seq, "last_seq": r.last_seq,
+                "head": r.head, "anchored": r.anchored,
+                "gaps": r.gaps.iter().map(|x| serde_json::json!({"seq": x.seq, "lost": x.lost, "detail": x.detail})).collect::<Vec<_>>(),
+            });
+            let against = if anchor.is_some() {
+                format!("reaches {source}")
+            } else {
+                "no anchor to compare with (give --head/--count or --server)".to_owned()
+            };
+            emit(g, out, &value, || {
+                intact_text(r.entries, r.first_seq, &r.head, &gaps, &against)
+            })
+        }
+        Err(e) if e.line == 0 && !e.truncated && e.problem.contains("No such file") => {
+            Err(Failure::new(EX_NOINPUT, e, "check the path"))
+        }
+        Err(e) => {
+            let value = serde_json::json!({"intact": false, "file": e.file, "line": e.line, "problem": e.problem, "truncated": e.truncated});
+            Err(verify_failure(e.to_string(), e.truncated, g, out, &value))
+        }
+    }
+}
+
+fn intact_text(entries: u64, first_seq: u64, head: &str, gaps: &[(u64, u64)], against: &str) -> String {
+    let mut s = format!("audit log intact: {entries} entries from entry {first_seq}, head {head}; {against}");
+    if !gaps.is_empty() {
+        let lost: u64 = gaps.iter().map(|g| g.1).sum();
+        s.push_str(&format!(
+            "\nwarning: {} gap record(s): {lost} entries were never written (disk full or queue overflow), at entries {}",
+            gaps.len(),
+            gaps.iter().map(|g| g.0.to_string()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    s
+}
+
+fn verify_failure(
+    problem: String,
+    truncated: bool,
+    g: &Global,
+    out: &mut dyn Write,
+    value: &serde_json::Value,
+) -> Failure {
+    if g.json {
+        let _ = writeln!(out, "{value}");
+    }
+    Failure::new(
+        EX_DATAERR,
+        format!("audit log broken: {problem}"),
+        if truncated {
+            "entries at the end were removed (the log was cut short): keep this copy as evidence"
+        } else {
+            "the log was edited, truncated, reordered or forged at that line: keep this copy as evidence"
+        },
+    )
 }

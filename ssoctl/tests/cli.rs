@@ -117,6 +117,14 @@ fn snapshot(name: &str, run: &Run, dir: &Path) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/snapshots")
         .join(format!("{name}.txt"));
+    // Under CI a missing snapshot is a failure, not a freshly written pass: otherwise a
+    // snapshot never committed would make its test vacuous on every clean clone.
+    if !path.exists() && std::env::var_os("CI").is_some() {
+        panic!(
+            "snapshot {} is missing: run the test locally and commit the file",
+            path.display()
+        );
+    }
     if std::env::var("SNAPSHOTS").as_deref() == Ok("overwrite") || !path.exists() {
         std::fs::write(&path, &text).unwrap();
         return;
@@ -422,8 +430,27 @@ fn init_then_server_then_rotate_list_backup_and_restore_into_a_fresh_store() {
     snapshot("server_down", &r, d);
 }
 
+/// Every line of `text` re-chained with the unkeyed scheme from before the chain was
+/// keyed (SHA-256 of the body in `hash`), keeping the lines `keep` accepts: the rewrite the
+/// old verifier accepted as intact.
+fn rechain_unkeyed(text: &str, keep: impl Fn(&str) -> bool) -> String {
+    let mut prev = "0".repeat(64);
+    let mut out = String::new();
+    for (i, line) in text.lines().filter(|l| keep(l)).enumerate() {
+        let body = &line[..line.rfind(",\"mac\":\"").unwrap()];
+        let v: serde_json::Value = serde_json::from_str(&format!("{body}}}")).unwrap();
+        let body = body
+            .replacen(&format!("{{\"seq\":{},", v["seq"]), &format!("{{\"seq\":{},", i + 1), 1)
+            .replacen(v["prev"].as_str().unwrap(), &prev, 1);
+        let hash = hex::encode(ring::digest::digest(&ring::digest::SHA256, body.as_bytes()));
+        out.push_str(&format!("{body},\"hash\":\"{hash}\"}}\n"));
+        prev = hash;
+    }
+    out
+}
+
 #[test]
-fn audit_verify_finds_tampering() {
+fn audit_verify_finds_tampering_truncation_and_rewrites() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let pki = Pki::new(&d.join("pki"));
@@ -434,20 +461,103 @@ fn audit_verify_finds_tampering() {
         .build()
         .unwrap();
     let c = tests::Client::new(server.https, &pki.ca_file, Some(&pki.client("client")));
-    for _ in 0..5 {
-        runtime.block_on(c.get("/v1/keyring")).unwrap();
+    let admin = tests::Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
+    for i in 0..150 {
+        let path = if i % 50 == 0 { "/v1/admin/rotate" } else { "/v1/keyring" };
+        let r = if i % 50 == 0 {
+            runtime.block_on(admin.post(path, &serde_json::json!({})))
+        } else {
+            runtime.block_on(c.get(path))
+        };
+        assert_eq!(r.unwrap().status, 200);
     }
-    drop(server);
+    let url = format!("https://localhost:{}", server.https.port());
+    let admin_cert = pki.client("admin");
+    let online: Vec<String> = vec![
+        "--server".into(),
+        url,
+        "--ca".into(),
+        pki.ca_file.display().to_string(),
+        "--cert".into(),
+        admin_cert.cert.display().to_string(),
+        "--key".into(),
+        admin_cert.key.display().to_string(),
+    ];
+    let online: Vec<&str> = online.iter().map(String::as_str).collect();
+    // Wait (bounded) for the writer.
+    for _ in 0..200 {
+        if std::fs::read_to_string(&setup.audit).unwrap().lines().count() >= 150 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
     let log = setup.audit.display().to_string();
-    let ok = ssoctl(&["audit", "verify", &log], &[]);
+    let store = setup.store.display().to_string();
+    let key = setup.unseal_key.display().to_string();
+    let offline = |file: &str, extra: &[&str]| {
+        let mut args = vec!["audit", "verify", file, "--store", &store, "--key-file", &key];
+        args.extend_from_slice(extra);
+        ssoctl(&args, &[])
+    };
+
+    // Intact: offline against the server's head, and checked by the server itself.
+    let ok = offline(&log, &online);
     assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(
+        ok.stdout.contains("reaches the head the server reports"),
+        "{}",
+        ok.stdout
+    );
+    let mut args = vec!["audit", "verify"];
+    args.extend_from_slice(&online);
+    let ok = ssoctl(&args, &[]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(ok.stdout.contains("checked by the server"), "{}", ok.stdout);
     let text = std::fs::read_to_string(&setup.audit).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().nth(149).unwrap()).unwrap();
+    let (head150, count150) = (first["mac"].as_str().unwrap().to_owned(), "150");
+
+    // `head -n 100`: still a chain, but it does not reach the head given.
+    let cut = d.join("cut.log");
+    let head100: String = text.lines().take(100).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&cut, head100).unwrap();
+    let cut = cut.display().to_string();
+    let bad = offline(&cut, &["--head", &head150, "--count", count150]);
+    assert_eq!(bad.code, 65, "{}", bad.stdout);
+    assert!(
+        bad.stderr.contains("truncated") && bad.stderr.contains("50 entries"),
+        "{}",
+        bad.stderr
+    );
+    let bad = offline(&cut, &online);
+    assert_eq!(bad.code, 65, "{}", bad.stdout);
+    assert!(bad.stderr.contains("truncated"), "{}", bad.stderr);
+
+    // Every admin.rotate removed and the chain recomputed the old way.
+    let rewritten = d.join("rewritten.log");
+    std::fs::write(
+        &rewritten,
+        rechain_unkeyed(&text, |l| !l.contains("\"op\":\"admin.rotate\"")),
+    )
+    .unwrap();
+    let rewritten = rewritten.display().to_string();
+    let bad = offline(&rewritten, &[]);
+    assert_eq!(bad.code, 65);
+    assert!(bad.stderr.contains("line 1"), "{}", bad.stderr);
+
+    // One field edited.
     std::fs::write(
         &setup.audit,
         text.replacen("\"outcome\":\"ok\"", "\"outcome\":\"no\"", 1),
     )
     .unwrap();
-    let bad = ssoctl(&["audit", "verify", &log], &[]);
+    drop(server);
+    let bad = offline(&log, &[]);
     assert_eq!(bad.code, 65);
     snapshot("audit_tampered", &bad, d);
+
+    // Files without the store: told how to do it.
+    let usage = ssoctl(&["audit", "verify", &log], &[]);
+    assert_eq!(usage.code, 64, "{}", usage.stderr);
+    assert!(usage.stderr.contains("--store"), "{}", usage.stderr);
 }

@@ -127,3 +127,157 @@ fn curl_seals_and_opens_through_the_agent_and_strangers_are_refused() {
         .unwrap();
     assert_eq!(mode, 0o666);
 }
+
+/// One seal over the agent's socket, by hand (no curl process in the timing): status and
+/// the time from connect to the end of the answer.
+fn timed_seal(socket: &Path) -> (u16, Duration) {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return (0, start.elapsed());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let body = r#"{"plaintext":"aGVsbG8gd29ybGQ="}"#;
+    let request = format!(
+        "POST /v1/seal HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(request.as_bytes()).is_err() {
+        return (0, start.elapsed());
+    }
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let status = std::str::from_utf8(&answer)
+        .ok()
+        .and_then(|t| t.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, start.elapsed())
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_local_flood_cannot_exhaust_the_agent_and_allowed_seals_stay_fast() {
+    if own_uid() != 0 {
+        eprintln!("not root: the flood needs root to run as other uids; skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let setup = ServerSetup::new(&dir.path().join("a"), &pki, "node-a", "", "");
+    let port = setup.pin_ports();
+    let _server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("a.log"));
+    // Root (this test) and uid 65533 may use the agent; 65534 may not.
+    let config = agent_config(dir.path(), &pki, port, &[own_uid(), 65533]);
+    let agent = TestAgent::start(&config, &dir.path().join("agent.log"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while timed_seal(&agent.socket).0 != 200 {
+        assert!(Instant::now() < deadline, "agent never served a seal");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let fds_before = open_fds(agent.child.id());
+
+    // The flooders: 2 x 10,000 connections from a refused uid, 1,000 from an allowed one.
+    let flood = dir.path().join("sso-flood");
+    std::fs::copy(bin("sso-flood"), &flood).unwrap();
+    let mut flooders = Vec::new();
+    for (uid, count) in [(65534, 10_000), (65534, 10_000), (65533, 1_000)] {
+        let child = Command::new(&flood)
+            .arg(&agent.socket)
+            .arg(count.to_string())
+            .arg("30")
+            .uid(uid)
+            .gid(uid)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        flooders.push((uid, child));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (uid, child) in &mut flooders {
+        let (uid, out, tx) = (*uid, child.stdout.take().unwrap(), tx.clone());
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let opened: usize = line
+                    .strip_prefix("opened ")
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                let _ = tx.send((uid, opened));
+            }
+        });
+    }
+
+    // Seal while the flood runs, then while its connections are held.
+    let mut times = Vec::new();
+    let mut reports = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reports.len() < flooders.len() {
+        assert!(
+            Instant::now() < deadline,
+            "flooders did not finish opening: {reports:?}"
+        );
+        let (status, took) = timed_seal(&agent.socket);
+        assert_eq!(
+            status,
+            200,
+            "an allowed seal failed during the flood ({} so far)",
+            times.len()
+        );
+        times.push(took);
+        while let Ok(r) = rx.try_recv() {
+            reports.push(r);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let during = times.len();
+    let mut opening = times.clone();
+    opening.sort();
+    let fds_flooded = open_fds(agent.child.id());
+    for _ in 0..10 {
+        let (status, took) = timed_seal(&agent.socket);
+        assert_eq!(
+            status, 200,
+            "an allowed seal failed while the flood's connections were held"
+        );
+        times.push(took);
+    }
+    for (_, child) in &mut flooders {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let refused_opened: usize = reports.iter().filter(|(u, _)| *u == 65534).map(|(_, n)| n).sum();
+    let allowed_opened: usize = reports.iter().filter(|(u, _)| *u == 65533).map(|(_, n)| n).sum();
+    times.sort();
+    let (median, p90) = (times[times.len() / 2], times[times.len() * 9 / 10]);
+    eprintln!(
+        "flood: {refused_opened} connections from a refused uid, {allowed_opened} from an allowed one; \
+         agent fds {fds_before} before, {fds_flooded} while held; {} seals, median {median:?}, p90 {p90:?}; \
+         the {during} during the opening burst: median {:?}, max {:?}",
+        times.len(),
+        opening[opening.len() / 2],
+        opening[opening.len() - 1],
+    );
+    assert!(refused_opened >= 19_000, "the flood did not happen: {reports:?}");
+    assert!(
+        allowed_opened >= 900,
+        "the allowed uid's flood did not happen: {reports:?}"
+    );
+    assert!(
+        fds_flooded < fds_before + 200,
+        "the agent holds {fds_flooded} descriptors during the flood ({fds_before} before)"
+    );
+    assert!(median < Duration::from_millis(100), "median {median:?}: {times:?}");
+    let opening_median = opening[opening.len() / 2];
+    assert!(
+        opening_median < Duration::from_millis(100),
+        "median {opening_median:?} while the flood was opening its connections: {opening:?}"
+    );
+}
