@@ -210,12 +210,56 @@ impl CertificateAuthority {
         })
     }
 
+    /// Issues a subordinate (issuing) CA named `common_name`, valid for `days` days: the
+    /// middle tier of a two-tier PKI. Its [`CertificateAuthority::cert_pem`] is the
+    /// intermediate certificate; leaves it issues chain to this CA's issuer.
+    pub fn intermediate(&self, common_name: &str, days: i64) -> Result<Self, Error> {
+        let now = OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(days);
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        params.key_identifier_method = KeyIdMethod::Sha256;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            cert_pem: cert.pem(),
+        })
+    }
+
     /// Signs a CRL revoking `serials`, valid for `days` days from now.
     pub fn crl(&self, serials: &[Vec<u8>], crl_number: u64, days: i64) -> Result<String, Error> {
         let now = OffsetDateTime::now_utc();
+        self.crl_at(
+            serials,
+            crl_number,
+            now - Duration::minutes(5),
+            now + Duration::days(days),
+        )
+    }
+
+    /// Signs a CRL revoking `serials` with the given `thisUpdate` and `nextUpdate` (a
+    /// stale CRL for tests and drills, or one with an operator's own schedule).
+    pub fn crl_at(
+        &self,
+        serials: &[Vec<u8>],
+        crl_number: u64,
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+    ) -> Result<String, Error> {
+        let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
-            this_update: now - Duration::minutes(5),
-            next_update: now + Duration::days(days),
+            this_update,
+            next_update,
             crl_number: SerialNumber::from(crl_number),
             issuing_distribution_point: None,
             revoked_certs: serials
@@ -248,6 +292,12 @@ fn random_serial() -> SerialNumber {
     bytes[0] &= 0x7f;
     bytes[0] |= 0x01;
     SerialNumber::from_slice(&bytes)
+}
+
+/// The SHA-256 fingerprint of a DER certificate, lowercase hex (what
+/// `openssl x509 -noout -fingerprint -sha256` prints, without the colons).
+pub fn sha256_hex(der: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -352,6 +402,9 @@ pub struct PeerIdentity {
     pub ip_addresses: Vec<IpAddr>,
     /// Serial number, lowercase hex.
     pub serial: String,
+    /// SHA-256 of the whole certificate (DER), lowercase hex: tells apart two certificates
+    /// with the same names, such as a revoked one and its replacement.
+    pub sha256: String,
     /// End of validity.
     pub not_after: Option<OffsetDateTime>,
 }
@@ -381,6 +434,7 @@ pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, Error> {
     let mut id = PeerIdentity {
         common_name,
         serial: hex(cert.raw_serial()),
+        sha256: sha256_hex(der),
         not_after: OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp()).ok(),
         ..PeerIdentity::default()
     };
@@ -430,6 +484,8 @@ mod tests {
         let client = identity_from_der(&pem_to_der(&pki.client.cert_pem).unwrap()).unwrap();
         assert_eq!(client.common_name.as_deref(), Some("client"));
         assert_eq!(client.serial, hex(&pki.client.serial));
+        assert_eq!(client.sha256.len(), 64);
+        assert_ne!(client.sha256, admin.sha256);
         assert_eq!(pki.files().iter().filter(|f| f.private).count(), 3);
     }
 

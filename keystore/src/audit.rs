@@ -445,6 +445,34 @@ mod tests {
     }
 
     #[test]
+    fn the_anchor_round_trips_through_the_store_and_the_key_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        let unseal = crate::UnsealKey::generate_key_file(&dir.path().join("unseal.key")).unwrap();
+        let mut store = crate::SealedStore::create(&path, &unseal, &crate::CreateOptions::new("a")).unwrap();
+        assert_eq!(store.audit_anchor().unwrap(), None);
+        let anchor = AuditAnchor {
+            count: 42,
+            head: "ab".repeat(32),
+        };
+        store.set_audit_anchor(&anchor).unwrap();
+        let mac = store.audit_key().mac_hex(b"line");
+        drop(store);
+        let store = crate::SealedStore::open(&path, &unseal).unwrap();
+        assert_eq!(store.audit_anchor().unwrap(), Some(anchor));
+        assert_eq!(
+            store.audit_key().mac_hex(b"line"),
+            mac,
+            "the key must be stable across opens"
+        );
+        // Another store (another KEK) has another key.
+        let other = crate::UnsealKey::generate_key_file(&dir.path().join("other.key")).unwrap();
+        let store2 =
+            crate::SealedStore::create(&dir.path().join("other.db"), &other, &crate::CreateOptions::new("b")).unwrap();
+        assert_ne!(store2.audit_key().mac_hex(b"line"), mac);
+    }
+
+    #[test]
     fn the_key_depends_on_the_kek_and_is_not_it() {
         let a = AuditKey::derive(&[1u8; 32]);
         let b = AuditKey::derive(&[2u8; 32]);

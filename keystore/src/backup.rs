@@ -156,7 +156,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>> {
         passes: r.u32()?,
         lanes: r.u32()?,
     };
-    let kdf = kdf.validate().map_err(Error::BackupMalformed)?;
+    let kdf = kdf.validate_for_file().map_err(Error::BackupMalformed)?;
     let salt = r.take(SALT_LEN)?;
     let verifier = r.take(VERIFIER_LEN)?;
     let nonce = r.take(NONCE_LEN)?;
@@ -329,7 +329,7 @@ pub fn seal(
     kdf: KdfParams,
 ) -> Result<(Vec<u8>, BackupInfo)> {
     check_hint(hint, password)?;
-    let kdf = kdf.validate().map_err(|e| Error::Kdf(e.into()))?;
+    let kdf = kdf.validate_for_file().map_err(|e| Error::Kdf(e.into()))?;
     let node_len = u8::try_from(node.len()).map_err(|_| Error::BackupMalformed("node name longer than 255 bytes"))?;
     let kept: Vec<&KeyRecord> = records.iter().filter(|r| r.meta.state != KeyState::Destroyed).collect();
     let payload = encode_payload(&kept)?;
@@ -396,18 +396,50 @@ fn check_hint(hint: &str, password: &SecretString) -> Result<()> {
     Ok(())
 }
 
+/// Seals `records` (from [`SealedStore::export`]) into a pending backup. Runs the KDF:
+/// call it without holding any lock on the store, then confirm under the lock.
+pub fn seal_pending(
+    records: &[KeyRecord],
+    password: &SecretString,
+    hint: &str,
+    node: &str,
+    kdf: KdfParams,
+) -> Result<PendingBackup> {
+    let (bytes, info) = seal(records, password, hint, node, kdf)?;
+    let key_ids = records
+        .iter()
+        .filter(|r| r.secret.is_some())
+        .map(|r| r.meta.key_id)
+        .collect();
+    Ok(PendingBackup { bytes, info, key_ids })
+}
+
+/// A backup opened with its password, ready to merge: the KDF has run, the store has not
+/// been touched. Split from [`SealedStore::restore_backup`] so a server can run the
+/// (deliberately slow) KDF without holding its store lock.
+#[derive(Debug)]
+pub struct OpenedBackup {
+    records: Vec<KeyRecord>,
+    created_at: OffsetDateTime,
+}
+
+/// Opens a backup file: parses and bounds its header, runs the KDF, authenticates and
+/// decodes the payload. Nothing is written anywhere.
+pub fn open_file(bytes: &[u8], password: &SecretString) -> Result<OpenedBackup> {
+    let info = read_info(bytes)?;
+    let records = open(bytes, password)?;
+    Ok(OpenedBackup {
+        records,
+        created_at: info.created_at,
+    })
+}
+
 impl SealedStore {
     /// Seals every non-destroyed key into a backup. The store is not changed until
     /// [`SealedStore::confirm_backup`].
     pub fn create_backup(&self, password: &SecretString, hint: &str, kdf: KdfParams) -> Result<PendingBackup> {
         let records = self.export()?;
-        let (bytes, info) = seal(&records, password, hint, self.node(), kdf)?;
-        let key_ids = records
-            .iter()
-            .filter(|r| r.secret.is_some())
-            .map(|r| r.meta.key_id)
-            .collect();
-        Ok(PendingBackup { bytes, info, key_ids })
+        seal_pending(&records, password, hint, self.node(), kdf)
     }
 
     /// Records that `backup` is safely stored: its keys count as covered.
@@ -430,13 +462,18 @@ impl SealedStore {
     }
 
     /// Restores a backup by merging its keys into this store. Any error (wrong password,
-    /// damage, a conflicting key) leaves the store untouched.
+    /// damage, a conflicting or invalid key) leaves the store untouched.
     pub fn restore_backup(&mut self, bytes: &[u8], password: &SecretString) -> Result<MergeReport> {
-        let records = open(bytes, password)?;
-        let report = self.merge(&records)?;
-        let ids: Vec<KeyId> = records.iter().map(|r| r.meta.key_id).collect();
-        let info = read_info(bytes)?;
-        self.mark_backed_up(&ids, info.created_at)?;
+        let opened = open_file(bytes, password)?;
+        self.restore_opened(&opened)
+    }
+
+    /// Merges an [`OpenedBackup`]: every record validated, then written in one
+    /// transaction; its keys count as backed up.
+    pub fn restore_opened(&mut self, opened: &OpenedBackup) -> Result<MergeReport> {
+        let report = self.merge(&opened.records)?;
+        let ids: Vec<KeyId> = opened.records.iter().map(|r| r.meta.key_id).collect();
+        self.mark_backed_up(&ids, opened.created_at)?;
         Ok(report)
     }
 }

@@ -8,8 +8,12 @@ pub fn backup_file(data: &[u8]) {
     let Ok(info) = crate::backup::read_info(data) else {
         return;
     };
-    if info.kdf.memory_kib <= 64 && info.kdf.passes <= 2 {
-        let _ = crate::backup::open(data, &SecretString::from("fuzz"));
+    if info.kdf.memory_kib <= 64
+        && info.kdf.passes <= 2
+        && let Ok(records) = crate::backup::open(data, &SecretString::from("fuzz"))
+    {
+        // What a restore checks before it writes.
+        let _ = crate::validate::check_incoming(&[], &records);
     }
 }
 

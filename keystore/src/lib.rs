@@ -24,6 +24,7 @@ pub mod backup;
 pub mod fsutil;
 pub mod store;
 pub mod unseal;
+pub mod validate;
 mod wrap;
 
 #[cfg(feature = "fuzzing")]
@@ -34,7 +35,7 @@ use std::path::{Path, PathBuf};
 use sso_proto::KeyId;
 
 pub use audit::{AuditAnchor, AuditKey};
-pub use backup::{BackupInfo, PendingBackup};
+pub use backup::{BackupInfo, OpenedBackup, PendingBackup};
 pub use store::{CreateOptions, KeyRecord, Keyring, MergeReport, SealedStore, StoreStatus};
 pub use unseal::{KdfParams, UnsealKey, UnsealKind};
 pub use wrap::{BlobProblem, WRAPPED_LEN, decode_blob};
@@ -134,6 +135,20 @@ pub enum Error {
     /// Retiring the key that currently encrypts would leave clients sealing with an older one.
     #[error("key {0} is the primary: rotate first, then retire it")]
     RetirePrimary(KeyId),
+    /// A peer or a backup asked for a state change this store refuses (for example
+    /// destroying the key that is primary here). Nothing was written.
+    #[error("refused: key {key_id} {detail}; nothing was merged")]
+    RefusedTransition {
+        /// The key concerned.
+        key_id: KeyId,
+        /// Why.
+        detail: &'static str,
+    },
+    /// The next generation would overflow: a key with an absurd generation is stored.
+    #[error(
+        "no generation is left above the highest stored key: retire the key with the highest generation (ssoctl keys retire --force-retire-primary) and restore the other keys into a new store"
+    )]
+    GenerationExhausted,
     /// Destroy asked for a key that is still in use.
     #[error("key {0} is not retired: retire it first and make sure nothing still needs it")]
     DestroyUnretired(KeyId),

@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 
 use crate::unseal::{KEK_LEN, KdfParams, UnsealKey, UnsealKind};
 use crate::wrap::{self, Kek, RowIdentity};
-use crate::{Error, Result, fsutil};
+use crate::{Error, Result, fsutil, validate};
 
 /// Schema migrations; `PRAGMA user_version` counts how many have run. Append only.
 const MIGRATIONS: &[&str] = &[
@@ -553,6 +553,14 @@ impl SealedStore {
         self.transition(key_id, Lifecycle::Retired)
     }
 
+    /// Retires a key even if it is the primary: the operator's override for a primary of
+    /// unknown origin (one a compromised peer planted, say). The next promoted key by
+    /// `(generation, key_id)` becomes the primary; refused when there is none, because
+    /// clients would have nothing to seal under (rotate instead). Audit the call.
+    pub fn force_retire(&mut self, key_id: KeyId) -> Result<KeyMeta> {
+        self.transition_with(key_id, Lifecycle::Retired, true)
+    }
+
     /// Destroys a retired key: its wrapped material is wiped from the file, its metadata
     /// kept.
     pub fn destroy(&mut self, key_id: KeyId) -> Result<KeyMeta> {
@@ -564,6 +572,10 @@ impl SealedStore {
     }
 
     fn transition(&mut self, key_id: KeyId, to: Lifecycle) -> Result<KeyMeta> {
+        self.transition_with(key_id, to, false)
+    }
+
+    fn transition_with(&mut self, key_id: KeyId, to: Lifecycle, force_primary: bool) -> Result<KeyMeta> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let rows = load_rows(&tx)?;
         let primary = derive_primary(&rows);
@@ -583,7 +595,12 @@ impl SealedStore {
             });
         }
         if to == Lifecycle::Retired && primary == Some(key_id) {
-            return Err(Error::RetirePrimary(key_id));
+            let others = rows
+                .iter()
+                .any(|r| r.lifecycle == Lifecycle::Promoted && r.key_id != key_id);
+            if !force_primary || !others {
+                return Err(Error::RetirePrimary(key_id));
+            }
         }
         if to == Lifecycle::Destroyed && from != Lifecycle::Retired {
             return Err(Error::DestroyUnretired(key_id));
@@ -630,23 +647,17 @@ impl SealedStore {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let rows = load_rows(&tx)?;
         let max = rows.iter().map(|r| r.generation).max().unwrap_or(0);
+        let stored: Vec<KeyMeta> = {
+            let primary = derive_primary(&rows);
+            rows.iter().map(|r| r.meta(primary)).collect()
+        };
+        // Every field of every record is checked before anything is written.
+        let checked = validate::check_incoming(&stored, incoming)?;
         let mut report = MergeReport::default();
         let mut wiped = false;
-        for record in incoming {
+        for (record, checked) in incoming.iter().zip(&checked) {
             let meta = &record.meta;
-            let target = Lifecycle::from_state(meta.state);
-            if target != Lifecycle::Destroyed && record.secret.is_none() {
-                return Err(Error::MalformedRecord {
-                    key_id: meta.key_id,
-                    detail: "a key that is not destroyed arrived without material",
-                });
-            }
-            if meta.generation == 0 || i64::try_from(meta.generation).is_err() {
-                return Err(Error::MalformedRecord {
-                    key_id: meta.key_id,
-                    detail: "generation out of range",
-                });
-            }
+            let target = Lifecycle::from_state(checked.state);
             let Some(local) = rows.iter().find(|r| r.key_id == meta.key_id) else {
                 if above_all && meta.generation <= max {
                     return Err(Error::StaleGeneration {
@@ -658,7 +669,7 @@ impl SealedStore {
                 let row = Row {
                     key_id: meta.key_id,
                     generation: meta.generation,
-                    created_at: meta.created_at,
+                    created_at: checked.created_at,
                     origin: meta.origin.clone(),
                     lifecycle: target,
                     material: None,

@@ -193,6 +193,14 @@ impl KdfParams {
     /// Largest lane count accepted from a file.
     pub const MAX_LANES: u32 = 16;
 
+    /// Largest memory cost a backup file may ask for: 256 MiB (four times the default).
+    /// Anyone can hand an operator a backup file; its header must not cost a gigabyte.
+    pub const FILE_MAX_MEMORY_KIB: u32 = 256 * 1024;
+    /// Largest pass count a backup file may ask for.
+    pub const FILE_MAX_PASSES: u32 = 4;
+    /// Largest lane count a backup file may ask for.
+    pub const FILE_MAX_LANES: u32 = 4;
+
     /// Cheap parameters for tests only: a passphrase store made with these is easy to
     /// brute-force.
     pub fn insecure_for_tests() -> Self {
@@ -214,6 +222,23 @@ impl KdfParams {
             return Err("argon2 memory cost out of range");
         }
         Ok(self)
+    }
+
+    /// The tighter bounds for parameters read from (or written to) a backup file: at most
+    /// [`Self::FILE_MAX_MEMORY_KIB`], [`Self::FILE_MAX_PASSES`] and
+    /// [`Self::FILE_MAX_LANES`], so the worst header costs seconds and 256 MiB.
+    pub(crate) fn validate_for_file(self) -> Result<Self, &'static str> {
+        let this = self.validate()?;
+        if this.memory_kib > Self::FILE_MAX_MEMORY_KIB {
+            return Err("argon2 memory cost above 256 MiB, the most a backup file may ask for");
+        }
+        if this.passes > Self::FILE_MAX_PASSES {
+            return Err("argon2 pass count above 4, the most a backup file may ask for");
+        }
+        if this.lanes > Self::FILE_MAX_LANES {
+            return Err("argon2 lane count above 4, the most a backup file may ask for");
+        }
+        Ok(this)
     }
 
     /// Derives `out.len()` bytes from `password` and `salt` with argon2id.

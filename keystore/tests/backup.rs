@@ -202,3 +202,45 @@ fn backup_files_are_private() {
         .unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
 }
+
+/// A crafted header asking for 1 GiB and 64 passes (inside the old, store-level bounds)
+/// is refused when the header is read, before any KDF runs; so is writing one.
+#[test]
+fn a_costly_kdf_header_is_refused_before_the_kdf_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = store(&dir, "a");
+    a.rotate().unwrap();
+    let pending = a
+        .create_backup(&password(), "", KdfParams::insecure_for_tests())
+        .unwrap();
+    let mut bytes = pending.bytes.clone();
+    let hint_len = usize::from(u16::from_be_bytes([bytes[9], bytes[10]]));
+    let node_at = 11 + hint_len + 8;
+    let kdf_at = node_at + 1 + usize::from(bytes[node_at]);
+    for (offset, value) in [(0, 1024 * 1024), (4, 64), (8, 16)] {
+        let mut crafted = bytes.clone();
+        crafted[kdf_at + offset..kdf_at + offset + 4].copy_from_slice(&(value as u32).to_be_bytes());
+        let started = std::time::Instant::now();
+        assert!(
+            matches!(backup::read_info(&crafted), Err(Error::BackupMalformed(m)) if m.contains("argon2")),
+            "field at +{offset} = {value} accepted"
+        );
+        assert!(matches!(
+            a.restore_backup(&crafted, &password()),
+            Err(Error::BackupMalformed(_))
+        ));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+    // The largest accepted header still opens (here with the right password).
+    bytes[kdf_at..kdf_at + 4].copy_from_slice(&KdfParams::FILE_MAX_MEMORY_KIB.to_be_bytes());
+    assert!(backup::read_info(&bytes).is_ok());
+    let too_costly = KdfParams {
+        memory_kib: KdfParams::FILE_MAX_MEMORY_KIB * 2,
+        passes: 1,
+        lanes: 1,
+    };
+    assert!(matches!(
+        a.create_backup(&password(), "", too_costly),
+        Err(Error::Kdf(_))
+    ));
+}

@@ -63,6 +63,9 @@ pub struct AgentConfig {
     /// are answered 503 and closed.
     #[serde(default = "default_max_connections_per_uid")]
     pub max_connections_per_uid: usize,
+    /// Kubernetes KMS v2 on its own socket (`[kms]`, see [`crate::kms`]).
+    #[serde(default)]
+    pub kms: Option<crate::kms::KmsConfig>,
 }
 
 fn default_max_connections_per_uid() -> usize {
@@ -73,7 +76,7 @@ fn default_max_connections_per_uid() -> usize {
 pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 64;
 /// Refused connections per uid that are kept for a moment to be answered 403; past it,
 /// a refused connection is closed at once without an answer.
-const REFUSALS_ANSWERED_PER_UID: usize = 4;
+pub(crate) const REFUSALS_ANSWERED_PER_UID: usize = 4;
 /// The socket's listen queue.
 const LISTEN_BACKLOG: u32 = 128;
 /// How long a refused connection is kept to answer 403 before it is closed.
@@ -89,12 +92,19 @@ impl AgentConfig {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut config: Self = toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        for p in [&mut config.ca, &mut config.cert, &mut config.key, &mut config.socket] {
+        let kms = config.kms.as_mut().map(|k| &mut k.socket);
+        for p in [&mut config.ca, &mut config.cert, &mut config.key, &mut config.socket]
+            .into_iter()
+            .chain(kms)
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
         config.mode()?;
+        if let Some(kms) = &config.kms {
+            kms.mode()?;
+        }
         if config.max_connections_per_uid == 0 {
             return Err("max_connections_per_uid: must be at least 1".into());
         }
@@ -118,15 +128,13 @@ impl AgentConfig {
             poll_interval_secs: None,
             max_stale_secs: None,
             max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
+            kms: Some(crate::kms::KmsConfig::dev(dir)),
         }
     }
 
     /// The socket mode as a number.
     pub fn mode(&self) -> Result<u32, String> {
-        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
-            .ok_or_else(|| format!("socket_mode: {:?} is not an octal mode like \"0660\"", self.socket_mode))
+        parse_mode(&self.socket_mode, "socket_mode")
     }
 
     /// A client builder for this config.
@@ -142,6 +150,35 @@ impl AgentConfig {
             b = b.max_stale(Duration::from_secs(s));
         }
         b
+    }
+}
+
+/// Parses an octal socket mode like "0660" (`field` names it in the error).
+pub(crate) fn parse_mode(mode: &str, field: &str) -> Result<u32, String> {
+    u32::from_str_radix(mode.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{field}: {mode:?} is not an octal mode like \"0660\""))
+}
+
+/// Which peer uids may use a socket: the configured list, or only the agent's own uid when
+/// it is empty. Shared by the HTTP socket and the KMS socket.
+#[derive(Debug, Clone)]
+pub struct UidAllowlist(Vec<u32>);
+
+impl UidAllowlist {
+    /// `configured` as given, or the agent's own uid when empty.
+    pub fn new(configured: Vec<u32>) -> Self {
+        if configured.is_empty() {
+            Self(vec![current_uid()])
+        } else {
+            Self(configured)
+        }
+    }
+
+    /// Whether a peer with this uid (`None`: unknown) may connect.
+    pub fn permits(&self, uid: Option<u32>) -> bool {
+        uid.is_some_and(|u| self.0.contains(&u))
     }
 }
 
@@ -179,12 +216,7 @@ pub async fn serve(
     max_per_uid: usize,
     shutdown: impl Future<Output = ()>,
 ) {
-    let own = current_uid();
-    let allowed = if allowed_uids.is_empty() {
-        vec![own]
-    } else {
-        allowed_uids
-    };
+    let allowed = UidAllowlist::new(allowed_uids);
     let serving = UidCounts::default();
     let refusing = UidCounts::default();
     tokio::pin!(shutdown);
@@ -201,7 +233,7 @@ pub async fn serve(
             () = &mut shutdown => return,
         };
         let uid = stream.peer_cred().ok().map(|c| c.uid());
-        if !uid.is_some_and(|u| allowed.contains(&u)) {
+        if !allowed.permits(uid) {
             refuse(stream, uid, &refusing, FORBIDDEN);
             continue;
         }
@@ -270,7 +302,7 @@ fn refuse(stream: tokio::net::UnixStream, uid: Option<u32>, refusing: &UidCounts
 
 /// Connections per uid, and how many were refused.
 #[derive(Debug, Default, Clone)]
-struct UidCounts(std::sync::Arc<std::sync::Mutex<PerUid>>);
+pub(crate) struct UidCounts(std::sync::Arc<std::sync::Mutex<PerUid>>);
 
 /// Connections open per uid, and refusals counted per uid.
 type PerUid = (
@@ -279,7 +311,7 @@ type PerUid = (
 );
 
 impl UidCounts {
-    fn take(&self, uid: u32, cap: usize) -> Option<UidSlot> {
+    pub(crate) fn take(&self, uid: u32, cap: usize) -> Option<UidSlot> {
         let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let n = guard.0.entry(uid).or_default();
         if *n >= cap {
@@ -290,7 +322,7 @@ impl UidCounts {
     }
 
     /// Counts one refusal; returns how many so far, for log lines at powers of two.
-    fn refused(&self, uid: u32) -> u64 {
+    pub(crate) fn refused(&self, uid: u32) -> u64 {
         let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let n = guard.1.entry(uid).or_default();
         *n += 1;
@@ -300,7 +332,7 @@ impl UidCounts {
 
 /// One counted connection; gives its count back on drop.
 #[derive(Debug)]
-struct UidSlot(UidCounts, u32);
+pub(crate) struct UidSlot(UidCounts, u32);
 
 impl Drop for UidSlot {
     fn drop(&mut self) {

@@ -26,6 +26,7 @@
 //!   `unsafe` code.
 //! - [`daemon`]: error exits and signal handling shared by the two daemons.
 //! - [`agent`]: the `sso-agent` daemon (Unix socket, HTTP/JSON) built on [`Client`].
+//! - [`kms`]: the agent's Kubernetes KMS v2 gRPC service on a second Unix socket.
 //!
 //! Keys flow one way: server JSON → zeroizing base64 buffer → [`sso_proto::MasterSecret`]
 //! and its expanded AES key in the cache → envelopes. Nothing is ever written to disk.
@@ -40,6 +41,7 @@ mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod hardening;
+pub mod kms;
 pub mod transport;
 
 pub use cache::KeyHandle;

@@ -257,39 +257,56 @@ impl Transport {
         timeout: Duration,
     ) -> Result<Reply, String> {
         let endpoint = self.endpoints.get(idx).ok_or("no such endpoint")?;
-        let mut send = match self.connection(endpoint).await {
-            Ok(send) => send,
-            Err(e) => {
-                endpoint.down.store(true, Relaxed);
-                return Err(e);
+        // A server ending a connection gracefully (GOAWAY at its maximum connection age, a
+        // restart) refuses the streams it will not process; those never reached a handler,
+        // so they are retried once on a fresh connection instead of failing the call.
+        let mut retried = false;
+        let result = loop {
+            let mut send = match self.connection(endpoint).await {
+                Ok(send) => send,
+                Err(e) => {
+                    endpoint.down.store(true, Relaxed);
+                    return Err(e);
+                }
+            };
+            let req = hyper::Request::builder()
+                .method(method.clone())
+                .uri(format!("https://{}{path}", endpoint.authority))
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body.clone()))
+                .map_err(|e| e.to_string())?;
+            let result = tokio::time::timeout(timeout, async {
+                let resp = send
+                    .send_request(req)
+                    .await
+                    .map_err(|e| (never_processed(&e), e.to_string()))?;
+                let status = resp.status().as_u16();
+                let mut body = Zeroizing::new(Vec::new());
+                let mut incoming = resp.into_body();
+                while let Some(frame) = incoming.frame().await {
+                    let frame = frame.map_err(|e| (false, e.to_string()))?;
+                    if let Some(data) = frame.data_ref() {
+                        if body.len() + data.len() > body.capacity() {
+                            // Grow by hand so the old buffer is wiped, not just freed.
+                            let mut bigger =
+                                Zeroizing::new(Vec::with_capacity((body.len() + data.len()).max(4096) * 2));
+                            bigger.extend_from_slice(&body);
+                            body = bigger;
+                        }
+                        body.extend_from_slice(data);
+                    }
+                }
+                Ok::<_, (bool, String)>(Reply { status, body })
+            })
+            .await;
+            match result {
+                Ok(Err((true, _))) if !retried => {
+                    retried = true;
+                    *endpoint.conn.lock().await = None;
+                }
+                other => break other.map(|r| r.map_err(|(_, e)| e)),
             }
         };
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(format!("https://{}{path}", endpoint.authority))
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|e| e.to_string())?;
-        let result = tokio::time::timeout(timeout, async {
-            let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-            let status = resp.status().as_u16();
-            let mut body = Zeroizing::new(Vec::new());
-            let mut incoming = resp.into_body();
-            while let Some(frame) = incoming.frame().await {
-                let frame = frame.map_err(|e| e.to_string())?;
-                if let Some(data) = frame.data_ref() {
-                    if body.len() + data.len() > body.capacity() {
-                        // Grow by hand so the old buffer is wiped, not just freed.
-                        let mut bigger = Zeroizing::new(Vec::with_capacity((body.len() + data.len()).max(4096) * 2));
-                        bigger.extend_from_slice(&body);
-                        body = bigger;
-                    }
-                    body.extend_from_slice(data);
-                }
-            }
-            Ok::<_, String>(Reply { status, body })
-        })
-        .await;
         match result {
             Ok(Ok(reply)) => {
                 endpoint.down.store(false, Relaxed);
@@ -362,5 +379,22 @@ impl Transport {
         .map_err(|_| format!("connect timed out after {:?}", self.connect_timeout))??;
         *slot = Some(send.clone());
         Ok(send)
+    }
+}
+
+/// Whether a failed request is known not to have been processed by the server: hyper
+/// cancelled it before sending (the connection was closing), or the server refused the
+/// stream (REFUSED_STREAM, or a graceful GOAWAY whose last stream id is below it).
+fn never_processed(error: &hyper::Error) -> bool {
+    if error.is_canceled() {
+        return true;
+    }
+    let Some(h2) = std::error::Error::source(error).and_then(|s| s.downcast_ref::<h2::Error>()) else {
+        return false;
+    };
+    match h2.reason() {
+        Some(h2::Reason::REFUSED_STREAM) => true,
+        Some(h2::Reason::NO_ERROR) => h2.is_go_away() && h2.is_remote(),
+        _ => false,
     }
 }

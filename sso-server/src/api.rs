@@ -64,10 +64,13 @@ impl From<keystore::Error> for ApiError {
         use keystore::Error as E;
         match &e {
             E::KeyNotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
-            E::RetirePrimary(_) | E::DestroyUnretired(_) | E::InvalidTransition { .. } => {
-                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
-            }
+            E::RetirePrimary(_)
+            | E::DestroyUnretired(_)
+            | E::InvalidTransition { .. }
+            | E::RefusedTransition { .. }
+            | E::GenerationExhausted => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
             E::ConflictingKey(_) => Self::new(StatusCode::CONFLICT, "integrity", e.to_string()),
+            E::MalformedRecord { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_record", e.to_string()),
             E::Integrity { .. } => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "integrity", e.to_string()),
             E::WrongBackupPassword => Self::new(StatusCode::FORBIDDEN, "wrong_password", e.to_string()),
             E::NotABackup
@@ -214,6 +217,7 @@ pub async fn handle(
     state.audit.record(AuditEvent {
         time: std::time::SystemTime::now(),
         identity: caller.label.clone(),
+        cert: Some(caller.cert.clone()),
         role: caller.roles.label(),
         op,
         key_id,
@@ -258,39 +262,198 @@ async fn dispatch(
     state: &Arc<AppState>,
 ) -> Result<Answer, ApiError> {
     match route.endpoint {
+        Endpoint::Health => Ok(quiet(health(state))),
+        Endpoint::Keyring => Ok(keyring(state)),
+        Endpoint::Watch => watch(req.uri().query(), caller, state).await,
+        Endpoint::Key => key(route.key_id, state),
+        // The rest is rare and its futures are large (kilobytes): boxed, so the future that
+        // every request, and every open watch, carries stays small. See docs/benchmarks.md,
+        // "Memory per open watch".
+        _ => Box::pin(dispatch_rare(route, req, caller, state)).await,
+    }
+}
+
+async fn dispatch_rare(
+    route: &Route,
+    req: Request<Incoming>,
+    caller: &Caller,
+    state: &Arc<AppState>,
+) -> Result<Answer, ApiError> {
+    match route.endpoint {
         Endpoint::Status if route.op == "admin.audit_verify" => audit_verify(req.uri().query(), state).await,
         Endpoint::Health => Ok(quiet(health(state))),
         Endpoint::Keyring => Ok(keyring(state)),
         Endpoint::Watch => watch(req.uri().query(), caller, state).await,
         Endpoint::Key => key(route.key_id, state),
-        Endpoint::Rotate => {
-            let body = read_body(req, state).await?;
-            rotate(&body, state).await
+        Endpoint::Rotate | Endpoint::Retire | Endpoint::Destroy | Endpoint::Restore => {
+            admin_write(route, req, caller, state).await
         }
-        Endpoint::Retire | Endpoint::Destroy => {
-            let id = route.key_id.ok_or_else(|| ApiError::bad_request("missing key id"))?;
-            let destroy = route.endpoint == Endpoint::Destroy;
-            let meta = with_store(
-                state,
-                move |store| if destroy { store.destroy(id) } else { store.retire(id) },
-            )
+        Endpoint::Unknown => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+        _ => Box::pin(dispatch_other(route, req, state)).await,
+    }
+}
+
+/// An admin write, with its `Idempotency-Key` if it carries one (see `idempotency`).
+async fn admin_write(
+    route: &Route,
+    req: Request<Incoming>,
+    caller: &Caller,
+    state: &Arc<AppState>,
+) -> Result<Answer, ApiError> {
+    use crate::idempotency::{Begin, Stored};
+    let key = match req.headers().get("idempotency-key") {
+        None => None,
+        Some(v) => match v.to_str() {
+            Ok(k) if crate::idempotency::valid_key(k) => Some(k.to_owned()),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "the Idempotency-Key header must be 1 to {} visible ASCII characters",
+                    crate::idempotency::MAX_KEY_LEN
+                )));
+            }
+        },
+    };
+    let body = read_body(req, state).await?;
+    let body_copy = Zeroizing::new(body.to_vec());
+    let (endpoint, key_id, runner) = (route.endpoint, route.key_id, caller.clone());
+    let run = {
+        let state = state.clone();
+        move || async move { run_admin_write(endpoint, key_id, &body, &runner, &state).await }
+    };
+    let Some(key) = key else { return run().await };
+    let target = key_id.map(|k| k.to_string()).unwrap_or_default();
+    let fingerprint = crate::idempotency::fingerprint(&state.idempotency_secret, route.op, &target, &body_copy);
+    drop(body_copy);
+    let who = caller.label.to_string();
+    match state.idempotency.begin(&who, &key, fingerprint) {
+        Begin::Fresh => {}
+        Begin::Replay(stored) => {
+            let mut response = json_response(
+                StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK),
+                stored.body,
+            );
+            response
+                .headers_mut()
+                .insert("idempotent-replay", header::HeaderValue::from_static("true"));
+            return Ok(audited(
+                response,
+                Some(format!("replayed the answer to Idempotency-Key {key}")),
+            ));
+        }
+        Begin::Running => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "in_progress",
+                "a request with this Idempotency-Key is still running; repeat it in a moment to get its answer",
+            ));
+        }
+        Begin::Mismatch => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different request; use a new key for a new request",
+            ));
+        }
+        Begin::Full => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many admin writes are running; retry later",
+            ));
+        }
+    }
+    // Runs to its end even if this client goes away, so a repeat finds the answer.
+    let result = match tokio::spawn(run()).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::internal()),
+    };
+    let keep = |status: StatusCode, code: &str| {
+        !(status.is_server_error() || code == "rotation_busy" || code == "in_progress" || code == "busy")
+    };
+    match result {
+        Ok(answer) => {
+            let (parts, body) = answer.response.into_parts();
+            let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+            let stored = keep(parts.status, "").then(|| Stored {
+                status: parts.status.as_u16(),
+                body: bytes.clone(),
+            });
+            state.idempotency.finish(&who, &key, fingerprint, stored);
+            Ok(Answer {
+                response: Response::from_parts(parts, Full::new(bytes)),
+                ..answer
+            })
+        }
+        Err(e) => {
+            let stored = keep(e.status, e.code).then(|| Stored {
+                status: e.status.as_u16(),
+                body: Bytes::from(
+                    serde_json::to_vec(&serde_json::json!({ "error": e.code, "message": e.message }))
+                        .unwrap_or_default(),
+                ),
+            });
+            state.idempotency.finish(&who, &key, fingerprint, stored);
+            Err(e)
+        }
+    }
+}
+
+async fn run_admin_write(
+    endpoint: Endpoint,
+    key_id: Option<KeyId>,
+    body: &[u8],
+    caller: &Caller,
+    state: &Arc<AppState>,
+) -> Result<Answer, ApiError> {
+    match endpoint {
+        Endpoint::Rotate => rotate(body, state).await,
+        Endpoint::Restore => restore(body, caller, state).await,
+        _ => {
+            let id = key_id.ok_or_else(|| ApiError::bad_request("missing key id"))?;
+            let destroy = endpoint == Endpoint::Destroy;
+            let request: RetireRequest = if body.iter().all(u8::is_ascii_whitespace) {
+                RetireRequest::default()
+            } else {
+                parse_json(body)?
+            };
+            let force = request.force_retire_primary;
+            if force && destroy {
+                return Err(ApiError::bad_request("force_retire_primary applies to retire only"));
+            }
+            let (meta, primary) = with_store(state, move |store| {
+                let meta = if destroy {
+                    store.destroy(id)?
+                } else if force {
+                    store.force_retire(id)?
+                } else {
+                    store.retire(id)?
+                };
+                Ok((meta, store.primary()?.map(|p| p.key_id)))
+            })
             .await?;
             let replication = replicate_key(state, id).await;
             let mut answer = meta_json(&meta);
             answer["replication"] = replication.into();
-            Ok(audited(
-                json_value(StatusCode::OK, &answer),
-                Some(format!("replication {replication}")),
-            ))
+            let detail = if force {
+                tracing::warn!(key_id = %id, ?primary, "operator override: forced retirement of a primary");
+                format!(
+                    "forced retirement of the primary (override); new primary {}; replication {replication}",
+                    primary.map_or_else(|| "none".to_owned(), |p| p.to_string())
+                )
+            } else {
+                format!("replication {replication}")
+            };
+            Ok(audited(json_value(StatusCode::OK, &answer), Some(detail)))
         }
+    }
+}
+
+async fn dispatch_other(route: &Route, req: Request<Incoming>, state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    match route.endpoint {
         Endpoint::Status => status(state).await,
         Endpoint::Backup => {
             let body = read_body(req, state).await?;
             backup(&body, state).await
-        }
-        Endpoint::Restore => {
-            let body = read_body(req, state).await?;
-            restore(&body, caller, state).await
         }
         Endpoint::Peer if route.op == "peer.keys" => peer_keys(req.uri().query(), state).await,
         Endpoint::Peer => {
@@ -302,7 +465,7 @@ async fn dispatch(
                 _ => peer_merge(&body, state).await,
             }
         }
-        Endpoint::Unknown => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")),
     }
 }
 
@@ -436,6 +599,16 @@ async fn with_store<T: Send + 'static>(
     })
     .await
     .map_err(|_| ApiError::internal())?
+}
+
+/// Body of `POST /v1/admin/keys/{id}/retire` (optional).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RetireRequest {
+    /// Retire the key even if it is the primary (an operator's audited override for a
+    /// primary of unknown origin); the next promoted key becomes the primary.
+    #[serde(default)]
+    force_retire_primary: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -804,8 +977,20 @@ async fn backup(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> 
             "the backup password must be at least 8 characters",
         ));
     }
+    // Export under the store lock, run the KDF and seal without it, confirm under it.
+    let (records, node) = with_store(state, |store| Ok((store.export()?, store.node().to_owned()))).await?;
+    let pending = tokio::task::spawn_blocking(move || {
+        keystore::backup::seal_pending(
+            &records,
+            &request.password,
+            &request.hint,
+            &node,
+            keystore::KdfParams::default(),
+        )
+    })
+    .await
+    .map_err(|_| ApiError::internal())??;
     let bytes = with_store(state, move |store| {
-        let pending = store.create_backup(&request.password, &request.hint, keystore::KdfParams::default())?;
         store.confirm_backup(&pending)?;
         Ok(pending.bytes)
     })
@@ -832,7 +1017,11 @@ async fn restore(body: &[u8], _caller: &Caller, state: &Arc<AppState>) -> Result
     let file = base64::engine::general_purpose::STANDARD
         .decode(request.backup.as_bytes())
         .map_err(|_| ApiError::bad_request("backup must be standard base64"))?;
-    let report = with_store(state, move |store| store.restore_backup(&file, &request.password)).await?;
+    // The KDF runs here, without the store lock; only the merge takes it.
+    let opened = tokio::task::spawn_blocking(move || keystore::backup::open_file(&file, &request.password))
+        .await
+        .map_err(|_| ApiError::internal())??;
+    let report = with_store(state, move |store| store.restore_opened(&opened)).await?;
     let answer = serde_json::json!({
         "added": report.added, "advanced": report.advanced, "unchanged": report.unchanged, "epoch": report.epoch,
     });
@@ -900,6 +1089,7 @@ pub(crate) fn fuzz_route(method: &Method, path: &str) -> bool {
 #[cfg(feature = "fuzzing")]
 pub(crate) fn fuzz_bodies(data: &[u8]) {
     let _ = parse_json::<RotateRequest>(data);
+    let _ = parse_json::<RetireRequest>(data);
     let _ = parse_json::<BackupRequest>(data);
     let _ = parse_json::<RestoreRequest>(data);
 }
@@ -925,5 +1115,21 @@ mod tests {
         );
         let r = route(&Method::POST, &format!("/v1/admin/keys/{}/retire", "ab".repeat(16))).unwrap();
         assert_eq!(r.needs, Some(Role::Admin));
+    }
+}
+#[cfg(test)]
+mod future_size {
+    use super::*;
+
+    fn future_size<A, B, C, D, Fut, F: Fn(A, B, C, D) -> Fut>(_: F) -> usize {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every open watch holds one request future; admin handlers must not inflate it.
+    #[test]
+    fn the_request_future_stays_small() {
+        let size =
+            future_size(|r: Request<Incoming>, c: Arc<Caller>, p: SocketAddr, s: Arc<AppState>| handle(r, c, p, s));
+        assert!(size <= 2048, "the request handler's future is {size} bytes");
     }
 }

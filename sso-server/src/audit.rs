@@ -20,7 +20,8 @@
 //! Line format (fields in this order; `mac` last):
 //!
 //! ```text
-//! {"seq":7,"time":"…","node":"a","identity":"client","role":"client","op":"keyring.fetch",
+//! {"seq":7,"time":"…","node":"a","identity":"client","cert_serial":"<hex>"|null,
+//!  "cert_sha256":"<64 hex>"|null,"role":"client","op":"keyring.fetch",
 //!  "key_id":"…"|null,"outcome":"ok","detail":null|"…","peer":"127.0.0.1:5555"|null,
 //!  "prev":"<64 hex>","mac":"<64 hex>"}
 //! ```
@@ -55,6 +56,9 @@ pub struct AuditEvent {
     pub time: std::time::SystemTime,
     /// Who: the certificate label, or `-` before a handshake completed.
     pub identity: Arc<str>,
+    /// Which certificate: serial and fingerprint, so two certificates with the same
+    /// names (a revoked one and its replacement) are told apart. `None` without one.
+    pub cert: Option<Arc<CertRef>>,
     /// The role the caller held (`none` when it held none).
     pub role: &'static str,
     /// What: `keyring.fetch`, `key.fetch`, `admin.rotate`, `tls.handshake`, …
@@ -69,11 +73,21 @@ pub struct AuditEvent {
     pub peer: Option<std::net::SocketAddr>,
 }
 
+/// The certificate an audit entry is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRef {
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// SHA-256 of the certificate's DER, lowercase hex.
+    pub sha256: String,
+}
+
 impl AuditEvent {
     fn internal(op: &'static str, outcome: &'static str, detail: String) -> Self {
         Self {
             time: std::time::SystemTime::now(),
             identity: "-".into(),
+            cert: None,
             role: "none",
             op,
             key_id: None,
@@ -579,7 +593,7 @@ impl Writer {
         }
         tracing::info!(rotated_to = %to.display(), "audit log rotated");
         self.reopen("rotation", batch);
-        if let Some(first) = batch.first_mut() {
+        if let Some(first) = batch.first_mut().filter(|e| e.op == REOPENED_OP) {
             first.detail = Some(format!("rotation: previous entries are in {}", to.display()));
         }
     }
@@ -610,6 +624,15 @@ fn append_line(
     push_json_str(buf, node);
     buf.extend_from_slice(b",\"identity\":");
     push_json_str(buf, &ev.identity);
+    match ev.cert.as_deref() {
+        Some(c) => {
+            buf.extend_from_slice(b",\"cert_serial\":");
+            push_json_str(buf, &c.serial);
+            buf.extend_from_slice(b",\"cert_sha256\":");
+            push_json_str(buf, &c.sha256);
+        }
+        None => buf.extend_from_slice(b",\"cert_serial\":null,\"cert_sha256\":null"),
+    }
     buf.extend_from_slice(b",\"role\":");
     push_json_str(buf, ev.role);
     buf.extend_from_slice(b",\"op\":");
@@ -808,6 +831,7 @@ mod tests {
         AuditEvent {
             time: std::time::SystemTime::now(),
             identity: "client".into(),
+            cert: None,
             role: "client",
             op,
             key_id: None,

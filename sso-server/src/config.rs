@@ -54,6 +54,9 @@ pub struct Config {
     /// The other node of the failover pair; absent for a standalone server.
     #[serde(default)]
     pub peer: Option<PeerConfig>,
+    /// The file this was loaded from: SIGHUP re-reads its `[tls]` section.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// The other node of the pair.
@@ -112,6 +115,30 @@ pub struct TlsConfig {
     /// Bound on the whole TLS handshake; rustls has no timeout of its own.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
+    /// Issuing (intermediate) CA certificates, PEM, whose CRLs `crls` lists although they
+    /// are not in `client_ca`: each must be signed by a CA in `client_ca`. Used only to
+    /// check CRL signatures; they are not trust anchors.
+    #[serde(default)]
+    pub crl_issuers: Option<PathBuf>,
+    /// Which certificates of a client's chain are checked against the CRLs:
+    /// `"end_entity"` (default) or `"full_chain"`.
+    #[serde(default)]
+    pub revocation: Revocation,
+    /// Accept a certificate whose issuer has no CRL in `crls` (by default, once any CRL is
+    /// configured, such a certificate is refused).
+    #[serde(default)]
+    pub allow_unknown_revocation: bool,
+}
+
+/// Which certificates of a client's chain are checked against the CRLs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Revocation {
+    /// Only the client's own certificate: listing the issuing CA's CRL is enough.
+    #[default]
+    EndEntity,
+    /// Every certificate below the trust anchor: each CA in the chain needs its CRL.
+    FullChain,
 }
 
 fn default_min_version() -> String {
@@ -223,6 +250,10 @@ pub struct Limits {
     pub watch_max_wait_ms: u64,
     /// Bounded drain on shutdown.
     pub shutdown_grace_ms: u64,
+    /// Longest a connection lives. Then it is ended gracefully (HTTP/2 GOAWAY, or
+    /// `Connection: close` after the current HTTP/1.1 request) so clients reconnect, and
+    /// with the new connection go through the current CA, CRLs and roles again.
+    pub max_connection_age_ms: u64,
 }
 
 impl Default for Limits {
@@ -241,6 +272,7 @@ impl Default for Limits {
             body_read_timeout_ms: 10_000,
             watch_max_wait_ms: 25_000,
             shutdown_grace_ms: 5_000,
+            max_connection_age_ms: 3_600_000,
         }
     }
 }
@@ -273,6 +305,7 @@ impl Config {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         config.resolve_paths(&base);
         config.validate()?;
+        config.source = Some(path.to_path_buf());
         Ok(config)
     }
 
@@ -297,6 +330,7 @@ impl Config {
         fix(&mut self.tls.key);
         fix(&mut self.tls.client_ca);
         self.tls.crls.iter_mut().for_each(fix);
+        self.tls.crl_issuers.as_mut().map(fix);
         fix(&mut self.store.path);
         fix(&mut self.audit.path);
         self.store.unseal.key_file.as_mut().map(fix);
@@ -344,6 +378,11 @@ impl Config {
                     format!("{} does not exist", crl.display()),
                 ));
             }
+        }
+        if let Some(p) = &self.tls.crl_issuers
+            && !p.is_file()
+        {
+            return Err(err("tls.crl_issuers", format!("{} does not exist", p.display())));
         }
         if !matches!(self.tls.min_version.as_str(), "1.2" | "1.3") {
             return Err(err("tls.min_version", "must be \"1.3\" or \"1.2\""));
@@ -455,6 +494,12 @@ impl Config {
         }
         if l.header_read_timeout_ms == 0 || l.body_read_timeout_ms == 0 {
             return Err(err("limits", "timeouts must be positive"));
+        }
+        if !(1_000..=604_800_000).contains(&l.max_connection_age_ms) {
+            return Err(err(
+                "limits.max_connection_age_ms",
+                "must be between 1000 (1 s) and 604800000 (7 days)",
+            ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(err("log.format", "must be \"text\" or \"json\""));

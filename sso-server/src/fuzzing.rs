@@ -1,8 +1,22 @@
 //! Entry points for `fuzz/`: each takes arbitrary bytes and must never panic.
 
-/// A peer replication body (`/v1/peer/merge`, `/v1/peer/keys`).
+/// A peer replication body (`/v1/peer/merge`, `/v1/peer/keys`), then the validation every
+/// merge runs before it writes, against an empty store and against one with a primary.
 pub fn peer_records(data: &[u8]) {
-    let _ = crate::peer::parse_records(data);
+    let Ok(keys) = crate::peer::parse_records(data) else {
+        return;
+    };
+    let _ = keystore::validate::check_incoming(&[], &keys.records);
+    let stored: Vec<sso_proto::KeyMeta> = keys
+        .records
+        .iter()
+        .take(1)
+        .map(|r| sso_proto::KeyMeta {
+            state: sso_proto::KeyState::Primary,
+            ..r.meta.clone()
+        })
+        .collect();
+    let _ = keystore::validate::check_incoming(&stored, &keys.records);
 }
 
 /// A configuration file.
@@ -27,4 +41,9 @@ pub fn request(data: &[u8]) {
 /// Audit log lines, through the verifier `ssoctl audit verify` uses.
 pub fn audit_line(data: &[u8]) {
     keystore::fuzzing::audit_log(data);
+}
+
+/// A CRL file (PEM or DER) through the loader's parse and signature check.
+pub fn crl_file(data: &[u8]) {
+    crate::tls::fuzz_crl(data);
 }

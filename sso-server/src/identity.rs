@@ -142,6 +142,8 @@ pub struct Caller {
     pub roles: Roles,
     /// Short label for audit and logs; shared by every audit entry of the connection.
     pub label: std::sync::Arc<str>,
+    /// Serial and fingerprint of the certificate, for every audit entry of the connection.
+    pub cert: std::sync::Arc<crate::audit::CertRef>,
 }
 
 #[cfg(test)]

@@ -12,7 +12,9 @@
 //! - [`metrics`]: Prometheus counters on their own listener.
 //! - [`limits`]: pending-handshake, per-identity connection and watch caps, deadlines
 //!   after the handshake, aggregated audit of handshake floods.
-//! - [`server`]: accept loop, hyper, SIGHUP reload, graceful shutdown.
+//! - [`server`]: accept loop, hyper, graceful shutdown.
+//! - [`connections`]: live connections over time: SIGHUP reload (all or nothing) and the
+//!   re-check of live connections, certificate expiry, maximum connection age.
 //! - [`peer`]: the failover pair: replication protocol, peer client, anti-entropy.
 //! - [`rotation`]: rotation serialised across the pair (domain logic, no HTTP).
 //! - [`dev`]: `--dev`, the embedded default.
@@ -27,9 +29,11 @@
 pub mod api;
 pub mod audit;
 pub mod config;
+pub mod connections;
 pub mod dev;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod idempotency;
 pub mod identity;
 pub mod limits;
 pub mod metrics;

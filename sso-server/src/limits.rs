@@ -402,6 +402,7 @@ impl AuditAggregate {
             audit.record(AuditEvent {
                 time: std::time::SystemTime::now(),
                 identity: key.identity,
+                cert: None,
                 role: "none",
                 op: key.op,
                 key_id: None,

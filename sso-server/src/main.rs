@@ -54,6 +54,16 @@ fn main() -> ExitCode {
         Err(e) => return fail(EX_USAGE, &e, "fix the field named above; see docs/configuration.md"),
     };
     init_logging(&config);
+    // Preflight: every certificate, key, CA and CRL is loaded and checked before a port is
+    // bound or readiness announced, so a bad file is a clean refusal, not a crash after
+    // "listening".
+    if let Err(e) = sso_server::tls::build(&config.tls) {
+        return fail(
+            EX_USAGE,
+            &e,
+            "fix the [tls] file named above (docs/configuration.md, docs/operations.md)",
+        );
+    }
     let hardening = sso_client::hardening::harden_process();
     tracing::info!(?hardening, "process hardening");
 

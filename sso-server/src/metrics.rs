@@ -67,12 +67,12 @@ fn status_slot(status: u16) -> usize {
 
 /// The counters of connection and watch limits, with their help text. Reasons:
 /// `sso_connections_closed_total`: `first_request_timeout`, `idle_timeout`,
-/// `handshake_evicted`; `sso_connection_refusals_total`: `identity`, `no_role`;
+/// `handshake_evicted`, and from [`crate::connections`] `revoked`, `expired`, `max_age`; `sso_connection_refusals_total`: `identity`, `no_role`;
 /// `sso_watch_refusals_total`: `identity`, `total`.
 pub const LIMIT_METRICS: [(&str, &str); 3] = [
     (
         "sso_connections_closed_total",
-        "Connections the server closed for a deadline or to make room, by reason.",
+        "Connections the server closed, by reason: a deadline, to make room, or the trust boundary (revoked, expired, max_age).",
     ),
     (
         "sso_connection_refusals_total",
@@ -125,6 +125,52 @@ pub struct Metrics {
     pub peer_last_contact_unix: AtomicI64,
     /// Replication requests that failed.
     pub replication_failures: AtomicU64,
+    /// TLS reloads (SIGHUP) and live-connection checks: see [`TlsMetrics`].
+    pub tls: TlsMetrics,
+}
+
+/// Certificate reloads, CRL freshness and connections ended by the trust boundary.
+#[derive(Debug, Default)]
+pub struct TlsMetrics {
+    /// Reloads applied.
+    pub reloads: AtomicU64,
+    /// Reloads refused (the previous configuration stayed in force).
+    pub reload_failures: AtomicU64,
+    /// Earliest `nextUpdate` of the CRLs in force, unix seconds; 0 without CRLs.
+    pub crl_next_update_unix: AtomicI64,
+    /// Oldest `thisUpdate` of the CRLs in force, unix seconds; 0 without CRLs.
+    pub crl_this_update_unix: AtomicI64,
+}
+
+impl TlsMetrics {
+    fn render(&self, out: &mut String, now: i64) {
+        let _ = writeln!(
+            out,
+            "# HELP sso_tls_reloads_total Certificate and CRL reloads applied.\n# TYPE sso_tls_reloads_total counter\nsso_tls_reloads_total {}",
+            self.reloads.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sso_tls_reload_failures_total Reloads refused; the previous certificates and CRLs stayed in force.\n# TYPE sso_tls_reload_failures_total counter\nsso_tls_reload_failures_total {}",
+            self.reload_failures.load(Relaxed)
+        );
+        let next = self.crl_next_update_unix.load(Relaxed);
+        if next != 0 {
+            let _ = writeln!(
+                out,
+                "# HELP sso_crl_next_update_seconds Seconds until the earliest CRL nextUpdate; negative once a CRL is stale.\n# TYPE sso_crl_next_update_seconds gauge\nsso_crl_next_update_seconds {}",
+                next - now
+            );
+        }
+        let this = self.crl_this_update_unix.load(Relaxed);
+        if this != 0 {
+            let _ = writeln!(
+                out,
+                "# HELP sso_crl_age_seconds Seconds since the oldest CRL in force was issued (thisUpdate).\n# TYPE sso_crl_age_seconds gauge\nsso_crl_age_seconds {}",
+                now - this
+            );
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -150,6 +196,7 @@ impl Default for Metrics {
             peer_lag_epochs: AtomicU64::new(0),
             peer_last_contact_unix: AtomicI64::new(0),
             replication_failures: AtomicU64::new(0),
+            tls: TlsMetrics::default(),
         }
     }
 }
@@ -309,6 +356,7 @@ impl Metrics {
             "Integrity alarms.",
             self.integrity_alarms.load(Relaxed),
         );
+        self.tls.render(&mut out, now);
         out
     }
 }

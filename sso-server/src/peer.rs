@@ -391,37 +391,41 @@ fn state_name(state: KeyState) -> &'static str {
     }
 }
 
-/// Serialises key records into a zeroizing buffer sized up front.
+/// Serialises key records into a zeroizing buffer sized exactly (two passes, see
+/// [`crate::state::exact`]): it never reallocates, whatever the key count or node names.
 pub fn records_json(node: &str, epoch: u64, digest: &str, records: &[KeyRecord]) -> Zeroizing<Vec<u8>> {
     let header = serde_json::json!({"node": node, "epoch": epoch, "digest": digest}).to_string();
-    let bound = header.len() + 16 + records.iter().map(|r| 230 + r.meta.origin.len() * 6).sum::<usize>();
-    let mut out = Zeroizing::new(Vec::with_capacity(bound));
-    out.extend_from_slice(&header.as_bytes()[..header.len() - 1]);
-    out.extend_from_slice(b",\"keys\":[");
-    for (i, r) in records.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        let meta = &r.meta;
-        let fields = serde_json::json!({
-            "key_id": meta.key_id,
-            "generation": meta.generation,
-            "created_at": meta.created_at.format(&Rfc3339).unwrap_or_default(),
-            "origin": meta.origin,
-            "state": state_name(meta.state),
+    let fields: Vec<String> = records
+        .iter()
+        .map(|r| {
+            let meta = &r.meta;
+            serde_json::json!({
+                "key_id": meta.key_id,
+                "generation": meta.generation,
+                "created_at": meta.created_at.format(&Rfc3339).unwrap_or_default(),
+                "origin": meta.origin,
+                "state": state_name(meta.state),
+            })
+            .to_string()
         })
-        .to_string();
-        out.extend_from_slice(&fields.as_bytes()[..fields.len() - 1]);
-        if let Some(secret) = &r.secret {
-            out.extend_from_slice(b",\"key\":\"");
-            secret.push_base64(&mut out);
-            out.push(b'"');
+        .collect();
+    crate::state::exact(|out| {
+        out.put(&header.as_bytes()[..header.len() - 1]);
+        out.put(b",\"keys\":[");
+        for (i, (r, f)) in records.iter().zip(&fields).enumerate() {
+            if i > 0 {
+                out.put(b",");
+            }
+            out.put(&f.as_bytes()[..f.len() - 1]);
+            if let Some(secret) = &r.secret {
+                out.put(b",\"key\":\"");
+                out.put_secret(secret);
+                out.put(b"\"");
+            }
+            out.put(b"}");
         }
-        out.push(b'}');
-    }
-    out.extend_from_slice(b"]}");
-    debug_assert!(out.len() <= bound, "peer JSON outgrew its buffer");
-    out
+        out.put(b"]}");
+    })
 }
 
 #[derive(Deserialize)]
@@ -516,6 +520,7 @@ pub async fn sync_loop(state: Arc<crate::state::AppState>) {
                     state.audit.record(crate::audit::AuditEvent {
                         time: std::time::SystemTime::now(),
                         identity: ps.node.clone().unwrap_or_else(|| "peer".into()).into(),
+                        cert: None,
                         role: "peer",
                         op: "peer.sync",
                         key_id: None,
@@ -611,6 +616,7 @@ mod tests {
         })
         .collect();
         let body = records_json("a", 7, "d", &records);
+        assert_eq!(body.len(), body.capacity(), "not sized exactly");
         let back = parse_records(&body).unwrap();
         assert_eq!((back.node.as_str(), back.epoch, back.digest.as_str()), ("a", 7, "d"));
         for (a, b) in records.iter().zip(&back.records) {

@@ -1,6 +1,7 @@
 //! Listeners and connections: the TLS accept loop with its handshake timeout and
-//! connection cap, hyper (HTTP/1.1 and HTTP/2) on top, the metrics listener, certificate
-//! reload on SIGHUP, and graceful shutdown.
+//! connection cap, hyper (HTTP/1.1 and HTTP/2) on top, the metrics listener, and graceful
+//! shutdown. Each served connection is driven by [`connections::drive`] (revocation,
+//! expiry, maximum age); SIGHUP reloads live in [`connections`] too.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,8 +19,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::api;
-use crate::audit::{Audit, AuditError, AuditEvent};
+use crate::audit::{Audit, AuditError, AuditEvent, CertRef};
 use crate::config::Config;
+use crate::connections::{self, Registry};
 use crate::identity::{Caller, RoleMap};
 use crate::limits::{AGGREGATE_INTERVAL, Activity, Limiter, REFUSED_CONNECTION_TIME};
 use crate::metrics::Metrics;
@@ -61,6 +63,7 @@ pub async fn run(
     metrics
         .cert_not_after_unix
         .store(loaded.server_cert_not_after.unwrap_or(0), Relaxed);
+    connections::publish_crls(&metrics, &loaded.crls);
     let tls_config = Arc::new(ArcSwap::new(loaded.config));
     let audit = Audit::open(
         &config.audit.path,
@@ -98,6 +101,9 @@ pub async fn run(
             Duration::from_millis(250),
         ),
         peer,
+        idempotency: crate::idempotency::Idempotency::default(),
+        idempotency_secret: ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+            .map_err(|_| ServerError::Io(std::io::Error::other("the random number generator failed")))?,
     });
     {
         let store = state.store.lock().unwrap_or_else(|p| p.into_inner());
@@ -129,11 +135,18 @@ pub async fn run(
     let sync_task = tokio::spawn(crate::peer::sync_loop(state.clone()));
     // Registered here, not inside the task, so a SIGHUP right after start is not fatal.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let reload_task = tokio::spawn(reload_on_sighup(
+    // Requests in flight at a graceful end get as long as a watch may wait, and a little.
+    let drain = Duration::from_millis(config.limits.watch_max_wait_ms) + Duration::from_secs(5);
+    let registry = Registry::new(Duration::from_millis(config.limits.max_connection_age_ms), drain);
+    let reload_task = tokio::spawn(connections::reload_on_sighup(
         hup,
         config.clone(),
-        tls_config.clone(),
-        metrics.clone(),
+        connections::Reloadable {
+            tls_config: tls_config.clone(),
+            registry: registry.clone(),
+        },
+        state.clone(),
+        loaded.crls,
     ));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -177,6 +190,7 @@ pub async fn run(
         let acceptor = TlsAcceptor::from(tls_config.load_full());
         let state = state.clone();
         let builder = builder.clone();
+        let registry = registry.clone();
         let mut stop = shutdown_rx.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -196,7 +210,8 @@ pub async fn run(
             let Some(caller) = caller_of(&stream, &state) else {
                 return handshake_failed(&state, peer, "no_certificate", None);
             };
-            serve_connection(stream, caller, peer, state, &builder, stop).await;
+            let ticket = registry.register(stream.get_ref().1, &caller, peer, &state);
+            serve_connection(stream, caller, peer, state, &builder, stop, ticket).await;
         });
     }
     drop(https);
@@ -236,6 +251,10 @@ fn caller_of(stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>, st
     let roles = state.roles.roles(&identity);
     Some(Caller {
         label: identity.label().into(),
+        cert: Arc::new(CertRef {
+            serial: identity.serial.clone(),
+            sha256: identity.sha256.clone(),
+        }),
         identity,
         roles,
     })
@@ -251,6 +270,7 @@ async fn serve_connection(
     state: Arc<AppState>,
     builder: &auto::Builder<TokioExecutor>,
     mut stop: watch::Receiver<bool>,
+    mut ticket: connections::Ticket,
 ) {
     let slot = state.limiter.admit(&caller);
     let (first, idle) = match &slot {
@@ -262,6 +282,7 @@ async fn serve_connection(
                 AuditEvent {
                     time: std::time::SystemTime::now(),
                     identity: caller.label.clone(),
+                    cert: Some(caller.cert.clone()),
                     role: caller.roles.label(),
                     op: "connection.limit",
                     key_id: None,
@@ -306,6 +327,14 @@ async fn serve_connection(
             conn.as_mut().graceful_shutdown();
             conn.as_mut().await
         }
+        // Revoked or expired: dropped at once. Maximum age: GOAWAY, bounded drain.
+        end = ticket.ended() => match end {
+            connections::End::Cut => Ok(()),
+            connections::End::Graceful(drain) => {
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(drain, conn.as_mut()).await.unwrap_or(Ok(()))
+            }
+        },
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -361,6 +390,7 @@ fn handshake_failed(state: &AppState, peer: std::net::SocketAddr, reason: &'stat
         AuditEvent {
             time: std::time::SystemTime::now(),
             identity: "-".into(),
+            cert: None,
             role: "none",
             op: "tls.handshake",
             key_id: None,
@@ -373,28 +403,6 @@ fn handshake_failed(state: &AppState, peer: std::net::SocketAddr, reason: &'stat
         },
         reason,
     );
-}
-
-async fn reload_on_sighup(
-    mut hup: tokio::signal::unix::Signal,
-    config: Config,
-    tls_config: Arc<ArcSwap<rustls::ServerConfig>>,
-    metrics: Arc<Metrics>,
-) {
-    while hup.recv().await.is_some() {
-        match tls::build(&config.tls) {
-            Ok(loaded) => {
-                tls_config.store(loaded.config);
-                metrics
-                    .cert_not_after_unix
-                    .store(loaded.server_cert_not_after.unwrap_or(0), Relaxed);
-                tracing::info!("SIGHUP: reloaded certificates and CRLs; new connections use them");
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "SIGHUP: reload failed; still serving with the previous certificates")
-            }
-        }
-    }
 }
 
 async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {

@@ -168,17 +168,22 @@ async fn a_full_disk_leaves_a_gap_record_when_writing_resumes_after_sighup_rotat
     let files = [old.clone(), setup.audit.clone()];
     let report = verify(&files, &key, Start::Genesis, Some(&head)).unwrap();
     assert!(report.anchored);
-    assert_eq!(report.gaps.len(), 1, "{:?}", report.gaps);
+    // Usually one gap record; two when a gap record itself was the last line to fit.
+    assert!(!report.gaps.is_empty());
     let written = files
         .iter()
         .flat_map(|f| lines(f))
         .filter(|e| e["op"] == "keyring.fetch")
         .count() as u64;
-    let lost = report.gaps[0].lost;
+    let lost: u64 = report.gaps.iter().map(|g| g.lost).sum();
     assert!(lost > 0);
     // Every fetch is either in the log or counted in the gap record: nothing vanishes.
     assert_eq!(written + lost, fetched, "{:?}", report.gaps);
-    assert!(report.gaps[0].detail.contains("write failed"), "{:?}", report.gaps);
+    assert!(
+        report.gaps.iter().all(|g| g.detail.contains("write failed")),
+        "{:?}",
+        report.gaps
+    );
     // Without the rotated file the chain does not start at entry 1; with a file missing
     // in the middle it breaks.
     assert!(verify(&files[1..], &key, Start::Genesis, None).is_err());

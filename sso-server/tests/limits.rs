@@ -218,6 +218,40 @@ async fn past_the_pending_handshake_cap_new_connections_push_out_the_oldest() {
     drop(silent);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_with_a_role_is_capped_too_and_others_are_unaffected() {
+    let f = start("", "[limits]\nmax_connections_per_identity = 3");
+    let addr = f.server.https;
+    let config = tls_config(&f.pki, &f.pki.client("client"), &[b"http/1.1"]);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_tls(addr, &config, Duration::from_secs(5)).await.unwrap());
+    }
+    // The fourth connection of the same identity is answered 429 at once.
+    let same = Client::new(addr, &f.pki.ca_file, Some(&f.pki.client("client")));
+    let r = same.get("/v1/keyring").await.unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"], "too_many_connections");
+    assert!(f.server.metric("sso_connection_refusals_total{reason=\"identity\"}") >= 1.0);
+    // Another identity is served; and once one connection closes, so is the first.
+    let other = Client::new(addr, &f.pki.ca_file, Some(&f.pki.client("client2")));
+    assert_eq!(other.get("/v1/keyring").await.unwrap().status, 200);
+    drop(held.pop());
+    tests::assert_eventually!(
+        Duration::from_secs(5),
+        f.server.metric("sso_connections_open") <= 2.0,
+        "closed connection still counted"
+    );
+    assert_eq!(same.get("/v1/keyring").await.unwrap().status, 200);
+    tests::assert_eventually!(
+        Duration::from_secs(5),
+        std::fs::read_to_string(&f.setup.audit)
+            .unwrap_or_default()
+            .contains("\"op\":\"connection.limit\""),
+        "refusal not audited"
+    );
+}
+
 /// Starts a watch long-poll on its own connection.
 fn watch(client: &Client, after: u64) -> tokio::task::JoinHandle<Result<tests::Reply, String>> {
     let client = client.clone();

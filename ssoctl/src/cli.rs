@@ -139,6 +139,11 @@ pub enum Keys {
     Retire {
         /// The key id (32 hex characters).
         key_id: String,
+        /// Retire it even if it is the primary: an override for a primary of unknown
+        /// origin (one a compromised peer planted, say). The next promoted key becomes the
+        /// primary; the server audits the override. Run it against each node of a pair.
+        #[arg(long)]
+        force_retire_primary: bool,
     },
     /// Wipe a retired key's material for good.
     Destroy {

@@ -30,7 +30,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), Failure> {
         }
         online => {
             // Check what can be checked before touching the network.
-            if let Command::Keys(Keys::Retire { key_id } | Keys::Destroy { key_id, .. }) = &online {
+            if let Command::Keys(Keys::Retire { key_id, .. } | Keys::Destroy { key_id, .. }) = &online {
                 parse_key_id(key_id)?;
             }
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -67,11 +67,19 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
             let keys = v["keys"].clone();
             emit(g, out, &keys, || keys_table(&keys))
         }
-        Command::Keys(Keys::Retire { key_id }) => {
+        Command::Keys(Keys::Retire {
+            key_id,
+            force_retire_primary,
+        }) => {
             let id = parse_key_id(&key_id)?;
+            let body = if force_retire_primary {
+                Bytes::from_static(b"{\"force_retire_primary\":true}")
+            } else {
+                Bytes::new()
+            };
             let v = json(
                 &conn
-                    .call(Method::POST, &format!("/v1/admin/keys/{id}/retire"), Bytes::new())
+                    .call(Method::POST, &format!("/v1/admin/keys/{id}/retire"), body)
                     .await?,
             )?;
             emit(g, out, &v, || {

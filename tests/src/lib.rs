@@ -418,6 +418,17 @@ impl Client {
     /// One request on a fresh connection. `Err` carries the transport error text (a
     /// refused handshake shows up here).
     pub async fn request(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<Reply, String> {
+        self.request_with(method, path, body, &[]).await
+    }
+
+    /// [`Client::request`] with extra headers.
+    pub async fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, String> {
         let tcp = tokio::net::TcpStream::connect(self.addr)
             .await
             .map_err(|e| e.to_string())?;
@@ -432,7 +443,10 @@ impl Client {
             .method(method)
             .uri(path)
             .header("host", "localhost")
-            .header("content-type", "application/json")
+            .header("content-type", "application/json");
+        let req = headers
+            .iter()
+            .fold(req, |req, (name, value)| req.header(*name, *value))
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| e.to_string())?;
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
@@ -502,6 +516,8 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct TestAgent {
     pub child: Child,
     pub socket: PathBuf,
+    /// The KMS v2 socket, when the config has `[kms]`.
+    pub kms_socket: Option<PathBuf>,
 }
 
 impl TestAgent {
@@ -518,13 +534,17 @@ impl TestAgent {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut kms = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("sso-agent kms socket=") {
+                    kms = Some(PathBuf::from(rest));
+                }
                 if let Some(rest) = line.strip_prefix("sso-agent listening socket=") {
-                    let _ = tx.send(rest.to_owned());
+                    let _ = tx.send((rest.to_owned(), kms.take()));
                 }
             }
         });
-        let socket = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
+        let (socket, kms_socket) = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
             let _ = child.kill();
             panic!(
                 "agent did not start: {}",
@@ -534,8 +554,34 @@ impl TestAgent {
         Self {
             child,
             socket: PathBuf::from(socket),
+            kms_socket,
         }
     }
+
+    /// A gRPC client of the agent's KMS v2 socket (panics when it has none).
+    pub async fn kms(&self) -> KmsClient {
+        kms_client(self.kms_socket.as_deref().expect("the agent serves no KMS socket")).await
+    }
+}
+
+/// A tonic client of `v2.KeyManagementService`.
+pub type KmsClient =
+    sso_client::kms::v2::key_management_service_client::KeyManagementServiceClient<tonic::transport::Channel>;
+
+/// Connects a tonic client to a KMS v2 Unix socket (one HTTP/2 connection, reused).
+pub async fn kms_client(socket: &Path) -> KmsClient {
+    let path = socket.to_path_buf();
+    // The URI is required by tonic but unused: the connector dials the socket.
+    let channel = tonic::transport::Endpoint::from_static("http://kms.invalid")
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", socket.display()));
+    KmsClient::new(channel)
 }
 
 impl Drop for TestAgent {

@@ -301,3 +301,172 @@ async fn after_a_heal_the_next_rotation_supersedes_the_degraded_keys() {
         assert_eq!(primary.as_deref(), Some(key), "{} has another primary", node.name);
     }
 }
+
+/// Issue 12: a debug build panicked ("keyring JSON outgrew its buffer") once a few dozen
+/// keys existed. 200 rotations, alternating nodes, all `replicated`; both nodes keep
+/// answering and serve every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_survives_200_rotations() {
+    let (_dir, pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    for i in 0..200 {
+        let node = if i % 2 == 0 { &pair.a } else { &pair.b };
+        let r = rotate(&pair, node, false).await;
+        assert_eq!(r.status, 200, "rotation {i} on {}: {:?}", node.name, r.body);
+        assert_eq!(r.json()["replication"], "replicated", "rotation {i}");
+    }
+    wait_converged(&pair, Duration::from_secs(10)).await;
+    for node in [&pair.a, &pair.b] {
+        let c = tests::Client::new(node.server().https, &pair.pki.ca_file, Some(&pair.pki.client("client")));
+        let ring = c.get("/v1/keyring").await.unwrap();
+        assert_eq!(ring.status, 200);
+        assert_eq!(ring.json()["keys"].as_array().unwrap().len(), 201, "{}", node.name);
+    }
+}
+
+/// The wrapped material of `key_id` in the store at `path` (read-only, the server running).
+fn wrapped_blob(path: &std::path::Path, key_id: &str) -> Vec<u8> {
+    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    conn.query_row("SELECT material FROM keys WHERE key_id = ?1", [key_id], |r| r.get(0))
+        .unwrap()
+}
+
+/// Which of the store's files (database, -wal, -shm) contain `needle`.
+fn files_holding(store: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    ["", "-wal", "-shm"]
+        .iter()
+        .map(|suffix| format!("{}{suffix}", store.display()))
+        .filter(|file| std::fs::read(file).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle)))
+        .collect()
+}
+
+/// Issue 12: a destroy that arrives by replication wipes the material from the peer's
+/// files exactly like a local destroy. Before the fix B's WAL still held the wrapped key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_destroy_wipes_the_material_from_both_nodes_files() {
+    use base64::Engine;
+    let (_dir, pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let (keys, old) = view(&pair, &pair.a).await.unwrap();
+    let old = old.unwrap();
+    assert_eq!(keys.len(), 1);
+    let c = tests::Client::new(
+        pair.a.server().https,
+        &pair.pki.ca_file,
+        Some(&pair.pki.client("client")),
+    );
+    let fetched = c.get(&format!("/v1/keys/{old}")).await.unwrap().json();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(fetched["key"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(raw.len(), 32);
+    for _ in 0..2 {
+        assert_eq!(rotate(&pair, &pair.a, false).await.json()["replication"], "replicated");
+    }
+    let r = admin(&pair, &pair.a)
+        .post(&format!("/v1/admin/keys/{old}/retire"), &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.json()["replication"], "replicated");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let blobs: Vec<(&str, &std::path::Path, Vec<u8>)> = [&pair.a, &pair.b]
+        .iter()
+        .map(|n| {
+            (
+                n.name.as_str(),
+                n.setup.store.as_path(),
+                wrapped_blob(&n.setup.store, &old),
+            )
+        })
+        .collect();
+    for (name, store, blob) in &blobs {
+        assert!(blob.len() >= 32, "{name}: no wrapped material before the destroy");
+        assert!(
+            !files_holding(store, blob).is_empty(),
+            "{name}: the scan cannot see the blob"
+        );
+    }
+    let r = admin(&pair, &pair.a)
+        .post(&format!("/v1/admin/keys/{old}/destroy"), &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["replication"], "replicated");
+    for (name, store, _) in &blobs {
+        for (what, needle) in blobs
+            .iter()
+            .map(|(n, _, b)| (format!("{n}'s wrapped blob"), b.as_slice()))
+            .chain([("the raw key".to_owned(), raw.as_slice())])
+        {
+            let found = files_holding(store, needle);
+            assert!(
+                found.is_empty(),
+                "{name} still holds {what} after the destroy in {found:?}"
+            );
+        }
+    }
+}
+
+/// Issue 12 / SPEC §10: rotate, retire and destroy with an `Idempotency-Key`: a repeat
+/// returns the first answer byte for byte and changes nothing on either node; the same key
+/// with another request is refused. Before the fix the repeat rotated again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_admin_writes_replay_the_first_answer_and_change_nothing() {
+    let (_dir, pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let a = admin(&pair, &pair.a);
+    let post = |path: String, key: &'static str, body: &'static str| {
+        let a = a.clone();
+        async move {
+            a.request_with(
+                "POST",
+                &path,
+                Some(body.as_bytes().to_vec()),
+                &[("idempotency-key", key)],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let first = post("/v1/admin/rotate".into(), "rotate-1", "{}").await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    let after_first = (view(&pair, &pair.a).await.unwrap(), view(&pair, &pair.b).await.unwrap());
+    let again = post("/v1/admin/rotate".into(), "rotate-1", "{}").await;
+    assert_eq!(
+        (again.status, &again.body),
+        (first.status, &first.body),
+        "the repeat did not replay"
+    );
+    assert_eq!(
+        (view(&pair, &pair.a).await.unwrap(), view(&pair, &pair.b).await.unwrap()),
+        after_first,
+        "the repeat changed the key sets"
+    );
+    let reused = post("/v1/admin/rotate".into(), "rotate-1", "{\"allow_degraded\":true}").await;
+    assert_eq!(reused.status, 422, "{:?}", reused.body);
+    assert_eq!(reused.json()["error"], "idempotency_key_reused");
+
+    // Retire then destroy the first key, each twice with its own key.
+    let (keys, _) = view(&pair, &pair.a).await.unwrap();
+    let old = keys.iter().find(|(_, s)| s == "active").unwrap().0.clone();
+    for (op, key) in [("retire", "retire-1"), ("destroy", "destroy-1")] {
+        let path = format!("/v1/admin/keys/{old}/{op}");
+        let one = post(path.clone(), key, "{}").await;
+        assert_eq!(one.status, 200, "{op}: {:?}", one.body);
+        let epoch = admin(&pair, &pair.a).get("/v1/admin/status").await.unwrap().json()["epoch"].clone();
+        let two = post(path, key, "{}").await;
+        assert_eq!((two.status, &two.body), (one.status, &one.body), "{op} did not replay");
+        let now = admin(&pair, &pair.a).get("/v1/admin/status").await.unwrap().json()["epoch"].clone();
+        assert_eq!(now, epoch, "the repeated {op} changed the store");
+    }
+    let bad = a
+        .request_with(
+            "POST",
+            "/v1/admin/rotate",
+            Some(b"{}".to_vec()),
+            &[("idempotency-key", "has space")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 400);
+}

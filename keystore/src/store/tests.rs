@@ -405,3 +405,42 @@ fn create_refuses_an_existing_path_and_open_a_missing_one() {
     fsutil::write_private_new(&junk, b"this is not sqlite at all, not even close............").unwrap();
     assert!(SealedStore::open(&junk, &key).is_err());
 }
+
+/// A record with fractional seconds and an offset (as a peer may send) is sealed with its
+/// normalised time, so every later read, backup, rotation and reopen works. Before the
+/// fix the wrap bound nanoseconds the row did not keep and the store was broken for good.
+#[test]
+fn merged_times_are_normalised_so_the_store_stays_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut store) = key_store(&dir);
+    store.rotate().unwrap();
+    let rng = SystemRandom::new();
+    let record = KeyRecord {
+        meta: KeyMeta {
+            key_id: KeyId::generate(&rng).unwrap(),
+            generation: 2,
+            created_at: OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_789)
+                .unwrap()
+                .to_offset(time::UtcOffset::from_hms(5, 30, 0).unwrap()),
+            origin: "node-b".into(),
+            state: KeyState::Staged,
+        },
+        secret: Some(MasterSecret::generate(&rng).unwrap()),
+    };
+    store.merge(&[record]).unwrap();
+    store.verify().unwrap();
+    store
+        .create_backup(
+            &SecretString::from("a long password"),
+            "",
+            KdfParams::insecure_for_tests(),
+        )
+        .unwrap();
+    store.rotate().unwrap();
+    drop(store);
+    let key = UnsealKey::key_file(&dir.path().join("unseal.key")).unwrap();
+    let store = SealedStore::open(&path, &key).unwrap();
+    let keys = store.list().unwrap();
+    assert_eq!(keys[1].created_at.unix_timestamp_nanos(), 1_700_000_000_000_000_000);
+    assert_eq!(store.verify().unwrap(), 3);
+}

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use sso_client::daemon::{fail, shutdown_signal};
 
 use clap::Parser;
-use sso_client::agent::{self, AgentConfig};
+use sso_client::agent::{self, AgentConfig, UidAllowlist};
+use sso_client::kms::{self, KmsConfig};
 
 /// The per-machine key agent.
 #[derive(Parser, Debug)]
@@ -18,7 +19,8 @@ struct Args {
     /// Configuration file (TOML).
     #[arg(long, conflicts_with = "dev", required_unless_present = "dev")]
     config: Option<PathBuf>,
-    /// Pair with `sso-server --dev`: use the dev PKI in DIR and listen on DIR/agent.sock.
+    /// Pair with `sso-server --dev`: use the dev PKI in DIR and listen on DIR/agent.sock
+    /// (HTTP/JSON) and DIR/kms.sock (Kubernetes KMS v2).
     #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "sso-dev")]
     dev: Option<PathBuf>,
 }
@@ -35,6 +37,10 @@ fn main() -> ExitCode {
         (None, None) => return fail(64, &"no configuration", "pass --config FILE or --dev DIR"),
     };
     let mode = match config.mode() {
+        Ok(m) => m,
+        Err(e) => return fail(64, &e, ""),
+    };
+    let kms_mode = match config.kms.as_ref().map(KmsConfig::mode).transpose() {
         Ok(m) => m,
         Err(e) => return fail(64, &e, ""),
     };
@@ -58,11 +64,33 @@ fn main() -> ExitCode {
             Ok(l) => l,
             Err(e) => return fail(69, &format!("cannot listen on {}: {e}", config.socket.display()), ""),
         };
+        let kms_listener = match (&config.kms, kms_mode) {
+            (Some(kms), Some(mode)) => match agent::bind(&kms.socket, mode) {
+                Ok(l) => Some(l),
+                Err(e) => return fail(69, &format!("cannot listen on {}: {e}", kms.socket.display()), ""),
+            },
+            _ => None,
+        };
         let shutdown = match shutdown_signal() {
             Ok(s) => s,
             Err(e) => return fail(69, &e, ""),
         };
+        // One signal stops both sockets.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
         let mut out = std::io::stdout().lock();
+        if let Some(kms) = &config.kms {
+            let _ = writeln!(out, "sso-agent kms socket={}", kms.socket.display());
+        }
         let _ = writeln!(out, "sso-agent listening socket={}", config.socket.display());
         if args.dev.is_some() {
             let s = config.socket.display();
@@ -74,15 +102,29 @@ fn main() -> ExitCode {
         let _ = out.flush();
         drop(out);
         sso_client::daemon::notify_ready();
-        agent::serve(
-            listener,
-            client,
-            config.allowed_uids.clone(),
-            config.max_connections_per_uid,
-            shutdown,
-        )
-        .await;
+        let max_per_uid = config.max_connections_per_uid;
+        let kms = kms_listener.map(|l| {
+            let uids = config
+                .kms
+                .as_ref()
+                .and_then(|k| k.allowed_uids.clone())
+                .unwrap_or_else(|| config.allowed_uids.clone());
+            tokio::spawn(kms::serve(
+                l,
+                client.clone(),
+                UidAllowlist::new(uids),
+                max_per_uid,
+                stopped(),
+            ))
+        });
+        agent::serve(listener, client, config.allowed_uids.clone(), max_per_uid, stopped()).await;
+        if let Some(kms) = kms {
+            let _ = kms.await;
+        }
         let _ = std::fs::remove_file(&config.socket);
+        if let Some(k) = &config.kms {
+            let _ = std::fs::remove_file(&k.socket);
+        }
         ExitCode::SUCCESS
     })
 }

@@ -134,11 +134,24 @@ async fn run(args: Args) {
     let per_connection = with_connections.saturating_sub(idle) as f64 / connections as f64;
     let per_watch = with_watches.saturating_sub(with_connections) as f64 / n;
     let per_watch_all = with_watches.saturating_sub(idle) as f64 / n;
-    println!("sso-server RSS, {} watches over {connections} HTTP/2 connections ({} streams each):", args.watches, args.per_connection);
+    println!(
+        "sso-server RSS, {} watches over {connections} HTTP/2 connections ({} streams each):",
+        args.watches, args.per_connection
+    );
     println!("  idle                        {:>10.1} MiB", idle as f64 / 1048576.0);
-    println!("  + {connections} connections (baseline) {:>10.1} MiB  ({per_connection:.0} B per connection)", with_connections as f64 / 1048576.0);
-    println!("  + {} watches             {:>10.1} MiB  (opened in {opened_in:.1?}, {still_open} open when measured)", args.watches, with_watches as f64 / 1048576.0);
+    println!(
+        "  + {connections} connections (baseline) {:>10.1} MiB  ({per_connection:.0} B per connection)",
+        with_connections as f64 / 1048576.0
+    );
+    println!(
+        "  + {} watches             {:>10.1} MiB  (opened in {opened_in:.1?}, {still_open} open when measured)",
+        args.watches,
+        with_watches as f64 / 1048576.0
+    );
     println!("  per watch, beyond its connection:        {per_watch:>8.0} B");
     println!("  per watch, with its share of connections: {per_watch_all:>8.0} B");
-    println!("  one watch costs {:.2}x an idle HTTP/2 connection", per_watch / per_connection);
+    println!(
+        "  one watch costs {:.2}x an idle HTTP/2 connection",
+        per_watch / per_connection
+    );
 }
