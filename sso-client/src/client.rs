@@ -10,12 +10,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sso_proto::delivery::Recipient;
 use sso_proto::{EnvelopeRef, KeyId, envelope};
 use tokio::sync::OnceCell;
 
 use crate::Error;
 use crate::cache::{self, Cache, CachedKey, KeyHandle};
-use crate::transport::Transport;
+use crate::transport::{Header, Transport};
 
 /// How long a watch long-poll may stay open; the server answers 204 well before.
 const WATCH_TIMEOUT: Duration = Duration::from_secs(40);
@@ -411,11 +412,15 @@ impl Inner {
         Ok(())
     }
 
-    /// Applies a keyring body from endpoint `idx`.
-    fn apply(&self, idx: usize, body: &[u8]) -> Result<(), Error> {
+    /// Applies a wrapped keyring body from endpoint `idx`, the answer to the request at
+    /// `context` that carried `recipient`'s public key.
+    fn apply(&self, idx: usize, body: &[u8], recipient: Recipient, context: &str) -> Result<(), Error> {
         let wire = cache::parse_keyring(body).map_err(|problem| self.protocol(idx, problem))?;
+        let opener =
+            cache::opener(wire.wrap.as_ref(), recipient, context).map_err(|problem| self.protocol(idx, problem))?;
         let current = self.cache.load();
-        let next = cache::apply(&current, wire, idx).map_err(|problem| self.protocol(idx, problem))?;
+        let next = cache::apply(&current, wire, idx, Some(&opener)).map_err(|problem| self.protocol(idx, problem))?;
+        drop(opener);
         let changed = next.epoch != current.epoch
             || next.endpoint != current.endpoint
             || next.keys.len() != current.keys.len()
@@ -442,14 +447,15 @@ impl Inner {
         if self.last_contact_ms.load(Relaxed) != seen && self.cache.load().primary.is_some() {
             return Ok(()); // someone else refreshed while we waited
         }
+        let (recipient, header) = wrap_request()?;
         match self
             .transport
-            .get_hedged("/v1/keyring", FETCH_TIMEOUT, HEDGE_DELAY, |s| s == 200)
+            .get_hedged_with("/v1/keyring", &header, FETCH_TIMEOUT, HEDGE_DELAY, |s| s == 200)
             .await
         {
             Ok((idx, reply)) => {
                 self.contact_ok();
-                self.apply(idx, &reply.body)
+                self.apply(idx, &reply.body, recipient, "/v1/keyring")
             }
             Err(said) => {
                 let e = said
@@ -498,11 +504,11 @@ impl Inner {
         // Every endpoint is asked before the key is called unknown: during a partition a
         // key rotated on one node is unknown to the other. Hedged, so a hung endpoint
         // costs HEDGE_DELAY, not FETCH_TIMEOUT.
+        let path = format!("/v1/keys/{key_id}");
+        let (recipient, header) = wrap_request()?;
         let said = match self
             .transport
-            .get_hedged(&format!("/v1/keys/{key_id}"), FETCH_TIMEOUT, HEDGE_DELAY, |s| {
-                s == 200 || s == 410
-            })
+            .get_hedged_with(&path, &header, FETCH_TIMEOUT, HEDGE_DELAY, |s| s == 200 || s == 410)
             .await
         {
             Ok((idx, reply)) => {
@@ -512,7 +518,13 @@ impl Inner {
                 }
                 let wire: cache::WireKey = serde_json::from_slice(&reply.body)
                     .map_err(|e| self.protocol(idx, format!("malformed key (column {})", e.column())))?;
-                let key: Arc<CachedKey> = Arc::new(wire.into_cached().map_err(|p| self.protocol(idx, p))?);
+                if wire.key_id != key_id {
+                    return Err(self.protocol(idx, format!("asked for key {key_id}, got {}", wire.key_id)));
+                }
+                let opener = cache::opener(wire.wrap.as_ref(), recipient, &path).map_err(|p| self.protocol(idx, p))?;
+                let key: Arc<CachedKey> =
+                    Arc::new(wire.into_cached(Some(&opener), 0).map_err(|p| self.protocol(idx, p))?);
+                drop(opener);
                 let current = self.cache.load();
                 self.cache.store(Arc::new(cache::with_key(&current, key.clone())));
                 return Ok(KeyHandle(key));
@@ -539,6 +551,16 @@ impl Inner {
         }
         Err(Error::Unavailable(asked.join("; ")))
     }
+}
+
+/// A fresh key pair for one key request, and the `Sso-Key-Wrap` header that carries its
+/// public half: every keyring, watch and key request asks for wrapped delivery.
+fn wrap_request() -> Result<(Recipient, [Header; 1]), Error> {
+    let recipient = Recipient::generate(&ring::rand::SystemRandom::new())?;
+    let value = hyper::header::HeaderValue::from_str(&recipient.header_value())
+        .map_err(|_| Error::Config("the key-wrap header is not a valid header value".into()))?;
+    let name = hyper::header::HeaderName::from_static(sso_proto::delivery::HEADER);
+    Ok((recipient, [(name, value)]))
 }
 
 fn jittered(base: Duration) -> Duration {
@@ -574,23 +596,38 @@ async fn watch_loop(inner: Arc<Inner>) {
         // Epochs are per node: ask the node the cache came from for changes after its
         // epoch; when that node is down, any other node for its whole keyring (the cache
         // keeps its epoch and endpoint until another node's keyring is applied).
+        let (recipient, header) = match wrap_request() {
+            Ok(r) => r,
+            Err(e) => {
+                inner.contact_failed(&e.to_string());
+                nap(&inner, jittered(backoff)).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
         let result = match idx.filter(|&i| !inner.transport.is_down(i)) {
             Some(i) => inner
                 .transport
-                .get_on(i, &format!("/v1/keyring/watch?after={after}"), WATCH_TIMEOUT)
+                .get_on_with(i, &format!("/v1/keyring/watch?after={after}"), &header, WATCH_TIMEOUT)
                 .await
                 .map(|r| (i, r))
                 .map_err(|e| (Some(i), e)),
             None => inner
                 .transport
-                .get("/v1/keyring/watch?after=0", WATCH_TIMEOUT)
+                .get_with("/v1/keyring/watch?after=0", &header, WATCH_TIMEOUT)
                 .await
                 .map_err(|e| (None, e)),
         };
         let ok = match result {
             Ok((i, reply)) if reply.status == 200 => {
                 inner.contact_ok();
-                inner.apply(i, &reply.body).is_ok()
+                match inner.apply(i, &reply.body, recipient, "/v1/keyring/watch") {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a watch answer was refused");
+                        false
+                    }
+                }
             }
             Ok((_, reply)) if reply.status == 204 => {
                 inner.contact_ok();

@@ -55,6 +55,9 @@ pub struct Transport {
     ping_timeout: Duration,
 }
 
+/// An extra request header.
+pub type Header = (hyper::header::HeaderName, hyper::header::HeaderValue);
+
 /// HTTP/2 keep-alive: a PING after this long without a frame from the server...
 pub const PING_INTERVAL: Duration = Duration::from_millis(800);
 /// ...and the connection fails when its answer does not come within this.
@@ -155,9 +158,14 @@ impl Transport {
     /// GET `path`, trying endpoints in [`Transport::order`] one after the other. The
     /// endpoint that answers becomes the preferred one.
     pub async fn get(&self, path: &str, timeout: Duration) -> Result<(usize, Reply), String> {
+        self.get_with(path, &[], timeout).await
+    }
+
+    /// [`Transport::get`] with extra request headers.
+    pub async fn get_with(&self, path: &str, headers: &[Header], timeout: Duration) -> Result<(usize, Reply), String> {
         let mut errors = Vec::new();
         for idx in self.order() {
-            match self.get_on(idx, path, timeout).await {
+            match self.get_on_with(idx, path, headers, timeout).await {
                 Ok(reply) => {
                     self.preferred.store(idx, Relaxed);
                     return Ok((idx, reply));
@@ -181,6 +189,18 @@ impl Transport {
         hedge: Duration,
         done: impl Fn(u16) -> bool,
     ) -> Result<(usize, Reply), Vec<(usize, Result<u16, String>)>> {
+        self.get_hedged_with(path, &[], timeout, hedge, done).await
+    }
+
+    /// [`Transport::get_hedged`] with extra request headers (the same on every endpoint).
+    pub async fn get_hedged_with(
+        &self,
+        path: &str,
+        headers: &[Header],
+        timeout: Duration,
+        hedge: Duration,
+        done: impl Fn(u16) -> bool,
+    ) -> Result<(usize, Reply), Vec<(usize, Result<u16, String>)>> {
         type Pending<'a> = Vec<(usize, Pin<Box<dyn Future<Output = Result<Reply, String>> + Send + 'a>>)>;
         let mut order = self.order().into_iter();
         let mut pending: Pending<'_> = Vec::new();
@@ -189,7 +209,7 @@ impl Transport {
             // Every turn of the loop follows a failure, a refused answer or the hedge delay
             // (or is the first): ask the next endpoint.
             if let Some(idx) = order.next() {
-                pending.push((idx, Box::pin(self.get_on(idx, path, timeout))));
+                pending.push((idx, Box::pin(self.get_on_with(idx, path, headers, timeout))));
             }
             if pending.is_empty() {
                 return Err(said);
@@ -243,7 +263,18 @@ impl Transport {
 
     /// GET `path` on one endpoint.
     pub async fn get_on(&self, idx: usize, path: &str, timeout: Duration) -> Result<Reply, String> {
-        self.request_on(idx, hyper::Method::GET, path, Bytes::new(), timeout)
+        self.get_on_with(idx, path, &[], timeout).await
+    }
+
+    /// [`Transport::get_on`] with extra request headers.
+    pub async fn get_on_with(
+        &self,
+        idx: usize,
+        path: &str,
+        headers: &[Header],
+        timeout: Duration,
+    ) -> Result<Reply, String> {
+        self.send(idx, hyper::Method::GET, path, headers, Bytes::new(), timeout)
             .await
     }
 
@@ -253,6 +284,18 @@ impl Transport {
         idx: usize,
         method: hyper::Method,
         path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Reply, String> {
+        self.send(idx, method, path, &[], body, timeout).await
+    }
+
+    async fn send(
+        &self,
+        idx: usize,
+        method: hyper::Method,
+        path: &str,
+        headers: &[Header],
         body: Bytes,
         timeout: Duration,
     ) -> Result<Reply, String> {
@@ -269,10 +312,15 @@ impl Transport {
                     return Err(e);
                 }
             };
-            let req = hyper::Request::builder()
-                .method(method.clone())
-                .uri(format!("https://{}{path}", endpoint.authority))
-                .header(hyper::header::CONTENT_TYPE, "application/json")
+            let req = headers
+                .iter()
+                .fold(
+                    hyper::Request::builder()
+                        .method(method.clone())
+                        .uri(format!("https://{}{path}", endpoint.authority))
+                        .header(hyper::header::CONTENT_TYPE, "application/json"),
+                    |req, (name, value)| req.header(name, value),
+                )
                 .body(Full::new(body.clone()))
                 .map_err(|e| e.to_string())?;
             let result = tokio::time::timeout(timeout, async {

@@ -34,3 +34,40 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     }
     out
 }
+
+/// Wrapped key delivery (`docs/key-delivery.md`): the input as a `Sso-Key-Wrap` header
+/// (and, when it parses, a server sealing to it); then as an answer's `wrap.enc`, one
+/// `sealed` field and the request context, separated by newlines, opened by a fresh
+/// client key.
+pub fn key_delivery(data: &[u8]) {
+    use crate::delivery::{Binding, Recipient, RecipientKey, Sealer};
+    let rng = ring::rand::SystemRandom::new();
+    if let Ok(key) = RecipientKey::parse(data)
+        && let Ok(mut sealer) = Sealer::new(&key, "/v1/keyring", &rng)
+    {
+        let binding = Binding {
+            key_id: KeyId::from_bytes([7; 16]),
+            generation: 1,
+            state: crate::KeyState::Primary,
+        };
+        let _ = sealer.seal(&binding, &MasterSecret::take_from(&mut [9; 32]));
+    }
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.splitn(3, '\n');
+    let (enc, sealed, context) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    let Ok(recipient) = Recipient::generate(&rng) else {
+        return;
+    };
+    if let Ok(opener) = recipient.opener(enc, context) {
+        let binding = Binding {
+            key_id: KeyId::from_bytes([7; 16]),
+            generation: 1,
+            state: crate::KeyState::Primary,
+        };
+        let _ = opener.open(0, &binding, sealed);
+    }
+}

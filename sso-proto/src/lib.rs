@@ -6,6 +6,10 @@
 //!   box every 256-bit key lives in.
 //! - [`envelope`]: sealing and opening client data under a master secret
 //!   ([`EnvelopeKey`]); the format is specified in `docs/envelope.md`.
+//! - [`delivery`]: key material sealed to a client's ephemeral X25519 key for the trip
+//!   through TLS ([`delivery::Sealer`] on the server, [`delivery::Recipient`] and
+//!   [`delivery::Opener`] on the client); the format is specified in
+//!   `docs/key-delivery.md`.
 //! - [`fuzzing`] (feature `fuzzing`): entry points for the targets in `fuzz/`.
 //!
 //! Data flows one way: a server hands out `KeyMeta` + `MasterSecret`, a client turns each
@@ -13,6 +17,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod delivery;
 pub mod envelope;
 pub mod key;
 
@@ -53,6 +58,22 @@ pub enum Error {
     /// Bytes that should be a master secret have the wrong length.
     #[error("invalid key material: expected exactly 32 bytes")]
     InvalidSecretLength,
+    /// A `Sso-Key-Wrap` header or a wrapped answer's field does not have the shape of
+    /// `docs/key-delivery.md`; the text says which part.
+    #[error("malformed wrapped key delivery: {0}")]
+    MalformedWrap(&'static str),
+    /// The `Sso-Key-Wrap` header names a delivery version this build does not speak.
+    #[error(
+        "unsupported key wrap version: this build speaks `v1` (header `Sso-Key-Wrap: v1 <base64 X25519 public key>`)"
+    )]
+    UnsupportedWrapVersion,
+    /// The client's X25519 public key cannot be agreed with (a low-order point).
+    #[error("the Sso-Key-Wrap public key was refused: not a usable X25519 public key")]
+    BadRecipientKey,
+    /// A wrapped key failed authentication: sealed to another client or for another
+    /// request, moved within the answer, or modified.
+    #[error("wrapped key material failed authentication: sealed for another request or client, or modified")]
+    UnwrapFailed,
 }
 
 #[cfg(feature = "fuzzing")]

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use sso_proto::delivery::{RecipientKey, Sealer};
 use sso_proto::{KeyId, KeyState};
 use zeroize::Zeroizing;
 
@@ -263,9 +264,9 @@ async fn dispatch(
 ) -> Result<Answer, ApiError> {
     match route.endpoint {
         Endpoint::Health => Ok(quiet(health(state))),
-        Endpoint::Keyring => Ok(keyring(state)),
-        Endpoint::Watch => watch(req.uri().query(), caller, state).await,
-        Endpoint::Key => key(route.key_id, state),
+        Endpoint::Keyring => keyring(state, &delivery(&req, state)?, KEYRING_CONTEXT),
+        Endpoint::Watch => watch(req.uri().query(), caller, state, &delivery(&req, state)?).await,
+        Endpoint::Key => key(route.key_id, state, &delivery(&req, state)?),
         // The rest is rare and its futures are large (kilobytes): boxed, so the future that
         // every request, and every open watch, carries stays small. See docs/benchmarks.md,
         // "Memory per open watch".
@@ -282,9 +283,9 @@ async fn dispatch_rare(
     match route.endpoint {
         Endpoint::Status if route.op == "admin.audit_verify" => audit_verify(req.uri().query(), state).await,
         Endpoint::Health => Ok(quiet(health(state))),
-        Endpoint::Keyring => Ok(keyring(state)),
-        Endpoint::Watch => watch(req.uri().query(), caller, state).await,
-        Endpoint::Key => key(route.key_id, state),
+        Endpoint::Keyring => keyring(state, &delivery(&req, state)?, KEYRING_CONTEXT),
+        Endpoint::Watch => watch(req.uri().query(), caller, state, &delivery(&req, state)?).await,
+        Endpoint::Key => key(route.key_id, state, &delivery(&req, state)?),
         Endpoint::Rotate | Endpoint::Retire | Endpoint::Destroy | Endpoint::Restore => {
             admin_write(route, req, caller, state).await
         }
@@ -485,27 +486,99 @@ fn peer_state(state: &AppState) -> &'static str {
     }
 }
 
-fn keyring(state: &AppState) -> Answer {
+/// How a key request wants its key material (docs/key-delivery.md).
+enum Delivery {
+    /// Standard base64 in the JSON (no `Sso-Key-Wrap` header; `curl`).
+    Plain,
+    /// Sealed to the client's ephemeral X25519 key.
+    Wrapped(RecipientKey),
+}
+
+/// The request context a wrapped keyring answer is bound to: its path.
+const KEYRING_CONTEXT: &str = "/v1/keyring";
+/// ... and a wrapped watch answer.
+const WATCH_CONTEXT: &str = "/v1/keyring/watch";
+
+/// Reads the `Sso-Key-Wrap` header. Without it: plain, unless the server refuses plain.
+fn delivery(req: &Request<Incoming>, state: &AppState) -> Result<Delivery, ApiError> {
+    match req.headers().get(sso_proto::delivery::HEADER) {
+        Some(value) => RecipientKey::parse(value.as_bytes())
+            .map(Delivery::Wrapped)
+            .map_err(|e| ApiError::bad_request(format!("Sso-Key-Wrap: {e}; see docs/key-delivery.md"))),
+        None if state.allow_plain => Ok(Delivery::Plain),
+        None => Err(ApiError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "wrapped_delivery_required",
+            "this server hands out key material only sealed to the asking client (header Sso-Key-Wrap, \
+             docs/key-delivery.md): use sso-agent, sso-client or ssoctl; an operator can allow plain \
+             answers with [delivery] allow_plain = true",
+        )),
+    }
+}
+
+/// A fresh server key agreed with the client's, for one answer.
+fn sealer(to: &RecipientKey, context: &str) -> Result<Sealer, ApiError> {
+    Sealer::new(to, context, &ring::rand::SystemRandom::new()).map_err(|e| match e {
+        sso_proto::Error::BadRecipientKey => ApiError::bad_request(format!("Sso-Key-Wrap: {e}")),
+        _ => {
+            tracing::error!(error = %e, "cannot seal a key answer");
+            ApiError::internal()
+        }
+    })
+}
+
+fn sealing_failed(e: sso_proto::Error) -> ApiError {
+    tracing::error!(error = %e, "cannot seal a key answer");
+    ApiError::internal()
+}
+
+fn keyring(state: &AppState, delivery: &Delivery, context: &str) -> Result<Answer, ApiError> {
     let snap = state.snapshot.load();
+    let body = match delivery {
+        Delivery::Plain => {
+            state
+                .metrics
+                .plain_key_deliveries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            snap.keyring_body.clone()
+        }
+        Delivery::Wrapped(to) => {
+            let mut sealer = sealer(to, context)?;
+            Bytes::from(crate::state::wrapped_keyring_json(&snap, &mut sealer).map_err(sealing_failed)?)
+        }
+    };
     state
         .metrics
         .key_fetches
         .fetch_add(snap.served as u64, std::sync::atomic::Ordering::Relaxed);
     // The audit entry names the primary; no per-request formatting on this hot path.
-    let mut answer = audited(json_response(StatusCode::OK, snap.keyring_body.clone()), None);
+    let mut answer = audited(json_response(StatusCode::OK, body), None);
     answer.key = snap.primary;
-    answer
+    Ok(answer)
 }
 
-fn key(id: Option<KeyId>, state: &AppState) -> Result<Answer, ApiError> {
+fn key(id: Option<KeyId>, state: &AppState, delivery: &Delivery) -> Result<Answer, ApiError> {
     let id = id.ok_or_else(|| ApiError::bad_request("missing key id"))?;
     let snap = state.snapshot.load();
-    if let Some(body) = snap.key_bodies.get(&id) {
+    if let Some(&at) = snap.positions.get(&id) {
+        let body = match delivery {
+            Delivery::Plain => {
+                state
+                    .metrics
+                    .plain_key_deliveries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                snap.key_bodies.get(&id).cloned().unwrap_or_default()
+            }
+            Delivery::Wrapped(to) => {
+                let mut sealer = sealer(to, &format!("/v1/keys/{id}"))?;
+                Bytes::from(crate::state::wrapped_key_json(&snap.records[at], &mut sealer).map_err(sealing_failed)?)
+            }
+        };
         state
             .metrics
             .key_fetches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return Ok(audited(json_response(StatusCode::OK, body.clone()), None));
+        return Ok(audited(json_response(StatusCode::OK, body), None));
     }
     match snap.states.get(&id) {
         Some(KeyState::Retired | KeyState::Destroyed) => Err(ApiError::new(
@@ -521,7 +594,12 @@ fn key(id: Option<KeyId>, state: &AppState) -> Result<Answer, ApiError> {
     }
 }
 
-async fn watch(query: Option<&str>, caller: &Caller, state: &Arc<AppState>) -> Result<Answer, ApiError> {
+async fn watch(
+    query: Option<&str>,
+    caller: &Caller,
+    state: &Arc<AppState>,
+    delivery: &Delivery,
+) -> Result<Answer, ApiError> {
     let after = query
         .unwrap_or("")
         .split('&')
@@ -535,7 +613,7 @@ async fn watch(query: Option<&str>, caller: &Caller, state: &Arc<AppState>) -> R
     // Subscribe before looking, so a change between the look and the wait is not missed.
     let mut rx = state.epoch_tx.subscribe();
     if *rx.borrow_and_update() > after {
-        return Ok(keyring(state));
+        return keyring(state, delivery, WATCH_CONTEXT);
     }
     // Only a watch that waits holds a slot; the caps bound the memory open watches take.
     let _slot = state.limiter.watch(caller).map_err(|refused| match refused {
@@ -563,7 +641,7 @@ async fn watch(query: Option<&str>, caller: &Caller, state: &Arc<AppState>) -> R
     })
     .await;
     match changed {
-        Ok(Ok(())) => Ok(keyring(state)),
+        Ok(Ok(())) => keyring(state, delivery, WATCH_CONTEXT),
         Ok(Err(())) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",

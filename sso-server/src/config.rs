@@ -54,6 +54,9 @@ pub struct Config {
     /// The other node of the failover pair; absent for a standalone server.
     #[serde(default)]
     pub peer: Option<PeerConfig>,
+    /// How key material is handed out (docs/key-delivery.md).
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
     /// The file this was loaded from: SIGHUP re-reads its `[tls]` section.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -208,6 +211,22 @@ pub struct RolesConfig {
     /// The other node of the pair: replication endpoints only.
     #[serde(default)]
     pub peer: Vec<String>,
+}
+
+/// How key material is handed out (docs/key-delivery.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Answer key requests without a `Sso-Key-Wrap` header with the keys in plain base64
+    /// (what `curl` gets). `false`: such requests get 406 `wrapped_delivery_required`, and
+    /// key material only ever leaves sealed to the asking client's ephemeral key.
+    pub allow_plain: bool,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self { allow_plain: true }
+    }
 }
 
 /// Connection and request limits.

@@ -59,7 +59,9 @@ impl Endpoint {
     }
 }
 
-const STATUSES: [u16; 15] = [200, 204, 400, 403, 404, 405, 408, 409, 410, 413, 422, 429, 500, 503, 0];
+const STATUSES: [u16; 16] = [
+    200, 204, 400, 403, 404, 405, 406, 408, 409, 410, 413, 422, 429, 500, 503, 0,
+];
 
 fn status_slot(status: u16) -> usize {
     STATUSES.iter().position(|&s| s == status).unwrap_or(STATUSES.len() - 1)
@@ -90,6 +92,9 @@ pub struct Metrics {
     requests: [[AtomicU64; STATUSES.len()]; Endpoint::ALL.len()],
     /// Keys handed out (keyring fetches count every key in the answer).
     pub key_fetches: AtomicU64,
+    /// Key answers sent with plain base64 material (no `Sso-Key-Wrap` header): what an
+    /// operator watches before setting `[delivery] allow_plain = false`.
+    pub plain_key_deliveries: AtomicU64,
     /// Requests refused for lack of a role.
     pub denials: AtomicU64,
     handshake_failures: Mutex<BTreeMap<&'static str, u64>>,
@@ -178,6 +183,7 @@ impl Default for Metrics {
         Self {
             requests: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
             key_fetches: AtomicU64::new(0),
+            plain_key_deliveries: AtomicU64::new(0),
             denials: AtomicU64::new(0),
             handshake_failures: Mutex::new(BTreeMap::new()),
             connections_open: AtomicI64::new(0),
@@ -266,6 +272,12 @@ impl Metrics {
             "sso_key_fetches_total",
             "Keys handed out to clients.",
             self.key_fetches.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "sso_plain_key_deliveries_total",
+            "Key answers sent as plain base64 (requests without a Sso-Key-Wrap header).",
+            self.plain_key_deliveries.load(Relaxed),
         );
         counter(
             &mut out,

@@ -91,6 +91,7 @@ pub async fn run(
         audit,
         metrics: metrics.clone(),
         limits: config.limits.clone(),
+        allow_plain: config.delivery.allow_plain,
         limiter: Limiter::new(&config.limits, metrics.clone()),
         distribute_wait: Duration::from_millis(250),
         rotations: crate::rotation::Rotations::new(

@@ -4,7 +4,8 @@
 //! Reads never touch SQLite: `GET /v1/keyring` clones a reference-counted, pre-serialised
 //! body out of an [`ArcSwap`]. The body lives in a zeroizing buffer, so the key material
 //! in it is wiped when the last response using it has been written and the next snapshot
-//! has replaced it.
+//! has replaced it. Wrapped answers (docs/key-delivery.md) are sealed per request from the
+//! snapshot's records; the plain bodies are not built at all when plain delivery is off.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use keystore::{KeyRecord, SealedStore};
+use sso_proto::delivery::{Binding, Sealer};
 use sso_proto::{KeyId, KeyState};
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::watch;
@@ -37,6 +39,12 @@ pub struct Snapshot {
     pub states: HashMap<KeyId, KeyState>,
     /// How many keys the keyring body holds.
     pub served: usize,
+    /// The served keys, in keyring order, for wrapped answers (secrets zeroized on drop).
+    pub records: Vec<KeyRecord>,
+    /// Where each served key sits in `records`.
+    pub positions: HashMap<KeyId, usize>,
+    /// Retired and destroyed key ids, sorted (the keyring's `gone`).
+    pub gone: Vec<KeyId>,
 }
 
 /// Everything a request handler needs.
@@ -61,6 +69,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Request limits.
     pub limits: Limits,
+    /// Whether key requests without a `Sso-Key-Wrap` header get plain base64 key material
+    /// (`[delivery] allow_plain`); when not, plain bodies are never built.
+    pub allow_plain: bool,
     /// Connection and watch caps, deadlines, aggregated audit of floods.
     pub limiter: Arc<crate::limits::Limiter>,
     /// Pause between staging a new key and promoting it, so watching clients hold it
@@ -123,7 +134,7 @@ impl AppState {
     /// Rebuilds the snapshot from the store and announces the epoch. Call after every
     /// change, with the store lock held by the caller or not.
     pub fn refresh(&self, store: &SealedStore) -> keystore::Result<()> {
-        let snapshot = build_snapshot(store)?;
+        let snapshot = build_snapshot(store, self.allow_plain)?;
         let epoch = snapshot.epoch;
         self.metrics
             .keyring_epoch
@@ -141,8 +152,9 @@ impl AppState {
     }
 }
 
-/// Reads the store and serialises what clients are served.
-pub fn build_snapshot(store: &SealedStore) -> keystore::Result<Snapshot> {
+/// Reads the store and serialises what clients are served; the plain bodies only when
+/// `plain` delivery is allowed.
+pub fn build_snapshot(store: &SealedStore, plain: bool) -> keystore::Result<Snapshot> {
     let keyring = store.keyring()?;
     let states: HashMap<KeyId, KeyState> = store.list()?.into_iter().map(|k| (k.key_id, k.state)).collect();
     let mut gone: Vec<KeyId> = states
@@ -152,16 +164,29 @@ pub fn build_snapshot(store: &SealedStore) -> keystore::Result<Snapshot> {
         .collect();
     gone.sort_unstable();
     let mut key_bodies = HashMap::with_capacity(keyring.keys.len());
-    for record in &keyring.keys {
-        key_bodies.insert(record.meta.key_id, zeroizing_bytes(key_json(record)));
+    let mut keyring_body = Bytes::new();
+    if plain {
+        for record in &keyring.keys {
+            key_bodies.insert(record.meta.key_id, zeroizing_bytes(key_json(record)));
+        }
+        keyring_body = zeroizing_bytes(keyring_json(keyring.epoch, keyring.primary, &keyring.keys, &gone));
     }
+    let positions = keyring
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.meta.key_id, i))
+        .collect();
     Ok(Snapshot {
         epoch: keyring.epoch,
         primary: keyring.primary,
-        keyring_body: zeroizing_bytes(keyring_json(keyring.epoch, keyring.primary, &keyring.keys, &gone)),
+        keyring_body,
         key_bodies,
         states,
         served: keyring.keys.len(),
+        records: keyring.keys,
+        positions,
+        gone,
     })
 }
 
@@ -259,7 +284,9 @@ pub fn exact(write: impl Fn(&mut dyn Sink)) -> Zeroizing<Vec<u8>> {
     out.into_inner()
 }
 
-fn write_key_json(out: &mut dyn Sink, record: &KeyRecord) {
+/// `{"key_id":…,"generation":…,"state":…,"created_at":…,` — every key field but the
+/// material.
+fn write_key_head(out: &mut dyn Sink, record: &KeyRecord) {
     let meta = &record.meta;
     let created = meta.created_at.format(&Rfc3339).unwrap_or_default();
     out.put(b"{\"key_id\":\"");
@@ -270,7 +297,12 @@ fn write_key_json(out: &mut dyn Sink, record: &KeyRecord) {
     out.put(meta.state.as_str().as_bytes());
     out.put(b"\",\"created_at\":\"");
     out.put(created.as_bytes());
-    out.put(b"\",\"key\":\"");
+    out.put(b"\",");
+}
+
+fn write_key_json(out: &mut dyn Sink, record: &KeyRecord) {
+    write_key_head(out, record);
+    out.put(b"\"key\":\"");
     if let Some(secret) = &record.secret {
         out.put_secret(secret);
     }
@@ -317,6 +349,93 @@ pub fn keyring_json(epoch: u64, primary: Option<KeyId>, keys: &[KeyRecord], gone
         }
         out.put(b"]}");
     })
+}
+
+/// A sink for wrapped answers, which hold no key material: ciphertext goes in with `put`.
+struct Sealed(Vec<u8>);
+
+impl Sink for Sealed {
+    fn put(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+
+    /// Never called by the wrapped writers; writes nothing, so no plain key can end up in
+    /// a wrapped answer.
+    fn put_secret(&mut self, _: &sso_proto::MasterSecret) {}
+}
+
+/// Writes `"sealed":"…"}` for one key: its material sealed by `sealer` (the next in the
+/// answer's order).
+fn write_sealed_tail(out: &mut dyn Sink, record: &KeyRecord, sealer: &mut Sealer) -> Result<(), sso_proto::Error> {
+    out.put(b"\"sealed\":\"");
+    if let Some(secret) = &record.secret {
+        let binding = Binding {
+            key_id: record.meta.key_id,
+            generation: record.meta.generation,
+            state: record.meta.state,
+        };
+        out.put(sealer.seal(&binding, secret)?.as_bytes());
+    }
+    out.put(b"\"}");
+    Ok(())
+}
+
+fn write_wrap(out: &mut dyn Sink, sealer: &Sealer) {
+    out.put(b"\"wrap\":{\"v\":");
+    out.put(sso_proto::delivery::VERSION.to_string().as_bytes());
+    out.put(b",\"enc\":\"");
+    out.put(sealer.enc().as_bytes());
+    out.put(b"\"}");
+}
+
+/// The wrapped `GET /v1/keyring` (and watch) body: the plain body's fields, a `wrap`
+/// object, and each key's material sealed to the client (docs/key-delivery.md).
+pub fn wrapped_keyring_json(snap: &Snapshot, sealer: &mut Sealer) -> Result<Vec<u8>, sso_proto::Error> {
+    let mut out = Sealed(Vec::with_capacity(
+        160 + snap.records.len() * 200 + snap.gone.len() * 35,
+    ));
+    out.put(b"{\"primary\":");
+    match snap.primary {
+        Some(id) => {
+            out.put(b"\"");
+            out.put(id.to_string().as_bytes());
+            out.put(b"\"");
+        }
+        None => out.put(b"null"),
+    }
+    out.put(b",\"epoch\":");
+    out.put(snap.epoch.to_string().as_bytes());
+    out.put(b",");
+    write_wrap(&mut out, sealer);
+    out.put(b",\"keys\":[");
+    for (i, record) in snap.records.iter().enumerate() {
+        if i > 0 {
+            out.put(b",");
+        }
+        write_key_head(&mut out, record);
+        write_sealed_tail(&mut out, record, sealer)?;
+    }
+    out.put(b"],\"gone\":[");
+    for (i, id) in snap.gone.iter().enumerate() {
+        if i > 0 {
+            out.put(b",");
+        }
+        out.put(b"\"");
+        out.put(id.to_string().as_bytes());
+        out.put(b"\"");
+    }
+    out.put(b"]}");
+    Ok(out.0)
+}
+
+/// The wrapped `GET /v1/keys/{id}` body: the key's fields, `wrap`, and `sealed`.
+pub fn wrapped_key_json(record: &KeyRecord, sealer: &mut Sealer) -> Result<Vec<u8>, sso_proto::Error> {
+    let mut out = Sealed(Vec::with_capacity(300));
+    write_key_head(&mut out, record);
+    write_wrap(&mut out, sealer);
+    out.put(b",");
+    write_sealed_tail(&mut out, record, sealer)?;
+    Ok(out.0)
 }
 
 #[cfg(test)]
@@ -399,5 +518,77 @@ mod tests {
         assert_eq!(out.len(), 2 + 44 + 2);
         assert_eq!(&out[..2], b"ab");
         assert_eq!(&out[46..], b"cd");
+    }
+    /// The wrapped bodies parse as JSON, carry the same metadata as the plain ones, no
+    /// spelling of any key, and open (in order) for the client they were sealed to.
+    #[test]
+    fn wrapped_bodies_open_for_their_client_and_hold_no_plain_key() {
+        use sso_proto::delivery::{Recipient, RecipientKey};
+        let rng = ring::rand::SystemRandom::new();
+        let keys: Vec<KeyRecord> = (1..=3).map(|g| record(&rng, g, "a", KeyState::Active)).collect();
+        let gone = vec![KeyId::generate(&rng).unwrap()];
+        let plain: serde_json::Value =
+            serde_json::from_slice(&keyring_json(9, Some(keys[2].meta.key_id), &keys, &gone)).unwrap();
+        let positions = keys.iter().enumerate().map(|(i, r)| (r.meta.key_id, i)).collect();
+        let snap = Snapshot {
+            epoch: 9,
+            primary: Some(keys[2].meta.key_id),
+            records: keys,
+            positions,
+            gone,
+            ..Snapshot::default()
+        };
+        let recipient = Recipient::generate(&rng).unwrap();
+        let to = RecipientKey::parse(recipient.header_value().as_bytes()).unwrap();
+        let mut sealer = Sealer::new(&to, "/v1/keyring", &rng).unwrap();
+        let body = wrapped_keyring_json(&snap, &mut sealer).unwrap();
+        let text = String::from_utf8(body.clone()).unwrap();
+        for r in &snap.records {
+            let secret = r.secret.as_ref().unwrap().expose_secret();
+            assert!(!text.contains(&base64::engine::general_purpose::STANDARD_NO_PAD.encode(secret)));
+            assert!(!text.contains(&hex::encode(secret)));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["epoch"], plain["epoch"]);
+        assert_eq!(v["primary"], plain["primary"]);
+        assert_eq!(v["gone"], plain["gone"]);
+        assert_eq!(v["wrap"]["v"], 1);
+        let opener = recipient
+            .opener(v["wrap"]["enc"].as_str().unwrap(), "/v1/keyring")
+            .unwrap();
+        for (i, (k, r)) in v["keys"].as_array().unwrap().iter().zip(&snap.records).enumerate() {
+            assert_eq!(k["key_id"], plain["keys"][i]["key_id"]);
+            assert_eq!(k["created_at"], plain["keys"][i]["created_at"]);
+            assert!(k.get("key").is_none());
+            let binding = Binding {
+                key_id: r.meta.key_id,
+                generation: r.meta.generation,
+                state: r.meta.state,
+            };
+            let opened = opener.open(i as u64, &binding, k["sealed"].as_str().unwrap()).unwrap();
+            assert!(opened.ct_eq(r.secret.as_ref().unwrap()));
+        }
+
+        let recipient = Recipient::generate(&rng).unwrap();
+        let to = RecipientKey::parse(recipient.header_value().as_bytes()).unwrap();
+        let context = format!("/v1/keys/{}", snap.records[1].meta.key_id);
+        let mut sealer = Sealer::new(&to, &context, &rng).unwrap();
+        let one: serde_json::Value =
+            serde_json::from_slice(&wrapped_key_json(&snap.records[1], &mut sealer).unwrap()).unwrap();
+        let opener = recipient
+            .opener(one["wrap"]["enc"].as_str().unwrap(), &context)
+            .unwrap();
+        let r = &snap.records[1];
+        let binding = Binding {
+            key_id: r.meta.key_id,
+            generation: r.meta.generation,
+            state: r.meta.state,
+        };
+        assert!(
+            opener
+                .open(0, &binding, one["sealed"].as_str().unwrap())
+                .unwrap()
+                .ct_eq(r.secret.as_ref().unwrap())
+        );
     }
 }
