@@ -394,7 +394,7 @@ impl From<Error> for Refusal {
     fn from(e: Error) -> Self {
         match &e {
             Error::Unavailable(_) | Error::Stale { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
-            Error::UnknownKey(_) => Self::new(StatusCode::NOT_FOUND, "unknown_key", e),
+            Error::UnknownKey { .. } => Self::new(StatusCode::NOT_FOUND, "unknown_key", e),
             Error::KeyRetired(_) => Self::new(StatusCode::GONE, "key_retired", e),
             Error::Envelope(_) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_envelope", e),
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
@@ -494,10 +494,16 @@ fn status(client: &Client) -> Response<Full<Bytes>> {
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default()
     });
+    let detail = match (&s.freshness, &since) {
+        (Freshness::Fresh, _) => "a server answered within the poll interval".to_owned(),
+        (Freshness::Stale { .. }, Some(t)) => format!("serving from cache since {t}"),
+        _ => "nothing cached: no server has answered yet".to_owned(),
+    };
     reply(
         StatusCode::OK,
         &serde_json::json!({
             "status": freshness,
+            "detail": detail,
             "stale_since": since,
             "primary": s.primary.map(|k| k.to_string()),
             "keys": s.keys,

@@ -23,6 +23,14 @@ const WATCH_TIMEOUT: Duration = Duration::from_secs(40);
 const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// After a key id is not found, ask again no sooner than this.
 const MISS_TTL: Duration = Duration::from_secs(1);
+/// An on-demand fetch asks the next endpoint when the one asked has not answered within
+/// this (a hung server accepts connections and never answers).
+const HEDGE_DELAY: Duration = Duration::from_millis(250);
+/// With nothing cached, retry at least this often.
+const COLD_RETRY_MAX: Duration = Duration::from_secs(1);
+/// How often down endpoints are probed, and how long a probe waits for an answer.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -148,11 +156,15 @@ impl ClientBuilder {
             refresh: tokio::sync::Mutex::new(()),
             inflight: tokio::sync::Mutex::new(HashMap::new()),
             misses: Mutex::new(HashMap::new()),
+            wake: tokio::sync::Notify::new(),
         });
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::Config("build() must run inside a tokio runtime; use BlockingClient otherwise".into())
         })?;
-        let mut tasks = vec![runtime.spawn(poll_loop(inner.clone()))];
+        let mut tasks = vec![
+            runtime.spawn(poll_loop(inner.clone())),
+            runtime.spawn(probe_loop(inner.clone())),
+        ];
         if self.watch {
             tasks.push(runtime.spawn(watch_loop(inner.clone())));
         }
@@ -192,6 +204,9 @@ pub(crate) struct Inner {
     inflight: tokio::sync::Mutex<Inflight>,
     /// Key ids recently not found, to rate-limit lookups of garbage ids.
     misses: Mutex<HashMap<KeyId, (Instant, Error)>>,
+    /// Fired when a down endpoint answers a probe, so the watch and the poll stop waiting
+    /// out their backoff.
+    wake: tokio::sync::Notify,
 }
 
 /// A client of the key service. Cheap to clone; clones share the cache.
@@ -215,9 +230,10 @@ impl std::fmt::Debug for Client {
 /// How current the cache is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Freshness {
-    /// A server answered recently (within twice the poll interval).
+    /// A server answered within the poll interval, and not every endpoint is down.
     Fresh,
-    /// Keys are cached but no server has answered since this time.
+    /// Serving from cache: keys are cached but no server has answered since this time
+    /// (longer ago than the poll interval, or every endpoint failed since).
     Stale {
         /// Last answer from a server.
         since: SystemTime,
@@ -235,9 +251,9 @@ pub struct Status {
     pub primary: Option<KeyId>,
     /// Keys cached.
     pub keys: usize,
-    /// Epoch of the last keyring applied.
+    /// Epoch of the last keyring applied (kept while serving from cache).
     pub epoch: u64,
-    /// The endpoint that answered last.
+    /// The endpoint the last keyring came from (kept while serving from cache).
     pub endpoint: Option<String>,
     /// The last error talking to the servers, if the last attempt failed.
     pub last_error: Option<String>,
@@ -334,11 +350,10 @@ impl Client {
     pub fn status(&self) -> Status {
         let cache = self.inner.cache.load();
         let last = self.inner.last_contact();
+        let all_down = (0..self.inner.transport.len()).all(|i| self.inner.transport.is_down(i));
         let freshness = match (cache.keys.is_empty(), last) {
             (true, _) => Freshness::Empty,
-            (false, Some(t))
-                if t.elapsed().unwrap_or_default() <= self.inner.poll_interval.max(Duration::from_secs(30)) * 2 =>
-            {
+            (false, Some(t)) if !all_down && t.elapsed().unwrap_or_default() <= self.inner.poll_interval => {
                 Freshness::Fresh
             }
             (false, t) => Freshness::Stale {
@@ -427,17 +442,24 @@ impl Inner {
         if self.last_contact_ms.load(Relaxed) != seen && self.cache.load().primary.is_some() {
             return Ok(()); // someone else refreshed while we waited
         }
-        match self.transport.get("/v1/keyring", FETCH_TIMEOUT).await {
-            Ok((idx, reply)) if reply.status == 200 => {
+        match self
+            .transport
+            .get_hedged("/v1/keyring", FETCH_TIMEOUT, HEDGE_DELAY, |s| s == 200)
+            .await
+        {
+            Ok((idx, reply)) => {
                 self.contact_ok();
                 self.apply(idx, &reply.body)
             }
-            Ok((idx, reply)) => {
-                let e = format!("{} answered {}", self.transport.url(idx), reply.status);
-                self.contact_failed(&e);
-                Err(Error::Unavailable(e))
-            }
-            Err(e) => {
+            Err(said) => {
+                let e = said
+                    .iter()
+                    .map(|(idx, r)| match r {
+                        Ok(status) => format!("{} answered {status}", self.transport.url(*idx)),
+                        Err(e) => format!("{}: {e}", self.transport.url(*idx)),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 self.contact_failed(&e);
                 Err(Error::Unavailable(e))
             }
@@ -461,7 +483,7 @@ impl Inner {
         };
         let result = cell.get_or_init(|| self.fetch_key_now(key_id)).await.clone();
         self.inflight.lock().await.remove(&key_id);
-        if let Err(e @ (Error::UnknownKey(_) | Error::KeyRetired(_))) = &result {
+        if let Err(e @ (Error::UnknownKey { .. } | Error::KeyRetired(_))) = &result {
             let mut misses = self.misses.lock().unwrap_or_else(|p| p.into_inner());
             misses.retain(|_, (at, _)| at.elapsed() < MISS_TTL);
             misses.insert(key_id, (Instant::now(), e.clone()));
@@ -473,28 +495,49 @@ impl Inner {
         if let Some(k) = self.cache.load().keys.get(&key_id) {
             return Ok(KeyHandle(k.clone()));
         }
-        let (idx, reply) = self
+        // Every endpoint is asked before the key is called unknown: during a partition a
+        // key rotated on one node is unknown to the other. Hedged, so a hung endpoint
+        // costs HEDGE_DELAY, not FETCH_TIMEOUT.
+        let said = match self
             .transport
-            .get(&format!("/v1/keys/{key_id}"), FETCH_TIMEOUT)
+            .get_hedged(&format!("/v1/keys/{key_id}"), FETCH_TIMEOUT, HEDGE_DELAY, |s| {
+                s == 200 || s == 410
+            })
             .await
-            .map_err(|e| {
-                self.contact_failed(&e);
-                Error::Unavailable(e)
-            })?;
-        self.contact_ok();
-        match reply.status {
-            200 => {
+        {
+            Ok((idx, reply)) => {
+                self.contact_ok();
+                if reply.status == 410 {
+                    return Err(Error::KeyRetired(key_id));
+                }
                 let wire: cache::WireKey = serde_json::from_slice(&reply.body)
                     .map_err(|e| self.protocol(idx, format!("malformed key (column {})", e.column())))?;
                 let key: Arc<CachedKey> = Arc::new(wire.into_cached().map_err(|p| self.protocol(idx, p))?);
                 let current = self.cache.load();
                 self.cache.store(Arc::new(cache::with_key(&current, key.clone())));
-                Ok(KeyHandle(key))
+                return Ok(KeyHandle(key));
             }
-            404 => Err(Error::UnknownKey(key_id)),
-            410 => Err(Error::KeyRetired(key_id)),
-            other => Err(self.protocol(idx, format!("status {other} for a key fetch"))),
+            Err(said) => said,
+        };
+        let asked: Vec<String> = said
+            .iter()
+            .map(|(idx, r)| match r {
+                Ok(status) => format!("{} answered {status}", self.transport.url(*idx)),
+                Err(e) => format!("{}: {e}", self.transport.url(*idx)),
+            })
+            .collect();
+        if said.iter().any(|(_, r)| r.is_ok()) {
+            self.contact_ok();
+        } else {
+            self.contact_failed(&asked.join("; "));
         }
+        if said.iter().any(|(_, r)| matches!(r, Ok(404))) {
+            return Err(Error::UnknownKey { key_id, asked });
+        }
+        if let Some((idx, Ok(other))) = said.iter().find(|(_, r)| r.is_ok()) {
+            return Err(self.protocol(*idx, format!("status {other} for a key fetch")));
+        }
+        Err(Error::Unavailable(asked.join("; ")))
     }
 }
 
@@ -506,6 +549,21 @@ fn jittered(base: Duration) -> Duration {
     base.mul_f64(0.8 + 0.4 * unit)
 }
 
+/// The wait before the next periodic poll: about 62 to 94 % of the interval, so a client whose
+/// server answers every poll never goes longer than the interval without an answer (the
+/// bound [`Freshness::Fresh`] uses).
+fn poll_wait(interval: Duration) -> Duration {
+    jittered(interval.mul_f64(0.78))
+}
+
+/// Sleeps for `wait`, or until a down endpoint answers a probe.
+async fn nap(inner: &Inner, wait: Duration) {
+    tokio::select! {
+        () = tokio::time::sleep(wait) => {}
+        () = inner.wake.notified() => {}
+    }
+}
+
 /// Holds a watch long-poll open; applies each answer; backs off exponentially on errors.
 async fn watch_loop(inner: Arc<Inner>) {
     let mut backoff = BACKOFF_MIN;
@@ -514,14 +572,20 @@ async fn watch_loop(inner: Arc<Inner>) {
         let (after, idx) = (cache.epoch, cache.endpoint);
         drop(cache);
         // Epochs are per node: ask the node the cache came from for changes after its
-        // epoch; any other node (after a failover) for its whole keyring.
-        let result = match idx {
+        // epoch; when that node is down, any other node for its whole keyring (the cache
+        // keeps its epoch and endpoint until another node's keyring is applied).
+        let result = match idx.filter(|&i| !inner.transport.is_down(i)) {
             Some(i) => inner
                 .transport
                 .get_on(i, &format!("/v1/keyring/watch?after={after}"), WATCH_TIMEOUT)
                 .await
-                .map(|r| (i, r)),
-            None => inner.transport.get("/v1/keyring/watch?after=0", WATCH_TIMEOUT).await,
+                .map(|r| (i, r))
+                .map_err(|e| (Some(i), e)),
+            None => inner
+                .transport
+                .get("/v1/keyring/watch?after=0", WATCH_TIMEOUT)
+                .await
+                .map_err(|e| (None, e)),
         };
         let ok = match result {
             Ok((i, reply)) if reply.status == 200 => {
@@ -534,19 +598,19 @@ async fn watch_loop(inner: Arc<Inner>) {
             }
             Ok((i, reply)) => {
                 inner.contact_failed(&format!("{} answered {}", inner.transport.url(i), reply.status));
+                if reply.status == 503 {
+                    // Shutting down (or out of watch slots): watch another node now.
+                    inner.transport.mark_down(i);
+                    if idx == Some(i) {
+                        continue;
+                    }
+                }
                 false
             }
-            Err(e) => {
+            Err((on, e)) => {
                 inner.contact_failed(&e);
-                if idx.is_some() {
-                    // That node is gone: fail over to the whole list with a full fetch.
-                    let current = inner.cache.load();
-                    inner.cache.store(Arc::new(Cache {
-                        keys: current.keys.clone(),
-                        primary: current.primary.clone(),
-                        epoch: 0,
-                        endpoint: None,
-                    }));
+                if on.is_some() {
+                    // That node is gone (marked down by the failure): fail over at once.
                     continue;
                 }
                 false
@@ -555,7 +619,7 @@ async fn watch_loop(inner: Arc<Inner>) {
         if ok {
             backoff = BACKOFF_MIN;
         } else {
-            tokio::time::sleep(jittered(backoff)).await;
+            nap(&inner, jittered(backoff)).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
@@ -571,16 +635,40 @@ async fn poll_loop(inner: Arc<Inner>) {
         warm |= ok;
         let wait = if ok {
             backoff = BACKOFF_MIN;
-            jittered(inner.poll_interval)
+            poll_wait(inner.poll_interval)
         } else if !warm {
-            // Cold: keep trying quickly (with backoff) until a first answer.
+            // Cold: keep trying quickly (with backoff, at most a second apart) until a
+            // first answer; the probe below wakes this loop sooner.
             let w = jittered(backoff);
-            backoff = (backoff * 2).min(inner.poll_interval);
+            backoff = (backoff * 2).min(COLD_RETRY_MAX);
             w
         } else {
-            jittered(inner.poll_interval.min(backoff.max(BACKOFF_MIN) * 8))
+            poll_wait(inner.poll_interval.min(backoff.max(BACKOFF_MIN) * 8))
         };
-        tokio::time::sleep(wait).await;
+        nap(&inner, wait).await;
+    }
+}
+
+/// Probes every endpoint marked down, about twice a second, with a health request: an
+/// endpoint that answers is up again (tried in its turn, the last that answered first),
+/// and the watch and poll loops are woken so a returning server is used at once.
+async fn probe_loop(inner: Arc<Inner>) {
+    loop {
+        tokio::time::sleep(jittered(PROBE_INTERVAL)).await;
+        for idx in 0..inner.transport.len() {
+            if !inner.transport.is_down(idx) {
+                continue;
+            }
+            if let Ok(reply) = inner.transport.get_on(idx, "/v1/health", PROBE_TIMEOUT).await {
+                tracing::debug!(
+                    endpoint = inner.transport.url(idx),
+                    status = reply.status,
+                    "endpoint is back"
+                );
+                inner.contact_ok();
+                inner.wake.notify_waiters();
+            }
+        }
     }
 }
 

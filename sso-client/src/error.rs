@@ -18,9 +18,15 @@ pub enum Error {
         /// Last successful contact with a server.
         since: SystemTime,
     },
-    /// The envelope names a key no server knows.
-    #[error("unknown key {0}: no server knows it")]
-    UnknownKey(KeyId),
+    /// The envelope names a key that no server asked knows: every endpoint that answered
+    /// said 404 (endpoints that could not be reached are named too).
+    #[error("unknown key {key_id}: no server knows it (asked {})", asked.join(", "))]
+    UnknownKey {
+        /// The key id in the envelope.
+        key_id: KeyId,
+        /// Each endpoint asked and what it said.
+        asked: Vec<String>,
+    },
     /// The envelope names a key that was retired or destroyed.
     #[error("key {0} was retired or destroyed; data sealed under it can no longer be opened here")]
     KeyRetired(KeyId),

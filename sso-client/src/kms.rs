@@ -133,7 +133,7 @@ impl KmsService {
 fn grpc_status(e: &Error) -> Status {
     let code = match e {
         Error::Unavailable(_) | Error::Stale { .. } => Code::Unavailable,
-        Error::UnknownKey(_) => Code::NotFound,
+        Error::UnknownKey { .. } => Code::NotFound,
         Error::KeyRetired(_) => Code::FailedPrecondition,
         Error::Envelope(sso_proto::Error::UnknownKey(_)) => Code::NotFound,
         Error::Envelope(_) => Code::InvalidArgument,

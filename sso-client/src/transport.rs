@@ -5,8 +5,11 @@
 //! Public because `sso-server` reaches its peer through it too; applications use
 //! [`crate::Client`].
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -36,6 +39,10 @@ struct Endpoint {
     /// a client certificate after the handshake, so the reason (an alert) surfaces in the
     /// connection task, not in the request that failed.
     conn_error: Arc<std::sync::Mutex<Option<String>>>,
+    /// Set when a request or the connection failed (refused, timed out, HTTP/2 ping not
+    /// answered), cleared by the next answer: down endpoints are tried after the others
+    /// and probed in the background.
+    down: Arc<AtomicBool>,
 }
 
 /// The endpoint list and its connections.
@@ -44,7 +51,14 @@ pub struct Transport {
     preferred: AtomicUsize,
     tls: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
+    ping_interval: Duration,
+    ping_timeout: Duration,
 }
+
+/// HTTP/2 keep-alive: a PING after this long without a frame from the server...
+pub const PING_INTERVAL: Duration = Duration::from_millis(800);
+/// ...and the connection fails when its answer does not come within this.
+pub const PING_TIMEOUT: Duration = Duration::from_millis(800);
 
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,6 +101,7 @@ impl Transport {
                     server_name,
                     conn: tokio::sync::Mutex::new(None),
                     conn_error: Arc::new(std::sync::Mutex::new(None)),
+                    down: Arc::new(AtomicBool::new(false)),
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -95,6 +110,8 @@ impl Transport {
             preferred: AtomicUsize::new(0),
             tls,
             connect_timeout,
+            ping_interval: PING_INTERVAL,
+            ping_timeout: PING_TIMEOUT,
         })
     }
 
@@ -103,13 +120,43 @@ impl Transport {
         self.endpoints.get(idx).map_or("", |e| e.url.as_str())
     }
 
-    /// GET `path`, trying the preferred endpoint first and then the others in order.
-    /// The endpoint that answers becomes the preferred one.
-    pub async fn get(&self, path: &str, timeout: Duration) -> Result<(usize, Reply), String> {
+    /// How many endpoints there are.
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Whether the list is empty (never: [`Transport::new`] refuses that).
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    /// Whether endpoint `idx` is marked down (its last request or connection failed).
+    pub fn is_down(&self, idx: usize) -> bool {
+        self.endpoints.get(idx).is_some_and(|e| e.down.load(Relaxed))
+    }
+
+    /// Marks endpoint `idx` down (it said it is shutting down, say).
+    pub fn mark_down(&self, idx: usize) {
+        if let Some(e) = self.endpoints.get(idx) {
+            e.down.store(true, Relaxed);
+        }
+    }
+
+    /// The order to try endpoints in: the preferred one (the last that answered) and the
+    /// others in list order, endpoints that are up before endpoints marked down.
+    pub fn order(&self) -> Vec<usize> {
+        let n = self.endpoints.len();
         let first = self.preferred.load(Relaxed);
+        let rotated = (0..n).map(|i| (first + i) % n);
+        let (up, down): (Vec<usize>, Vec<usize>) = rotated.partition(|&i| !self.is_down(i));
+        up.into_iter().chain(down).collect()
+    }
+
+    /// GET `path`, trying endpoints in [`Transport::order`] one after the other. The
+    /// endpoint that answers becomes the preferred one.
+    pub async fn get(&self, path: &str, timeout: Duration) -> Result<(usize, Reply), String> {
         let mut errors = Vec::new();
-        for i in 0..self.endpoints.len() {
-            let idx = (first + i) % self.endpoints.len();
+        for idx in self.order() {
             match self.get_on(idx, path, timeout).await {
                 Ok(reply) => {
                     self.preferred.store(idx, Relaxed);
@@ -121,6 +168,58 @@ impl Transport {
         Err(errors.join("; "))
     }
 
+    /// GET `path` on endpoints in [`Transport::order`], hedged: the next endpoint is asked
+    /// as soon as one fails or answers with a status `done` does not accept, and also when
+    /// none has answered within `hedge` (a hung server: accepts, never answers). The first
+    /// answer `done` accepts wins and its endpoint becomes the preferred one; requests
+    /// still running are dropped. Without a winner: what every endpoint said, in the
+    /// order asked.
+    pub async fn get_hedged(
+        &self,
+        path: &str,
+        timeout: Duration,
+        hedge: Duration,
+        done: impl Fn(u16) -> bool,
+    ) -> Result<(usize, Reply), Vec<(usize, Result<u16, String>)>> {
+        type Pending<'a> = Vec<(usize, Pin<Box<dyn Future<Output = Result<Reply, String>> + Send + 'a>>)>;
+        let mut order = self.order().into_iter();
+        let mut pending: Pending<'_> = Vec::new();
+        let mut said = Vec::new();
+        loop {
+            // Every turn of the loop follows a failure, a refused answer or the hedge delay
+            // (or is the first): ask the next endpoint.
+            if let Some(idx) = order.next() {
+                pending.push((idx, Box::pin(self.get_on(idx, path, timeout))));
+            }
+            if pending.is_empty() {
+                return Err(said);
+            }
+            let more = order.len() > 0;
+            let first_answer = std::future::poll_fn(|cx| {
+                for (i, (_, f)) in pending.iter_mut().enumerate() {
+                    if let Poll::Ready(r) = f.as_mut().poll(cx) {
+                        return Poll::Ready((i, r));
+                    }
+                }
+                Poll::Pending
+            });
+            tokio::select! {
+                (i, result) = first_answer => {
+                    let (idx, _) = pending.swap_remove(i);
+                    match result {
+                        Ok(reply) if done(reply.status) => {
+                            self.preferred.store(idx, Relaxed);
+                            return Ok((idx, reply));
+                        }
+                        Ok(reply) => said.push((idx, Ok(reply.status))),
+                        Err(e) => said.push((idx, Err(e))),
+                    }
+                }
+                () = tokio::time::sleep(hedge), if more => {}
+            }
+        }
+    }
+
     /// Any request, trying the preferred endpoint first and then the others in order.
     pub async fn request(
         &self,
@@ -129,10 +228,8 @@ impl Transport {
         body: Bytes,
         timeout: Duration,
     ) -> Result<(usize, Reply), String> {
-        let first = self.preferred.load(Relaxed);
         let mut errors = Vec::new();
-        for i in 0..self.endpoints.len() {
-            let idx = (first + i) % self.endpoints.len();
+        for idx in self.order() {
             match self.request_on(idx, method.clone(), path, body.clone(), timeout).await {
                 Ok(reply) => {
                     self.preferred.store(idx, Relaxed);
@@ -165,7 +262,13 @@ impl Transport {
         // so they are retried once on a fresh connection instead of failing the call.
         let mut retried = false;
         let result = loop {
-            let mut send = self.connection(endpoint).await?;
+            let mut send = match self.connection(endpoint).await {
+                Ok(send) => send,
+                Err(e) => {
+                    endpoint.down.store(true, Relaxed);
+                    return Err(e);
+                }
+            };
             let req = hyper::Request::builder()
                 .method(method.clone())
                 .uri(format!("https://{}{path}", endpoint.authority))
@@ -205,8 +308,12 @@ impl Transport {
             }
         };
         match result {
-            Ok(Ok(reply)) => Ok(reply),
+            Ok(Ok(reply)) => {
+                endpoint.down.store(false, Relaxed);
+                Ok(reply)
+            }
             Ok(Err(e)) => {
+                endpoint.down.store(true, Relaxed);
                 *endpoint.conn.lock().await = None;
                 // Give the connection task a moment to record why it ended.
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -216,6 +323,7 @@ impl Transport {
                 }
             }
             Err(_) => {
+                endpoint.down.store(true, Relaxed);
                 *endpoint.conn.lock().await = None;
                 Err(format!("no answer within {timeout:?}"))
             }
@@ -234,6 +342,8 @@ impl Transport {
         let name = endpoint.server_name.clone();
         let authority = endpoint.authority.clone();
         let conn_error = endpoint.conn_error.clone();
+        let down = endpoint.down.clone();
+        let (ping_interval, ping_timeout) = (self.ping_interval, self.ping_timeout);
         // One bound over TCP connect, TLS and HTTP/2 handshakes: a blackholed endpoint (SYN
         // dropped, or accepted and never answered) costs at most this long.
         let send = tokio::time::timeout(self.connect_timeout, async move {
@@ -247,14 +357,18 @@ impl Transport {
                 .map_err(|e| e.to_string())?;
             let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(5))
+                // A server that stops answering (hung, SIGSTOP, a dead host whose TCP
+                // stays half-open) fails the connection, and the requests on it, within
+                // interval + timeout of its last frame: an open watch moves on in time.
+                .keep_alive_interval(ping_interval)
+                .keep_alive_timeout(ping_timeout)
                 .keep_alive_while_idle(true)
                 .handshake(TokioIo::new(stream))
                 .await
                 .map_err(|e| e.to_string())?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
+                    down.store(true, Relaxed);
                     let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string());
                     *conn_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(cause);
                 }

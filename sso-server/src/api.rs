@@ -554,10 +554,17 @@ async fn watch(query: Option<&str>, caller: &Caller, state: &Arc<AppState>) -> R
         ),
     })?;
     let wait = Duration::from_millis(state.limits.watch_max_wait_ms);
-    let changed = tokio::time::timeout(wait, rx.wait_for(|epoch| *epoch > after)).await;
+    let mut stopping = state.stopping.subscribe();
+    let changed = tokio::time::timeout(wait, async {
+        tokio::select! {
+            r = rx.wait_for(|epoch| *epoch > after) => r.map(|_| ()).map_err(|_| ()),
+            _ = stopping.wait_for(|s| *s) => Err(()),
+        }
+    })
+    .await;
     match changed {
-        Ok(Ok(_)) => Ok(keyring(state)),
-        Ok(Err(_)) => Err(ApiError::new(
+        Ok(Ok(())) => Ok(keyring(state)),
+        Ok(Err(())) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "shutting down",

@@ -86,6 +86,7 @@ pub async fn run(
         store: std::sync::Mutex::new(store),
         snapshot: ArcSwap::new(Arc::new(Snapshot::default())),
         epoch_tx,
+        stopping: watch::channel(false).0,
         roles: RoleMap::new(&config.roles).map_err(ServerError::Roles)?,
         audit,
         metrics: metrics.clone(),
@@ -215,7 +216,7 @@ pub async fn run(
     }
     drop(https);
     tracing::info!("shutting down: no longer accepting, draining connections");
-    state.epoch_tx.send_modify(|_| {});
+    state.stopping.send_replace(true);
     let _ = shutdown_tx.send(true);
     let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
     // Every connection holds a permit until it is closed: all permits back means drained.

@@ -50,6 +50,9 @@ pub struct AppState {
     pub snapshot: ArcSwap<Snapshot>,
     /// Epoch announcements for watch long-polls.
     pub epoch_tx: watch::Sender<u64>,
+    /// Set once the server is shutting down: open watches answer at once (503), so their
+    /// clients move to another node instead of holding the shutdown for its grace period.
+    pub stopping: watch::Sender<bool>,
     /// Identity to role mapping.
     pub roles: RoleMap,
     /// The audit log.
