@@ -133,6 +133,9 @@ struct Params {
     hold: f64,
     /// Probability that a rotation request comes as a burst of concurrent requests.
     burst: f64,
+    /// Probability that a store call stalls (a slow disk, a starved blocking pool) for up
+    /// to 8 s first: long enough for a rotation lease (6.25 s) to lapse mid-rotation.
+    stall: f64,
 }
 
 impl Params {
@@ -147,6 +150,7 @@ impl Params {
             partition: [0.002, 0.006][r.below(2) as usize],
             hold: [0.0, 0.003][r.below(2) as usize],
             burst: [0.2, 0.5][r.below(2) as usize],
+            stall: [0.0, 0.005, 0.02][r.below(3) as usize],
         }
     }
 }
@@ -196,6 +200,7 @@ struct Counts {
     unanswered: u64,
     timed_out: u64,
     duplicates: u64,
+    stalls: u64,
     /// Peer refusals seen by coordinators: busy lease, lapsed lease, stale generation.
     peer_busy: u64,
     peer_lease_lost: u64,
@@ -355,6 +360,10 @@ impl LocalNode for Node {
         &self,
         f: impl FnOnce(&mut SealedStore) -> keystore::Result<T> + Send + 'static,
     ) -> keystore::Result<T> {
+        if self.chance(self.world.params.stall) {
+            self.world.log().counts.stalls += 1;
+            tokio::time::sleep(Duration::from_millis(500 + self.below(7500))).await;
+        }
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         let out = f(&mut store);
         self.publish(&store);
@@ -667,8 +676,10 @@ fn record_answer(node: &Node, outcome: &Result<rotation::Rotated, RotateError>) 
                     log.counts.refused += 1;
                     "refused"
                 }
-                RotateError::Store(_) => {
+                RotateError::Store(e) => {
                     log.counts.store_errors += 1;
+                    log.problems
+                        .push(format!("a rotation on {name} answered a store error: {e}"));
                     "store"
                 }
             };
@@ -1090,6 +1101,7 @@ fn seeded_schedules_keep_the_pair_invariants() {
                     (&mut total.unanswered, c.unanswered),
                     (&mut total.timed_out, c.timed_out),
                     (&mut total.duplicates, c.duplicates),
+                    (&mut total.stalls, c.stalls),
                     (&mut total.peer_busy, c.peer_busy),
                     (&mut total.peer_lease_lost, c.peer_lease_lost),
                     (&mut total.peer_stale, c.peer_stale),
@@ -1109,7 +1121,7 @@ fn seeded_schedules_keep_the_pair_invariants() {
     }
     println!(
         "sim: {} seeds, {keys} keys; answers: {} replicated, {} degraded, {} busy, {} superseded, {} peer unavailable, {} refused, {} store errors, {} unanswered (connection failed), {} timed out; \
-         faults: {} crashes, {} partitions, {} holds, {} duplicated requests, {} concurrent bursts; peer refusals: {} busy, {} lease lost, {} stale; {} anti-entropy merges; slowest convergence {:?}",
+         faults: {} crashes, {} partitions, {} holds, {} duplicated requests, {} store stalls, {} concurrent bursts; peer refusals: {} busy, {} lease lost, {} stale; {} anti-entropy merges; slowest convergence {:?}",
         seeds.len(),
         total.replicated,
         total.degraded,
@@ -1124,6 +1136,7 @@ fn seeded_schedules_keep_the_pair_invariants() {
         total.partitions,
         total.holds,
         total.duplicates,
+        total.stalls,
         total.concurrent,
         total.peer_busy,
         total.peer_lease_lost,
@@ -1165,6 +1178,20 @@ fn the_simulation_catches_injected_bugs() {
         };
         println!("{mutant:?} caught: {failure}");
     }
+}
+
+/// Found by the simulation (seed 20000): a rotation stalled past its lease; a later
+/// rotation retired its staged key as an orphan on both nodes; the stalled rotation then
+/// failed to promote it locally and answered a store error ("key … is retired; it cannot
+/// become active") instead of saying that it was superseded.
+#[test]
+fn a_rotation_whose_key_was_retired_as_an_orphan_answers_superseded() {
+    let out = run(20000, None).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        out.counts.superseded > 0,
+        "seed 20000 no longer reaches the case: {:?}",
+        out.counts
+    );
 }
 
 #[test]
