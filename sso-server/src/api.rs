@@ -809,17 +809,7 @@ async fn peer_keys(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer,
     let st = state.clone();
     let body = tokio::task::spawn_blocking(move || -> keystore::Result<Option<Zeroizing<Vec<u8>>>> {
         let store = st.store.lock().unwrap_or_else(|p| p.into_inner());
-        let digest = store.digest()?;
-        if digest == theirs {
-            return Ok(None);
-        }
-        let records = store.export()?;
-        Ok(Some(crate::peer::records_json(
-            &st.node,
-            store.epoch()?,
-            &digest,
-            &records,
-        )))
+        crate::peer::keys_answer(&store, &st.node, &theirs)
     })
     .await
     .map_err(|_| ApiError::internal())??;

@@ -16,6 +16,7 @@
 //! or a healed partition), so both converge to the union of keys and, the primary being
 //! derived from the key set, to the same primary.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{PeerConfig, TlsConfig};
 use crate::identity::Pattern;
-use crate::rotation::{LinkError, PeerLink};
+use crate::rotation::{LinkError, LocalNode, PeerLink};
 use crate::tls::{self, TlsError};
 
 /// Checks the peer's server certificate as webpki does, then that it names the configured
@@ -428,6 +429,22 @@ pub fn records_json(node: &str, epoch: u64, digest: &str, records: &[KeyRecord])
     })
 }
 
+/// The server side of `GET /v1/peer/keys?digest=D`: `None` when `their_digest` equals this
+/// store's digest (in sync), else every key, serialised (the HTTP handler in the server, a
+/// simulated link in `sso-server/tests/sim.rs`).
+pub fn keys_answer(
+    store: &keystore::SealedStore,
+    node: &str,
+    their_digest: &str,
+) -> keystore::Result<Option<Zeroizing<Vec<u8>>>> {
+    let digest = store.digest()?;
+    if digest == their_digest {
+        return Ok(None);
+    }
+    let records = store.export()?;
+    Ok(Some(records_json(node, store.epoch()?, &digest, &records)))
+}
+
 #[derive(Deserialize)]
 struct WireRecords {
     node: String,
@@ -540,36 +557,67 @@ pub async fn sync_loop(state: Arc<crate::state::AppState>) {
     }
 }
 
-enum SyncError {
+/// An anti-entropy round that did not finish.
+#[derive(Debug)]
+pub enum SyncError {
+    /// The peer holds other material under one of our key ids: nothing was merged.
     Alarm(String),
+    /// Anything else (unreachable peer, store error): retried next interval.
     Other(String),
 }
 
-async fn sync_once(state: &Arc<crate::state::AppState>, peer: &Peer) -> Result<(), SyncError> {
-    let st = state.clone();
-    let (digest, epoch) = tokio::task::spawn_blocking(move || {
-        let store = st.store.lock().unwrap_or_else(|p| p.into_inner());
-        Ok::<_, keystore::Error>((store.digest()?, store.epoch()?))
-    })
-    .await
-    .map_err(|e| SyncError::Other(e.to_string()))?
-    .map_err(|e| SyncError::Other(e.to_string()))?;
-    let Some(keys) = peer.pull(&digest).await.map_err(|e| SyncError::Other(e.to_string()))? else {
-        peer.synced(epoch);
-        return Ok(());
+/// What one anti-entropy round did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Round {
+    /// Our epoch afterwards.
+    pub epoch: u64,
+    /// Whether the two key sets were equal afterwards (equal digests).
+    pub in_sync: bool,
+    /// Keys the peer had and we did not.
+    pub added: usize,
+    /// Keys whose state moved forward here.
+    pub advanced: usize,
+}
+
+/// Where anti-entropy pulls the peer's key set from: the peer over mTLS in the server, a
+/// simulated link in the deterministic simulation (`sso-server/tests/sim.rs`).
+pub trait KeySource: Sync {
+    /// The peer's key set, or `None` when its digest equals `local_digest`.
+    fn pull_keys(&self, local_digest: &str) -> impl Future<Output = Result<Option<PeerKeys>, PeerError>> + Send;
+}
+
+impl KeySource for Peer {
+    async fn pull_keys(&self, local_digest: &str) -> Result<Option<PeerKeys>, PeerError> {
+        self.pull(local_digest).await
+    }
+}
+
+/// One anti-entropy round: pull the peer's key set unless the digests match, merge it
+/// (union by key id, states forward only), and report whether both sets are now equal.
+pub async fn anti_entropy_round<N: LocalNode, S: KeySource>(local: &N, source: &S) -> Result<Round, SyncError> {
+    let (digest, epoch) = local
+        .with_store(|store| Ok((store.digest()?, store.epoch()?)))
+        .await
+        .map_err(|e| SyncError::Other(e.to_string()))?;
+    let Some(keys) = source
+        .pull_keys(&digest)
+        .await
+        .map_err(|e| SyncError::Other(e.to_string()))?
+    else {
+        return Ok(Round {
+            epoch,
+            in_sync: true,
+            added: 0,
+            advanced: 0,
+        });
     };
     let theirs = keys.digest.clone();
-    let st = state.clone();
-    let merged = tokio::task::spawn_blocking(move || {
-        let mut store = st.store.lock().unwrap_or_else(|p| p.into_inner());
-        let report = store.merge(&keys.records)?;
-        if report.changed() {
-            st.refresh(&store)?;
-        }
-        Ok::<_, keystore::Error>((report, store.digest()?, store.epoch()?))
-    })
-    .await
-    .map_err(|e| SyncError::Other(e.to_string()))?;
+    let merged = local
+        .with_store(move |store| {
+            let report = store.merge(&keys.records)?;
+            Ok((report, store.digest()?, store.epoch()?))
+        })
+        .await;
     match merged {
         Ok((report, ours, epoch)) => {
             if report.changed() {
@@ -579,14 +627,24 @@ async fn sync_once(state: &Arc<crate::state::AppState>, peer: &Peer) -> Result<(
                     "anti-entropy merged the peer's keys"
                 );
             }
-            if ours == theirs {
-                peer.synced(epoch);
-            }
-            Ok(())
+            Ok(Round {
+                epoch,
+                in_sync: ours == theirs,
+                added: report.added,
+                advanced: report.advanced,
+            })
         }
         Err(e @ keystore::Error::ConflictingKey(_)) => Err(SyncError::Alarm(e.to_string())),
         Err(e) => Err(SyncError::Other(e.to_string())),
     }
+}
+
+async fn sync_once(state: &Arc<crate::state::AppState>, peer: &Peer) -> Result<(), SyncError> {
+    let round = anti_entropy_round(state, peer).await?;
+    if round.in_sync {
+        peer.synced(round.epoch);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -220,19 +220,34 @@ fn as_promoted(record: KeyRecord) -> KeyRecord {
 }
 
 /// Promotes `id` here, retires older orphans, and reports the primary afterwards.
+///
+/// A rotation that stalled past its lease may find its key retired here already: a later
+/// rotation retired it as an orphan (it was never promoted, so nothing was sealed under
+/// it). That rotation was superseded; say so rather than answer a store error.
 async fn promote_locally<N: LocalNode>(
     local: &N,
     id: KeyId,
     generation: u64,
 ) -> Result<(KeyMeta, Option<KeyId>, usize), RotateError> {
-    Ok(local
+    let out = local
         .with_store(move |store| {
             let meta = store.promote(id)?;
             let orphans = store.retire_orphans(generation)?.len();
             let primary = store.primary()?.map(|m| m.key_id);
             Ok((meta, primary, orphans))
         })
-        .await?)
+        .await;
+    match out {
+        Ok(done) => Ok(done),
+        Err(keystore::Error::InvalidTransition { key_id, .. }) if key_id == id => Err(RotateError::Superseded {
+            key_id: id,
+            where_: format!(
+                "this node ({}), where a later rotation retired it as an orphan while this one was stalled past its lease,",
+                local.node()
+            ),
+        }),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A rotation on this node alone (no peer, or a degraded one with the local lease held).
