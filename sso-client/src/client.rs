@@ -419,7 +419,10 @@ impl Inner {
         let opener =
             cache::opener(wire.wrap.as_ref(), recipient, context).map_err(|problem| self.protocol(idx, problem))?;
         let current = self.cache.load();
-        let next = cache::apply(&current, wire, idx, Some(&opener)).map_err(|problem| self.protocol(idx, problem))?;
+        let next = cache::apply(&current, wire, idx, Some(&opener));
+        // The keys were built by value in the frames below this one: wipe what they left.
+        sso_proto::delivery::scrub_stack_after_install();
+        let next = next.map_err(|problem| self.protocol(idx, problem))?;
         drop(opener);
         let changed = next.epoch != current.epoch
             || next.endpoint != current.endpoint
@@ -522,8 +525,10 @@ impl Inner {
                     return Err(self.protocol(idx, format!("asked for key {key_id}, got {}", wire.key_id)));
                 }
                 let opener = cache::opener(wire.wrap.as_ref(), recipient, &path).map_err(|p| self.protocol(idx, p))?;
-                let key: Arc<CachedKey> =
-                    Arc::new(wire.into_cached(Some(&opener), 0).map_err(|p| self.protocol(idx, p))?);
+                let key = build_key(wire, &opener);
+                // The key was built by value below this frame: wipe what it left there.
+                sso_proto::delivery::scrub_stack_after_install();
+                let key: Arc<CachedKey> = key.map_err(|p| self.protocol(idx, p))?;
                 drop(opener);
                 let current = self.cache.load();
                 self.cache.store(Arc::new(cache::with_key(&current, key.clone())));
@@ -551,6 +556,13 @@ impl Inner {
         }
         Err(Error::Unavailable(asked.join("; ")))
     }
+}
+
+/// Opens a one-key answer into its final place (an `Arc`), in a frame of its own so the
+/// caller can scrub the by-value copies made on the way.
+#[inline(never)]
+fn build_key(wire: cache::WireKey, opener: &sso_proto::delivery::Opener) -> Result<Arc<CachedKey>, String> {
+    wire.into_cached(Some(opener), 0).map(Arc::new)
 }
 
 /// A fresh key pair for one key request, and the `Sso-Key-Wrap` header that carries its

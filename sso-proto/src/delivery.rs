@@ -167,9 +167,21 @@ fn fill_slot(slot: &mut Box<Option<EphemeralPrivateKey>>, rng: &SystemRandom) ->
 
 /// Overwrites the stack below the caller's frame, where ring's agreement and HKDF left
 /// their (unwiped) scalars, shared secrets and HMAC states.
-#[inline(never)]
 fn scrub_stack() {
-    let mut scratch = [0u8; SCRUB_BYTES];
+    scrub::<SCRUB_BYTES>();
+}
+
+/// Overwrites 64 KiB of stack below the caller's frame with zeros. Key material built by
+/// value and then moved into its final (wiped-on-drop) place leaves copies in the frames
+/// that built it (an AES-256 key schedule starts with the raw key); a client calls this
+/// after installing keys so those copies do not outlive the call.
+pub fn scrub_stack_after_install() {
+    scrub::<{ 64 * 1024 }>();
+}
+
+#[inline(never)]
+fn scrub<const N: usize>() {
+    let mut scratch = [0u8; N];
     scratch.zeroize();
     std::hint::black_box(&scratch);
 }
