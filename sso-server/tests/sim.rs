@@ -360,7 +360,9 @@ impl LocalNode for Node {
         &self,
         f: impl FnOnce(&mut SealedStore) -> keystore::Result<T> + Send + 'static,
     ) -> keystore::Result<T> {
-        if self.chance(self.world.params.stall) {
+        // Stalls are a hardship of the chaos phase; after the heal the disk is well again.
+        let chaos = self.world.step.load(Ordering::SeqCst) < chaos_steps();
+        if chaos && self.chance(self.world.params.stall) {
             self.world.log().counts.stalls += 1;
             tokio::time::sleep(Duration::from_millis(500 + self.below(7500))).await;
         }
@@ -940,6 +942,10 @@ fn store_root() -> tempfile::TempDir {
     }
 }
 
+fn chaos_steps() -> u64 {
+    (CHAOS.as_millis() / TICK.as_millis()) as u64
+}
+
 fn run(seed: u64, mutant: Option<Mutant>) -> Result<Outcome, String> {
     let root = store_root();
     let params = Params::draw(seed);
@@ -981,7 +987,7 @@ fn run(seed: u64, mutant: Option<Mutant>) -> Result<Outcome, String> {
     let mut down: [Option<u64>; 2] = [None, None];
     let mut partitioned = false;
     let mut held_until: Option<u64> = None;
-    let chaos_steps = (CHAOS.as_millis() / TICK.as_millis()) as u64;
+    let chaos_steps = chaos_steps();
     let bound = (CONVERGE_WITHIN.as_millis() / TICK.as_millis()) as u64;
     let mut healed = false;
     let mut quiet_since: Option<u64> = None;
