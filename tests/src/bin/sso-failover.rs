@@ -1,7 +1,10 @@
-//! `sso-failover`: clients under load against a pair; SIGKILL of the node they use.
+//! `sso-failover`: clients under load against a pair; the node they use fails: SIGKILL
+//! (`--fault kill`) or SIGSTOP (`--fault hang`: it accepts connections and never answers).
 //! Reports failed operations, the client-observed latency (cached seal+open, and keyring
-//! fetches that must cross the network), a cold client's time to its first key from the
-//! survivor, and draws the timeline as an SVG. Run through `bash bench/failover.sh`.
+//! fetches that must cross the network), the longest stall of a fetch, how long a
+//! watching client takes to see a rotation made on the other node, a cold client's time
+//! to its first key from the survivor, and draws the timeline as an SVG. Run through
+//! `bash bench/failover.sh`.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -26,6 +29,9 @@ struct Args {
     /// Concurrent sealing clients.
     #[arg(long, default_value_t = 4)]
     clients: usize,
+    /// How node A fails: `kill` (SIGKILL) or `hang` (SIGSTOP).
+    #[arg(long, default_value = "kill", value_parser = ["kill", "hang"])]
+    fault: String,
 }
 
 const BUCKET: Duration = Duration::from_millis(100);
@@ -118,9 +124,54 @@ async fn main() {
             local
         }));
     }
+    // A client that only watches (no requests, no poll within the run): what it learns
+    // after the fault comes through its watch, which must move to B.
+    let watcher = Client::builder()
+        .endpoint(&a_url)
+        .endpoint(&b_url)
+        .ca(&pair.pki.ca_file)
+        .identity(&cert.cert, &cert.key)
+        .poll_interval(Duration::from_secs(600))
+        .build()
+        .expect("client");
+    watcher.refresh().await.expect("warm");
     tokio::time::sleep(Duration::from_secs(args.before)).await;
     let killed_at = start.elapsed();
-    pair.a.kill(); // SIGKILL the node every client prefers
+    let hang = args.fault == "hang";
+    let pid = pair.a.server().pid();
+    if hang {
+        // SIGSTOP the node every client prefers: it keeps its sockets, answers nothing.
+        let ok = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "could not SIGSTOP node A");
+    } else {
+        pair.a.kill(); // SIGKILL the node every client prefers
+    }
+    let fault_at = Instant::now();
+    // A rotation on B (degraded: its peer is gone) right after the fault; the watcher must
+    // learn it through a watch on B.
+    let admin = pair.admin(&pair.b);
+    let rotated = admin
+        .post("/v1/admin/rotate", &serde_json::json!({"allow_degraded": true}))
+        .await
+        .expect("rotate on B");
+    assert_eq!(rotated.status, 200, "rotate on B: {:?}", rotated.body);
+    let new_primary = rotated.json()["key_id"].as_str().expect("key_id").to_owned();
+    let rotated_after = fault_at.elapsed();
+    let watch_seen = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if watcher.status().primary.map(|k| k.to_string()).as_deref() == Some(new_primary.as_str()) {
+                break Some(fault_at.elapsed());
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
     // A cold client (empty cache) pointed at the dead node first, then the survivor.
     let cold_started = Instant::now();
     let cold = make(&a_url, &b_url);
@@ -130,6 +181,12 @@ async fn main() {
     };
     tokio::time::sleep(total.saturating_sub(start.elapsed())).await;
     stop.store(true, Ordering::Relaxed);
+    if hang {
+        // Let the stopped node go, so it can be killed and nothing is left behind.
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .status();
+    }
     let mut merged = vec![Bucket::default(); buckets];
     for t in tasks {
         for (m, l) in merged.iter_mut().zip(t.await.expect("task")) {
@@ -159,20 +216,39 @@ async fn main() {
     let spike = series[kill_bucket..].iter().map(|s| s.2).fold(0.0, f64::max);
     let op_spike = series[kill_bucket..].iter().map(|s| s.1).fold(0.0, f64::max);
     let op_before = series[..kill_bucket].iter().map(|s| s.1).fold(0.0, f64::max);
+    let longest_fetch = merged[kill_bucket..]
+        .iter()
+        .flat_map(|b| b.fetch_lat_us.iter().copied())
+        .max()
+        .unwrap_or(0);
+    let fault_name = if hang { "SIGSTOP (hang)" } else { "SIGKILL" };
     println!(
-        "failover: {} clients, SIGKILL of node A at {:.1} s of {} s",
+        "failover: {} clients, {fault_name} of node A at {:.1} s of {} s",
         args.clients,
         killed_at.as_secs_f64(),
         total.as_secs()
     );
     println!(
-        "  seal+open: {ops} ok, {failed} failed; worst 100 ms-bucket p99 {:.1} us before the kill, {:.1} us after",
+        "  seal+open: {ops} ok, {failed} failed; worst 100 ms-bucket p99 {:.1} us before the fault, {:.1} us after",
         op_before * 1e3,
         op_spike * 1e3
     );
     println!(
         "  keyring fetches over the network: {fetch_failed} failed; worst p99 {before_p99:.2} ms before, {spike:.2} ms after (the failover spike)"
     );
+    println!(
+        "  longest keyring fetch after the fault: {:.0} ms (target < 1000 ms)",
+        f64::from(longest_fetch) / 1e3
+    );
+    match watch_seen {
+        Some(t) => println!(
+            "  watching client saw the rotation made on node B {:.0} ms after the fault (target < 3000 ms); \
+             B answered the degraded rotation {:.0} ms after the fault",
+            t.as_secs_f64() * 1e3,
+            rotated_after.as_secs_f64() * 1e3
+        ),
+        None => println!("  watching client: did NOT see the rotation on node B within 30 s"),
+    }
     match cold_first_key {
         Some(t) => println!(
             "  cold client, dead node listed first: first key from the survivor in {:.0} ms (target < 1000 ms)",
@@ -180,12 +256,12 @@ async fn main() {
         ),
         None => println!("  cold client: NO key from the survivor"),
     }
-    std::fs::write(&args.out, svg(&series, kill_bucket)).expect("write svg");
+    std::fs::write(&args.out, svg(&series, kill_bucket, fault_name)).expect("write svg");
     println!("  timeline written to {}", args.out.display());
 }
 
 /// Two panels: ops/s; p99 latency of cached seal+open and of keyring fetches.
-fn svg(series: &[(f64, f64, f64)], kill: usize) -> String {
+fn svg(series: &[(f64, f64, f64)], kill: usize, fault: &str) -> String {
     let (w, h, pad) = (760.0, 200.0, 50.0);
     let n = series.len().max(2) as f64;
     let x = |i: usize| pad + (w - 2.0 * pad) * i as f64 / (n - 1.0);
@@ -216,7 +292,7 @@ fn svg(series: &[(f64, f64, f64)], kill: usize) -> String {
 {l2}
 {l3}
 <line x1="{kx:.1}" y1="30" x2="{kx:.1}" y2="480" stroke="black" stroke-dasharray="4 3"/>
-<text x="{kxt:.1}" y="500">SIGKILL of node A</text>
+<text x="{kxt:.1}" y="500">{fault} of node A</text>
 </svg>
 "##,
         iw = w - 2.0 * pad,
