@@ -30,6 +30,21 @@ fn wait_for_ops(path: &Path, op: &str, n: usize) {
     panic!("fewer than {n} {op} entries in {}", path.display());
 }
 
+/// Waits (bounded) until `path` has kept its size for 300 ms.
+fn wait_until_quiet(path: &Path) {
+    let size = || std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let mut last = size();
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = size();
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+    panic!("{} kept growing for 30 s", path.display());
+}
+
 fn store_key_and_anchor(setup: &ServerSetup) -> (keystore::AuditKey, Option<keystore::AuditAnchor>) {
     let key = keystore::UnsealKey::key_file(&setup.unseal_key).unwrap();
     let store = keystore::SealedStore::open(&setup.store, &key).unwrap();
@@ -66,6 +81,10 @@ async fn truncation_is_found_against_the_head_and_recorded_at_the_next_start() {
     assert_eq!(v["intact"], true, "{v}");
 
     // `head -n 100` of the live file: it still chains, but not to the server's head.
+    // The audit writer is asynchronous: wait until the verify call's own entry is on
+    // disk and the file has stopped growing, or a late line lands after the cut.
+    wait_for_ops(&setup.audit, "admin.audit_verify", 1);
+    wait_until_quiet(&setup.audit);
     let text = std::fs::read_to_string(&setup.audit).unwrap();
     let head100: String = text.lines().take(100).map(|l| format!("{l}\n")).collect();
     std::fs::write(&setup.audit, &head100).unwrap();
