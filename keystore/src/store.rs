@@ -465,7 +465,7 @@ impl SealedStore {
     /// above every stored key, checked inside the write transaction, else
     /// [`Error::StaleGeneration`] and nothing is written.
     pub fn accept_staged(&mut self, record: &KeyRecord) -> Result<MergeReport> {
-        self.merge_checked(std::slice::from_ref(record), true)
+        self.merge_checked(std::slice::from_ref(record), true, None)
     }
 
     /// Retires every staged key with a generation below `below`: orphans of rotations that
@@ -498,8 +498,11 @@ impl SealedStore {
             .ok_or(Error::KeyNotFound(key_id))
     }
 
-    /// A digest of the key set: ids, generations and stored states, no material. Two stores
-    /// with equal digests hold the same keys in the same states.
+    /// A digest of the key set: ids, generations, stored states and, per key that has
+    /// material, its [`material_tag`] (a keyed hash, never the material). Two stores with
+    /// equal digests hold the same keys in the same states with the same material; two
+    /// nodes holding different material under one key id have different digests, so
+    /// anti-entropy pulls and the merge reports the conflict.
     pub fn digest(&self) -> Result<String> {
         let rows = load_rows(&self.conn)?;
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
@@ -507,6 +510,13 @@ impl SealedStore {
             ctx.update(row.key_id.as_bytes());
             ctx.update(&row.generation.to_be_bytes());
             ctx.update(&[row.lifecycle as u8]);
+            if row.material.is_some() {
+                let secret = unwrap_row(&self.kek, row)?;
+                ctx.update(&[1]);
+                ctx.update(&material_tag(row.key_id, &secret));
+            } else {
+                ctx.update(&[0]);
+            }
         }
         Ok(hex::encode(ctx.finish()))
     }
@@ -638,12 +648,26 @@ impl SealedStore {
     /// of the two. A key id that arrives with different material or generation than
     /// stored is an integrity alarm: the whole merge is refused and nothing is written.
     pub fn merge(&mut self, incoming: &[KeyRecord]) -> Result<MergeReport> {
-        self.merge_checked(incoming, false)
+        self.merge_checked(incoming, false, None)
+    }
+
+    /// [`SealedStore::merge`] for anti-entropy: a key whose id is stored here with another
+    /// generation or other material is left out (and returned), every other key merges.
+    /// One conflicting key must not stop the pair from converging on all the others.
+    pub fn merge_skipping_conflicts(&mut self, incoming: &[KeyRecord]) -> Result<(MergeReport, Vec<KeyId>)> {
+        let mut conflicts = Vec::new();
+        let report = self.merge_checked(incoming, false, Some(&mut conflicts))?;
+        Ok((report, conflicts))
     }
 
     /// [`SealedStore::merge`]; with `above_all`, a key not stored yet must also have a
     /// generation above every stored key (checked in the same transaction).
-    fn merge_checked(&mut self, incoming: &[KeyRecord], above_all: bool) -> Result<MergeReport> {
+    fn merge_checked(
+        &mut self,
+        incoming: &[KeyRecord],
+        above_all: bool,
+        mut conflicts: Option<&mut Vec<KeyId>>,
+    ) -> Result<MergeReport> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let rows = load_rows(&tx)?;
         let max = rows.iter().map(|r| r.generation).max().unwrap_or(0);
@@ -684,13 +708,18 @@ impl SealedStore {
                 report.added += 1;
                 continue;
             };
-            if local.generation != meta.generation {
-                return Err(Error::ConflictingKey(meta.key_id));
-            }
-            if let (Some(_), Some(theirs)) = (&local.material, &record.secret) {
-                let ours = unwrap_row(&self.kek, local)?;
-                if !ours.ct_eq(theirs) {
-                    return Err(Error::ConflictingKey(meta.key_id));
+            let conflicting = local.generation != meta.generation
+                || match (&local.material, &record.secret) {
+                    (Some(_), Some(theirs)) => !unwrap_row(&self.kek, local)?.ct_eq(theirs),
+                    _ => false,
+                };
+            if conflicting {
+                match conflicts.as_deref_mut() {
+                    Some(list) => {
+                        list.push(meta.key_id);
+                        continue;
+                    }
+                    None => return Err(Error::ConflictingKey(meta.key_id)),
                 }
             }
             if target > local.lifecycle {
@@ -806,6 +835,31 @@ impl SealedStore {
     fn unwrap_row(&self, row: &Row) -> Result<MasterSecret> {
         unwrap_row(&self.kek, row)
     }
+}
+
+/// A keyed hash of one key's material, for the key-set digest: HMAC-SHA256 over the key
+/// id under a key derived from the material (HKDF-SHA256 with a fixed label). Equal on two
+/// nodes exactly when both hold the same material under that id (each node wraps under its
+/// own KEK, so the tag cannot depend on it); one-way, so the digest reveals nothing usable
+/// about the material.
+pub fn material_tag(key_id: KeyId, secret: &MasterSecret) -> [u8; 32] {
+    struct Len;
+    impl ring::hkdf::KeyType for Len {
+        fn len(&self) -> usize {
+            32
+        }
+    }
+    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"sso key-set digest v1").extract(secret.expose_secret());
+    let mut derived = Zeroizing::new([0u8; 32]);
+    // 32 bytes is far below HKDF-SHA256's limit (255 * 32): `expand` and `fill` cannot fail.
+    if let Ok(okm) = prk.expand(&[b"material tag"], Len) {
+        let _ = okm.fill(&mut derived[..]);
+    }
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derived[..]);
+    let tag = ring::hmac::sign(&key, key_id.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
 }
 
 fn unwrap_row(kek: &Kek, row: &Row) -> Result<MasterSecret> {

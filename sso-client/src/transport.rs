@@ -21,6 +21,16 @@ use zeroize::Zeroizing;
 
 use crate::Error;
 
+/// Why a write on one endpoint failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteFailure {
+    /// Whether the request may have reached the server's handler (and so may have taken
+    /// effect there).
+    pub reached: bool,
+    /// What went wrong.
+    pub message: String,
+}
+
 /// An answer: status and a body that is wiped when dropped (keyring bodies carry keys).
 #[derive(Debug)]
 pub struct Reply {
@@ -290,6 +300,22 @@ impl Transport {
         self.send(idx, method, path, &[], body, timeout).await
     }
 
+    /// A write on one endpoint: like [`Transport::request_on`] with headers, but a failure
+    /// says whether the request may have reached the server's handler. `reached == false`
+    /// only when it certainly did not (no connection, or the server refused the stream
+    /// unprocessed): only then is sending the write elsewhere safe.
+    pub async fn write_on(
+        &self,
+        idx: usize,
+        method: hyper::Method,
+        path: &str,
+        headers: &[Header],
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Reply, WriteFailure> {
+        self.send_traced(idx, method, path, headers, body, timeout).await
+    }
+
     async fn send(
         &self,
         idx: usize,
@@ -299,7 +325,28 @@ impl Transport {
         body: Bytes,
         timeout: Duration,
     ) -> Result<Reply, String> {
-        let endpoint = self.endpoints.get(idx).ok_or("no such endpoint")?;
+        self.send_traced(idx, method, path, headers, body, timeout)
+            .await
+            .map_err(|f| f.message)
+    }
+
+    async fn send_traced(
+        &self,
+        idx: usize,
+        method: hyper::Method,
+        path: &str,
+        headers: &[Header],
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Reply, WriteFailure> {
+        let not_sent = |message: String| WriteFailure {
+            reached: false,
+            message,
+        };
+        let endpoint = self
+            .endpoints
+            .get(idx)
+            .ok_or_else(|| not_sent("no such endpoint".to_owned()))?;
         // A server ending a connection gracefully (GOAWAY at its maximum connection age, a
         // restart) refuses the streams it will not process; those never reached a handler,
         // so they are retried once on a fresh connection instead of failing the call.
@@ -309,7 +356,7 @@ impl Transport {
                 Ok(send) => send,
                 Err(e) => {
                     endpoint.down.store(true, Relaxed);
-                    return Err(e);
+                    return Err(not_sent(e));
                 }
             };
             let req = headers
@@ -322,7 +369,7 @@ impl Transport {
                     |req, (name, value)| req.header(name, value),
                 )
                 .body(Full::new(body.clone()))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| not_sent(e.to_string()))?;
             let result = tokio::time::timeout(timeout, async {
                 let resp = send
                     .send_request(req)
@@ -352,7 +399,7 @@ impl Transport {
                     retried = true;
                     *endpoint.conn.lock().await = None;
                 }
-                other => break other.map(|r| r.map_err(|(_, e)| e)),
+                other => break other,
             }
         };
         match result {
@@ -360,20 +407,27 @@ impl Transport {
                 endpoint.down.store(false, Relaxed);
                 Ok(reply)
             }
-            Ok(Err(e)) => {
+            Ok(Err((unprocessed, e))) => {
                 endpoint.down.store(true, Relaxed);
                 *endpoint.conn.lock().await = None;
                 // Give the connection task a moment to record why it ended.
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                match endpoint.conn_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                    Some(cause) => Err(format!("{e}: {cause}")),
-                    None => Err(e),
-                }
+                let message = match endpoint.conn_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    Some(cause) => format!("{e}: {cause}"),
+                    None => e,
+                };
+                Err(WriteFailure {
+                    reached: !unprocessed,
+                    message,
+                })
             }
             Err(_) => {
                 endpoint.down.store(true, Relaxed);
                 *endpoint.conn.lock().await = None;
-                Err(format!("no answer within {timeout:?}"))
+                Err(WriteFailure {
+                    reached: true,
+                    message: format!("no answer within {timeout:?}"),
+                })
             }
         }
     }

@@ -1,8 +1,9 @@
 //! Live connections and the trust boundary over time. A handshake checks a certificate
 //! once; these rules keep checking it for as long as the connection lives:
 //!
-//! - **Reload** (SIGHUP): re-read the config's `[tls]` section, load and check every file
-//!   ([`crate::tls::build`]), and swap the new configuration in only if all of it is good;
+//! - **Reload** (SIGHUP): re-read the config's `[tls]` and `[peer]` sections, load and
+//!   check every file ([`crate::tls::build`], and [`crate::peer::Peer::client`] for the
+//!   identity, CA and CRLs of the client to the peer), and swap both in only if all of it is good;
 //!   otherwise keep the old one, log an error and count the failure. After a good reload,
 //!   every live connection's client certificate chain is verified again with the new
 //!   verifier; the connections it refuses (revoked, CA removed) are closed at once, open
@@ -27,7 +28,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::sync::watch;
 
 use crate::audit::{Audit, AuditEvent, CertRef};
-use crate::config::{Config, TlsConfig};
+use crate::config::Config;
 use crate::identity::Caller;
 use crate::metrics::Metrics;
 use crate::state::AppState;
@@ -315,7 +316,7 @@ pub async fn reload_on_sighup(
                 continue;
             }
         }
-        match reload(&config, &target, &state.metrics) {
+        match reload(&config, &target, &state) {
             Ok((loaded_crls, cut, source)) => {
                 crls = loaded_crls;
                 tracing::info!(
@@ -337,16 +338,43 @@ pub async fn reload_on_sighup(
     }
 }
 
-fn reload(config: &Config, target: &Reloadable, metrics: &Metrics) -> Result<(Vec<CrlSummary>, usize, String), String> {
-    let (tls_section, source): (TlsConfig, String) = match &config.source {
+fn reload(config: &Config, target: &Reloadable, state: &AppState) -> Result<(Vec<CrlSummary>, usize, String), String> {
+    let metrics = &state.metrics;
+    let (tls_section, peer_section, source) = match &config.source {
         Some(path) => {
             let fresh = Config::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            (fresh.tls, path.display().to_string())
+            (fresh.tls, fresh.peer, path.display().to_string())
         }
-        None => (config.tls.clone(), "the startup configuration".into()),
+        None => (
+            config.tls.clone(),
+            config.peer.clone(),
+            "the startup configuration".into(),
+        ),
     };
     let loaded = tls::build(&tls_section).map_err(|e| e.to_string())?;
+    // The identity presented to the peer (and the CA and CRLs its certificate is checked
+    // against) is reloaded too, in the same all-or-nothing step: checked before anything
+    // is swapped.
+    let peer_client = match (&state.peer, &peer_section) {
+        (Some(peer), Some(section)) => {
+            if section.url != peer.url {
+                return Err(format!(
+                    "peer.url changed ({} to {}): a new peer address needs a restart",
+                    peer.url, section.url
+                ));
+            }
+            Some(
+                crate::peer::Peer::client(section, &tls_section, &loaded.crl_ders)
+                    .map_err(|e| format!("[peer]: {e}"))?,
+            )
+        }
+        (None, None) => None,
+        _ => return Err("the [peer] section was added or removed: that needs a restart".to_owned()),
+    };
     target.tls_config.store(loaded.config.clone());
+    if let (Some(peer), Some(client)) = (&state.peer, peer_client) {
+        peer.install(client);
+    }
     metrics
         .cert_not_after_unix
         .store(loaded.server_cert_not_after.unwrap_or(0), Relaxed);

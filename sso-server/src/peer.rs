@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use keystore::KeyRecord;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -113,7 +113,9 @@ pub struct PeerStatus {
 /// The other node.
 #[derive(Debug)]
 pub struct Peer {
-    transport: Transport,
+    /// The client to it; replaced whole by [`Peer::install`] after a SIGHUP (new
+    /// certificate, key, CA or CRLs). Requests in flight finish on the old one.
+    transport: arc_swap::ArcSwap<Transport>,
     /// Its URL, for messages.
     pub url: String,
     timeout: Duration,
@@ -138,8 +140,31 @@ pub struct PeerKeys {
 
 impl Peer {
     /// Builds the peer client: our certificate as client identity, the peer's server
-    /// certificate checked against the CA and the configured identity.
-    pub fn new(config: &PeerConfig, tls_config: &TlsConfig) -> Result<Self, TlsError> {
+    /// certificate checked against the CA, the CRLs of `[tls]` and the configured identity.
+    pub fn new(
+        config: &PeerConfig,
+        tls_config: &TlsConfig,
+        crls: &[CertificateRevocationListDer<'static>],
+    ) -> Result<Self, TlsError> {
+        let transport = Self::client(config, tls_config, crls)?;
+        let timeout = Duration::from_millis(config.timeout_ms);
+        Ok(Self {
+            transport: arc_swap::ArcSwap::from_pointee(transport),
+            url: config.url.clone(),
+            timeout,
+            interval: Duration::from_millis(config.sync_interval_ms),
+            status: Mutex::new(PeerStatus::default()),
+            last_attempt: Mutex::new(None),
+        })
+    }
+
+    /// Loads and checks the files of a peer client (the SIGHUP reload calls this first and
+    /// installs the result only if the whole reload succeeds).
+    pub fn client(
+        config: &PeerConfig,
+        tls_config: &TlsConfig,
+        crls: &[CertificateRevocationListDer<'static>],
+    ) -> Result<Transport, TlsError> {
         let provider = tls::provider();
         let ca_path = config.ca.as_ref().unwrap_or(&tls_config.client_ca);
         let mut roots = rustls::RootCertStore::empty();
@@ -148,9 +173,17 @@ impl Peer {
                 .add(ca)
                 .map_err(|e| tls::tls_err(ca_path.display().to_string(), e))?;
         }
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| tls::tls_err("peer verifier", e))?;
+        let mut verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .with_crls(crls.iter().cloned());
+        if tls_config.revocation == crate::config::Revocation::EndEntity {
+            verifier = verifier.only_check_end_entity_revocation();
+        }
+        // The CRLs were checked against tls.client_ca; a separate peer CA may have none.
+        if tls_config.allow_unknown_revocation || config.ca.is_some() {
+            verifier = verifier.allow_unknown_revocation_status();
+        }
+        let inner = verifier.build().map_err(|e| tls::tls_err("peer verifier", e))?;
         let expected = Pattern::parse(&config.identity).map_err(|e| tls::tls_err("peer.identity", e))?;
         let chain = tls::load_certs(config.cert.as_ref().unwrap_or(&tls_config.cert))?;
         let key = tls::load_key(config.key.as_ref().unwrap_or(&tls_config.key))?;
@@ -163,20 +196,18 @@ impl Peer {
             .map_err(|e| tls::tls_err("peer client certificate", e))?;
         client.alpn_protocols = vec![b"h2".to_vec()];
         let timeout = Duration::from_millis(config.timeout_ms);
-        let transport = Transport::new(
+        Transport::new(
             std::slice::from_ref(&config.url),
             Arc::new(client),
             timeout.min(Duration::from_secs(1)),
         )
-        .map_err(|e| tls::tls_err("peer.url", e))?;
-        Ok(Self {
-            transport,
-            url: config.url.clone(),
-            timeout,
-            interval: Duration::from_millis(config.sync_interval_ms),
-            status: Mutex::new(PeerStatus::default()),
-            last_attempt: Mutex::new(None),
-        })
+        .map_err(|e| tls::tls_err("peer.url", e))
+    }
+
+    /// Uses `transport` (from [`Peer::client`]) for every request from now on; the old
+    /// one's connections close when its last request ends.
+    pub fn install(&self, transport: Transport) {
+        self.transport.store(Arc::new(transport));
     }
 
     /// A copy of what we know about the peer.
@@ -223,6 +254,7 @@ impl Peer {
         let body = records_json(node, epoch, "", records);
         let reply = self
             .transport
+            .load_full()
             .request_on(
                 0,
                 hyper::Method::POST,
@@ -256,6 +288,7 @@ impl Peer {
         *self.last_attempt.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let reply = self
             .transport
+            .load_full()
             .get_on(0, &format!("/v1/peer/keys?digest={local_digest}"), self.timeout)
             .await
             .map_err(|e| {
@@ -287,6 +320,7 @@ impl Peer {
     async fn post(&self, path: &str, body: Bytes) -> Result<(u16, Zeroizing<Vec<u8>>), LinkError> {
         let reply = self
             .transport
+            .load_full()
             .request_on(0, hyper::Method::POST, path, body, self.timeout)
             .await
             .map_err(|e| {
@@ -533,7 +567,7 @@ pub async fn sync_loop(state: Arc<crate::state::AppState>) {
                 // it once per distinct problem.
                 if last_alarm.as_deref() != Some(problem.as_str()) {
                     state.metrics.integrity_alarms.fetch_add(1, Relaxed);
-                    tracing::error!(%problem, "integrity alarm during anti-entropy: nothing was merged");
+                    tracing::error!(%problem, "integrity alarm during anti-entropy: the conflicting keys were not merged");
                     state.audit.record(crate::audit::AuditEvent {
                         time: std::time::SystemTime::now(),
                         identity: ps.node.clone().unwrap_or_else(|| "peer".into()).into(),
@@ -560,7 +594,8 @@ pub async fn sync_loop(state: Arc<crate::state::AppState>) {
 /// An anti-entropy round that did not finish.
 #[derive(Debug)]
 pub enum SyncError {
-    /// The peer holds other material under one of our key ids: nothing was merged.
+    /// The peer holds other material (or generation) under some of our key ids: those
+    /// were not merged, every other key was.
     Alarm(String),
     /// Anything else (unreachable peer, store error): retried next interval.
     Other(String),
@@ -614,18 +649,27 @@ pub async fn anti_entropy_round<N: LocalNode, S: KeySource>(local: &N, source: &
     let theirs = keys.digest.clone();
     let merged = local
         .with_store(move |store| {
-            let report = store.merge(&keys.records)?;
-            Ok((report, store.digest()?, store.epoch()?))
+            let (report, conflicts) = store.merge_skipping_conflicts(&keys.records)?;
+            Ok((report, conflicts, store.digest()?, store.epoch()?))
         })
         .await;
     match merged {
-        Ok((report, ours, epoch)) => {
+        Ok((report, conflicts, ours, epoch)) => {
             if report.changed() {
                 tracing::info!(
                     added = report.added,
                     advanced = report.advanced,
                     "anti-entropy merged the peer's keys"
                 );
+            }
+            if !conflicts.is_empty() {
+                // Names the key ids only (never material): the same conflict gives the same
+                // text every round, so the alarm is raised once per problem.
+                let ids: Vec<String> = conflicts.iter().map(ToString::to_string).collect();
+                return Err(SyncError::Alarm(format!(
+                    "the peer holds other material (or another generation) under key id {}: not merged; every other key was",
+                    ids.join(", ")
+                )));
             }
             Ok(Round {
                 epoch,

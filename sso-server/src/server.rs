@@ -78,7 +78,7 @@ pub async fn run(
     )?;
     let (epoch_tx, _) = watch::channel(0);
     let peer = match &config.peer {
-        Some(p) => Some(Arc::new(crate::peer::Peer::new(p, &config.tls)?)),
+        Some(p) => Some(Arc::new(crate::peer::Peer::new(p, &config.tls, &loaded.crl_ders)?)),
         None => None,
     };
     let state = Arc::new(AppState {

@@ -224,6 +224,8 @@ pub struct LoadedTls {
     pub server_cert_not_after: Option<i64>,
     /// The CRLs in force.
     pub crls: Vec<CrlSummary>,
+    /// The same CRLs, parsed and checked, for the peer client's server verifier.
+    pub crl_ders: Vec<CertificateRevocationListDer<'static>>,
 }
 
 /// Refuses a private key file its group or others can read or write, with the same message
@@ -289,6 +291,7 @@ pub fn build(config: &TlsConfig) -> Result<LoadedTls, TlsError> {
             crls.push(crl);
         }
     }
+    let crl_ders = crls.clone();
     let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).with_crls(crls);
     if config.revocation == Revocation::EndEntity {
         builder = builder.only_check_end_entity_revocation();
@@ -319,6 +322,7 @@ pub fn build(config: &TlsConfig) -> Result<LoadedTls, TlsError> {
         verifier,
         server_cert_not_after: not_after,
         crls: summaries,
+        crl_ders,
     })
 }
 

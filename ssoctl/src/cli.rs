@@ -42,6 +42,11 @@ pub struct Global {
     /// Machine-readable output.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Idempotency key for rotate, retire, destroy and restore (1-128 visible ASCII
+    /// characters). ssoctl makes a random one when none is given and prints it when a
+    /// node does not answer; repeat the command with it to get that node's first answer.
+    #[arg(long, global = true, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Subcommands.

@@ -47,7 +47,16 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
     match command {
         Command::Rotate { allow_degraded } => {
             let body = serde_json::json!({ "allow_degraded": allow_degraded }).to_string();
-            let v = json(&conn.call(Method::POST, "/v1/admin/rotate", Bytes::from(body)).await?)?;
+            let v = json(
+                &conn
+                    .write(
+                        "rotate",
+                        "/v1/admin/rotate",
+                        Bytes::from(body),
+                        g.idempotency_key.as_deref(),
+                    )
+                    .await?,
+            )?;
             emit(g, out, &v, || {
                 format!(
                     "rotated: new primary {} (generation {}), replication {}\n{}",
@@ -79,7 +88,12 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
             };
             let v = json(
                 &conn
-                    .call(Method::POST, &format!("/v1/admin/keys/{id}/retire"), body)
+                    .write(
+                        "retire",
+                        &format!("/v1/admin/keys/{id}/retire"),
+                        body,
+                        g.idempotency_key.as_deref(),
+                    )
                     .await?,
             )?;
             emit(g, out, &v, || {
@@ -101,7 +115,12 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
             }
             let v = json(
                 &conn
-                    .call(Method::POST, &format!("/v1/admin/keys/{id}/destroy"), Bytes::new())
+                    .write(
+                        "destroy",
+                        &format!("/v1/admin/keys/{id}/destroy"),
+                        Bytes::new(),
+                        g.idempotency_key.as_deref(),
+                    )
                     .await?,
             )?;
             emit(g, out, &v, || {
@@ -148,7 +167,11 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
                 password: password.expose_secret(),
                 backup: &backup,
             });
-            let v = json(&conn.call(Method::POST, "/v1/admin/restore", body).await?)?;
+            let v = json(
+                &conn
+                    .write("restore", "/v1/admin/restore", body, g.idempotency_key.as_deref())
+                    .await?,
+            )?;
             emit(g, out, &v, || {
                 format!(
                     "restored: {} keys added, {} advanced, {} unchanged",

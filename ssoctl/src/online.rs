@@ -135,8 +135,109 @@ impl Online {
         None
     }
 
+    /// An admin write (rotate, retire, destroy, restore), with an `Idempotency-Key`.
+    ///
+    /// Sent to the servers in order, but passed to the next one only when it certainly did
+    /// not reach the previous one's handler (no connection, or a stream refused
+    /// unprocessed). If a server took the request and then did not answer (hung, link
+    /// lost, timeout), the write may have happened there: sending it to the other node,
+    /// which does not know this key, could do it twice. ssoctl then stops, names that
+    /// server, says what the other servers show now, and prints the key to repeat with.
+    pub(crate) async fn write(
+        &self,
+        what: &str,
+        path: &str,
+        body: Bytes,
+        key: Option<&str>,
+    ) -> Result<Zeroizing<Vec<u8>>, Failure> {
+        let key = match key {
+            Some(k) if valid_idempotency_key(k) => k.to_owned(),
+            Some(_) => {
+                return Err(Failure::new(
+                    EX_USAGE,
+                    "--idempotency-key must be 1 to 128 visible ASCII characters",
+                    "use letters, digits and punctuation, no spaces",
+                ));
+            }
+            None => new_idempotency_key()?,
+        };
+        let value = hyper::header::HeaderValue::from_str(&key)
+            .map_err(|e| Failure::new(EX_USAGE, format!("--idempotency-key: {e}"), ""))?;
+        let headers = [(hyper::header::HeaderName::from_static("idempotency-key"), value)];
+        let timeout = Duration::from_secs(60);
+        let mut not_reached = Vec::new();
+        for idx in self.transport.order() {
+            let url = self.transport.url(idx).to_owned();
+            match self
+                .transport
+                .write_on(idx, hyper::Method::POST, path, &headers, body.clone(), timeout)
+                .await
+            {
+                Ok(reply) => return answer(reply.status, reply.body),
+                Err(f) if !f.reached => not_reached.push(format!("{url}: {}", f.message)),
+                Err(f) => return Err(self.hung_write(what, &url, idx, &f.message, &key).await),
+            }
+        }
+        // No server took the request: the same diagnosis as any other call.
+        self.unreachable(&not_reached.join("; ")).await
+    }
+
+    /// The failure for a write that server `idx` took and did not answer.
+    async fn hung_write(&self, what: &str, url: &str, idx: usize, error: &str, key: &str) -> Failure {
+        let mut others = Vec::new();
+        for other in (0..self.transport.len()).filter(|i| *i != idx) {
+            let other_url = self.transport.url(other);
+            let seen = match self
+                .transport
+                .get_on(other, "/v1/admin/status", Duration::from_secs(5))
+                .await
+            {
+                Ok(r) if r.status == 200 => {
+                    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+                    describe_keys(&v)
+                }
+                Ok(r) => format!("answered status {} to a status request", r.status),
+                Err(e) => format!("did not answer a status request either ({e})"),
+            };
+            others.push(format!("{other_url} shows {seen}"));
+        }
+        let others = if others.is_empty() {
+            String::new()
+        } else {
+            format!(" Now {}.", others.join("; "))
+        };
+        Failure::new(
+            EX_UNAVAILABLE,
+            format!(
+                "{url} took the {what} request and then did not answer ({error}): the {what} may have happened there. ssoctl did not send it to another node, which could do it twice.{others}"
+            ),
+            format!(
+                "check with `ssoctl status` against {url}; once it answers, repeat the same command with --idempotency-key {key} --server {url} to get its answer (nothing is done twice)"
+            ),
+        )
+    }
+
+    /// The failure when no server answered: a TLS refusal if the probe finds one.
+    async fn unreachable<T>(&self, e: &str) -> Result<T, Failure> {
+        let lower = e.to_lowercase();
+        if lower.contains("certificate") || lower.contains("alert") || lower.contains("unknownissuer") {
+            return Err(refused(e));
+        }
+        if !lower.contains("refused")
+            && let Some(reason) = self.diagnose().await
+        {
+            return Err(refused(&reason));
+        }
+        Err(Failure::new(
+            EX_UNAVAILABLE,
+            format!("no server answered: {e}"),
+            "is the server running? check --server (or --dev DIR)",
+        ))
+    }
+
     /// Sends a request to the first server that answers; maps transport failures and
-    /// error statuses to failures with hints.
+    /// error statuses to failures with hints. For reads only: writes go through
+    /// [`Online::write`].
     pub(crate) async fn call(
         &self,
         method: hyper::Method,
@@ -144,71 +245,103 @@ impl Online {
         body: Bytes,
     ) -> Result<Zeroizing<Vec<u8>>, Failure> {
         let timeout = Duration::from_secs(60);
-        let refused = |e: &str| {
-            Failure::new(
-                EX_NOPERM,
-                format!("TLS refused: {e}"),
-                "check --ca, --cert and --key: the server must trust your certificate and you must trust the server's CA",
-            )
-        };
-        let (_, reply) = match self.transport.request(method, path, body, timeout).await {
-            Ok(r) => r,
-            Err(e) => {
-                let lower = e.to_lowercase();
-                if lower.contains("certificate") || lower.contains("alert") || lower.contains("unknownissuer") {
-                    return Err(refused(&e));
-                }
-                if !lower.contains("refused")
-                    && let Some(reason) = self.diagnose().await
-                {
-                    return Err(refused(&reason));
-                }
-                return Err(Failure::new(
-                    EX_UNAVAILABLE,
-                    format!("no server answered: {e}"),
-                    "is the server running? check --server (or --dev DIR)",
-                ));
-            }
-        };
-        if (200..300).contains(&reply.status) {
-            return Ok(reply.body);
+        match self.transport.request(method, path, body, timeout).await {
+            Ok((_, reply)) => answer(reply.status, reply.body),
+            Err(e) => self.unreachable(&e).await,
         }
-        let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
-        let code = v["error"].as_str().unwrap_or("");
-        let message = v["message"]
-            .as_str()
-            .map_or_else(|| format!("the server answered {}", reply.status), str::to_owned);
-        Err(match (reply.status, code) {
-            (403, "wrong_password") => Failure::new(
-                EX_NOPERM,
-                message,
-                "check the backup password; `ssoctl backup-hint FILE` shows its hint",
-            ),
-            (403, _) => Failure::new(
-                EX_NOPERM,
-                message,
-                "use a certificate that holds the admin role (roles.admin in the server config)",
-            ),
-            (404, _) => Failure::new(EX_NOINPUT, message, "check the key id with `ssoctl keys list`"),
-            (409, "integrity") => Failure::new(
-                EX_DATAERR,
-                message,
-                "an integrity alarm: compare both nodes' keys before anything else",
-            ),
-            (409, _) => Failure::new(EX_USAGE, message, "see the message: states only move forward"),
-            (422, _) => Failure::new(
-                EX_DATAERR,
-                message,
-                "the backup is damaged or not a backup: use another copy",
-            ),
-            (503, _) => Failure::new(
-                EX_UNAVAILABLE,
-                message,
-                "bring the peer back, or pass --allow-degraded to rotate on one node",
-            ),
-            (400 | 413, _) => Failure::new(EX_USAGE, message, "see the message"),
-            (500, "integrity") => Failure::new(EX_DATAERR, message, "an integrity error on the server: check its log"),
-            _ => Failure::new(EX_SOFTWARE, message, "see the server log"),
-        })
     }
+}
+
+fn refused(e: &str) -> Failure {
+    Failure::new(
+        EX_NOPERM,
+        format!("TLS refused: {e}"),
+        "check --ca, --cert and --key: the server must trust your certificate and you must trust the server's CA",
+    )
+}
+
+/// Checks an idempotency key as the server does: 1 to 128 visible ASCII characters.
+fn valid_idempotency_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= 128 && key.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A random idempotency key (128 bits, hex).
+fn new_idempotency_key() -> Result<String, Failure> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| Failure::new(EX_SOFTWARE, "no randomness for an idempotency key", ""))?;
+    Ok(hex::encode(bytes))
+}
+
+/// "primary K (generation G)", plus staged keys, from an admin status.
+fn describe_keys(v: &serde_json::Value) -> String {
+    let keys = v["keys"].as_array().cloned().unwrap_or_default();
+    let generation_of = |id: &str| {
+        keys.iter()
+            .find(|k| k["key_id"].as_str() == Some(id))
+            .map_or_else(|| "?".to_owned(), |k| k["generation"].to_string())
+    };
+    let mut text = match v["primary"].as_str() {
+        Some(p) => format!("primary {p} (generation {})", generation_of(p)),
+        None => "no primary".to_owned(),
+    };
+    let staged: Vec<String> = keys
+        .iter()
+        .filter(|k| k["state"].as_str() == Some("staged"))
+        .map(|k| {
+            format!(
+                "{} (generation {})",
+                k["key_id"].as_str().unwrap_or("?"),
+                k["generation"]
+            )
+        })
+        .collect();
+    if !staged.is_empty() {
+        text.push_str(&format!(", staged {}", staged.join(", ")));
+    }
+    text
+}
+
+/// A server's answer: the body on 2xx, else a failure with a hint.
+fn answer(status: u16, body: Zeroizing<Vec<u8>>) -> Result<Zeroizing<Vec<u8>>, Failure> {
+    if (200..300).contains(&status) {
+        return Ok(body);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let code = v["error"].as_str().unwrap_or("");
+    let message = v["message"]
+        .as_str()
+        .map_or_else(|| format!("the server answered {status}"), str::to_owned);
+    Err(match (status, code) {
+        (403, "wrong_password") => Failure::new(
+            EX_NOPERM,
+            message,
+            "check the backup password; `ssoctl backup-hint FILE` shows its hint",
+        ),
+        (403, _) => Failure::new(
+            EX_NOPERM,
+            message,
+            "use a certificate that holds the admin role (roles.admin in the server config)",
+        ),
+        (404, _) => Failure::new(EX_NOINPUT, message, "check the key id with `ssoctl keys list`"),
+        (409, "integrity") => Failure::new(
+            EX_DATAERR,
+            message,
+            "an integrity alarm: compare both nodes' keys before anything else",
+        ),
+        (409, _) => Failure::new(EX_USAGE, message, "see the message: states only move forward"),
+        (422, _) => Failure::new(
+            EX_DATAERR,
+            message,
+            "the backup is damaged or not a backup: use another copy",
+        ),
+        (503, _) => Failure::new(
+            EX_UNAVAILABLE,
+            message,
+            "bring the peer back, or pass --allow-degraded to rotate on one node",
+        ),
+        (400 | 413, _) => Failure::new(EX_USAGE, message, "see the message"),
+        (500, "integrity") => Failure::new(EX_DATAERR, message, "an integrity error on the server: check its log"),
+        _ => Failure::new(EX_SOFTWARE, message, "see the server log"),
+    })
 }

@@ -10,11 +10,14 @@ use std::sync::{Arc, Mutex};
 use crate::{Pki, ServerSetup, TestServer, bin};
 
 /// A TCP relay to `target`. `cut` drops every open connection and every new one until
-/// `heal`: a network partition between the nodes.
+/// `heal`: a network partition between the nodes. `stall` holds every byte in both
+/// directions and keeps the connections open: a hung link (or, seen from the client, a
+/// hung node) until `unstall`.
 #[derive(Debug)]
 pub struct Relay {
     pub port: u16,
     cut: Arc<AtomicBool>,
+    stalled: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<AtomicBool>,
 }
@@ -25,8 +28,9 @@ impl Relay {
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
+        let stalled = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
-        let (c, s, k) = (cut.clone(), stop.clone(), conns.clone());
+        let (c, s, k, h) = (cut.clone(), stop.clone(), conns.clone(), stalled.clone());
         std::thread::spawn(move || {
             for inbound in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
@@ -51,12 +55,17 @@ impl Relay {
                     (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
                     (outbound, inbound),
                 ] {
+                    let (h, s) = (h.clone(), s.clone());
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
                         loop {
                             match from.read(&mut buf) {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => {
+                                    // Stalled: hold the bytes (bounded by the relay's life).
+                                    while h.load(Ordering::SeqCst) && !s.load(Ordering::SeqCst) {
+                                        std::thread::sleep(std::time::Duration::from_millis(5));
+                                    }
                                     if to.write_all(&buf[..n]).is_err() {
                                         break;
                                     }
@@ -69,7 +78,23 @@ impl Relay {
                 }
             }
         });
-        Self { port, cut, conns, stop }
+        Self {
+            port,
+            cut,
+            stalled,
+            conns,
+            stop,
+        }
+    }
+
+    /// Hang: hold every byte from now on, in both directions, keeping connections open.
+    pub fn stall(&self) {
+        self.stalled.store(true, Ordering::SeqCst);
+    }
+
+    /// Pass the held bytes on and relay again.
+    pub fn unstall(&self) {
+        self.stalled.store(false, Ordering::SeqCst);
     }
 
     /// Partition: close every connection through the relay and refuse new ones.

@@ -470,3 +470,252 @@ async fn idempotent_admin_writes_replay_the_first_answer_and_change_nothing() {
         .unwrap();
     assert_eq!(bad.status, 400);
 }
+
+/// Every key's generation on `node`, from its admin status.
+async fn generations(pair: &Pair, node: &Node) -> Vec<u64> {
+    let v = admin(pair, node).get("/v1/admin/status").await.unwrap().json();
+    let mut g: Vec<u64> = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["generation"].as_u64().unwrap())
+        .collect();
+    g.sort_unstable();
+    g
+}
+
+/// Issue 12 point 3: one `ssoctl rotate` against a pair whose first node hangs after it has
+/// received the request (the link to it stalls mid-rotation) creates one generation, not
+/// two: ssoctl does not send the write to the other node, and its error names the node
+/// that timed out and says the rotation may have happened there. Before the fix ssoctl
+/// re-sent the rotate to node B after A's connection failed, and B rotated again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssoctl_rotate_does_not_rotate_twice_when_the_first_node_hangs() {
+    let (_dir, pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let before = generations(&pair, &pair.a).await;
+    let top = *before.last().unwrap();
+    // ssoctl reaches A through a relay that the test stalls; B directly.
+    let front_a = tests::pair::Relay::start(std::net::SocketAddr::from(([127, 0, 0, 1], pair.a.port)));
+    let url_a = format!("https://localhost:{}", front_a.port);
+    let admin_cert = pair.pki.client("admin");
+    let ssoctl = std::process::Command::new(tests::bin("ssoctl"))
+        .args(["--server", &url_a, "--server", &pair.b.url(), "--ca"])
+        .arg(&pair.pki.ca_file)
+        .arg("--cert")
+        .arg(&admin_cert.cert)
+        .arg("--key")
+        .arg(&admin_cert.key)
+        .arg("rotate")
+        .env_remove("SSOCTL_SERVER")
+        .env_remove("SSOCTL_DEV")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A is mid-rotation once B holds A's new key staged: from then on, A's link hangs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (keys, _) = view(&pair, &pair.b).await.unwrap();
+        if keys.iter().any(|(_, s)| s == "staged") {
+            front_a.stall();
+            break;
+        }
+        assert!(Instant::now() < deadline, "A never staged a key on B");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let out = tokio::task::spawn_blocking(move || ssoctl.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    wait_converged(&pair, Duration::from_secs(10)).await;
+    let after = generations(&pair, &pair.b).await;
+    let new: Vec<u64> = after.iter().copied().filter(|g| *g > top).collect();
+    assert_eq!(
+        new.len(),
+        1,
+        "one `ssoctl rotate` created generations {new:?}\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(!out.status.success(), "ssoctl claimed success: {stdout}");
+    assert!(
+        stderr.contains(&url_a) && stderr.contains("may have"),
+        "the error does not name the node that timed out: {stderr}"
+    );
+    assert!(
+        !stderr.contains(&format!("{} answered", pair.b.url())),
+        "the error describes B's answer: {stderr}"
+    );
+    // What ssoctl saw of the pair: the key A's rotation created, on B.
+    assert!(
+        stderr.contains(&format!("generation {}", new[0])),
+        "the error does not say what the pair shows: {stderr}"
+    );
+    front_a.unstall();
+}
+
+/// How many times `node`'s log says a SIGHUP reload applied.
+fn reloads(node: &Node) -> usize {
+    node.server().log_text().matches("SIGHUP: reloaded").count()
+}
+
+/// SIGHUP `node` and wait (bounded) until its log says the reload applied.
+fn sighup_and_wait(node: &Node) {
+    let before = reloads(node);
+    node.server().signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reloads(node) == before {
+        let log = node.server().log_text();
+        assert!(
+            !log.contains("reload refused"),
+            "{} refused the reload:\n{log}",
+            node.name
+        );
+        assert!(Instant::now() < deadline, "{} did not reload:\n{log}", node.name);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Issue 12 point 6: docs/operations.md §7 (certificate rotation) on a running pair, no
+/// restart: node A's certificate and key are replaced and A gets SIGHUP, then B revokes A's
+/// old certificate (a CRL in `tls.crls`, SIGHUP). Replication in both directions still
+/// works, because the SIGHUP reloaded the identity A presents to its peer, not only its
+/// listener's. Before the fix A kept presenting the old (now revoked) certificate to B and
+/// its rotation answered 503 `peer_unavailable` until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_on_a_pair_needs_no_restart() {
+    let (_dir, pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let first = rotate(&pair, &pair.a, false).await;
+    assert_eq!(first.json()["replication"], "replicated", "{:?}", first.json());
+    // §7: replace the files named by tls.cert and tls.key (same paths), SIGHUP.
+    let old_serial = pair.a.setup.server_cert.serial.clone();
+    let old = tests::CertFiles {
+        cert: pair.pki.dir.join("old-a.pem"),
+        key: pair.pki.dir.join("old-a-key.pem"),
+        serial: old_serial.clone(),
+    };
+    std::fs::copy(&pair.a.setup.server_cert.cert, &old.cert).unwrap();
+    std::fs::copy(&pair.a.setup.server_cert.key, &old.key).unwrap();
+    let new = pair.pki.server("node-a-server");
+    assert_eq!(new.cert, pair.a.setup.server_cert.cert, "not the file A's config names");
+    assert_ne!(new.serial, old_serial);
+    sighup_and_wait(&pair.a);
+    // Revoke A's old certificate on B: add a CRL to B's [tls], SIGHUP.
+    let crl = pair.pki.crl("node-a-old.crl", &[old_serial], 1);
+    let text = std::fs::read_to_string(&pair.b.setup.config).unwrap();
+    let ca_line = format!("client_ca = \"{}\"\n", pair.pki.ca_file.display());
+    assert!(text.contains(&ca_line));
+    let text = text.replacen(&ca_line, &format!("{ca_line}crls = [\"{}\"]\n", crl.display()), 1);
+    std::fs::write(&pair.b.setup.config, text).unwrap();
+    sighup_and_wait(&pair.b);
+    // Both directions replicate, each rotation primary on both.
+    for node in [&pair.a, &pair.b] {
+        let reply = rotate(&pair, node, false).await;
+        let v = reply.json();
+        assert_eq!(
+            (reply.status, v["replication"].as_str()),
+            (200, Some("replicated")),
+            "rotation on {} after the certificate rotation: {v}",
+            node.name
+        );
+        let id = v["key_id"].as_str().unwrap().to_owned();
+        for other in [&pair.a, &pair.b] {
+            assert_eq!(view(&pair, other).await.unwrap().1.as_deref(), Some(id.as_str()));
+        }
+    }
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    // And B really refuses the old certificate now (the CRL applies).
+    let refused = tests::Client::new(pair.b.server().https, &pair.pki.ca_file, Some(&old))
+        .get("/v1/peer/keys?digest=x")
+        .await;
+    assert!(refused.is_err(), "B still accepts A's old certificate: {refused:?}");
+}
+
+/// Puts a retired key `id` (generation `generation`) with `material` into `node`'s store,
+/// offline (the node must be stopped).
+fn plant(node: &Node, id: sso_proto::KeyId, generation: u64, material: [u8; 32]) {
+    let key = keystore::UnsealKey::key_file(&node.setup.unseal_key).unwrap();
+    let mut store = keystore::SealedStore::open(&node.setup.store, &key).unwrap();
+    let secret = sso_proto::MasterSecret::from_base64(
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, material).as_bytes(),
+    )
+    .unwrap();
+    let record = keystore::KeyRecord {
+        meta: sso_proto::KeyMeta {
+            key_id: id,
+            generation,
+            created_at: time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
+            origin: "planted".into(),
+            state: sso_proto::KeyState::Retired,
+        },
+        secret: Some(secret),
+    };
+    store.merge(&[record]).unwrap();
+}
+
+fn audit_alarms(node: &Node) -> usize {
+    std::fs::read_to_string(&node.setup.audit)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("integrity_alarm"))
+        .count()
+}
+
+/// Issue 12 point 4: two nodes hold different material under one key id, everything else
+/// equal. The anti-entropy digest covers material (a keyed hash per key), so the pair does
+/// not answer "in sync": each node raises the alarm once (metric, one audit line, the
+/// status field), and a key rotated meanwhile still reaches the other node. Before the fix
+/// the digests were equal (no alarm at all), and once any other key differed the conflict
+/// made every later full merge refuse everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_material_alarms_once_and_the_other_keys_still_merge() {
+    let (_dir, mut pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    pair.a.kill();
+    pair.b.kill();
+    let id: sso_proto::KeyId = "0123456789abcdef0123456789abcdef".parse().unwrap();
+    plant(&pair.a, id, 100, [1; 32]);
+    plant(&pair.b, id, 100, [2; 32]);
+    pair.a.start();
+    pair.b.start();
+    // Same ids, generations and states on both: converged by the old digest's measure.
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for node in [&pair.a, &pair.b] {
+        while node.server().metric("sso_integrity_alarms_total") < 1.0 {
+            assert!(
+                Instant::now() < deadline,
+                "{} raised no alarm for key {id} held with two materials",
+                node.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // A key rotated on A alone still reaches B by anti-entropy.
+    pair.relay_ab.cut();
+    let degraded = rotate(&pair, &pair.a, true).await;
+    assert_eq!(degraded.json()["replication"], "degraded", "{:?}", degraded.json());
+    let new_id = degraded.json()["key_id"].as_str().unwrap().to_owned();
+    pair.relay_ab.heal();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while view(&pair, &pair.b).await.unwrap().1.as_deref() != Some(new_id.as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "B never got A's new key: the conflict blocked the merge"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Many sync intervals later: still one alarm per node, one audit line, the status says.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for node in [&pair.a, &pair.b] {
+        assert_eq!(node.server().metric("sso_integrity_alarms_total"), 1.0, "{}", node.name);
+        assert_eq!(audit_alarms(node), 1, "{}: audit lines", node.name);
+        let status = admin(&pair, node).get("/v1/admin/status").await.unwrap().json();
+        let alarm = status["peer"]["integrity_alarm"].as_str().unwrap_or("").to_owned();
+        assert!(alarm.contains(&id.to_string()), "{}: status {status}", node.name);
+        assert_eq!(node.server().key_material_in_logs(), None);
+    }
+}
