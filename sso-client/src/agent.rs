@@ -446,7 +446,7 @@ async fn route(req: Request<Incoming>, client: &Client) -> Result<Response<Full<
         (Method::POST, "/v1/seal") => {
             let body = read_body(req).await?;
             let request: SealRequest =
-                serde_json::from_slice(&body).map_err(|e| Refusal::bad_request(format!("malformed JSON: {e}")))?;
+                serde_json::from_slice(&body).map_err(|e| Refusal::bad_request(sso_proto::json::describe_error(&e)))?;
             let plaintext = Zeroizing::new(b64(&request.plaintext, "plaintext")?);
             let aad = aad(request.aad.as_deref())?;
             let envelope = client.seal(&aad, &plaintext).await?;
@@ -461,7 +461,7 @@ async fn route(req: Request<Incoming>, client: &Client) -> Result<Response<Full<
         (Method::POST, "/v1/open") => {
             let body = read_body(req).await?;
             let request: OpenRequest =
-                serde_json::from_slice(&body).map_err(|e| Refusal::bad_request(format!("malformed JSON: {e}")))?;
+                serde_json::from_slice(&body).map_err(|e| Refusal::bad_request(sso_proto::json::describe_error(&e)))?;
             let envelope = b64(&request.envelope, "envelope")?;
             let aad = aad(request.aad.as_deref())?;
             let plaintext = Zeroizing::new(client.open(&aad, &envelope).await?);
