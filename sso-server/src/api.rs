@@ -1104,8 +1104,8 @@ async fn restore(body: &[u8], _caller: &Caller, state: &Arc<AppState>) -> Result
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    // serde's message names the line and column, never the input.
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+    // Never serde's own words for a refused value: it may be a password.
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(sso_proto::json::describe_error(&e)))
 }
 
 /// Reads the request body within the size and time limits into a buffer that is wiped

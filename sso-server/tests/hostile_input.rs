@@ -346,6 +346,59 @@ async fn a_crafted_backup_kdf_header_is_refused_before_the_kdf_runs() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// Issue 10 §8: a password that is not a string must not come back. serde's own message
+/// quotes the value ("invalid type: integer `987654321012`"), which put the digits into
+/// the answer and the audit log. Every body carrying a password is tried, and the answer,
+/// the server log and the audit log are searched for the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_of_the_wrong_type_is_never_echoed() {
+    let f = start();
+    let admin = f.client("admin");
+    let secret = "987654321012";
+    let number: serde_json::Value = serde_json::from_str(secret).unwrap();
+    let bodies = [
+        ("/v1/admin/backup", serde_json::json!({ "password": number })),
+        ("/v1/admin/backup", serde_json::json!({ "password": [number] })),
+        (
+            "/v1/admin/restore",
+            serde_json::json!({ "password": number, "backup": "AAAA" }),
+        ),
+        (
+            "/v1/admin/restore",
+            serde_json::json!({ "password": { "x": number }, "backup": "AAAA" }),
+        ),
+    ];
+    for (path, body) in &bodies {
+        let r = admin.post(path, body).await.unwrap();
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 400, "{path} {body}: {text}");
+        assert!(!text.contains(secret), "{path} answered with the password: {text}");
+        assert!(
+            text.contains("wrong type or value at line 1"),
+            "the answer should say where: {text}"
+        );
+    }
+    // The answers are audited (asynchronously): wait for them, then search every file.
+    let audit = f.setup.audit.clone();
+    let mut refused = 0;
+    for _ in 0..200 {
+        let log = std::fs::read_to_string(&audit).unwrap_or_default();
+        refused = log
+            .lines()
+            .filter(|l| l.contains("admin.backup") || l.contains("admin.restore"))
+            .count();
+        if refused >= bodies.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(refused >= bodies.len(), "the refusals were not audited");
+    for file in [&audit, &f.server.log] {
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(!text.contains(secret), "{} holds the password", file.display());
+    }
+}
+
 /// While a restore's KDF runs (here at the largest cost a backup file may ask for, with a
 /// wrong password), the store lock is free: an admin status call, which needs the lock,
 /// answers before the restore does.
