@@ -33,6 +33,33 @@ use crate::{Client, ClientBuilder, Error, Freshness};
 
 const MAX_BODY: usize = 8 << 20;
 
+/// The port `sso-server --dev` serves on unless its `server.toml` says otherwise.
+pub const DEV_PORT: u16 = 7443;
+
+/// The URL of the dev server whose files are in `dir`: the port of `listen` in
+/// `DIR/server.toml` (an operator may have moved it), or [`DEV_PORT`] before the dev
+/// server has written that file. Used by `sso-agent --dev` and `ssoctl --dev`.
+pub fn dev_endpoint(dir: &Path) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Listen {
+        listen: String,
+    }
+    let path = dir.join("server.toml");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(format!("https://localhost:{DEV_PORT}")),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let listen: Listen = toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+    let port = listen
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .map_err(|e| format!("{}: listen = {:?}: {e}", path.display(), listen.listen))?
+        .port();
+    // The dev server certificate names localhost, not the address.
+    Ok(format!("https://localhost:{port}"))
+}
+
 /// The agent's TOML configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -114,11 +141,12 @@ impl AgentConfig {
         Ok(config)
     }
 
-    /// The config `sso-agent --dev DIR` uses: the dev server on localhost:7443, the dev
-    /// client certificate, `DIR/agent.sock` with mode 0600 for this uid only.
-    pub fn dev(dir: &Path) -> Self {
-        Self {
-            endpoints: vec!["https://localhost:7443".into()],
+    /// The config `sso-agent --dev DIR` uses: the dev server at the address its
+    /// `DIR/server.toml` names ([`dev_endpoint`]), the dev client certificate,
+    /// `DIR/agent.sock` with mode 0600 for this uid only.
+    pub fn dev(dir: &Path) -> Result<Self, String> {
+        Ok(Self {
+            endpoints: vec![dev_endpoint(dir)?],
             ca: dir.join("ca.pem"),
             cert: dir.join("client.pem"),
             key: dir.join("client-key.pem"),
@@ -129,7 +157,7 @@ impl AgentConfig {
             max_stale_secs: None,
             max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
             kms: Some(crate::kms::KmsConfig::dev(dir)),
-        }
+        })
     }
 
     /// The socket mode as a number.
@@ -446,7 +474,7 @@ async fn route(req: Request<Incoming>, client: &Client) -> Result<Response<Full<
         (Method::POST, "/v1/seal") => {
             let body = read_body(req).await?;
             let request: SealRequest =
-                serde_json::from_slice(&body).map_err(|e| Refusal::bad_request(format!("malformed JSON: {e}")))?;
+                serde_json::from_slice(&body).map_err(|e| Refusal::bad_request(sso_proto::json::describe_error(&e)))?;
             let plaintext = Zeroizing::new(b64(&request.plaintext, "plaintext")?);
             let aad = aad(request.aad.as_deref())?;
             let envelope = client.seal(&aad, &plaintext).await?;
@@ -461,7 +489,7 @@ async fn route(req: Request<Incoming>, client: &Client) -> Result<Response<Full<
         (Method::POST, "/v1/open") => {
             let body = read_body(req).await?;
             let request: OpenRequest =
-                serde_json::from_slice(&body).map_err(|e| Refusal::bad_request(format!("malformed JSON: {e}")))?;
+                serde_json::from_slice(&body).map_err(|e| Refusal::bad_request(sso_proto::json::describe_error(&e)))?;
             let envelope = b64(&request.envelope, "envelope")?;
             let aad = aad(request.aad.as_deref())?;
             let plaintext = Zeroizing::new(client.open(&aad, &envelope).await?);

@@ -10,6 +10,8 @@
 //!   through TLS ([`delivery::Sealer`] on the server, [`delivery::Recipient`] and
 //!   [`delivery::Opener`] on the client); the format is specified in
 //!   `docs/key-delivery.md`.
+//! - [`json`]: messages for refused JSON bodies that never quote a value (it may be a
+//!   password or a plaintext).
 //! - [`fuzzing`] (feature `fuzzing`): entry points for the targets in `fuzz/`.
 //!
 //! Data flows one way: a server hands out `KeyMeta` + `MasterSecret`, a client turns each
@@ -19,6 +21,7 @@
 
 pub mod delivery;
 pub mod envelope;
+pub mod json;
 pub mod key;
 
 pub use envelope::{EnvelopeKey, EnvelopeRef};

@@ -72,7 +72,9 @@ impl From<keystore::Error> for ApiError {
             | E::GenerationExhausted => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
             E::ConflictingKey(_) => Self::new(StatusCode::CONFLICT, "integrity", e.to_string()),
             E::MalformedRecord { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_record", e.to_string()),
-            E::Integrity { .. } => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "integrity", e.to_string()),
+            E::Integrity { .. } | E::MissingKey { .. } | E::TamperedHeader => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "integrity", e.to_string())
+            }
             E::WrongBackupPassword => Self::new(StatusCode::FORBIDDEN, "wrong_password", e.to_string()),
             E::NotABackup
             | E::UnsupportedBackupVersion(_)
@@ -665,7 +667,9 @@ async fn with_store<T: Send + 'static>(
     tokio::task::spawn_blocking(move || {
         let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
         let result = f(&mut store);
-        if let Err(keystore::Error::ConflictingKey(_) | keystore::Error::Integrity { .. }) = &result {
+        if let Err(e) = &result
+            && e.is_integrity()
+        {
             state
                 .metrics
                 .integrity_alarms
@@ -1100,8 +1104,8 @@ async fn restore(body: &[u8], _caller: &Caller, state: &Arc<AppState>) -> Result
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    // serde's message names the line and column, never the input.
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+    // Never serde's own words for a refused value: it may be a password.
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(sso_proto::json::describe_error(&e)))
 }
 
 /// Reads the request body within the size and time limits into a buffer that is wiped

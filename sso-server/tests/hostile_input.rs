@@ -346,6 +346,59 @@ async fn a_crafted_backup_kdf_header_is_refused_before_the_kdf_runs() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// Issue 10 §8: a password that is not a string must not come back. serde's own message
+/// quotes the value ("invalid type: integer `987654321012`"), which put the digits into
+/// the answer and the audit log. Every body carrying a password is tried, and the answer,
+/// the server log and the audit log are searched for the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_of_the_wrong_type_is_never_echoed() {
+    let f = start();
+    let admin = f.client("admin");
+    let secret = "987654321012";
+    let number: serde_json::Value = serde_json::from_str(secret).unwrap();
+    let bodies = [
+        ("/v1/admin/backup", serde_json::json!({ "password": number })),
+        ("/v1/admin/backup", serde_json::json!({ "password": [number] })),
+        (
+            "/v1/admin/restore",
+            serde_json::json!({ "password": number, "backup": "AAAA" }),
+        ),
+        (
+            "/v1/admin/restore",
+            serde_json::json!({ "password": { "x": number }, "backup": "AAAA" }),
+        ),
+    ];
+    for (path, body) in &bodies {
+        let r = admin.post(path, body).await.unwrap();
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 400, "{path} {body}: {text}");
+        assert!(!text.contains(secret), "{path} answered with the password: {text}");
+        assert!(
+            text.contains("wrong type or value at line 1"),
+            "the answer should say where: {text}"
+        );
+    }
+    // The answers are audited (asynchronously): wait for them, then search every file.
+    let audit = f.setup.audit.clone();
+    let mut refused = 0;
+    for _ in 0..200 {
+        let log = std::fs::read_to_string(&audit).unwrap_or_default();
+        refused = log
+            .lines()
+            .filter(|l| l.contains("admin.backup") || l.contains("admin.restore"))
+            .count();
+        if refused >= bodies.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(refused >= bodies.len(), "the refusals were not audited");
+    for file in [&audit, &f.server.log] {
+        let text = std::fs::read_to_string(file).unwrap();
+        assert!(!text.contains(secret), "{} holds the password", file.display());
+    }
+}
+
 /// While a restore's KDF runs (here at the largest cost a backup file may ask for, with a
 /// wrong password), the store lock is free: an admin status call, which needs the lock,
 /// answers before the restore does.
@@ -405,4 +458,56 @@ fn memory_offset(file: &[u8]) -> usize {
     let hint_len = usize::from(u16::from_be_bytes([file[9], file[10]]));
     let node_at = 11 + hint_len + 8;
     node_at + 1 + usize::from(file[node_at])
+}
+
+/// Issue 10 §5 attack: stop the server, delete the primary's row from its store with
+/// plain SQL (no KEK needed), start it again. Before the fix it started and served the
+/// older key as the primary, with no alarm. Now it refuses to start (exit 65) and names
+/// the missing key on stderr.
+#[test]
+fn a_deleted_primary_row_stops_the_server_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
+    let key = keystore::UnsealKey::key_file(&setup.unseal_key).unwrap();
+    let mut store = keystore::SealedStore::open(&setup.store, &key).unwrap();
+    let primary = store.rotate().unwrap();
+    drop(store);
+    let conn = rusqlite::Connection::open(&setup.store).unwrap();
+    let deleted = conn
+        .execute("DELETE FROM keys WHERE key_id = ?1", [primary.key_id.to_string()])
+        .unwrap();
+    assert_eq!(deleted, 1);
+    drop(conn);
+
+    let mut child = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&setup.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: a server that starts anyway is killed after 20 s and the test fails.
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stdout.contains("listening"),
+        "the server started without its primary: {stdout}"
+    );
+    assert_eq!(out.status.code(), Some(65), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the key {} (generation 2, primary) is missing from the store: its row was deleted",
+            primary.key_id
+        )),
+        "{stderr}"
+    );
 }

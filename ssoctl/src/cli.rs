@@ -33,7 +33,7 @@ pub struct Global {
     #[arg(long, global = true, env = "SSOCTL_KEY")]
     pub key: Option<PathBuf>,
     /// Use the dev setup in DIR (as made by `sso-server --dev`): its CA, admin
-    /// certificate, and https://localhost:7443.
+    /// certificate, and the port its server.toml names (7443 by default).
     #[arg(long, global = true, env = "SSOCTL_DEV", value_name = "DIR")]
     pub dev: Option<PathBuf>,
     /// Read passwords from this file (mode 0600) instead of the environment or a prompt.

@@ -27,7 +27,7 @@ fn settings(global: &Global) -> Result<(Vec<String>, PathBuf, PathBuf, PathBuf),
     let key = pick(&global.key, "admin-key.pem", "client key (--key)")?;
     let servers = match (global.servers.is_empty(), dev) {
         (false, _) => global.servers.clone(),
-        (true, Some(_)) => vec!["https://localhost:7443".to_owned()],
+        (true, Some(dir)) => vec![sso_client::agent::dev_endpoint(dir).map_err(usage)?],
         (true, None) => return Err(usage("no server given (--server)")),
     };
     Ok((servers, ca, cert, key))

@@ -523,10 +523,18 @@ pub struct TestAgent {
 impl TestAgent {
     /// Starts `sso-agent --config CONFIG` and waits for its socket.
     pub fn start(config: &Path, log: &Path) -> Self {
+        Self::start_with(&[std::ffi::OsStr::new("--config"), config.as_os_str()], log)
+    }
+
+    /// Starts `sso-agent --dev DIR` (beside `sso-server --dev DIR`) and waits for its socket.
+    pub fn start_dev(dir: &Path, log: &Path) -> Self {
+        Self::start_with(&[std::ffi::OsStr::new("--dev"), dir.as_os_str()], log)
+    }
+
+    fn start_with(args: &[&std::ffi::OsStr], log: &Path) -> Self {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let mut child = Command::new(bin("sso-agent"))
-            .arg("--config")
-            .arg(config)
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()

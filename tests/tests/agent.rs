@@ -110,6 +110,20 @@ fn curl_seals_and_opens_through_the_agent_and_strangers_are_refused() {
         None,
     );
     assert_eq!(code, 400);
+    // A plaintext that is not a string is refused without being repeated (issue 10 §8).
+    let (code, err) = curl(
+        &agent.socket,
+        &[
+            "-X",
+            "POST",
+            "http://agent/v1/seal",
+            "-d",
+            r#"{"plaintext":987654321012}"#,
+        ],
+        None,
+    );
+    assert_eq!(code, 400, "{err}");
+    assert!(!err.to_string().contains("987654321012"), "{err}");
 
     // Another uid: refused by the allowlist (needs root to switch uid).
     if own_uid() == 0 {

@@ -475,3 +475,94 @@ async fn python_grpcio_client_with_stubs_from_the_proto_speaks_kms_v2() {
     let plaintext = decrypt(&mut kms, &python_ciphertext, &primary).await.unwrap();
     assert_eq!(hex::encode(plaintext), answer["encrypt"]["plaintext"].as_str().unwrap());
 }
+
+/// `sso-agent --dev DIR` beside `sso-server --dev DIR`: agent.sock and kms.sock in DIR,
+/// reaching the dev server on the port its `server.toml` names (an operator who moved the
+/// dev server off 7443 keeps a working agent; before, the agent was hard-wired to 7443).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_agent_serves_kms_sock_beside_agent_sock_on_the_dev_servers_port() {
+    let root = tempfile::tempdir().unwrap();
+    let dev = root.path().join("sso-dev");
+    // First start creates the directory (on the contract's 7443); then move it to a free port.
+    assert!(
+        std::net::TcpStream::connect("127.0.0.1:7443").is_err(),
+        "port 7443 is taken by another process: stop it (the first dev start serves there)"
+    );
+    let mut server = dev_server(&dev, &root.path().join("first.log"));
+    let _ = server.kill();
+    let _ = server.wait();
+    let port = tests::free_port();
+    let config = dev.join("server.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("listen = \"127.0.0.1:7443\""), "{text}");
+    std::fs::write(
+        &config,
+        text.replace("127.0.0.1:7443", &format!("127.0.0.1:{port}"))
+            .replace("127.0.0.1:7444", &format!("127.0.0.1:{}", tests::free_port())),
+    )
+    .unwrap();
+    let mut server = dev_server(&dev, &root.path().join("server.log"));
+
+    let agent = TestAgent::start_dev(&dev, &root.path().join("agent.log"));
+    assert_eq!(agent.socket, dev.join("agent.sock"));
+    assert_eq!(agent.kms_socket.as_deref(), Some(dev.join("kms.sock").as_path()));
+    let mut kms = agent.kms().await;
+    let s = healthy(&mut kms).await;
+    assert_eq!((s.version.as_str(), s.key_id.len()), ("v2", 32), "{s:?}");
+    let (ciphertext, key_id) = encrypt(&mut kms, &seed(7)).await.unwrap();
+    assert_eq!(key_id, s.key_id);
+    assert_eq!(decrypt(&mut kms, &ciphertext, &key_id).await.unwrap(), seed(7));
+
+    // agent.sock answers too, for this uid.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--unix-socket"])
+        .arg(&agent.socket)
+        .args([
+            "-X",
+            "POST",
+            "http://agent/v1/seal",
+            "-d",
+            r#"{"plaintext":"aGVsbG8="}"#,
+        ])
+        .output()
+        .unwrap();
+    let sealed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        sealed["key_id"].as_str(),
+        Some(key_id.as_str()),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    drop(agent);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// `sso-server --dev DIR`, once its banner is printed.
+fn dev_server(dir: &Path, log: &Path) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = Command::new(bin("sso-server"))
+        .arg("--dev")
+        .arg(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("ssoctl --dev") && line.contains("rotate") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        let _ = child.kill();
+        panic!(
+            "dev server did not start: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+    child
+}

@@ -33,7 +33,16 @@ fn main() -> ExitCode {
             Ok(c) => c,
             Err(e) => return fail(64, &e, "fix the field named above"),
         },
-        (None, Some(dir)) => AgentConfig::dev(dir),
+        (None, Some(dir)) => match AgentConfig::dev(dir) {
+            Ok(c) => c,
+            Err(e) => {
+                return fail(
+                    64,
+                    &e,
+                    "fix the dev server's server.toml, or remove DIR and start `sso-server --dev DIR` again",
+                );
+            }
+        },
         (None, None) => return fail(64, &"no configuration", "pass --config FILE or --dev DIR"),
     };
     let mode = match config.mode() {
