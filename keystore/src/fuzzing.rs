@@ -27,6 +27,23 @@ pub fn stored_blob(data: &[u8]) {
     let _ = crate::decode_blob(data);
 }
 
+/// A store's manifest: the structure parser, then the tag check under a fixed key (a
+/// seed sealed under that key reaches the comparison paths).
+pub fn store_manifest(data: &[u8]) {
+    if let Ok(manifest) = crate::manifest::Manifest::decode(data) {
+        // Whatever decodes re-encodes to the same body.
+        let key = crate::manifest::ManifestKey::from_bytes(&[5u8; 32]);
+        let again = manifest.seal(&key, &[6u8; 16]);
+        assert_eq!(
+            again.len(),
+            data.len(),
+            "a decoded manifest re-encodes to another length"
+        );
+        assert_eq!(again[..again.len() - 32], data[..data.len() - 32]);
+        let _ = crate::manifest::Manifest::open(data, &key, &[6u8; 16]);
+    }
+}
+
 /// An audit log (one or more lines) through the verifier, keyed with a fixed key, with
 /// the first line's count as an anchor when it parses.
 pub fn audit_log(data: &[u8]) {
@@ -76,5 +93,20 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut blob = vec![crate::wrap::WRAP_VERSION];
     blob.extend_from_slice(&[0x33; crate::WRAPPED_LEN - 1]);
     out.push(("stored_blob", blob));
+    let manifest = crate::manifest::Manifest::new(
+        3,
+        records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| crate::manifest::ManifestEntry {
+                key_id: KeyId::from_bytes([0x11 + i as u8; 16]),
+                generation: r.meta.generation + i as u64,
+                lifecycle: i as u8 + 1,
+                created_at: r.meta.created_at.unix_timestamp(),
+            })
+            .collect(),
+    );
+    let key = crate::manifest::ManifestKey::from_bytes(&[5u8; 32]);
+    out.push(("store_manifest", manifest.seal(&key, &[6u8; 16])));
     out
 }

@@ -8,6 +8,9 @@
 //!   material to its row.
 //! - [`store`]: [`SealedStore`], the SQLite file (WAL, `synchronous=FULL`, mode 0600,
 //!   migrations) and the key model's transitions: stage, promote, retire, destroy, merge.
+//! - [`manifest`]: the authenticated list of the store's keys (ids, generations, states,
+//!   epoch) under an HMAC key derived from the KEK, rewritten with every change and
+//!   checked on open, so a deleted, added or rolled-back row is found.
 //! - [`backup`]: the password-sealed backup file format (`docs/backup-format.md`).
 //! - [`fsutil`]: private (0600), atomic file writes.
 //! - [`audit`]: the audit log's keyed chain (line format, key, anchor, verifier), shared
@@ -22,6 +25,7 @@
 pub mod audit;
 pub mod backup;
 pub mod fsutil;
+pub mod manifest;
 pub mod store;
 pub mod unseal;
 pub mod validate;
@@ -65,8 +69,29 @@ pub enum Error {
     #[error("{} already exists: refusing to overwrite a store", .0.display())]
     StoreExists(PathBuf),
     /// The passphrase or key file does not unseal this store. Nothing was written.
-    #[error("wrong {0} for this store: nothing was changed; check which secret belongs to this store")]
+    #[error("wrong {} for this store: nothing was changed; check which secret belongs to this store", .0.noun())]
     WrongUnsealKey(UnsealKind),
+    /// The store's key-derivation header (unseal kind, argon2 cost, salt, store id) no
+    /// longer matches the digest written at creation: it was edited. Reported before the
+    /// KDF runs, so an edited header is not mistaken for a wrong passphrase.
+    #[error("the store's key-derivation header does not verify: it was edited; restore the store from a backup")]
+    TamperedHeader,
+    /// The store's manifest lists a key whose row is gone: the row was deleted outside the
+    /// service. `more` counts the other missing keys.
+    #[error(
+        "the key {key_id} (generation {generation}, {state}) is missing from the store: its row was deleted{}; restore the store from a backup or resync from the peer",
+        more_keys(.more)
+    )]
+    MissingKey {
+        /// The missing key (the one with the highest generation, when several are).
+        key_id: KeyId,
+        /// Its generation, as the manifest records it.
+        generation: u64,
+        /// Its state, as the manifest records it.
+        state: sso_proto::KeyState,
+        /// How many other keys are missing too.
+        more: usize,
+    },
     /// The store was created with the other kind of unseal secret.
     #[error("this store is unsealed with {expected}, but {given} was supplied")]
     UnsealKindMismatch {
@@ -219,7 +244,24 @@ pub enum Error {
     BackupTampered,
 }
 
+fn more_keys(more: &usize) -> String {
+    match *more {
+        0 => String::new(),
+        1 => " (and 1 more key)".into(),
+        n => format!(" (and {n} more keys)"),
+    }
+}
+
 impl Error {
+    /// Whether this error means stored data failed an integrity check (an alarm, not a
+    /// mistake by the caller).
+    pub fn is_integrity(&self) -> bool {
+        matches!(
+            self,
+            Self::Integrity { .. } | Self::MissingKey { .. } | Self::TamperedHeader | Self::ConflictingKey(_)
+        )
+    }
+
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),

@@ -2,7 +2,22 @@
 //!
 //! Durability: WAL with `synchronous=FULL`, so a transition that returned `Ok` survives a
 //! crash or power loss. Every transition is one `BEGIN IMMEDIATE` transaction that also
-//! advances the keyring epoch, so readers never see half a change.
+//! advances the keyring epoch and rewrites the [`Manifest`] ([`seal_change`]), so readers
+//! never see half a change.
+//!
+//! Integrity on disk, checked on open (and before every change and keyring read):
+//! - the KDF header (unseal kind, argon2 cost, salt, store id) against its SHA-256 digest
+//!   in `meta.kdf_header_sha256`, before the KDF runs ([`Error::TamperedHeader`]);
+//! - the KEK check (`meta.kek_check`): the store id sealed under the KEK with the header
+//!   digest in the AAD ([`Error::WrongUnsealKey`]);
+//! - the manifest (`meta.manifest`, HMAC under a key derived from the KEK) against the
+//!   epoch and every row: a deleted row is [`Error::MissingKey`], naming the key; an
+//!   added, edited or rolled-back row, an edited epoch or manifest is
+//!   [`Error::Integrity`];
+//! - each row's wrapped material against the row (`wrap`), when it is read.
+//!
+//! A store written before the manifest existed (v1 KEK check, no digest, no manifest) is
+//! upgraded on open once every row authenticates.
 //!
 //! The primary is never stored: it is the promoted key with the highest
 //! `(generation, key_id)`, computed on every read.
@@ -17,6 +32,7 @@ use sso_proto::{KeyId, KeyMeta, KeyState, MasterSecret};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+use crate::manifest::{MAX_KEYS, Manifest, ManifestEntry};
 use crate::unseal::{KEK_LEN, KdfParams, UnsealKey, UnsealKind};
 use crate::wrap::{self, Kek, RowIdentity};
 use crate::{Error, Result, fsutil, validate};
@@ -40,7 +56,11 @@ const MIGRATIONS: &[&str] = &[
 ];
 
 const SALT_LEN: usize = 16;
-const KEK_CHECK_AAD: &[u8] = b"sso-keystore/kek-check/v1";
+/// AAD of the KEK check in stores written before the manifest (no header digest).
+const KEK_CHECK_AAD_V1: &[u8] = b"sso-keystore/kek-check/v1";
+/// AAD prefix of the KEK check since the manifest; the header digest follows.
+const KEK_CHECK_AAD_V2: &[u8] = b"sso-keystore/kek-check/v2";
+const KDF_HEADER_CONTEXT: &[u8] = b"sso-keystore/kdf-header/v1";
 
 /// Where a key stands, as stored. `Primary` vs `Active` is derived, not stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -60,6 +80,10 @@ impl Lifecycle {
             3 => Self::Destroyed,
             _ => return None,
         })
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        Self::from_i64(i64::from(v))
     }
 
     fn from_state(state: KeyState) -> Self {
@@ -198,6 +222,15 @@ impl Row {
         }
     }
 
+    fn manifest_entry(&self) -> ManifestEntry {
+        ManifestEntry {
+            key_id: self.key_id,
+            generation: self.generation,
+            lifecycle: self.lifecycle as u8,
+            created_at: self.created_at.unix_timestamp(),
+        }
+    }
+
     fn meta(&self, primary: Option<KeyId>) -> KeyMeta {
         KeyMeta {
             key_id: self.key_id,
@@ -224,6 +257,8 @@ pub struct SealedStore {
     rng: SystemRandom,
     path: PathBuf,
     node: String,
+    /// Random id of this store file, bound into the KEK check and the manifest's tag.
+    store_id: [u8; 16],
 }
 
 impl std::fmt::Debug for SealedStore {
@@ -264,21 +299,33 @@ impl SealedStore {
         let mut store_id = [0u8; 16];
         rng.fill(&mut store_id).map_err(|_| Error::Randomness)?;
         let kek = derive_kek(key, kdf, &salt)?;
-        let check = kek.seal(&rng, KEK_CHECK_AAD, &store_id)?;
+        let kind = key.kind();
+        let header = KdfHeader {
+            kind: kind.as_str().to_owned(),
+            memory_kib: i64::from(kdf.memory_kib),
+            passes: i64::from(kdf.passes),
+            lanes: i64::from(kdf.lanes),
+            salt: salt.to_vec(),
+            store_id: hex::encode(store_id),
+        };
+        let digest = header.digest();
+        let check = kek.seal(&rng, &kek_check_aad(&digest), &store_id)?;
+        let manifest = Manifest::new(0, Vec::new()).seal(kek.manifest_key(), &store_id);
 
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let kind = key.kind();
-        let meta: [(&str, rusqlite::types::Value); 10] = [
-            ("store_id", hex::encode(store_id).into()),
+        let meta: [(&str, rusqlite::types::Value); 12] = [
+            ("store_id", header.store_id.into()),
             ("node", options.node.clone().into()),
             ("created_at", OffsetDateTime::now_utc().unix_timestamp().into()),
-            ("unseal_kind", kind.as_str().to_owned().into()),
-            ("kdf_memory_kib", i64::from(kdf.memory_kib).into()),
-            ("kdf_passes", i64::from(kdf.passes).into()),
-            ("kdf_lanes", i64::from(kdf.lanes).into()),
-            ("kdf_salt", salt.to_vec().into()),
+            ("unseal_kind", header.kind.into()),
+            ("kdf_memory_kib", header.memory_kib.into()),
+            ("kdf_passes", header.passes.into()),
+            ("kdf_lanes", header.lanes.into()),
+            ("kdf_salt", header.salt.into()),
+            ("kdf_header_sha256", digest.to_vec().into()),
             ("kek_check", check.into()),
             ("epoch", 0i64.into()),
+            ("manifest", manifest.into()),
         ];
         for (name, value) in meta {
             tx.execute("INSERT INTO meta (name, value) VALUES (?1, ?2)", params![name, value])?;
@@ -290,13 +337,16 @@ impl SealedStore {
             rng,
             path: path.to_path_buf(),
             node: options.node.clone(),
+            store_id,
         })
     }
 
     /// Opens the store at `path` and unseals it with `key`.
     ///
     /// The unseal secret is checked before anything is written (including schema
-    /// migrations), so a wrong passphrase or key file changes nothing.
+    /// migrations), so a wrong passphrase or key file changes nothing. Then the manifest
+    /// is checked against the epoch and every row (see the module doc); a store without
+    /// one is upgraded once all its rows authenticate.
     pub fn open(path: &Path, key: &UnsealKey) -> Result<Self> {
         if !path.exists() {
             return Err(Error::StoreNotFound(path.to_path_buf()));
@@ -315,27 +365,55 @@ impl SealedStore {
             return Err(Error::NotAStore("the file has no store schema".into()));
         }
 
-        let kind_text: String = meta_value(&conn, "unseal_kind")?;
-        let kind = UnsealKind::parse(&kind_text)
-            .ok_or_else(|| Error::NotAStore(format!("unknown unseal kind {kind_text:?}")))?;
+        // The header is checked against its digest before anything is derived from it,
+        // so an edited salt or cost is reported as such, not as a wrong passphrase.
+        let recorded = meta_bytes(&conn, "kdf_header_sha256")?;
+        let header = match KdfHeader::read(&conn) {
+            Ok(h) => h,
+            // A header field deleted or retyped in a store that has a digest was edited.
+            Err(Error::NotAStore(_) | Error::Database(_)) if recorded.is_some() => {
+                return Err(Error::TamperedHeader);
+            }
+            Err(e) => return Err(e),
+        };
+        let digest = header.digest();
+        if let Some(recorded) = &recorded
+            && !bool::from(subtle::ConstantTimeEq::ct_eq(recorded.as_slice(), digest.as_slice()))
+        {
+            return Err(Error::TamperedHeader);
+        }
+        let kind = UnsealKind::parse(&header.kind)
+            .ok_or_else(|| Error::NotAStore(format!("unknown unseal kind {:?}", header.kind)))?;
         if kind != key.kind() {
             return Err(Error::UnsealKindMismatch {
                 expected: kind,
                 given: key.kind(),
             });
         }
-        let kdf = KdfParams {
-            memory_kib: meta_u32(&conn, "kdf_memory_kib")?,
-            passes: meta_u32(&conn, "kdf_passes")?,
-            lanes: meta_u32(&conn, "kdf_lanes")?,
-        };
-        let kdf = kdf.validate().map_err(|e| Error::NotAStore(e.into()))?;
-        let salt: Vec<u8> = meta_value(&conn, "kdf_salt")?;
+        let kdf = header.kdf()?.validate().map_err(|e| Error::NotAStore(e.into()))?;
+        let store_id = parse_store_id(&header.store_id)?;
         let check: Vec<u8> = meta_value(&conn, "kek_check")?;
-        let store_id: String = meta_value(&conn, "store_id")?;
-        let kek = derive_kek(key, kdf, &salt)?;
-        match kek.open(KEK_CHECK_AAD, &check) {
-            Some(id) if hex::encode(&*id) == store_id => {}
+        let kek = derive_kek(key, kdf, &header.salt)?;
+        let current = kek.open(&kek_check_aad(&digest), &check);
+        let legacy = recorded.is_none();
+        let opened = if legacy {
+            match kek.open(KEK_CHECK_AAD_V1, &check) {
+                Some(id) => Some(id),
+                // A current check without its digest: the digest was deleted to pass the
+                // store off as one written before the manifest.
+                None if current.is_some() => {
+                    return Err(Error::Integrity {
+                        key_id: None,
+                        detail: "the store's header digest was deleted".into(),
+                    });
+                }
+                None => None,
+            }
+        } else {
+            current
+        };
+        match opened {
+            Some(id) if id.as_slice() == store_id.as_slice() => {}
             Some(_) => {
                 return Err(Error::Integrity {
                     key_id: None,
@@ -347,13 +425,59 @@ impl SealedStore {
 
         migrate(&mut conn)?;
         let node: String = meta_value(&conn, "node")?;
-        Ok(Self {
+        let mut store = Self {
             conn,
             kek,
             rng: SystemRandom::new(),
             path: path.to_path_buf(),
             node,
-        })
+            store_id,
+        };
+        if legacy {
+            store.upgrade_legacy(&digest)?;
+        } else {
+            let rows = load_rows(&store.conn)?;
+            check_manifest(&store.conn, &store.kek, &store.store_id, &rows)?;
+        }
+        Ok(store)
+    }
+
+    /// Writes the header digest, the current KEK check and the manifest into a store
+    /// written before the manifest existed, in one transaction, after every row has
+    /// authenticated: the manifest vouches only for rows the KEK vouched for first.
+    fn upgrade_legacy(&mut self, digest: &[u8; 32]) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if meta_opt::<rusqlite::types::Value>(&tx, "manifest")?.is_some() {
+            return Err(Error::Integrity {
+                key_id: None,
+                detail: "the store has a manifest but no header digest: the digest was deleted".into(),
+            });
+        }
+        let rows = load_rows(&tx)?;
+        for row in &rows {
+            match (row.lifecycle, &row.material) {
+                (Lifecycle::Destroyed, None) => {}
+                (Lifecycle::Destroyed, Some(_)) => {
+                    return Err(Error::Integrity {
+                        key_id: Some(row.key_id),
+                        detail: "a destroyed key still has material".into(),
+                    });
+                }
+                _ => drop(unwrap_row(&self.kek, row)?),
+            }
+        }
+        let check = self.kek.seal(&self.rng, &kek_check_aad(digest), &self.store_id)?;
+        set_meta(&tx, "kdf_header_sha256", digest.to_vec().into())?;
+        set_meta(&tx, "kek_check", check.into())?;
+        let epoch = read_epoch(&tx)?;
+        write_manifest(&tx, &self.kek, &self.store_id, epoch, &rows)?;
+        tx.commit()?;
+        tracing::warn!(
+            keys = rows.len(),
+            epoch,
+            "store upgraded: every row authenticated; a key manifest now records the key set"
+        );
+        Ok(())
     }
 
     /// Where the store lives.
@@ -394,10 +518,7 @@ impl SealedStore {
     /// Every served key (staged, primary, active) with its material, unwrapped and
     /// checked. Any row that fails its integrity check fails the whole call.
     pub fn keyring(&self) -> Result<Keyring> {
-        let tx = self.conn.unchecked_transaction()?;
-        let epoch = read_epoch(&tx)?;
-        let rows = load_rows(&tx)?;
-        drop(tx);
+        let (epoch, rows) = self.read_checked()?;
         let primary = derive_primary(&rows);
         let mut keys = Vec::new();
         for row in rows.iter().filter(|r| r.lifecycle <= Lifecycle::Promoted) {
@@ -412,7 +533,7 @@ impl SealedStore {
     /// Every key, including retired ones with their material and destroyed ones without:
     /// what replication and backups carry.
     pub fn export(&self) -> Result<Vec<KeyRecord>> {
-        let rows = load_rows(&self.conn)?;
+        let (_, rows) = self.read_checked()?;
         let primary = derive_primary(&rows);
         rows.iter()
             .map(|row| {
@@ -428,7 +549,22 @@ impl SealedStore {
             .collect()
     }
 
-    /// Reads and authenticates every row; the first failure is returned.
+    /// The epoch and every row, read in one transaction and checked against the manifest.
+    fn read_checked(&self) -> Result<(u64, Vec<Row>)> {
+        // One read transaction, unless the caller already holds one.
+        let tx = if self.conn.is_autocommit() {
+            Some(self.conn.unchecked_transaction()?)
+        } else {
+            None
+        };
+        let rows = load_rows(&self.conn)?;
+        let manifest = check_manifest(&self.conn, &self.kek, &self.store_id, &rows)?;
+        drop(tx);
+        Ok((manifest.epoch, rows))
+    }
+
+    /// Checks the manifest and reads and authenticates every row; the first failure is
+    /// returned.
     pub fn verify(&self) -> Result<usize> {
         Ok(self.export()?.len())
     }
@@ -518,15 +654,13 @@ impl SealedStore {
             .replace_nanosecond(0)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let max: i64 = tx.query_row("SELECT COALESCE(MAX(generation), 0) FROM keys", [], |r| r.get(0))?;
-        let generation = u64::try_from(max)
-            .unwrap_or(0)
-            .max(floor)
-            .checked_add(1)
-            .ok_or(Error::MalformedRecord {
-                key_id,
-                detail: "generation out of range",
-            })?;
+        let before = load_rows(&tx)?;
+        check_manifest(&tx, &self.kek, &self.store_id, &before)?;
+        let max = before.iter().map(|r| r.generation).max().unwrap_or(0);
+        let generation = max.max(floor).checked_add(1).ok_or(Error::MalformedRecord {
+            key_id,
+            detail: "generation out of range",
+        })?;
         let row = Row {
             key_id,
             generation,
@@ -537,8 +671,7 @@ impl SealedStore {
         };
         let blob = wrap::wrap(&self.kek, &self.rng, &row.identity(), &secret)?;
         insert_row(&tx, &row, Some(&blob))?;
-        bump_epoch(&tx)?;
-        let rows = load_rows(&tx)?;
+        let (_, rows) = seal_change(&tx, &self.kek, &self.store_id)?;
         tx.commit()?;
         Ok(row.meta(derive_primary(&rows)))
     }
@@ -578,6 +711,7 @@ impl SealedStore {
     fn transition_with(&mut self, key_id: KeyId, to: Lifecycle, force_primary: bool) -> Result<KeyMeta> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let rows = load_rows(&tx)?;
+        check_manifest(&tx, &self.kek, &self.store_id, &rows)?;
         let primary = derive_primary(&rows);
         let row = rows
             .iter()
@@ -606,8 +740,7 @@ impl SealedStore {
             return Err(Error::DestroyUnretired(key_id));
         }
         Self::rewrite_lifecycle(&self.kek, &self.rng, &tx, row, to)?;
-        bump_epoch(&tx)?;
-        let rows = load_rows(&tx)?;
+        let (_, rows) = seal_change(&tx, &self.kek, &self.store_id)?;
         tx.commit()?;
         let meta = rows
             .iter()
@@ -646,6 +779,7 @@ impl SealedStore {
     fn merge_checked(&mut self, incoming: &[KeyRecord], above_all: bool) -> Result<MergeReport> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let rows = load_rows(&tx)?;
+        check_manifest(&tx, &self.kek, &self.store_id, &rows)?;
         let max = rows.iter().map(|r| r.generation).max().unwrap_or(0);
         let stored: Vec<KeyMeta> = {
             let primary = derive_primary(&rows);
@@ -702,7 +836,7 @@ impl SealedStore {
             }
         }
         report.epoch = if report.changed() {
-            bump_epoch(&tx)?
+            seal_change(&tx, &self.kek, &self.store_id)?.0
         } else {
             read_epoch(&tx)?
         };
@@ -868,9 +1002,17 @@ fn meta_value<T: rusqlite::types::FromSql>(conn: &Connection, name: &str) -> Res
     meta_opt(conn, name)?.ok_or_else(|| Error::NotAStore(format!("metadata entry {name:?} is missing")))
 }
 
-fn meta_u32(conn: &Connection, name: &str) -> Result<u32> {
-    let v: i64 = meta_value(conn, name)?;
-    u32::try_from(v).map_err(|_| Error::NotAStore(format!("metadata entry {name:?} is out of range")))
+/// A meta value as bytes whatever its SQLite type (text and blobs as stored, anything
+/// else empty), for values that are checked against a digest or a tag anyway.
+fn meta_bytes(conn: &Connection, name: &str) -> Result<Option<Vec<u8>>> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE name = ?1", params![name], |r| {
+            Ok(match r.get_ref(0)? {
+                rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => b.to_vec(),
+                _ => Vec::new(),
+            })
+        })
+        .optional()?)
 }
 
 fn read_epoch(conn: &Connection) -> Result<u64> {
@@ -885,6 +1027,174 @@ fn bump_epoch(tx: &Transaction<'_>) -> Result<u64> {
         |r| r.get(0),
     )?;
     u64::try_from(v).map_err(|_| Error::NotAStore("negative epoch".into()))
+}
+
+/// The fields the KEK is derived from, as stored, and the store id. Read raw (before any
+/// validation) so that the digest covers exactly what is in the file.
+struct KdfHeader {
+    kind: String,
+    memory_kib: i64,
+    passes: i64,
+    lanes: i64,
+    salt: Vec<u8>,
+    store_id: String,
+}
+
+impl KdfHeader {
+    fn read(conn: &Connection) -> Result<Self> {
+        Ok(Self {
+            kind: meta_value(conn, "unseal_kind")?,
+            memory_kib: meta_value(conn, "kdf_memory_kib")?,
+            passes: meta_value(conn, "kdf_passes")?,
+            lanes: meta_value(conn, "kdf_lanes")?,
+            salt: meta_value(conn, "kdf_salt")?,
+            store_id: meta_value(conn, "store_id")?,
+        })
+    }
+
+    /// SHA-256 over a context string and every field, each variable one length-prefixed.
+    fn digest(&self) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(KDF_HEADER_CONTEXT);
+        for field in [self.kind.as_bytes(), &self.salt, self.store_id.as_bytes()] {
+            ctx.update(&(field.len() as u64).to_be_bytes());
+            ctx.update(field);
+        }
+        for n in [self.memory_kib, self.passes, self.lanes] {
+            ctx.update(&n.to_be_bytes());
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+
+    fn kdf(&self) -> Result<KdfParams> {
+        let u = |v: i64, name: &str| {
+            u32::try_from(v).map_err(|_| Error::NotAStore(format!("metadata entry {name:?} is out of range")))
+        };
+        Ok(KdfParams {
+            memory_kib: u(self.memory_kib, "kdf_memory_kib")?,
+            passes: u(self.passes, "kdf_passes")?,
+            lanes: u(self.lanes, "kdf_lanes")?,
+        })
+    }
+}
+
+fn kek_check_aad(header_digest: &[u8; 32]) -> Vec<u8> {
+    [KEK_CHECK_AAD_V2, header_digest].concat()
+}
+
+fn parse_store_id(text: &str) -> Result<[u8; 16]> {
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(text, &mut id)
+        .map_err(|_| Error::NotAStore("the store id is not 32 hex characters".into()))?;
+    Ok(id)
+}
+
+fn set_meta(tx: &Transaction<'_>, name: &str, value: rusqlite::types::Value) -> Result<()> {
+    tx.execute(
+        "INSERT INTO meta (name, value) VALUES (?1, ?2)
+         ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+        params![name, value],
+    )?;
+    Ok(())
+}
+
+/// Ends every change to the key set, inside its transaction: advances the epoch and
+/// rewrites the manifest from the rows as they now are. Returns the new epoch and rows.
+/// Callers check the manifest against the rows they read at the start of the same
+/// transaction ([`check_manifest`]), so a row deleted behind the store's back is never
+/// written into a new manifest.
+fn seal_change(tx: &Transaction<'_>, kek: &Kek, store_id: &[u8; 16]) -> Result<(u64, Vec<Row>)> {
+    let epoch = bump_epoch(tx)?;
+    let rows = load_rows(tx)?;
+    write_manifest(tx, kek, store_id, epoch, &rows)?;
+    Ok((epoch, rows))
+}
+
+fn write_manifest(tx: &Transaction<'_>, kek: &Kek, store_id: &[u8; 16], epoch: u64, rows: &[Row]) -> Result<()> {
+    if rows.len() > MAX_KEYS {
+        return Err(Error::Integrity {
+            key_id: None,
+            detail: format!("the store would hold more than {MAX_KEYS} keys; nothing was written"),
+        });
+    }
+    let entries = rows.iter().map(Row::manifest_entry).collect();
+    let bytes = Manifest::new(epoch, entries).seal(kek.manifest_key(), store_id);
+    set_meta(tx, "manifest", bytes.into())
+}
+
+/// Verifies the manifest's tag and compares it with the epoch and `rows` (read in the
+/// same transaction). Missing keys are reported first (naming the newest), then added
+/// rows, then edited rows, then the epoch.
+fn check_manifest(conn: &Connection, kek: &Kek, store_id: &[u8; 16], rows: &[Row]) -> Result<Manifest> {
+    let integrity = |key_id: Option<KeyId>, detail: String| Error::Integrity { key_id, detail };
+    // Any type is read as bytes: an edit that turned the blob into text or a number is
+    // then refused by the tag, like any other edit.
+    let bytes = match meta_bytes(conn, "manifest")? {
+        Some(b) => b,
+        None => {
+            return Err(integrity(
+                None,
+                "the key manifest is missing from the store: it was deleted".into(),
+            ));
+        }
+    };
+    let manifest = Manifest::open(&bytes, kek.manifest_key(), store_id).map_err(|p| {
+        integrity(
+            None,
+            format!("the key manifest does not verify ({p}): it was edited or replaced"),
+        )
+    })?;
+
+    let by_id = |id: KeyId| rows.iter().find(|r| r.key_id == id);
+    let mut missing: Vec<&ManifestEntry> = manifest.entries.iter().filter(|e| by_id(e.key_id).is_none()).collect();
+    if let Some(newest) = missing.iter().max_by_key(|e| (e.generation, e.key_id)).copied() {
+        let primary = manifest
+            .entries
+            .iter()
+            .filter(|e| e.lifecycle == Lifecycle::Promoted as u8)
+            .max_by_key(|e| (e.generation, e.key_id))
+            .map(|e| e.key_id);
+        let state = Lifecycle::from_u8(newest.lifecycle)
+            .map(|l| l.state(primary == Some(newest.key_id)))
+            .unwrap_or(KeyState::Destroyed);
+        missing.retain(|e| e.key_id != newest.key_id);
+        return Err(Error::MissingKey {
+            key_id: newest.key_id,
+            generation: newest.generation,
+            state,
+            more: missing.len(),
+        });
+    }
+    for row in rows {
+        match manifest.entries.binary_search_by_key(&row.key_id, |e| e.key_id) {
+            Err(_) => {
+                return Err(integrity(
+                    Some(row.key_id),
+                    "the key is in the store but not in its manifest: the row was added outside the service".into(),
+                ));
+            }
+            Ok(i) if manifest.entries[i] != row.manifest_entry() => {
+                return Err(integrity(
+                    Some(row.key_id),
+                    "its row does not match the manifest: its generation, state or creation time was edited, or an older copy of the row was put back".into(),
+                ));
+            }
+            Ok(_) => {}
+        }
+    }
+    let epoch = read_epoch(conn)?;
+    if manifest.epoch != epoch {
+        return Err(integrity(
+            None,
+            format!(
+                "the store's epoch ({epoch}) does not match its manifest ({}): the epoch was edited",
+                manifest.epoch
+            ),
+        ));
+    }
+    Ok(manifest)
 }
 
 fn insert_row(tx: &Transaction<'_>, row: &Row, blob: Option<&[u8]>) -> Result<()> {

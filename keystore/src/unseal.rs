@@ -142,6 +142,14 @@ impl UnsealKind {
         }
     }
 
+    /// The bare noun, for sentences that supply their own article ("wrong key file").
+    pub fn noun(self) -> &'static str {
+        match self {
+            Self::Passphrase => "passphrase",
+            Self::KeyFile => "key file",
+        }
+    }
+
     pub(crate) fn parse(s: &str) -> Option<Self> {
         match s {
             "passphrase" => Some(Self::Passphrase),

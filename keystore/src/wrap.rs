@@ -31,18 +31,27 @@ const TAG_LEN: usize = 16;
 /// Exact length of a wrapped blob.
 pub const WRAPPED_LEN: usize = 1 + NONCE_LEN + SECRET_LEN + TAG_LEN;
 
-/// The key-encryption key, expanded for AES-GCM, and the audit chain key derived from it.
-/// Wiped on drop.
-pub(crate) struct Kek(Aes256Gcm, crate::audit::AuditKey);
+/// The key-encryption key, expanded for AES-GCM, and the keys derived from it: the audit
+/// chain's and the store manifest's. Wiped on drop.
+pub(crate) struct Kek(Aes256Gcm, crate::audit::AuditKey, crate::manifest::ManifestKey);
 
 impl Kek {
     pub(crate) fn new(bytes: &[u8; 32]) -> Self {
-        Self(Aes256Gcm::new(bytes.into()), crate::audit::AuditKey::derive(bytes))
+        Self(
+            Aes256Gcm::new(bytes.into()),
+            crate::audit::AuditKey::derive(bytes),
+            crate::manifest::ManifestKey::derive(bytes),
+        )
     }
 
     /// The audit chain's HMAC key (HKDF from the KEK).
     pub(crate) fn audit_key(&self) -> &crate::audit::AuditKey {
         &self.1
+    }
+
+    /// The store manifest's HMAC key (HKDF from the KEK, another salt and info).
+    pub(crate) fn manifest_key(&self) -> &crate::manifest::ManifestKey {
+        &self.2
     }
 
     /// Seals `plaintext` under the KEK with `aad`; output is `nonce || ciphertext || tag`.

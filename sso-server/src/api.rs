@@ -72,7 +72,9 @@ impl From<keystore::Error> for ApiError {
             | E::GenerationExhausted => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
             E::ConflictingKey(_) => Self::new(StatusCode::CONFLICT, "integrity", e.to_string()),
             E::MalformedRecord { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_record", e.to_string()),
-            E::Integrity { .. } => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "integrity", e.to_string()),
+            E::Integrity { .. } | E::MissingKey { .. } | E::TamperedHeader => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "integrity", e.to_string())
+            }
             E::WrongBackupPassword => Self::new(StatusCode::FORBIDDEN, "wrong_password", e.to_string()),
             E::NotABackup
             | E::UnsupportedBackupVersion(_)
@@ -665,7 +667,9 @@ async fn with_store<T: Send + 'static>(
     tokio::task::spawn_blocking(move || {
         let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
         let result = f(&mut store);
-        if let Err(keystore::Error::ConflictingKey(_) | keystore::Error::Integrity { .. }) = &result {
+        if let Err(e) = &result
+            && e.is_integrity()
+        {
             state
                 .metrics
                 .integrity_alarms

@@ -120,7 +120,8 @@ pub struct Metrics {
     pub audit_failures: AtomicU64,
     /// The audit chain's entry count (the head's sequence number, as anchored).
     pub audit_entries: AtomicU64,
-    /// Integrity alarms (conflicting key material, failed row authentication).
+    /// Integrity alarms (conflicting key material, failed row authentication, a key set
+    /// that does not match the store manifest).
     pub integrity_alarms: AtomicU64,
     /// 1 when the peer answered the last attempt, 0 when not, -1 when there is no peer.
     pub peer_up: AtomicI64,

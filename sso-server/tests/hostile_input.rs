@@ -459,3 +459,55 @@ fn memory_offset(file: &[u8]) -> usize {
     let node_at = 11 + hint_len + 8;
     node_at + 1 + usize::from(file[node_at])
 }
+
+/// Issue 10 §5 attack: stop the server, delete the primary's row from its store with
+/// plain SQL (no KEK needed), start it again. Before the fix it started and served the
+/// older key as the primary, with no alarm. Now it refuses to start (exit 65) and names
+/// the missing key on stderr.
+#[test]
+fn a_deleted_primary_row_stops_the_server_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
+    let key = keystore::UnsealKey::key_file(&setup.unseal_key).unwrap();
+    let mut store = keystore::SealedStore::open(&setup.store, &key).unwrap();
+    let primary = store.rotate().unwrap();
+    drop(store);
+    let conn = rusqlite::Connection::open(&setup.store).unwrap();
+    let deleted = conn
+        .execute("DELETE FROM keys WHERE key_id = ?1", [primary.key_id.to_string()])
+        .unwrap();
+    assert_eq!(deleted, 1);
+    drop(conn);
+
+    let mut child = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&setup.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: a server that starts anyway is killed after 20 s and the test fails.
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stdout.contains("listening"),
+        "the server started without its primary: {stdout}"
+    );
+    assert_eq!(out.status.code(), Some(65), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the key {} (generation 2, primary) is missing from the store: its row was deleted",
+            primary.key_id
+        )),
+        "{stderr}"
+    );
+}

@@ -506,7 +506,7 @@ fn a_wrong_unseal_key_is_refused() {
         .unwrap();
     assert_eq!(out.status.code(), Some(65));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("wrong a key file"),
+        String::from_utf8_lossy(&out.stderr).contains("wrong key file for this store"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

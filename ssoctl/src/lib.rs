@@ -88,7 +88,11 @@ impl From<keystore::Error> for Failure {
             E::UnsupportedBackupVersion(_) | E::UnsupportedSchema { .. } => {
                 (EX_DATAERR, "use the release that wrote it, or a newer one")
             }
-            E::Integrity { .. } | E::ConflictingKey(_) => (
+            E::TamperedHeader => (
+                EX_DATAERR,
+                "stop and investigate: restore the store from a backup (the passphrase was not tried)",
+            ),
+            E::Integrity { .. } | E::MissingKey { .. } | E::ConflictingKey(_) => (
                 EX_DATAERR,
                 "stop and investigate: restore from a backup or resync from the peer",
             ),

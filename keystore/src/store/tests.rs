@@ -444,3 +444,262 @@ fn merged_times_are_normalised_so_the_store_stays_readable() {
     assert_eq!(keys[1].created_at.unix_timestamp_nanos(), 1_700_000_000_000_000_000);
     assert_eq!(store.verify().unwrap(), 3);
 }
+
+// ---- Issue 10 §5: disks can't hide keys; §8: honest unseal messages ----
+
+/// A closed store with `n` rotations, its path and its unseal key.
+fn closed_store(dir: &tempfile::TempDir, rotations: usize) -> (PathBuf, UnsealKey, Vec<KeyMeta>) {
+    let (path, mut store) = key_store(dir);
+    let keys = (0..rotations).map(|_| store.rotate().unwrap()).collect();
+    drop(store);
+    let key = UnsealKey::key_file(&dir.path().join("unseal.key")).unwrap();
+    (path, key, keys)
+}
+
+/// Edits the closed store at `path` as a disk attacker would: plain SQL, no KEK.
+fn edit(path: &Path, sql: &str) {
+    let conn = Connection::open(path).unwrap();
+    conn.execute_batch(sql).unwrap();
+}
+
+/// Attack: delete the primary's row. Before the fix the store opened and the older key
+/// silently became the primary.
+#[test]
+fn a_deleted_row_is_named_as_missing_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key, keys) = closed_store(&dir, 2);
+    let primary = keys[1].key_id;
+    edit(&path, &format!("DELETE FROM keys WHERE key_id = '{primary}'"));
+    let err = match SealedStore::open(&path, &key) {
+        Ok(store) => panic!(
+            "the store opened without the deleted key; its primary is now {:?}",
+            store.primary().unwrap().map(|k| k.key_id)
+        ),
+        Err(e) => e,
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "the key {primary} (generation 2, primary) is missing from the store: its row was deleted"
+        )),
+        "{text}"
+    );
+}
+
+/// Attack: delete every row. Before the fix the store opened with no primary, no alarm.
+#[test]
+fn every_row_deleted_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, key, keys) = closed_store(&dir, 2);
+    edit(&path, "DELETE FROM keys");
+    let text = match SealedStore::open(&path, &key) {
+        Ok(_) => panic!("an emptied store opened"),
+        Err(e) => e.to_string(),
+    };
+    assert!(text.contains("is missing from the store"), "{text}");
+    // The newest missing key is named; the count says there are more.
+    assert!(text.contains(&keys[1].key_id.to_string()), "{text}");
+    assert!(text.contains("1 more key"), "{text}");
+}
+
+/// Attack: edit the KDF header (salt, cost, kind, store id). Before the fix an edited
+/// salt read "wrong a passphrase for this store".
+#[test]
+fn an_edited_kdf_header_is_not_reported_as_a_wrong_passphrase() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let pass = UnsealKey::passphrase(SecretString::from("correct horse")).unwrap();
+    let options = CreateOptions {
+        node: "a".into(),
+        kdf: KdfParams::insecure_for_tests(),
+    };
+    SealedStore::create(&path, &pass, &options).unwrap().rotate().unwrap();
+    let pristine = std::fs::read(&path).unwrap();
+    for sql in [
+        "UPDATE meta SET value = zeroblob(16) WHERE name = 'kdf_salt'",
+        "UPDATE meta SET value = 2 WHERE name = 'kdf_passes'",
+        "UPDATE meta SET value = 128 WHERE name = 'kdf_memory_kib'",
+        "UPDATE meta SET value = 'keyfile' WHERE name = 'unseal_kind'",
+        "UPDATE meta SET value = '00000000000000000000000000000000' WHERE name = 'store_id'",
+        "UPDATE meta SET value = 'text' WHERE name = 'kdf_salt'",
+        "DELETE FROM meta WHERE name = 'kdf_lanes'",
+    ] {
+        std::fs::write(&path, &pristine).unwrap();
+        edit(&path, sql);
+        let err = SealedStore::open(&path, &pass).unwrap_err();
+        assert!(!matches!(err, Error::WrongUnsealKey(_)), "{sql}: {err}");
+        assert!(
+            err.to_string().contains(
+                "the store's key-derivation header does not verify: it was edited; restore the store from a backup"
+            ),
+            "{sql}: {err}"
+        );
+    }
+    std::fs::write(&path, &pristine).unwrap();
+    SealedStore::open(&path, &pass).unwrap();
+    let wrong = UnsealKey::passphrase(SecretString::from("battery staple")).unwrap();
+    let err = SealedStore::open(&path, &wrong).unwrap_err();
+    assert!(err.to_string().starts_with("wrong passphrase for this store"), "{err}");
+}
+
+/// Attacks on the manifest itself and on rows it lists: each is an integrity error at
+/// open. Before the fix every one of these stores opened (an un-retired key was served).
+#[test]
+fn edits_to_the_manifest_the_epoch_or_the_rows_are_integrity_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut store) = key_store(&dir);
+    let old = store.rotate().unwrap();
+    let old_id = old.key_id.to_string();
+    let promoted_row: (i64, Vec<u8>) = store
+        .conn
+        .query_row(
+            "SELECT lifecycle, material FROM keys WHERE key_id = ?1",
+            [&old_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    store.rotate().unwrap();
+    store.retire(old.key_id).unwrap();
+    drop(store);
+    let key = UnsealKey::key_file(&dir.path().join("unseal.key")).unwrap();
+    let pristine = std::fs::read(&path).unwrap();
+    let stranger = "aa".repeat(16);
+    let cases: Vec<(String, &str)> = vec![
+        (
+            "UPDATE meta SET value = CAST(value AS BLOB) || x'00' WHERE name = 'manifest'".into(),
+            "manifest",
+        ),
+        (
+            "UPDATE meta SET value = zeroblob(length(value)) WHERE name = 'manifest'".into(),
+            "manifest",
+        ),
+        ("DELETE FROM meta WHERE name = 'manifest'".into(), "manifest"),
+        ("UPDATE meta SET value = value + 1 WHERE name = 'epoch'".into(), "epoch"),
+        (
+            format!(
+                "INSERT INTO keys (key_id, generation, created_at, origin, lifecycle, material)
+                 VALUES ('{stranger}', 9, 0, 'mallory', 1, zeroblob(61))"
+            ),
+            "not in its manifest",
+        ),
+        (
+            // An older copy of the same row: the key comes back from retirement.
+            format!(
+                "UPDATE keys SET lifecycle = {}, material = x'{}' WHERE key_id = '{old_id}'",
+                promoted_row.0,
+                hex::encode(&promoted_row.1)
+            ),
+            "does not match the manifest",
+        ),
+        (
+            format!("UPDATE keys SET generation = 7 WHERE key_id = '{old_id}'"),
+            "does not match the manifest",
+        ),
+    ];
+    for (sql, expect) in &cases {
+        std::fs::write(&path, &pristine).unwrap();
+        edit(&path, sql);
+        match SealedStore::open(&path, &key) {
+            Ok(store) => panic!(
+                "{sql}: the store opened; served keys: {}",
+                store.keyring().map(|r| r.keys.len()).unwrap_or(0)
+            ),
+            Err(e) => {
+                let text = e.to_string();
+                assert!(text.starts_with("integrity error"), "{sql}: {text}");
+                assert!(text.contains(expect), "{sql}: {text}");
+            }
+        }
+    }
+    std::fs::write(&path, &pristine).unwrap();
+    assert_eq!(SealedStore::open(&path, &key).unwrap().verify().unwrap(), 2);
+}
+
+/// A row deleted while the store is open is not written into the next manifest: the next
+/// change and the next keyring read both refuse.
+#[test]
+fn a_row_deleted_while_open_is_not_laundered_by_the_next_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut store) = key_store(&dir);
+    store.rotate().unwrap();
+    let newer = store.rotate().unwrap();
+    let outside = Connection::open(&path).unwrap();
+    outside
+        .execute("DELETE FROM keys WHERE key_id = ?1", [newer.key_id.to_string()])
+        .unwrap();
+    drop(outside);
+    assert!(
+        store.keyring().is_err(),
+        "the keyring was served without the deleted key"
+    );
+    assert!(store.rotate().is_err(), "a rotation wrote over the deletion");
+    drop(store);
+    let key = UnsealKey::key_file(&dir.path().join("unseal.key")).unwrap();
+    let err = SealedStore::open(&path, &key).unwrap_err().to_string();
+    assert!(err.contains(&newer.key_id.to_string()), "{err}");
+}
+
+/// A store written before the manifest existed (v1 KEK check, no header digest, no
+/// manifest) is upgraded on open, but only after every row authenticates.
+#[test]
+fn a_store_without_a_manifest_is_upgraded_after_its_rows_authenticate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut store) = key_store(&dir);
+    let a = store.rotate().unwrap();
+    let b = store.rotate().unwrap();
+    store.retire(a.key_id).unwrap();
+    store.destroy(a.key_id).unwrap();
+    let store_id: String = meta_value(&store.conn, "store_id").unwrap();
+    let v1_check = store
+        .kek
+        .seal(
+            &store.rng,
+            b"sso-keystore/kek-check/v1",
+            &hex::decode(&store_id).unwrap(),
+        )
+        .unwrap();
+    drop(store);
+    let key = UnsealKey::key_file(&dir.path().join("unseal.key")).unwrap();
+    let legacy = |path: &Path| {
+        let conn = Connection::open(path).unwrap();
+        conn.execute("DELETE FROM meta WHERE name IN ('manifest', 'kdf_header_sha256')", [])
+            .unwrap();
+        conn.execute("UPDATE meta SET value = ?1 WHERE name = 'kek_check'", [&v1_check])
+            .unwrap();
+    };
+    let has_manifest = |path: &Path| -> bool {
+        let conn = Connection::open(path).unwrap();
+        conn.query_row("SELECT count(*) FROM meta WHERE name = 'manifest'", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .unwrap()
+            == 1
+    };
+    legacy(&path);
+    let pristine = std::fs::read(&path).unwrap();
+
+    // A legacy row that fails authentication stops the upgrade; nothing is written.
+    edit(
+        &path,
+        &format!("UPDATE keys SET origin = 'mallory' WHERE key_id = '{}'", b.key_id),
+    );
+    let err = SealedStore::open(&path, &key).unwrap_err();
+    assert!(matches!(err, Error::Integrity { .. }), "{err}");
+    assert!(!has_manifest(&path), "a manifest was written over a tampered row");
+
+    std::fs::write(&path, &pristine).unwrap();
+    let store = SealedStore::open(&path, &key).unwrap();
+    assert_eq!(store.verify().unwrap(), 2);
+    assert_eq!(store.primary().unwrap().unwrap().key_id, b.key_id);
+    drop(store);
+    assert!(has_manifest(&path), "the upgrade wrote no manifest");
+    SealedStore::open(&path, &key).unwrap();
+
+    // From now on a deleted row is found.
+    edit(&path, &format!("DELETE FROM keys WHERE key_id = '{}'", a.key_id));
+    let err = SealedStore::open(&path, &key).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("the key {} (generation 1, destroyed) is missing", a.key_id)),
+        "{err}"
+    );
+}
