@@ -11,6 +11,9 @@
 #   bash bench/failover.sh [--before 3 --after 5 --clients 4]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Where cargo puts binaries: honours CARGO_TARGET_DIR and .cargo/config.toml.
+target_dir() { cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'; }
 cargo build --release -q -p tests --bin sso-failover
-target/release/sso-failover --fault kill --out docs/failover-timeline.svg "$@"
-target/release/sso-failover --fault hang --out docs/failover-timeline-hang.svg "$@"
+bin="$(target_dir)/release"
+"$bin/sso-failover" --fault kill --out docs/failover-timeline.svg "$@"
+"$bin/sso-failover" --fault hang --out docs/failover-timeline-hang.svg "$@"

@@ -7,6 +7,8 @@
 #   bash bench/vs-nginx.sh            # 10 s per case, 32 connections
 #   DURATION=5 CONNECTIONS=16 bash bench/vs-nginx.sh
 set -euo pipefail
+# Where cargo puts binaries: honours CARGO_TARGET_DIR and .cargo/config.toml.
+target_dir() { cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'; }
 cd "$(dirname "$0")/.."
 DURATION="${DURATION:-10}"
 CONNECTIONS="${CONNECTIONS:-32}"
@@ -18,7 +20,7 @@ if ! command -v nginx >/dev/null; then
     apt-get update -qq && apt-get install -y -qq nginx-light >/dev/null
 fi
 cargo build --release -q -p sso-server -p tests --bin sso-server --bin sso-bench
-BIN=target/release
+BIN="$(target_dir)/release"
 
 work=$(mktemp -d)
 cleanup() {

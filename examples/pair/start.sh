@@ -5,10 +5,12 @@
 #
 #   bash examples/pair/start.sh
 set -euo pipefail
+# Where cargo puts binaries: honours CARGO_TARGET_DIR and .cargo/config.toml.
+target_dir() { cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'; }
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
 (cd "$root" && cargo build --release -q -p sso-server -p ssoctl)
-bin="$root/target/release"
+bin="$(cd "$root" && target_dir)/release"
 data="$here/data"
 
 if [ ! -f "$data/node-a/store.db" ]; then

@@ -363,17 +363,8 @@ impl Config {
 
     /// Checks everything that can be checked without binding a port or unsealing.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.node.is_empty()
-            || self.node.len() > 64
-            || !self
-                .node
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(err(
-                "node",
-                "must be 1-64 characters of letters, digits, '-', '_' or '.'",
-            ));
+        if !keystore::validate::is_valid_node_name(&self.node) {
+            return Err(err("node", format!("must be {}", keystore::validate::NODE_NAME_RULE)));
         }
         if self.metrics_listen == self.listen && self.listen.port() != 0 {
             return Err(err("metrics_listen", "must differ from listen"));

@@ -105,6 +105,7 @@ pub fn banner(dir: &Path, https: std::net::SocketAddr, metrics: std::net::Socket
          \n  curl --cacert {d}/ca.pem --cert {d}/client.pem --key {d}/client-key.pem https://localhost:{port}/v1/keyring\
          \n  curl --cacert {d}/ca.pem --cert {d}/admin.pem --key {d}/admin-key.pem -X POST https://localhost:{port}/v1/admin/rotate\
          \n  ssoctl --dev {d} status\
-         \n  ssoctl --dev {d} rotate\n"
+         \n  ssoctl --dev {d} rotate\n\
+         \n  (no ssoctl on PATH? `cargo install --path ssoctl`, or `cargo run --release -p ssoctl -- --dev {d} status`)\n"
     )
 }

@@ -76,6 +76,23 @@ fn main() -> ExitCode {
         Err(e) => return fail(EX_DATAERR, &e, ""),
     };
     drop(key);
+    // Keys made here carry the store's node name as their origin, audit entries and health
+    // the config's: two names for one node would split its history.
+    if store.node() != config.node {
+        return fail(
+            EX_USAGE,
+            &format!(
+                "the store {} was made for node {:?}, but the config says node = {:?}",
+                config.store.path.display(),
+                store.node(),
+                config.node
+            ),
+            &format!(
+                "set node = {:?} in the config, or point store.path at this node's own store",
+                store.node()
+            ),
+        );
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -147,6 +164,8 @@ fn init_logging(config: &Config) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour only for a person at a terminal, never into files and journals.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if config.log.format == "json" {
         builder.json().init();

@@ -455,6 +455,43 @@ fn a_bad_config_is_refused_before_binding_and_names_the_field() {
     assert!(out.stdout.is_empty(), "it printed a listening line");
 }
 
+/// Issue 15: a config whose `node` differs from the name its store was made with started
+/// fine, so keys generated here carried one name and audit entries another. Refused at
+/// start, naming both (failed before the fix: the server started). The log written to a
+/// pipe carries no ANSI colour codes (before: every line did).
+#[test]
+fn a_store_made_for_another_node_is_refused_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    assert!(text.contains("node = \"node-a\""), "{text}");
+    std::fs::write(&setup.config, text.replace("node = \"node-a\"", "node = \"node-b\"")).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&setup.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded: a server that starts anyway is killed after 10 s and the test fails.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("node-a") && stderr.contains("node-b"), "{stderr}");
+    assert!(stderr.contains("hint:"), "{stderr}");
+    // Logs into a pipe or file carry no terminal colour codes (they did before).
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "ANSI escape codes in a non-terminal log: {stderr:?}"
+    );
+}
+
 #[test]
 fn a_wrong_unseal_key_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -36,7 +36,8 @@ pub struct Global {
     /// certificate, and the port its server.toml names (7443 by default).
     #[arg(long, global = true, env = "SSOCTL_DEV", value_name = "DIR")]
     pub dev: Option<PathBuf>,
-    /// Read passwords from this file (mode 0600) instead of the environment or a prompt.
+    /// Read passwords from this file (mode 0600) instead of the environment
+    /// (SSOCTL_PASSPHRASE for a store, SSOCTL_BACKUP_PASSWORD for a backup) or a prompt.
     #[arg(long, global = true, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
     /// Machine-readable output.

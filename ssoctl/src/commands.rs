@@ -174,8 +174,10 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
             )?;
             emit(g, out, &v, || {
                 format!(
-                    "restored: {} keys added, {} advanced, {} unchanged",
-                    v["added"], v["advanced"], v["unchanged"]
+                    "restored: {}, {} advanced, {} unchanged",
+                    count(v["added"].as_u64().unwrap_or(0), "key added", "keys added"),
+                    v["advanced"],
+                    v["unchanged"]
                 )
             })
         }
@@ -247,6 +249,11 @@ fn json(body: &[u8]) -> Result<serde_json::Value, Failure> {
             "are client and server the same release?",
         )
     })
+}
+
+/// "1 key added", "2 keys added".
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 fn emit(
@@ -431,6 +438,17 @@ fn confirm(question: &str, expected: &str) -> Result<(), Failure> {
 }
 
 fn init_store(g: &Global, init: &Init, out: &mut dyn Write) -> Result<(), Failure> {
+    if !keystore::validate::is_valid_node_name(&init.node) {
+        return Err(Failure::new(
+            EX_USAGE,
+            format!(
+                "--node {:?}: a node name is {}",
+                init.node,
+                keystore::validate::NODE_NAME_RULE
+            ),
+            "use the same name as `node` in this server's config",
+        ));
+    }
     if let Some(b) = &init.backup_out
         && b.exists()
     {
@@ -649,6 +667,13 @@ fn audit_verify(g: &Global, v: &AuditVerify, out: &mut dyn Write) -> Result<(), 
             )
         });
     }
+    if let Some(missing) = v.files.iter().find(|f| !f.exists()) {
+        return Err(Failure::new(
+            EX_NOINPUT,
+            format!("{}: no such file", missing.display()),
+            "check the path; rotated logs are verified oldest first (audit.log.1 before audit.log)",
+        ));
+    }
     let Some(store_path) = &v.store else {
         return Err(Failure::new(
             EX_USAGE,
@@ -742,4 +767,14 @@ fn verify_failure(
             "the log was edited, truncated, reordered or forged at that line: keep this copy as evidence"
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_agree_with_their_noun() {
+        assert_eq!(super::count(1, "key added", "keys added"), "1 key added");
+        assert_eq!(super::count(0, "key added", "keys added"), "0 keys added");
+        assert_eq!(super::count(2, "key added", "keys added"), "2 keys added");
+    }
 }

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         }
     };
     let json = cli.global.json;
-    let mut out = std::io::stdout().lock();
+    let mut out = ReaderMayLeave::new(std::io::stdout().lock());
     match ssoctl::run(cli, &mut out) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
@@ -33,5 +33,48 @@ fn main() -> ExitCode {
             }
             ExitCode::from(failure.code)
         }
+    }
+}
+
+/// Standard output for a command whose reader may stop reading (`ssoctl status | head -2`).
+/// The command has done its work by the time it prints, so a closed pipe is not its
+/// failure: the rest of the output is dropped silently instead of ending in
+/// "Broken pipe" (or a panic inside a library that writes for us).
+struct ReaderMayLeave<W> {
+    inner: W,
+    gone: bool,
+}
+
+impl<W: Write> ReaderMayLeave<W> {
+    fn new(inner: W) -> Self {
+        Self { inner, gone: false }
+    }
+
+    fn absorb(&mut self, result: std::io::Result<usize>, len: usize) -> std::io::Result<usize> {
+        match result {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.gone = true;
+                Ok(len)
+            }
+            other => other,
+        }
+    }
+}
+
+impl<W: Write> Write for ReaderMayLeave<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.gone {
+            return Ok(buf.len());
+        }
+        let result = self.inner.write(buf);
+        self.absorb(result, buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.gone {
+            return Ok(());
+        }
+        let result = self.inner.flush().map(|()| 0);
+        self.absorb(result, 0).map(|_| ())
     }
 }

@@ -1,6 +1,6 @@
 //! The mTLS connection to the servers, built from the global flags.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,14 +22,15 @@ fn settings(global: &Global) -> Result<(Vec<String>, PathBuf, PathBuf, PathBuf),
             .or_else(|| dev.map(|d| d.join(dev_file)))
             .ok_or_else(|| usage(format!("no {what} given")))
     };
-    let ca = pick(&global.ca, "ca.pem", "CA (--ca)")?;
-    let cert = pick(&global.cert, "admin.pem", "client certificate (--cert)")?;
-    let key = pick(&global.key, "admin-key.pem", "client key (--key)")?;
+    // The server first: with nothing configured, that is what is missing.
     let servers = match (global.servers.is_empty(), dev) {
         (false, _) => global.servers.clone(),
         (true, Some(dir)) => vec![sso_client::agent::dev_endpoint(dir).map_err(usage)?],
-        (true, None) => return Err(usage("no server given (--server)")),
+        (true, None) => return Err(usage("no server given (--server URL or SSOCTL_SERVER)")),
     };
+    let ca = pick(&global.ca, "ca.pem", "CA (--ca)")?;
+    let cert = pick(&global.cert, "admin.pem", "client certificate (--cert)")?;
+    let key = pick(&global.key, "admin-key.pem", "client key (--key)")?;
     Ok((servers, ca, cert, key))
 }
 
@@ -60,6 +61,20 @@ fn usage(message: impl std::fmt::Display) -> Failure {
     )
 }
 
+/// The certificate and key were read but cannot be used together: a key that belongs to
+/// another certificate, or a key type rustls does not support. Not "not found".
+fn identity_err(cert: &Path, key: &Path, e: &rustls::Error) -> Failure {
+    let what = match e {
+        rustls::Error::InconsistentKeys(_) => "the client key does not belong to the client certificate".to_owned(),
+        other => format!("the client certificate and key cannot be used: {other}"),
+    };
+    Failure::new(
+        EX_USAGE,
+        format!("{what} (--cert {}, --key {})", cert.display(), key.display()),
+        "pass the key file issued with that certificate (ECDSA P-256/P-384, Ed25519 or RSA)",
+    )
+}
+
 impl Online {
     pub(crate) fn connect(global: &Global) -> Result<Self, Failure> {
         let (servers, ca, cert, key) = settings(global)?;
@@ -86,7 +101,7 @@ impl Online {
                 .map_err(|e| Failure::new(EX_SOFTWARE, e, ""))?
                 .with_root_certificates(roots)
                 .with_client_auth_cert(chain, key_der)
-                .map_err(|e| file_err(&key, &e))?;
+                .map_err(|e| identity_err(&cert, &key, &e))?;
         let mut probe = config.clone();
         probe.alpn_protocols = vec![b"http/1.1".to_vec()];
         config.alpn_protocols = vec![b"h2".to_vec()];

@@ -561,3 +561,80 @@ fn audit_verify_finds_tampering_truncation_and_rewrites() {
     assert_eq!(usage.code, 64, "{}", usage.stderr);
     assert!(usage.stderr.contains("--store"), "{}", usage.stderr);
 }
+
+/// Issue 15: messages that sent operators the wrong way. Each case failed before its fix:
+/// nothing configured named the CA, not the server; a certificate and key that do not
+/// match were "not found" with a hint about `--dev`; a log file that does not exist asked
+/// for `--store`; an invalid node name made a store the server then refused; help never
+/// named the backup password's variable; a closed pipe printed `Broken pipe`.
+#[test]
+fn operator_messages_name_the_real_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = Pki::new(&d.join("pki"));
+    let (admin, client) = (pki.client("admin"), pki.client("client"));
+
+    // A certificate with another certificate's key.
+    let r = ssoctl(
+        &[
+            "--server",
+            "https://localhost:9",
+            "--ca",
+            &pki.ca_file.display().to_string(),
+            "--cert",
+            &admin.cert.display().to_string(),
+            "--key",
+            &client.key.display().to_string(),
+            "status",
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 64, "{}", r.stderr);
+    snapshot("cert_key_mismatch", &r, d);
+
+    // A log file that does not exist.
+    let r = ssoctl(&["audit", "verify", &d.join("nosuch.log").display().to_string()], &[]);
+    assert_eq!(r.code, 66, "{}", r.stderr);
+    snapshot("audit_verify_missing_file", &r, d);
+
+    // A node name the server would refuse: no store is made.
+    let store = d.join("bad.db");
+    let r = ssoctl(
+        &[
+            "init",
+            "--store",
+            &store.display().to_string(),
+            "--node",
+            "bad name!",
+            "--key-file",
+            &d.join("bad.key").display().to_string(),
+            "--join",
+        ],
+        &[],
+    );
+    assert_eq!(r.code, 64, "{}", r.stderr);
+    assert!(!store.exists(), "a store was created for an invalid node name");
+    snapshot("init_bad_node_name", &r, d);
+
+    // Help names every variable a password may come from.
+    let help = ssoctl(&["--help"], &[]).stdout;
+    for var in ["SSOCTL_BACKUP_PASSWORD", "SSOCTL_PASSPHRASE"] {
+        assert!(help.contains(var), "--help never names {var}");
+    }
+
+    // A reader that went away (`ssoctl ... | head -1`) is not an error.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(SSOCTL)
+        .args(["completions", "bash"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("Broken pipe") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
