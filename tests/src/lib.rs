@@ -492,11 +492,7 @@ pub fn bin(name: &str) -> PathBuf {
     let dir = DIR.get_or_init(|| {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
         let target = workspace.join("target").join("test-bins");
-        let exe = std::env::current_exe().unwrap();
-        let release = exe
-            .parent()
-            .and_then(Path::parent)
-            .is_some_and(|d| d.ends_with("release"));
+        let release = built_for_release(&std::env::current_exe().unwrap());
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "--workspace", "--bins", "--quiet"])
             .current_dir(&workspace)
@@ -509,6 +505,17 @@ pub fn bin(name: &str) -> PathBuf {
         target.join(if release { "release" } else { "debug" })
     });
     dir.join(name)
+}
+
+/// Whether `exe` (this process's executable) is a release build: a test binary lives in
+/// `target/release/deps/`, a binary of this crate run with `cargo run --release` (the
+/// benchmarks: `sso-kms-bench`, `sso-failover`, `sso-watch-mem`) in `target/release/`.
+/// The binaries `bin` builds follow the same profile, so a release benchmark measures
+/// release servers and agents.
+fn built_for_release(exe: &Path) -> bool {
+    let Some(dir) = exe.parent() else { return false };
+    let profile_dir = if dir.ends_with("deps") { dir.parent() } else { Some(dir) };
+    profile_dir.is_some_and(|d| d.ends_with("release"))
 }
 
 /// A running `sso-agent`.
@@ -643,5 +650,22 @@ impl ServerSetup {
             );
         std::fs::write(&self.config, text).unwrap();
         https
+    }
+}
+
+#[cfg(test)]
+mod profile_tests {
+    use super::built_for_release;
+    use std::path::Path;
+
+    #[test]
+    fn release_benchmarks_and_release_tests_use_release_binaries() {
+        assert!(built_for_release(Path::new("/w/target/release/sso-kms-bench")));
+        assert!(built_for_release(Path::new("/w/target/release/sso-failover")));
+        assert!(built_for_release(Path::new("/w/target/release/deps/kms-0123abcd")));
+        assert!(!built_for_release(Path::new("/w/target/debug/sso-kms-bench")));
+        assert!(!built_for_release(Path::new("/w/target/debug/deps/kms-0123abcd")));
+        // A crate or directory named "release" elsewhere in the path is not the profile.
+        assert!(!built_for_release(Path::new("/release/target/debug/deps/kms-0123abcd")));
     }
 }
