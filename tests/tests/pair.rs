@@ -719,3 +719,70 @@ async fn conflicting_material_alarms_once_and_the_other_keys_still_merge() {
         assert_eq!(node.server().key_material_in_logs(), None);
     }
 }
+
+/// Issue 12 point 2: a rotation interrupted after staging (the link A→B cut between stage
+/// and promote) leaves a `staged` key on both nodes, which status and `ssoctl keys list`
+/// show; the next successful rotation retires it on both (`orphans_retired`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_rotation_leaves_a_shown_orphan_that_the_next_rotation_retires() {
+    let (_dir, pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let a = admin(&pair, &pair.a);
+    let interrupted = tokio::spawn(async move {
+        a.post("/v1/admin/rotate", &serde_json::json!({"allow_degraded": false}))
+            .await
+            .unwrap()
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let orphan = loop {
+        let (keys, _) = view(&pair, &pair.b).await.unwrap();
+        if let Some((id, _)) = keys.iter().find(|(_, s)| s == "staged") {
+            pair.relay_ab.cut();
+            break id.clone();
+        }
+        assert!(Instant::now() < deadline, "A never staged a key on B");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let answer = interrupted.await.unwrap();
+    assert_eq!(answer.status, 503, "{:?}", answer.json());
+    for node in [&pair.a, &pair.b] {
+        let (keys, _) = view(&pair, node).await.unwrap();
+        assert!(
+            keys.contains(&(orphan.clone(), "staged".to_owned())),
+            "{}: {keys:?}",
+            node.name
+        );
+    }
+    let admin_cert = pair.pki.client("admin");
+    let list = std::process::Command::new(tests::bin("ssoctl"))
+        .args(["--server", &pair.b.url(), "--ca"])
+        .arg(&pair.pki.ca_file)
+        .arg("--cert")
+        .arg(&admin_cert.cert)
+        .arg("--key")
+        .arg(&admin_cert.key)
+        .args(["keys", "list"])
+        .env_remove("SSOCTL_SERVER")
+        .env_remove("SSOCTL_DEV")
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(
+        table.lines().any(|l| l.starts_with(&orphan) && l.contains("staged")),
+        "`ssoctl keys list` does not show the orphan {orphan}: {table}"
+    );
+    pair.relay_ab.heal();
+    let next = rotate(&pair, &pair.a, false).await;
+    let v = next.json();
+    assert_eq!(v["replication"], "replicated", "{v}");
+    assert!(v["orphans_retired"].as_u64().unwrap_or(0) >= 1, "{v}");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    for node in [&pair.a, &pair.b] {
+        let (keys, _) = view(&pair, node).await.unwrap();
+        assert!(
+            keys.contains(&(orphan.clone(), "retired".to_owned())),
+            "{}: {keys:?}",
+            node.name
+        );
+    }
+}
