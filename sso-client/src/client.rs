@@ -347,6 +347,11 @@ impl Client {
         self.inner.cache.load().keys.contains_key(key_id)
     }
 
+    /// How often the keyring is polled when no watch answers.
+    pub fn poll_interval(&self) -> Duration {
+        self.inner.poll_interval
+    }
+
     /// Fresh / stale since / empty, the primary, the last error.
     pub fn status(&self) -> Status {
         let cache = self.inner.cache.load();

@@ -116,8 +116,17 @@ impl KmsService {
             }
             (Some(_), Freshness::Fresh) => "ok".to_owned(),
             (Some(_), Freshness::Stale { since }) => {
-                let secs = SystemTime::now().duration_since(*since).unwrap_or_default().as_secs();
-                format!("no key server answered for {secs} s; encrypting and decrypting from the cache")
+                let silent = SystemTime::now().duration_since(*since).unwrap_or_default();
+                // A short outage is what the cache is for: kube-apiserver fails /readyz on
+                // a non-ok healthz, so say so only after the documented grace.
+                if silent <= healthz_grace(self.client.poll_interval()) {
+                    "ok".to_owned()
+                } else {
+                    format!(
+                        "no key server answered for {} s; encrypting and decrypting from the cache",
+                        silent.as_secs()
+                    )
+                }
             }
         };
         StatusResponse {
@@ -297,3 +306,9 @@ pub async fn serve(
 
 /// How long a refused uid's connection is served (answering `PERMISSION_DENIED`).
 pub const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
+/// How long healthz stays `ok` without an answer from any server (docs/kubernetes.md):
+/// twice the poll interval, at least 60 s.
+pub fn healthz_grace(poll_interval: std::time::Duration) -> std::time::Duration {
+    (poll_interval * 2).max(std::time::Duration::from_secs(60))
+}
