@@ -76,6 +76,12 @@ fn main() -> ExitCode {
         Err(e) => return fail(EX_DATAERR, &e, ""),
     };
     drop(key);
+    // Authenticate every row (retired ones too) before a port is bound: a row whose
+    // wrapped material was swapped or edited is a refusal to start (exit 65), not a
+    // crash after "listening" or a retired key silently lost until the next backup.
+    if let Err(e) = store.verify() {
+        return fail(EX_DATAERR, &e, "");
+    }
     // Keys made here carry the store's node name as their origin, audit entries and health
     // the config's: two names for one node would split its history.
     if store.node() != config.node {

@@ -511,3 +511,79 @@ fn a_deleted_primary_row_stops_the_server_naming_the_key() {
         "{stderr}"
     );
 }
+
+/// Issue 10 §5, found by attacking the binary: a row whose wrapped material does not
+/// authenticate (material swapped between two rows, or the origin of a retired key edited,
+/// with the manifest untouched) made the server print "listening", announce readiness and
+/// then exit 69 when the row was served, or start and serve on for ever when the row was
+/// retired (its material silently lost until the next backup). Every row is authenticated
+/// before a port is bound: exit 65, the key named, and the file left as it was.
+#[test]
+fn a_row_whose_material_does_not_authenticate_stops_the_start_naming_the_key() {
+    for (what, served) in [("primary", true), ("retired", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new(&dir.path().join("pki"));
+        let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
+        let key = keystore::UnsealKey::key_file(&setup.unseal_key).unwrap();
+        let mut store = keystore::SealedStore::open(&setup.store, &key).unwrap();
+        let first = store.primary().unwrap().unwrap();
+        let second = store.rotate().unwrap();
+        let third = store.rotate().unwrap();
+        store.retire(first.key_id).unwrap();
+        drop(store);
+        let conn = rusqlite::Connection::open(&setup.store).unwrap();
+        let victim = if served {
+            // The primary gets the material of another served key.
+            conn.execute(
+                "UPDATE keys SET material = (SELECT material FROM keys WHERE key_id = ?2) WHERE key_id = ?1",
+                [third.key_id.to_string(), second.key_id.to_string()],
+            )
+            .unwrap();
+            third.key_id
+        } else {
+            conn.execute(
+                "UPDATE keys SET origin = 'elsewhere' WHERE key_id = ?1",
+                [first.key_id.to_string()],
+            )
+            .unwrap();
+            first.key_id
+        };
+        drop(conn);
+        let before = std::fs::read(&setup.store).unwrap();
+
+        let mut child = std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&setup.config)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Bounded: a server that starts anyway is killed after 20 s and the test fails.
+        let started = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if child.try_wait().unwrap().is_none() {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !stdout.contains("listening"),
+            "{what}: the server bound its ports with a tampered row: {stdout} {stderr}"
+        );
+        assert_eq!(out.status.code(), Some(65), "{what}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "integrity error for key {victim}: wrapped material failed authentication"
+            )),
+            "{what}: {stderr}"
+        );
+        assert_eq!(
+            std::fs::read(&setup.store).unwrap(),
+            before,
+            "{what}: a refused start changed the store file"
+        );
+    }
+}
