@@ -10,8 +10,9 @@
 //!   ciphertext, an unknown or retired key, or a `key_id` that contradicts the envelope's
 //!   authenticated header is a gRPC error, never a plaintext.
 //! - `Status` reads the cache only (no network): version `v2`, healthz `ok` while a primary
-//!   is cached and a server answered recently ([`Freshness::Fresh`]), otherwise a short
-//!   reason; `key_id` is the current primary, so a rotation shows at the next poll.
+//!   is cached and a server answered within [`healthz_grace`] (twice the poll interval, at
+//!   least 60 s), otherwise a short reason; `key_id` is the current primary, so a rotation
+//!   shows at the next poll.
 //!
 //! Every envelope is sealed with [`AAD`] as its associated data, so KMS ciphertexts and
 //! the HTTP socket's envelopes (whose AAD the caller chooses) are not confused by accident.
