@@ -498,9 +498,7 @@ async fn dev_mode_agent_serves_kms_sock_beside_agent_sock_on_the_dev_servers_por
         std::net::TcpStream::connect("127.0.0.1:7443").is_err(),
         "port 7443 is taken by another process: stop it (the first dev start serves there)"
     );
-    let mut server = dev_server(&dev, &root.path().join("first.log"));
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(dev_server(&dev, &root.path().join("first.log")));
     let port = tests::free_port();
     let config = dev.join("server.toml");
     let text = std::fs::read_to_string(&config).unwrap();
@@ -511,7 +509,7 @@ async fn dev_mode_agent_serves_kms_sock_beside_agent_sock_on_the_dev_servers_por
             .replace("127.0.0.1:7444", &format!("127.0.0.1:{}", tests::free_port())),
     )
     .unwrap();
-    let mut server = dev_server(&dev, &root.path().join("server.log"));
+    let _server = dev_server(&dev, &root.path().join("server.log"));
 
     let agent = TestAgent::start_dev(&dev, &root.path().join("agent.log"));
     assert_eq!(agent.socket, dev.join("agent.sock"));
@@ -543,13 +541,20 @@ async fn dev_mode_agent_serves_kms_sock_beside_agent_sock_on_the_dev_servers_por
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    drop(agent);
-    let _ = server.kill();
-    let _ = server.wait();
+}
+
+/// A child process killed when dropped, so a failing assertion cannot leak it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// `sso-server --dev DIR`, once its banner is printed.
-fn dev_server(dir: &Path, log: &Path) -> std::process::Child {
+fn dev_server(dir: &Path, log: &Path) -> KillOnDrop {
     use std::io::BufRead;
     let mut child = Command::new(bin("sso-server"))
         .arg("--dev")
@@ -574,5 +579,5 @@ fn dev_server(dir: &Path, log: &Path) -> std::process::Child {
             std::fs::read_to_string(log).unwrap_or_default()
         );
     }
-    child
+    KillOnDrop(child)
 }
