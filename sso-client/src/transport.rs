@@ -313,32 +313,6 @@ impl Transport {
         body: Bytes,
         timeout: Duration,
     ) -> Result<Reply, WriteFailure> {
-        self.send_traced(idx, method, path, headers, body, timeout).await
-    }
-
-    async fn send(
-        &self,
-        idx: usize,
-        method: hyper::Method,
-        path: &str,
-        headers: &[Header],
-        body: Bytes,
-        timeout: Duration,
-    ) -> Result<Reply, String> {
-        self.send_traced(idx, method, path, headers, body, timeout)
-            .await
-            .map_err(|f| f.message)
-    }
-
-    async fn send_traced(
-        &self,
-        idx: usize,
-        method: hyper::Method,
-        path: &str,
-        headers: &[Header],
-        body: Bytes,
-        timeout: Duration,
-    ) -> Result<Reply, WriteFailure> {
         let not_sent = |message: String| WriteFailure {
             reached: false,
             message,
@@ -430,6 +404,20 @@ impl Transport {
                 })
             }
         }
+    }
+
+    async fn send(
+        &self,
+        idx: usize,
+        method: hyper::Method,
+        path: &str,
+        headers: &[Header],
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Reply, String> {
+        self.write_on(idx, method, path, headers, body, timeout)
+            .await
+            .map_err(|f| f.message)
     }
 
     async fn connection(&self, endpoint: &Endpoint) -> Result<SendRequest<Full<Bytes>>, String> {

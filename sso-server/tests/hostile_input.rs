@@ -480,22 +480,7 @@ fn a_deleted_primary_row_stops_the_server_naming_the_key() {
     assert_eq!(deleted, 1);
     drop(conn);
 
-    let mut child = std::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&setup.config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Bounded: a server that starts anyway is killed after 20 s and the test fails.
-    let started = std::time::Instant::now();
-    while child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if child.try_wait().unwrap().is_none() {
-        let _ = child.kill();
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = tests::run_until_exit(Path::new(BIN), &setup.config, Duration::from_secs(20));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -551,22 +536,7 @@ fn a_row_whose_material_does_not_authenticate_stops_the_start_naming_the_key() {
         drop(conn);
         let before = std::fs::read(&setup.store).unwrap();
 
-        let mut child = std::process::Command::new(BIN)
-            .arg("--config")
-            .arg(&setup.config)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Bounded: a server that starts anyway is killed after 20 s and the test fails.
-        let started = std::time::Instant::now();
-        while child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(20) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if child.try_wait().unwrap().is_none() {
-            let _ = child.kill();
-        }
-        let out = child.wait_with_output().unwrap();
+        let out = tests::run_until_exit(Path::new(BIN), &setup.config, Duration::from_secs(20));
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(

@@ -467,20 +467,7 @@ fn a_store_made_for_another_node_is_refused_naming_both() {
     let text = std::fs::read_to_string(&setup.config).unwrap();
     assert!(text.contains("node = \"node-a\""), "{text}");
     std::fs::write(&setup.config, text.replace("node = \"node-a\"", "node = \"node-b\"")).unwrap();
-    let mut child = std::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&setup.config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Bounded: a server that starts anyway is killed after 10 s and the test fails.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
+    let out = tests::run_until_exit(Path::new(BIN), &setup.config, std::time::Duration::from_secs(10));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("node-a") && stderr.contains("node-b"), "{stderr}");

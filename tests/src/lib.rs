@@ -481,6 +481,27 @@ where
     false
 }
 
+/// Runs `server --config CONFIG` for a start that should be refused, and returns its
+/// output once it exits. Bounded: a server that starts anyway is killed after `limit`, so
+/// the caller's exit-code assertion fails instead of the test hanging.
+pub fn run_until_exit(server: &Path, config: &Path, limit: Duration) -> std::process::Output {
+    let mut child = Command::new(server)
+        .arg("--config")
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() && started.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Path of a workspace binary (`sso-server`, `sso-agent`, `ssoctl`), freshly built.
 ///
 /// The first call in a test process runs `cargo build --workspace --bins` into its own
