@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::{Pki, ServerSetup, TestServer, bin};
@@ -12,12 +12,17 @@ use crate::{Pki, ServerSetup, TestServer, bin};
 /// A TCP relay to `target`. `cut` drops every open connection and every new one until
 /// `heal`: a network partition between the nodes. `stall` holds every byte in both
 /// directions and keeps the connections open: a hung link (or, seen from the client, a
-/// hung node) until `unstall`.
+/// hung node) until `unstall`. `hold_replies_after_request_of` holds only the target's
+/// bytes once a request of a given size has passed: that request arrives and is acted on,
+/// its answer (and every later one) waits until `release_replies`.
 #[derive(Debug)]
 pub struct Relay {
     pub port: u16,
     cut: Arc<AtomicBool>,
     stalled: Arc<AtomicBool>,
+    replies_held: Arc<AtomicBool>,
+    /// Size in bytes of the request read that sets `replies_held`; 0: none armed.
+    hold_trigger: Arc<AtomicUsize>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<AtomicBool>,
 }
@@ -29,8 +34,11 @@ impl Relay {
         let cut = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let stalled = Arc::new(AtomicBool::new(false));
+        let replies_held = Arc::new(AtomicBool::new(false));
+        let hold_trigger = Arc::new(AtomicUsize::new(0));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
         let (c, s, k, h) = (cut.clone(), stop.clone(), conns.clone(), stalled.clone());
+        let (r, t) = (replies_held.clone(), hold_trigger.clone());
         std::thread::spawn(move || {
             for inbound in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
@@ -51,19 +59,32 @@ impl Relay {
                     list.push(inbound.try_clone().unwrap());
                     list.push(outbound.try_clone().unwrap());
                 }
-                for (mut from, mut to) in [
-                    (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
-                    (outbound, inbound),
+                // Requests are never held by `replies_held`; they may set it.
+                let (never, no_trigger) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+                for (mut from, mut to, held, trigger) in [
+                    (
+                        inbound.try_clone().unwrap(),
+                        outbound.try_clone().unwrap(),
+                        never,
+                        t.clone(),
+                    ),
+                    (outbound, inbound, r.clone(), no_trigger),
                 ] {
-                    let (h, s) = (h.clone(), s.clone());
+                    let (h, s, r) = (h.clone(), s.clone(), r.clone());
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
                         loop {
                             match from.read(&mut buf) {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => {
+                                    let min = trigger.load(Ordering::SeqCst);
+                                    if min > 0 && n >= min && trigger.swap(0, Ordering::SeqCst) > 0 {
+                                        r.store(true, Ordering::SeqCst);
+                                    }
                                     // Stalled: hold the bytes (bounded by the relay's life).
-                                    while h.load(Ordering::SeqCst) && !s.load(Ordering::SeqCst) {
+                                    while (h.load(Ordering::SeqCst) || held.load(Ordering::SeqCst))
+                                        && !s.load(Ordering::SeqCst)
+                                    {
                                         std::thread::sleep(std::time::Duration::from_millis(5));
                                     }
                                     if to.write_all(&buf[..n]).is_err() {
@@ -82,6 +103,8 @@ impl Relay {
             port,
             cut,
             stalled,
+            replies_held,
+            hold_trigger,
             conns,
             stop,
         }
@@ -95,6 +118,20 @@ impl Relay {
     /// Pass the held bytes on and relay again.
     pub fn unstall(&self) {
         self.stalled.store(false, Ordering::SeqCst);
+    }
+
+    /// Once a request read of at least `min_bytes` has passed (on any connection), hold
+    /// the target's answers until `release_replies`. Lets a test stop a peer protocol
+    /// between two steps without reading the TLS it relays: the size tells the steps apart.
+    pub fn hold_replies_after_request_of(&self, min_bytes: usize) {
+        assert!(min_bytes > 0);
+        self.hold_trigger.store(min_bytes, Ordering::SeqCst);
+    }
+
+    /// Pass the held answers on.
+    pub fn release_replies(&self) {
+        self.hold_trigger.store(0, Ordering::SeqCst);
+        self.replies_held.store(false, Ordering::SeqCst);
     }
 
     /// Partition: close every connection through the relay and refuse new ones.

@@ -10,6 +10,12 @@ fn admin(pair: &Pair, node: &Node) -> tests::Client {
     pair.admin(node)
 }
 
+/// The smallest read of a stage request through a relay (its DATA frame: the staged key's
+/// record, about 260 bytes with TLS). What a rotation sends before it is smaller (the
+/// lease: 52 and 105 bytes), and so are anti-entropy pulls (98). Measured on this build;
+/// if the wire changes, the tests that use it fail with "never staged", not quietly.
+const STAGE_REQUEST_MIN_BYTES: usize = 200;
+
 async fn view(pair: &Pair, node: &Node) -> Option<tests::pair::View> {
     pair.view(node).await
 }
@@ -499,6 +505,8 @@ async fn ssoctl_rotate_does_not_rotate_twice_when_the_first_node_hangs() {
     let front_a = tests::pair::Relay::start(std::net::SocketAddr::from(([127, 0, 0, 1], pair.a.port)));
     let url_a = format!("https://localhost:{}", front_a.port);
     let admin_cert = pair.pki.client("admin");
+    // B's answers to A wait from the moment A's stage request has passed.
+    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
     let ssoctl = std::process::Command::new(tests::bin("ssoctl"))
         .args(["--server", &url_a, "--server", &pair.b.url(), "--ca"])
         .arg(&pair.pki.ca_file)
@@ -514,11 +522,15 @@ async fn ssoctl_rotate_does_not_rotate_twice_when_the_first_node_hangs() {
         .spawn()
         .unwrap();
     // A is mid-rotation once B holds A's new key staged: from then on, A's link hangs.
+    // B's answers to A are held meanwhile, so the staged state lasts until the test has seen
+    // it (A's peer timeout is 1 s); polling for a state that lasts milliseconds missed it
+    // once on a loaded CI machine. Then B's answers go on and A finishes the rotation.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (keys, _) = view(&pair, &pair.b).await.unwrap();
         if keys.iter().any(|(_, s)| s == "staged") {
             front_a.stall();
+            pair.relay_ab.release_replies();
             break;
         }
         assert!(Instant::now() < deadline, "A never staged a key on B");
@@ -728,6 +740,7 @@ async fn an_interrupted_rotation_leaves_a_shown_orphan_that_the_next_rotation_re
     let (_dir, pair) = started_pair("");
     wait_converged(&pair, Duration::from_secs(5)).await;
     let a = admin(&pair, &pair.a);
+    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
     let interrupted = tokio::spawn(async move {
         a.post("/v1/admin/rotate", &serde_json::json!({"allow_degraded": false}))
             .await
@@ -738,6 +751,7 @@ async fn an_interrupted_rotation_leaves_a_shown_orphan_that_the_next_rotation_re
         let (keys, _) = view(&pair, &pair.b).await.unwrap();
         if let Some((id, _)) = keys.iter().find(|(_, s)| s == "staged") {
             pair.relay_ab.cut();
+            pair.relay_ab.release_replies();
             break id.clone();
         }
         assert!(Instant::now() < deadline, "A never staged a key on B");
