@@ -434,7 +434,41 @@ pub fn open_file(bytes: &[u8], password: &SecretString) -> Result<OpenedBackup> 
     })
 }
 
+impl OpenedBackup {
+    /// When the backup was written.
+    pub fn created_at(&self) -> OffsetDateTime {
+        self.created_at
+    }
+}
+
+/// What merging a backup would do to a store, worked out before anything is written.
+#[derive(Debug, Clone, Default)]
+pub struct RestorePlan {
+    /// Keys in the backup that the store holds as destroyed: the merge keeps them
+    /// destroyed (states only move forward), their material is not restored.
+    pub destroyed: Vec<KeyId>,
+    /// Keys in the backup that the store does not know: the merge would add them.
+    pub unknown: Vec<KeyId>,
+    /// Keys in the backup that the store already holds, not destroyed.
+    pub known: usize,
+}
+
 impl SealedStore {
+    /// What [`SealedStore::restore_opened`] would do with `opened`; writes nothing.
+    pub fn restore_plan(&self, opened: &OpenedBackup) -> Result<RestorePlan> {
+        let status = self.status()?;
+        let mut plan = RestorePlan::default();
+        for record in &opened.records {
+            let id = record.meta.key_id;
+            match status.keys.iter().find(|k| k.key_id == id) {
+                None => plan.unknown.push(id),
+                Some(k) if k.state == KeyState::Destroyed => plan.destroyed.push(id),
+                Some(_) => plan.known += 1,
+            }
+        }
+        Ok(plan)
+    }
+
     /// Seals every non-destroyed key into a backup. The store is not changed until
     /// [`SealedStore::confirm_backup`].
     pub fn create_backup(&self, password: &SecretString, hint: &str, kdf: KdfParams) -> Result<PendingBackup> {

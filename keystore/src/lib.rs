@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use sso_proto::KeyId;
 
 pub use audit::{AuditAnchor, AuditKey};
-pub use backup::{BackupInfo, OpenedBackup, PendingBackup};
+pub use backup::{BackupInfo, OpenedBackup, PendingBackup, RestorePlan};
 pub use store::{CreateOptions, KeyRecord, Keyring, MergeReport, SealedStore, StoreStatus};
 pub use unseal::{KdfParams, UnsealKey, UnsealKind};
 pub use wrap::{BlobProblem, WRAPPED_LEN, decode_blob};

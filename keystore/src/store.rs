@@ -190,6 +190,8 @@ pub struct StoreStatus {
     pub keys: Vec<KeyMeta>,
     /// Keys with material that no backup written from this store covers yet.
     pub not_backed_up: Vec<KeyId>,
+    /// Keys that a backup written from (or restored into) this store covers.
+    pub backed_up: Vec<KeyId>,
     /// When a backup was last written from this store.
     pub last_backup_at: Option<OffsetDateTime>,
     /// How the store is unsealed.
@@ -890,6 +892,13 @@ impl SealedStore {
             .query_map([], |r| r.get::<_, String>(0))?
             .map(|id| parse_key_id(&id?))
             .collect::<Result<Vec<_>>>()?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT key_id FROM keys WHERE backed_up = 1 ORDER BY generation")?;
+        let backed_up = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .map(|id| parse_key_id(&id?))
+            .collect::<Result<Vec<_>>>()?;
         let last_backup_at =
             meta_opt::<i64>(&self.conn, "last_backup_at")?.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok());
         let kind_text: String = meta_value(&self.conn, "unseal_kind")?;
@@ -900,6 +909,7 @@ impl SealedStore {
             primary,
             keys: rows.iter().map(|r| r.meta(primary)).collect(),
             not_backed_up,
+            backed_up,
             last_backup_at,
             unseal_kind: UnsealKind::parse(&kind_text).unwrap_or(UnsealKind::Passphrase),
         })

@@ -155,6 +155,7 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         ["v1", "admin", "backup"] => ("POST", r(Endpoint::Backup, Some(Role::Admin), "admin.backup", None)),
         ["v1", "admin", "restore"] => ("POST", r(Endpoint::Restore, Some(Role::Admin), "admin.restore", None)),
         ["v1", "peer", "keys"] => ("GET", r(Endpoint::Peer, Some(Role::Peer), "peer.keys", None)),
+        ["v1", "peer", "coverage"] => ("GET", r(Endpoint::Peer, Some(Role::Peer), "peer.coverage", None)),
         ["v1", "peer", "merge"] => ("POST", r(Endpoint::Peer, Some(Role::Peer), "peer.merge", None)),
         ["v1", "peer", "lease"] => ("POST", r(Endpoint::Peer, Some(Role::Peer), "peer.lease", None)),
         ["v1", "peer", "stage"] => ("POST", r(Endpoint::Peer, Some(Role::Peer), "peer.stage", None)),
@@ -459,6 +460,7 @@ async fn dispatch_other(route: &Route, req: Request<Incoming>, state: &Arc<AppSt
             backup(&body, state).await
         }
         Endpoint::Peer if route.op == "peer.keys" => peer_keys(req.uri().query(), state).await,
+        Endpoint::Peer if route.op == "peer.coverage" => peer_coverage(state).await,
         Endpoint::Peer => {
             let query = req.uri().query().unwrap_or("").to_owned();
             let body = read_body(req, state).await?;
@@ -943,11 +945,44 @@ fn meta_json(meta: &sso_proto::KeyMeta) -> serde_json::Value {
     })
 }
 
+/// The peer's side of pair-wide backup coverage: which keys this node's backups cover.
+async fn peer_coverage(state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    let status = with_store(state, |store| store.status()).await?;
+    let coverage = crate::peer::Coverage {
+        backed_up: status.backed_up,
+        last_backup_unix: status.last_backup_at.map(time::OffsetDateTime::unix_timestamp),
+    };
+    Ok(quiet(json_value(StatusCode::OK, &serde_json::json!(coverage))))
+}
+
 async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    // Ask the peer now (one bounded anti-entropy round, and its backup coverage), so the
+    // answer describes the pair as it is, not as the last periodic round saw it.
+    let peer_coverage = match &state.peer {
+        // A peer that did not answer the round is not asked again (status stays fast).
+        Some(peer) => match crate::peer::sync_now(state, peer).await {
+            Err(crate::peer::SyncError::Other(_)) => None,
+            _ => peer.coverage().await,
+        },
+        None => None,
+    };
     let st = state.clone();
-    let status = tokio::task::spawn_blocking(move || st.store.lock().unwrap_or_else(|p| p.into_inner()).status())
+    let mut status = tokio::task::spawn_blocking(move || st.store.lock().unwrap_or_else(|p| p.into_inner()).status())
         .await
         .map_err(|_| ApiError::internal())??;
+    // Backup coverage is the pair's: a key backed up through either node is in a backup.
+    let coverage = match (&state.peer, peer_coverage) {
+        (None, _) => "node",
+        (Some(_), None) => "node_only_peer_unreachable",
+        (Some(_), Some(theirs)) => {
+            status.not_backed_up.retain(|id| !theirs.backed_up.contains(id));
+            let their_last = theirs
+                .last_backup_unix
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok());
+            status.last_backup_at = status.last_backup_at.max(their_last);
+            "pair"
+        }
+    };
     let head = state.audit.head();
     let rfc = |t: time::OffsetDateTime| {
         t.format(&time::format_description::well_known::Rfc3339)
@@ -974,7 +1009,9 @@ async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
         "backup": {
             "last_backup_at": status.last_backup_at.map(rfc),
             "not_backed_up": status.not_backed_up,
+            "coverage": coverage,
         },
+        "time": rfc(time::OffsetDateTime::now_utc()),
         "audit": { "seq": head.seq, "head": head.hash },
     });
     Ok(audited(json_value(StatusCode::OK, &answer), None))
@@ -1081,6 +1118,12 @@ struct RestoreRequest {
     password: SecretString,
     /// The backup file, standard base64.
     backup: String,
+    /// Only work out what the restore would do (`plan`); change nothing.
+    #[serde(default)]
+    dry_run: bool,
+    /// Restore although the peer could not be asked first (see `restore`).
+    #[serde(default)]
+    force: bool,
 }
 
 async fn restore(body: &[u8], _caller: &Caller, state: &Arc<AppState>) -> Result<Answer, ApiError> {
@@ -1089,17 +1132,65 @@ async fn restore(body: &[u8], _caller: &Caller, state: &Arc<AppState>) -> Result
     let file = base64::engine::general_purpose::STANDARD
         .decode(request.backup.as_bytes())
         .map_err(|_| ApiError::bad_request("backup must be standard base64"))?;
+    // First learn what the pair knows: a node that does not yet know of a destruction
+    // (a fresh node, say) would otherwise take the key's material back from an older
+    // backup. The forward-only merge keeps a known destruction.
+    let peer_checked = match &state.peer {
+        Some(peer) => Some(crate::peer::sync_now(state, peer).await.is_ok()),
+        None => None,
+    };
+    let dry_run = request.dry_run;
+    let force = request.force;
     // The KDF runs here, without the store lock; only the merge takes it.
     let opened = tokio::task::spawn_blocking(move || keystore::backup::open_file(&file, &request.password))
         .await
         .map_err(|_| ApiError::internal())??;
+    let created_at = opened.created_at();
+    let (plan, opened) = with_store(state, move |store| Ok((store.restore_plan(&opened)?, opened))).await?;
+    let rfc = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let plan_json = serde_json::json!({
+        "backup_created_at": rfc(created_at),
+        "peer_checked": peer_checked,
+        "destroyed": plan.destroyed,
+        "unknown": plan.unknown,
+        "known": plan.known,
+    });
+    if dry_run {
+        return Ok(audited(
+            json_value(
+                StatusCode::OK,
+                &serde_json::json!({ "dry_run": true, "plan": plan_json }),
+            ),
+            Some("dry run".into()),
+        ));
+    }
+    if peer_checked == Some(false) && !plan.unknown.is_empty() && !force {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "restore_unconfirmed",
+            format!(
+                "the peer could not be reached, so this node cannot know whether the pair destroyed any of the {} key(s) the backup would add; nothing was restored (restore once the peer answers, or with force)",
+                plan.unknown.len()
+            ),
+        ));
+    }
     let report = with_store(state, move |store| store.restore_opened(&opened)).await?;
     let answer = serde_json::json!({
         "added": report.added, "advanced": report.advanced, "unchanged": report.unchanged, "epoch": report.epoch,
+        "plan": plan_json,
     });
     Ok(audited(
         json_value(StatusCode::OK, &answer),
-        Some(format!("added {}, advanced {}", report.added, report.advanced)),
+        Some(format!(
+            "added {}, advanced {}, kept destroyed {}{}",
+            report.added,
+            report.advanced,
+            plan.destroyed.len(),
+            if force { " (forced)" } else { "" }
+        )),
     ))
 }
 

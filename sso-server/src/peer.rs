@@ -315,7 +315,31 @@ impl Peer {
     }
 }
 
+/// Which keys the peer's backups cover (`GET /v1/peer/coverage`).
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+pub struct Coverage {
+    /// Keys a backup written from (or restored into) the peer's store covers.
+    pub backed_up: Vec<KeyId>,
+    /// When the peer last wrote a backup, unix seconds.
+    pub last_backup_unix: Option<i64>,
+}
+
 impl Peer {
+    /// The peer's backup coverage; `None` when it does not answer (or predates the
+    /// endpoint), within the peer timeout.
+    pub async fn coverage(&self) -> Option<Coverage> {
+        let reply = self
+            .transport
+            .load_full()
+            .get_on(0, "/v1/peer/coverage", self.timeout)
+            .await
+            .ok()?;
+        if reply.status != 200 {
+            return None;
+        }
+        serde_json::from_slice(&reply.body).ok()
+    }
+
     /// POSTs `body` to `path`; the status and body, or `Unreachable`.
     async fn post(&self, path: &str, body: Bytes) -> Result<(u16, Zeroizing<Vec<u8>>), LinkError> {
         let reply = self
@@ -680,6 +704,17 @@ pub async fn anti_entropy_round<N: LocalNode, S: KeySource>(local: &N, source: &
         }
         Err(e @ keystore::Error::ConflictingKey(_)) => Err(SyncError::Alarm(e.to_string())),
         Err(e) => Err(SyncError::Other(e.to_string())),
+    }
+}
+
+/// One anti-entropy round now, bounded by twice the peer timeout: what status and restore
+/// run first, so that "lag" is the peer's view at the time of asking (not at the last
+/// periodic round, which missed a rotation's stage and promote), and a restore knows every
+/// destruction the peer knows before it merges a backup.
+pub async fn sync_now(state: &Arc<crate::state::AppState>, peer: &Peer) -> Result<(), SyncError> {
+    match tokio::time::timeout(peer.timeout * 2, sync_once(state, peer)).await {
+        Ok(r) => r,
+        Err(_) => Err(SyncError::Other("the peer did not answer in time".into())),
     }
 }
 

@@ -75,11 +75,20 @@ pub enum Command {
         #[arg(long, default_value = "")]
         hint: String,
     },
-    /// Merge a backup into the server's store.
+    /// Merge a backup into the server's store, after showing what it would bring back.
+    ///
+    /// Lists, with the backup's age, the keys in it that the pair has destroyed since
+    /// (they stay destroyed) and the keys the pair does not know (restored only with
+    /// --force).
     Restore {
         /// The backup file.
         #[arg(long = "in")]
         input: PathBuf,
+        /// Restore keys the running pair does not know (a disaster recovery into empty
+        /// nodes, or a backup of keys lost since), or restore although the node cannot
+        /// reach its peer to learn what the pair destroyed.
+        #[arg(long)]
+        force: bool,
     },
     /// Re-seal envelope files (or every file under directories) to the primary key.
     /// Atomic per file; rerunning after an interruption resumes (current files are

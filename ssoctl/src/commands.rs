@@ -156,16 +156,58 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
                 )
             })
         }
-        Command::Restore { input } => {
+        Command::Restore { input, force } => {
             let file = std::fs::read(&input)
                 .map_err(|e| Failure::new(EX_NOINPUT, format!("{}: {e}", input.display()), "check the path"))?;
             // Fail early and offline on a damaged or foreign file.
-            keystore::backup::read_info(&file)?;
+            let info = keystore::backup::read_info(&file)?;
             let password = password(g, "SSOCTL_BACKUP_PASSWORD", "backup password: ", false)?;
             let backup = base64::engine::general_purpose::STANDARD.encode(&file);
+            // What the backup would bring back, before anything is written.
+            let dry = json(
+                &conn
+                    .call(
+                        Method::POST,
+                        "/v1/admin/restore",
+                        secret_body(&RestoreBody {
+                            password: password.expose_secret(),
+                            backup: &backup,
+                            dry_run: true,
+                            force: false,
+                        }),
+                    )
+                    .await?,
+            )?;
+            let plan = &dry["plan"];
+            let warning = restore_warning(plan, &info);
+            let unknown = plan["unknown"].as_array().map_or(0, Vec::len);
+            let unchecked = plan["peer_checked"] == false;
+            if !g.json && !warning.is_empty() {
+                writeln!(out, "{warning}").map_err(|e| Failure::new(EX_SOFTWARE, e, ""))?;
+            }
+            if unknown > 0 && !force {
+                if g.json {
+                    let _ = writeln!(out, "{}", serde_json::to_string_pretty(&dry).unwrap_or_default());
+                }
+                return Err(Failure::new(
+                    EX_USAGE,
+                    format!(
+                        "not restored: the backup would bring back {} the running pair does not know{}",
+                        count(unknown as u64, "key", "keys"),
+                        if unchecked {
+                            " (and the node cannot reach its peer to learn what the pair destroyed)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    "check the change records and audit log that none of them was destroyed after the backup was taken; then repeat with --force",
+                ));
+            }
             let body = secret_body(&RestoreBody {
                 password: password.expose_secret(),
                 backup: &backup,
+                dry_run: false,
+                force,
             });
             let v = json(
                 &conn
@@ -217,6 +259,54 @@ struct BackupBody<'a> {
 struct RestoreBody<'a> {
     password: &'a str,
     backup: &'a str,
+    dry_run: bool,
+    force: bool,
+}
+
+/// What an operator must read before a restore: the backup's age, the keys in it that the
+/// pair destroyed since (they stay destroyed), the keys the pair does not know, and
+/// whether the node could ask its peer. Empty when the backup holds nothing surprising.
+fn restore_warning(plan: &serde_json::Value, info: &keystore::BackupInfo) -> String {
+    let ids = |field: &str| -> Vec<String> {
+        plan[field]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    };
+    let (destroyed, unknown) = (ids("destroyed"), ids("unknown"));
+    let mut lines = Vec::new();
+    if !destroyed.is_empty() || !unknown.is_empty() || plan["peer_checked"] == false {
+        let created = info.created_at.format(&Rfc3339).unwrap_or_default();
+        lines.push(format!(
+            "backup from node {}, written {}, {} ago",
+            info.node,
+            created,
+            age(&created)
+        ));
+    }
+    if plan["peer_checked"] == false {
+        lines.push(
+            "warning: the node cannot reach its peer: it knows only its own keys, not what the pair destroyed"
+                .to_owned(),
+        );
+    }
+    if !destroyed.is_empty() {
+        lines.push(format!(
+            "warning: the backup holds {} the pair has destroyed since; {} destroyed (not restored):",
+            count(destroyed.len() as u64, "key", "keys"),
+            if destroyed.len() == 1 { "it stays" } else { "they stay" }
+        ));
+        lines.extend(destroyed.iter().map(|id| format!("  {id}")));
+    }
+    if !unknown.is_empty() {
+        lines.push(format!(
+            "warning: the backup holds {} the running pair does not know; restoring brings {} back:",
+            count(unknown.len() as u64, "key", "keys"),
+            if unknown.len() == 1 { "it" } else { "them" }
+        ));
+        lines.extend(unknown.iter().map(|id| format!("  {id}")));
+    }
+    lines.join("\n")
 }
 
 /// A request body that carries a password: serialised from borrowed fields (no copy of
@@ -353,15 +443,23 @@ fn status_text(v: &serde_json::Value) -> String {
         )),
     }
     let uncovered = v["backup"]["not_backed_up"].as_array().map_or(0, Vec::len);
+    let scope = match v["backup"]["coverage"].as_str() {
+        Some("pair") => " (backups through either node)",
+        Some("node_only_peer_unreachable") => " (this node's backups only: the peer did not answer)",
+        _ => "",
+    };
     s.push_str(&format!(
-        "backup    last {}; {}\n",
+        "backup    last {}; {}{scope}\n",
         v["backup"]["last_backup_at"]
             .as_str()
             .map_or("never".into(), |t| format!("{} ago", age(t))),
         if uncovered == 0 {
             "every key is covered".to_owned()
         } else {
-            format!("{uncovered} key(s) in no backup: run ssoctl backup")
+            format!(
+                "{} in no backup: run ssoctl backup",
+                count(uncovered as u64, "key", "keys")
+            )
         }
     ));
     s.push_str(&format!(

@@ -387,10 +387,13 @@ fn init_then_server_then_rotate_list_backup_and_restore_into_a_fresh_store() {
             "restore",
             "--in",
             &out.display().to_string(),
+            "--force",
         ],
         &[],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
+    // The keys are new to node-b: said before they are restored (and --force needed).
+    assert!(r.stdout.contains("the running pair does not know"), "{}", r.stdout);
     snapshot("restore", &r, d);
     // The restored node serves the same keys.
     let keys = |u: &str| -> std::collections::BTreeMap<String, String> {
@@ -637,4 +640,150 @@ fn operator_messages_name_the_real_problem() {
         "{stderr}"
     );
     assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
+
+/// A started pair (tests::pair) whose periodic anti-entropy runs only every 30 s, so what
+/// status says right after a write cannot come from a round that happened to run.
+fn slow_sync_pair(d: &Path) -> tests::pair::Pair {
+    let mut pair = tests::pair::Pair::new(d, "");
+    for node in [&pair.a, &pair.b] {
+        let text = std::fs::read_to_string(&node.setup.config).unwrap();
+        assert!(text.contains("sync_interval_ms = 200"));
+        std::fs::write(
+            &node.setup.config,
+            text.replace("sync_interval_ms = 200", "sync_interval_ms = 30000"),
+        )
+        .unwrap();
+    }
+    pair.a.start();
+    pair.b.start();
+    pair
+}
+
+/// `ssoctl --server URL` with the pair's admin certificate.
+fn on(pair: &tests::pair::Pair, url: &str, args: &[&str]) -> Run {
+    let admin = pair.pki.client("admin");
+    let mut all: Vec<String> = vec![
+        "--server".into(),
+        url.into(),
+        "--ca".into(),
+        pair.pki.ca_file.display().to_string(),
+        "--cert".into(),
+        admin.cert.display().to_string(),
+        "--key".into(),
+        admin.key.display().to_string(),
+    ];
+    all.extend(args.iter().map(|s| (*s).to_owned()));
+    ssoctl(&all.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+}
+
+fn status_json(pair: &tests::pair::Pair, url: &str) -> serde_json::Value {
+    let r = on(pair, url, &["--json", "status"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    serde_json::from_str(&r.stdout).unwrap()
+}
+
+/// Issue 15: right after a `replicated` rotation both nodes hold the same key set, so
+/// status says lag 0 on both (it said 2: the stage and the promote, counted until the next
+/// anti-entropy round); a backup taken through A covers the keys in B's status too (B
+/// nagged "2 key(s) in no backup").
+#[test]
+fn pair_status_shows_no_lag_after_a_rotation_and_pair_wide_backup_coverage() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pair = slow_sync_pair(d);
+    let (a, b) = (pair.a.url(), pair.b.url());
+    // B starts empty and pulls A's first key in its first round.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status_json(&pair, &b)["primary"].is_null() {
+        assert!(std::time::Instant::now() < deadline, "B never got A's key");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let r = on(&pair, &a, &["rotate"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("replication replicated"), "{}", r.stdout);
+    for url in [&a, &b] {
+        let v = status_json(&pair, url);
+        assert_eq!(v["peer"]["lag_epochs"], 0, "{url}: {v}");
+    }
+    let pw = pw_file(d, "b.pw", "a good backup password");
+    let out = d.join("pair.ssob");
+    let r = on(
+        &pair,
+        &a,
+        &["--password-file", &pw, "backup", "--out", &out.display().to_string()],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let v = status_json(&pair, &b);
+    assert_eq!(v["backup"]["not_backed_up"], serde_json::json!([]), "{v}");
+    let text = on(&pair, &b, &["status"]);
+    snapshot("pair_status_b", &text, d);
+    assert!(text.stdout.contains("lag 0 epochs"), "{}", text.stdout);
+}
+
+/// Issue 15: a backup older than a destruction, restored into a fresh node. Cut off from
+/// its peer, the node cannot know what the pair destroyed: ssoctl lists what the backup
+/// would bring back, with the backup's age, and restores nothing without --force. Once the
+/// peer answers, the node learns of the destruction first: the destroyed key stays
+/// destroyed (before: restored with its material and served, no warning).
+#[test]
+fn restoring_an_old_backup_never_brings_back_a_destroyed_key_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut pair = slow_sync_pair(d);
+    let (a, b) = (pair.a.url(), pair.b.url());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status_json(&pair, &b)["primary"].is_null() {
+        assert!(std::time::Instant::now() < deadline, "B never got A's key");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let old = status_json(&pair, &a)["primary"].as_str().unwrap().to_owned();
+    assert_eq!(on(&pair, &a, &["rotate"]).code, 0);
+    let pw = pw_file(d, "b.pw", "a good backup password");
+    let out = d.join("old.ssob");
+    let r = on(
+        &pair,
+        &a,
+        &["--password-file", &pw, "backup", "--out", &out.display().to_string()],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // After the backup: the old key is retired and destroyed on both nodes.
+    let r = on(&pair, &a, &["keys", "retire", &old]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = on(&pair, &a, &["keys", "destroy", &old, "--yes"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("replication replicated"), "{}", r.stdout);
+    // B's disk dies; the new B starts cut off from A.
+    pair.relay_ab.cut();
+    pair.relay_ba.cut();
+    pair.b.wipe();
+    pair.b.start();
+    let input = out.display().to_string();
+    let r = on(&pair, &b, &["--password-file", &pw, "restore", "--in", &input]);
+    assert_eq!(r.code, 64, "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains(&old) || r.stderr.contains(&old),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    snapshot("restore_peer_unreachable", &r, d);
+    assert!(
+        status_json(&pair, &b)["keys"].as_array().unwrap().is_empty(),
+        "an unconfirmed restore changed the store"
+    );
+    // The link back: the restore learns of the destruction before it merges.
+    pair.relay_ab.heal();
+    pair.relay_ba.heal();
+    let r = on(&pair, &b, &["--password-file", &pw, "restore", "--in", &input]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    snapshot("restore_destroyed_stays", &r, d);
+    let v = status_json(&pair, &b);
+    let state = v["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["key_id"] == old.as_str())
+        .map(|k| k["state"].clone());
+    assert_eq!(state, Some(serde_json::json!("destroyed")), "{v}");
 }
