@@ -910,6 +910,22 @@ impl SealedStore {
         self.kek.audit_key().clone()
     }
 
+    /// Writes (and syncs) one small row, so a caller learns whether the store can be
+    /// written now: before a rotation contacts the peer, and to notice that a full or
+    /// failing disk has recovered. Changes nothing any reader sees (no key, no epoch).
+    pub fn check_writable(&mut self) -> Result<()> {
+        // A value that differs every call, so the commit really writes a page.
+        let now = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos()).unwrap_or(i64::MAX);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO meta (name, value) VALUES ('write_check', ?1)
+             ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            params![now],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The audit log's anchor (entry count and head mac) as last recorded, if any.
     pub fn audit_anchor(&self) -> Result<Option<crate::audit::AuditAnchor>> {
         let count = meta_opt::<i64>(&self.conn, "audit_count")?;

@@ -63,6 +63,11 @@ impl ApiError {
 impl From<keystore::Error> for ApiError {
     fn from(e: keystore::Error) -> Self {
         use keystore::Error as E;
+        if let Some(fault) = e.store_fault() {
+            // The file system refused: say what and what to do (SQLite's words carry no
+            // key material), and that retrying after the remedy helps.
+            return Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", fault.to_string());
+        }
         match &e {
             E::KeyNotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             E::RetirePrimary(_)
@@ -214,6 +219,10 @@ pub async fn handle(
         }
         Err(e) => {
             state.metrics.request(endpoint, e.status.as_u16());
+            if op.starts_with("admin.") && !matches!(op, "admin.status" | "admin.audit_verify") {
+                // The audit entry records it too; the log is where an operator looks first.
+                tracing::warn!(op, identity = %caller.label, code = e.code, reason = %e.message, "admin write refused");
+            }
             (error_response(&e), e.outcome(), Some(e.message.clone()))
         }
     };
@@ -472,11 +481,18 @@ async fn dispatch_other(route: &Route, req: Request<Incoming>, state: &Arc<AppSt
     }
 }
 
+/// `ok`, or `degraded` with `problems` while the store or the audit log cannot be
+/// written. Both answer 200: a degraded node still serves every key it holds (reads come
+/// from memory), so a load balancer must keep sending clients to it; the operator alerts
+/// on `status` (or on `sso_store_writable` / `sso_audit_writable`).
 fn health(state: &AppState) -> Response<Body> {
-    json_value(
-        StatusCode::OK,
-        &serde_json::json!({"status": "ok", "node": state.node, "sealed": false, "peer": peer_state(state)}),
-    )
+    let (status, problems) = state.metrics.health.report();
+    let mut body =
+        serde_json::json!({"status": status, "node": state.node, "sealed": false, "peer": peer_state(state)});
+    if !problems.is_empty() {
+        body["problems"] = serde_json::json!(problems);
+    }
+    json_value(StatusCode::OK, &body)
 }
 
 /// `up`, `down`, or `none` without a configured peer.
@@ -667,6 +683,11 @@ async fn with_store<T: Send + 'static>(
     tokio::task::spawn_blocking(move || {
         let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
         let result = f(&mut store);
+        if let Err(e) = &result
+            && let Some(fault) = e.store_fault()
+        {
+            state.metrics.health.store_failed(fault.to_string());
+        }
         if let Err(e) = &result
             && e.is_integrity()
         {
@@ -949,6 +970,7 @@ async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
         .await
         .map_err(|_| ApiError::internal())??;
     let head = state.audit.head();
+    let (health_status, problems) = state.metrics.health.report();
     let rfc = |t: time::OffsetDateTime| {
         t.format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default()
@@ -976,6 +998,7 @@ async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
             "not_backed_up": status.not_backed_up,
         },
         "audit": { "seq": head.seq, "head": head.hash },
+        "health": { "status": health_status, "problems": problems },
     });
     Ok(audited(json_value(StatusCode::OK, &answer), None))
 }

@@ -270,6 +270,9 @@ pub async fn rotate<N: LocalNode, P: PeerLink>(
 ) -> Result<Rotated, RotateError> {
     let rotations = local.rotations();
     let _queue = rotations.local.lock().await;
+    // A node that cannot write its store must not involve the peer: no lease taken there,
+    // no key staged (issue 15). A full or failing disk is found here, before anything.
+    local.with_store(|store| store.check_writable()).await?;
     let token = local.token();
     let Some(peer) = peer else {
         return rotate_alone(local, Replication::Standalone).await;
