@@ -181,8 +181,11 @@ async fn a_rotation_on_a_node_whose_store_cannot_be_written_leaves_the_peer_unto
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let (a, b) = (pair.view(&pair.a).await, pair.view(&pair.b).await);
-            if a.is_some() && a == b && a.as_ref().is_some_and(|v| v.1.is_some()) {
-                return a.unwrap();
+            if let Some(view) = &a
+                && a == b
+                && view.1.is_some()
+            {
+                return view.clone();
             }
             assert!(Instant::now() < deadline, "no convergence: {a:?} {b:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
