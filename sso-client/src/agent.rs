@@ -593,3 +593,24 @@ mod tests {
         }
     }
 }
+
+/// The command line of `sso-agent`, here rather than in the binary so that the packaging
+/// tool (`sso-dist`) renders its man page from the same definition.
+pub mod cli {
+    use std::path::PathBuf;
+
+    use clap::Parser;
+
+    /// The per-machine key agent.
+    #[derive(Parser, Debug)]
+    #[command(name = "sso-agent", version, about)]
+    pub struct Args {
+        /// Configuration file (TOML).
+        #[arg(long, conflicts_with = "dev", required_unless_present = "dev")]
+        pub config: Option<PathBuf>,
+        /// Pair with `sso-server --dev`: use the dev PKI in DIR and listen on DIR/agent.sock
+        /// (HTTP/JSON) and DIR/kms.sock (Kubernetes KMS v2).
+        #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "sso-dev")]
+        pub dev: Option<PathBuf>,
+    }
+}

@@ -28,6 +28,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod dev;

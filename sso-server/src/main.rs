@@ -2,7 +2,6 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use sso_client::daemon::{fail, shutdown_signal};
@@ -10,20 +9,8 @@ use sso_client::daemon::{fail, shutdown_signal};
 use clap::Parser;
 use keystore::{SealedStore, UnsealKey};
 use sso_server::Config;
+use sso_server::cli::Args;
 use sso_server::config::UnsealConfig;
-
-/// The master-secret server.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    /// Configuration file (TOML).
-    #[arg(long, conflicts_with = "dev", required_unless_present = "dev")]
-    config: Option<PathBuf>,
-    /// Development mode: create (or reuse) DIR with a dev PKI, store and config, and serve
-    /// on 127.0.0.1:7443.
-    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "sso-dev")]
-    dev: Option<PathBuf>,
-}
 
 /// Exit codes (sysexits): configuration or usage 64, unseal or store 65, cannot serve 69.
 const EX_USAGE: u8 = 64;

@@ -674,6 +674,32 @@ impl ServerSetup {
     }
 }
 
+/// Runs `systemd-analyze verify` on unit files given as (file name, text), written into a
+/// scratch directory, and panics with its complaints about them (the host's own unit files
+/// may warn; only lines naming these units count). Not a quiet skip: without
+/// systemd-analyze the caller's test fails and says how to get it (.ci/run installs it).
+pub fn systemd_verify(units: &[(&str, String)]) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new("systemd-analyze");
+    cmd.arg("verify");
+    for (name, text) in units {
+        std::fs::write(dir.path().join(name), text).unwrap();
+        cmd.arg(dir.path().join(name));
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("systemd-analyze could not run ({e}): apt-get install systemd"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| units.iter().any(|(name, _)| l.contains(name)))
+        .collect();
+    assert!(
+        ours.is_empty() && out.status.success(),
+        "systemd-analyze verify: {stderr}"
+    );
+}
+
 #[cfg(test)]
 mod profile_tests {
     use super::built_for_release;

@@ -3,27 +3,14 @@
 #![forbid(unsafe_code)]
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use sso_client::daemon::{fail, shutdown_signal};
 
 use clap::Parser;
+use sso_client::agent::cli::Args;
 use sso_client::agent::{self, AgentConfig, UidAllowlist};
 use sso_client::kms::{self, KmsConfig};
-
-/// The per-machine key agent.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    /// Configuration file (TOML).
-    #[arg(long, conflicts_with = "dev", required_unless_present = "dev")]
-    config: Option<PathBuf>,
-    /// Pair with `sso-server --dev`: use the dev PKI in DIR and listen on DIR/agent.sock
-    /// (HTTP/JSON) and DIR/kms.sock (Kubernetes KMS v2).
-    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "sso-dev")]
-    dev: Option<PathBuf>,
-}
 
 fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
