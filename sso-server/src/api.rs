@@ -374,38 +374,48 @@ async fn admin_write(
             ));
         }
     }
-    // Runs to its end even if this client goes away, so a repeat finds the answer.
-    let result = match tokio::spawn(run()).await {
-        Ok(r) => r,
-        Err(_) => Err(ApiError::internal()),
+    // Runs to its end, and records its answer, even if this client goes away (its
+    // connection closed, this future dropped), so a repeat finds the answer.
+    let task = {
+        let (state, who, key) = (state.clone(), who.clone(), key.clone());
+        tokio::spawn(async move {
+            let keep = |status: StatusCode, code: &str| {
+                !(status.is_server_error() || code == "rotation_busy" || code == "in_progress" || code == "busy")
+            };
+            match run().await {
+                Ok(answer) => {
+                    let (parts, body) = answer.response.into_parts();
+                    let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                    let stored = keep(parts.status, "").then(|| Stored {
+                        status: parts.status.as_u16(),
+                        body: bytes.clone(),
+                    });
+                    state.idempotency.finish(&who, &key, fingerprint, stored);
+                    Ok(Answer {
+                        response: Response::from_parts(parts, Full::new(bytes)),
+                        ..answer
+                    })
+                }
+                Err(e) => {
+                    let stored = keep(e.status, e.code).then(|| Stored {
+                        status: e.status.as_u16(),
+                        body: Bytes::from(
+                            serde_json::to_vec(&serde_json::json!({ "error": e.code, "message": e.message }))
+                                .unwrap_or_default(),
+                        ),
+                    });
+                    state.idempotency.finish(&who, &key, fingerprint, stored);
+                    Err(e)
+                }
+            }
+        })
     };
-    let keep = |status: StatusCode, code: &str| {
-        !(status.is_server_error() || code == "rotation_busy" || code == "in_progress" || code == "busy")
-    };
-    match result {
-        Ok(answer) => {
-            let (parts, body) = answer.response.into_parts();
-            let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-            let stored = keep(parts.status, "").then(|| Stored {
-                status: parts.status.as_u16(),
-                body: bytes.clone(),
-            });
-            state.idempotency.finish(&who, &key, fingerprint, stored);
-            Ok(Answer {
-                response: Response::from_parts(parts, Full::new(bytes)),
-                ..answer
-            })
-        }
-        Err(e) => {
-            let stored = keep(e.status, e.code).then(|| Stored {
-                status: e.status.as_u16(),
-                body: Bytes::from(
-                    serde_json::to_vec(&serde_json::json!({ "error": e.code, "message": e.message }))
-                        .unwrap_or_default(),
-                ),
-            });
-            state.idempotency.finish(&who, &key, fingerprint, stored);
-            Err(e)
+    match task.await {
+        Ok(result) => result,
+        Err(_) => {
+            // The write panicked: forget the key so a retry runs again.
+            state.idempotency.finish(&who, &key, fingerprint, None);
+            Err(ApiError::internal())
         }
     }
 }
