@@ -10,10 +10,11 @@ fn admin(pair: &Pair, node: &Node) -> tests::Client {
     pair.admin(node)
 }
 
-/// The smallest read of a stage request through a relay (its DATA frame: the staged key's
-/// record, about 260 bytes with TLS). What a rotation sends before it is smaller (the
-/// lease: 52 and 105 bytes), and so are anti-entropy pulls (98). Measured on this build;
-/// if the wire changes, the tests that use it fail with "never staged", not quietly.
+/// The smallest TLS record of a stage request through a relay (its DATA frame: the staged
+/// key's record, about 260 bytes with TLS). What a rotation sends before it is smaller (the
+/// lease: records of 52 and 105 bytes), and so are anti-entropy pulls (98). Measured on
+/// this build; if the wire changes, the tests that use it fail with "never staged", not
+/// quietly.
 const STAGE_REQUEST_MIN_BYTES: usize = 200;
 
 async fn view(pair: &Pair, node: &Node) -> Option<tests::pair::View> {
