@@ -262,11 +262,66 @@ impl Error {
         )
     }
 
+    /// When this error means the store's file system refused a write or a read (disk
+    /// full, read-only, an I/O error, the file gone): what happened and what to do, for an
+    /// operator. `None` for every other error.
+    pub fn store_fault(&self) -> Option<StoreFault> {
+        use rusqlite::ffi::ErrorCode as C;
+        let Self::Database(rusqlite::Error::SqliteFailure(e, detail)) = self else {
+            return None;
+        };
+        let sqlite = detail.clone().unwrap_or_else(|| e.to_string());
+        let (what, remedy) = match e.code {
+            C::DiskFull => ("disk full", "free space on the store's filesystem"),
+            C::ReadOnly => (
+                "read-only",
+                "make the store's file, its directory and filesystem writable by the server",
+            ),
+            C::SystemIoFailure => (
+                "I/O error",
+                "check the store's filesystem: it may be full (or over a file-size limit), read-only or failing",
+            ),
+            C::CannotOpen => (
+                "the file cannot be opened",
+                "check that the store's directory exists and is writable",
+            ),
+            _ => return None,
+        };
+        Some(StoreFault {
+            what,
+            detail: sqlite,
+            remedy,
+        })
+    }
+
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             path: path.to_path_buf(),
             source,
         }
+    }
+}
+
+/// A store the file system will not let the service write (or read): the cause, SQLite's
+/// own words for it, and the remedy. Shown as "the store could not be written: disk full
+/// (database or disk is full); free space on the store's filesystem".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreFault {
+    /// The cause in a few words: `disk full`, `read-only`, `I/O error`.
+    pub what: &'static str,
+    /// What SQLite said.
+    pub detail: String,
+    /// What the operator should do.
+    pub remedy: &'static str,
+}
+
+impl std::fmt::Display for StoreFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the store could not be written: {} ({}); {}",
+            self.what, self.detail, self.remedy
+        )
     }
 }
 

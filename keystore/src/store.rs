@@ -606,13 +606,18 @@ impl SealedStore {
         self.merge_checked(std::slice::from_ref(record), true, None)
     }
 
-    /// Retires every staged key with a generation below `below`: orphans of rotations that
-    /// were interrupted before promotion. They were never primary, so nothing was sealed
-    /// under them. Returns the retired keys' records (for replication).
+    /// Retires every staged key made by this node (its origin) with a generation below
+    /// `below`: orphans of this node's rotations that were interrupted before promotion.
+    /// Still staged here, they were never promoted by this node, the only one that could
+    /// (a lost promote answer promotes the key here at once), so nothing was sealed under
+    /// them. A staged key of the other node is left alone: in a partition it may be that
+    /// node's primary (a degraded rotation whose promote never arrived here), and retiring
+    /// it would reach that node by replication and strand what was sealed under it.
+    /// Returns the retired keys' records (for replication).
     pub fn retire_orphans(&mut self, below: u64) -> Result<Vec<KeyRecord>> {
         let orphans: Vec<KeyId> = load_rows(&self.conn)?
             .iter()
-            .filter(|r| r.lifecycle == Lifecycle::Staged && r.generation < below)
+            .filter(|r| r.lifecycle == Lifecycle::Staged && r.generation < below && r.origin == self.node)
             .map(|r| r.key_id)
             .collect();
         for id in &orphans {
@@ -918,6 +923,22 @@ impl SealedStore {
     /// The audit chain's HMAC key, derived from the KEK (see [`crate::audit`]).
     pub fn audit_key(&self) -> crate::audit::AuditKey {
         self.kek.audit_key().clone()
+    }
+
+    /// Writes (and syncs) one small row, so a caller learns whether the store can be
+    /// written now: before a rotation contacts the peer, and to notice that a full or
+    /// failing disk has recovered. Changes nothing any reader sees (no key, no epoch).
+    pub fn check_writable(&mut self) -> Result<()> {
+        // A value that differs every call, so the commit really writes a page.
+        let now = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos()).unwrap_or(i64::MAX);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT INTO meta (name, value) VALUES ('write_check', ?1)
+             ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            params![now],
+        )?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// The audit log's anchor (entry count and head mac) as last recorded, if any.

@@ -63,6 +63,11 @@ impl ApiError {
 impl From<keystore::Error> for ApiError {
     fn from(e: keystore::Error) -> Self {
         use keystore::Error as E;
+        if let Some(fault) = e.store_fault() {
+            // The file system refused: say what and what to do (SQLite's words carry no
+            // key material), and that retrying after the remedy helps.
+            return Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", fault.to_string());
+        }
         match &e {
             E::KeyNotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
             E::RetirePrimary(_)
@@ -215,6 +220,10 @@ pub async fn handle(
         }
         Err(e) => {
             state.metrics.request(endpoint, e.status.as_u16());
+            if op.starts_with("admin.") && !matches!(op, "admin.status" | "admin.audit_verify") {
+                // The audit entry records it too; the log is where an operator looks first.
+                tracing::warn!(op, identity = %caller.label, code = e.code, reason = %e.message, "admin write refused");
+            }
             (error_response(&e), e.outcome(), Some(e.message.clone()))
         }
     };
@@ -366,38 +375,48 @@ async fn admin_write(
             ));
         }
     }
-    // Runs to its end even if this client goes away, so a repeat finds the answer.
-    let result = match tokio::spawn(run()).await {
-        Ok(r) => r,
-        Err(_) => Err(ApiError::internal()),
+    // Runs to its end, and records its answer, even if this client goes away (its
+    // connection closed, this future dropped), so a repeat finds the answer.
+    let task = {
+        let (state, who, key) = (state.clone(), who.clone(), key.clone());
+        tokio::spawn(async move {
+            let keep = |status: StatusCode, code: &str| {
+                !(status.is_server_error() || code == "rotation_busy" || code == "in_progress" || code == "busy")
+            };
+            match run().await {
+                Ok(answer) => {
+                    let (parts, body) = answer.response.into_parts();
+                    let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                    let stored = keep(parts.status, "").then(|| Stored {
+                        status: parts.status.as_u16(),
+                        body: bytes.clone(),
+                    });
+                    state.idempotency.finish(&who, &key, fingerprint, stored);
+                    Ok(Answer {
+                        response: Response::from_parts(parts, Full::new(bytes)),
+                        ..answer
+                    })
+                }
+                Err(e) => {
+                    let stored = keep(e.status, e.code).then(|| Stored {
+                        status: e.status.as_u16(),
+                        body: Bytes::from(
+                            serde_json::to_vec(&serde_json::json!({ "error": e.code, "message": e.message }))
+                                .unwrap_or_default(),
+                        ),
+                    });
+                    state.idempotency.finish(&who, &key, fingerprint, stored);
+                    Err(e)
+                }
+            }
+        })
     };
-    let keep = |status: StatusCode, code: &str| {
-        !(status.is_server_error() || code == "rotation_busy" || code == "in_progress" || code == "busy")
-    };
-    match result {
-        Ok(answer) => {
-            let (parts, body) = answer.response.into_parts();
-            let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-            let stored = keep(parts.status, "").then(|| Stored {
-                status: parts.status.as_u16(),
-                body: bytes.clone(),
-            });
-            state.idempotency.finish(&who, &key, fingerprint, stored);
-            Ok(Answer {
-                response: Response::from_parts(parts, Full::new(bytes)),
-                ..answer
-            })
-        }
-        Err(e) => {
-            let stored = keep(e.status, e.code).then(|| Stored {
-                status: e.status.as_u16(),
-                body: Bytes::from(
-                    serde_json::to_vec(&serde_json::json!({ "error": e.code, "message": e.message }))
-                        .unwrap_or_default(),
-                ),
-            });
-            state.idempotency.finish(&who, &key, fingerprint, stored);
-            Err(e)
+    match task.await {
+        Ok(result) => result,
+        Err(_) => {
+            // The write panicked: forget the key so a retry runs again.
+            state.idempotency.finish(&who, &key, fingerprint, None);
+            Err(ApiError::internal())
         }
     }
 }
@@ -474,11 +493,18 @@ async fn dispatch_other(route: &Route, req: Request<Incoming>, state: &Arc<AppSt
     }
 }
 
+/// `ok`, or `degraded` with `problems` while the store or the audit log cannot be
+/// written. Both answer 200: a degraded node still serves every key it holds (reads come
+/// from memory), so a load balancer must keep sending clients to it; the operator alerts
+/// on `status` (or on `sso_store_writable` / `sso_audit_writable`).
 fn health(state: &AppState) -> Response<Body> {
-    json_value(
-        StatusCode::OK,
-        &serde_json::json!({"status": "ok", "node": state.node, "sealed": false, "peer": peer_state(state)}),
-    )
+    let (status, problems) = state.metrics.health.report();
+    let mut body =
+        serde_json::json!({"status": status, "node": state.node, "sealed": false, "peer": peer_state(state)});
+    if !problems.is_empty() {
+        body["problems"] = serde_json::json!(problems);
+    }
+    json_value(StatusCode::OK, &body)
 }
 
 /// `up`, `down`, or `none` without a configured peer.
@@ -669,6 +695,11 @@ async fn with_store<T: Send + 'static>(
     tokio::task::spawn_blocking(move || {
         let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
         let result = f(&mut store);
+        if let Err(e) = &result
+            && let Some(fault) = e.store_fault()
+        {
+            state.metrics.health.store_failed(fault.to_string());
+        }
         if let Err(e) = &result
             && e.is_integrity()
         {
@@ -984,6 +1015,7 @@ async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
         }
     };
     let head = state.audit.head();
+    let (health_status, problems) = state.metrics.health.report();
     let rfc = |t: time::OffsetDateTime| {
         t.format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default()
@@ -1013,6 +1045,7 @@ async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
         },
         "time": rfc(time::OffsetDateTime::now_utc()),
         "audit": { "seq": head.seq, "head": head.hash },
+        "health": { "status": health_status, "problems": problems },
     });
     Ok(audited(json_value(StatusCode::OK, &answer), None))
 }

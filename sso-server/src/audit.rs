@@ -470,6 +470,7 @@ impl Writer {
                     self.lost = 0;
                     self.lost_reason.clear();
                     self.metrics.audit_written.fetch_add(events, Relaxed);
+                    self.metrics.health.audit_ok();
                     self.publish(head);
                 }
                 Err(e) => {
@@ -480,6 +481,10 @@ impl Writer {
                         gap_first,
                     });
                     self.metrics.audit_failures.fetch_add(events, Relaxed);
+                    self.metrics.health.audit_failed(format!(
+                        "{} could not be written ({e}); free space on its filesystem",
+                        self.path.display()
+                    ));
                     tracing::error!(path = %self.path.display(), lost = events, problem = %e, "audit write failed");
                     if self.lost_reason.is_empty() {
                         self.lost_reason = format!("audit write failed ({e})");

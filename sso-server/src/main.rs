@@ -159,6 +159,10 @@ fn init_logging(config: &Config) {
         .with_env_filter(filter)
         // Colour only for a person at a terminal, never into files and journals.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (the log's disk is full) is lost, never a
+        // panic: by default tracing reports it with `eprintln!`, which panics when stderr
+        // fails, and took down the request that logged (issue 15).
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     if config.log.format == "json" {
         builder.json().init();

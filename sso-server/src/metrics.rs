@@ -120,6 +120,8 @@ pub struct Metrics {
     pub audit_failures: AtomicU64,
     /// The audit chain's entry count (the head's sequence number, as anchored).
     pub audit_entries: AtomicU64,
+    /// Whether the store and the audit log can be written (health, status, metrics).
+    pub health: Health,
     /// Integrity alarms (conflicting key material, failed row authentication, a key set
     /// that does not match the store manifest).
     pub integrity_alarms: AtomicU64,
@@ -198,6 +200,7 @@ impl Default for Metrics {
             audit_dropped: AtomicU64::new(0),
             audit_failures: AtomicU64::new(0),
             audit_entries: AtomicU64::new(0),
+            health: Health::default(),
             integrity_alarms: AtomicU64::new(0),
             peer_up: AtomicI64::new(-1),
             peer_lag_epochs: AtomicU64::new(0),
@@ -369,7 +372,86 @@ impl Metrics {
             "Integrity alarms.",
             self.integrity_alarms.load(Relaxed),
         );
+        let (store, audit) = self.health.problems();
+        gauge(
+            &mut out,
+            "sso_store_writable",
+            "1 while the store can be written, 0 after a write failed (disk full, read-only, I/O error) until a write succeeds again.",
+            if store.is_some() { 0.0 } else { 1.0 },
+        );
+        gauge(
+            &mut out,
+            "sso_audit_writable",
+            "1 while the audit log can be written, 0 after a write failed until a write succeeds again.",
+            if audit.is_some() { 0.0 } else { 1.0 },
+        );
         self.tls.render(&mut out, now);
         out
+    }
+}
+
+/// What keeps this node from being healthy: a store or an audit log it cannot write.
+/// Set by the write that failed, cleared by the next one that succeeds (for the store,
+/// a write check runs every second while it fails; see `server`). Served by
+/// `GET /v1/health` as `degraded` with these reasons, by admin status and as the
+/// `sso_store_writable` and `sso_audit_writable` gauges.
+#[derive(Debug, Default)]
+pub struct Health {
+    store: Mutex<Option<String>>,
+    audit: Mutex<Option<String>>,
+}
+
+impl Health {
+    /// The store could not be written: `problem` says why (no key material in it).
+    pub fn store_failed(&self, problem: impl Into<String>) {
+        let problem = problem.into();
+        let mut slot = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            tracing::error!(problem = %problem, "the store cannot be written: health is degraded");
+        }
+        *slot = Some(problem);
+    }
+
+    /// A write to the store succeeded.
+    pub fn store_ok(&self) {
+        if self.store.lock().unwrap_or_else(|p| p.into_inner()).take().is_some() {
+            tracing::info!("the store can be written again");
+        }
+    }
+
+    /// The audit log could not be written.
+    pub fn audit_failed(&self, problem: impl Into<String>) {
+        *self.audit.lock().unwrap_or_else(|p| p.into_inner()) = Some(problem.into());
+    }
+
+    /// A write to the audit log succeeded.
+    pub fn audit_ok(&self) {
+        if self.audit.lock().unwrap_or_else(|p| p.into_inner()).take().is_some() {
+            tracing::info!("the audit log can be written again");
+        }
+    }
+
+    /// Whether the store is failing now.
+    pub fn store_failing(&self) -> bool {
+        self.store.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// The current problems: (store, audit log).
+    pub fn problems(&self) -> (Option<String>, Option<String>) {
+        (
+            self.store.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            self.audit.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        )
+    }
+
+    /// `ok` or `degraded`, and the reasons, for health and status answers.
+    pub fn report(&self) -> (&'static str, Vec<String>) {
+        let (store, audit) = self.problems();
+        let problems: Vec<String> = store
+            .map(|p| format!("store: {p}"))
+            .into_iter()
+            .chain(audit.map(|p| format!("audit log: {p}")))
+            .collect();
+        (if problems.is_empty() { "ok" } else { "degraded" }, problems)
     }
 }

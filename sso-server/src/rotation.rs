@@ -270,6 +270,9 @@ pub async fn rotate<N: LocalNode, P: PeerLink>(
 ) -> Result<Rotated, RotateError> {
     let rotations = local.rotations();
     let _queue = rotations.local.lock().await;
+    // A node that cannot write its store must not involve the peer: no lease taken there,
+    // no key staged (issue 15). A full or failing disk is found here, before anything.
+    local.with_store(|store| store.check_writable()).await?;
     let token = local.token();
     let Some(peer) = peer else {
         return rotate_alone(local, Replication::Standalone).await;
@@ -362,7 +365,12 @@ async fn rotate_leased<N: LocalNode, P: PeerLink>(
             Ok(store
                 .export()?
                 .into_iter()
-                .filter(|r| r.meta.state == KeyState::Staged && r.meta.generation < staged.generation)
+                // Only keys this node made: see `SealedStore::retire_orphans`.
+                .filter(|r| {
+                    r.meta.state == KeyState::Staged
+                        && r.meta.generation < staged.generation
+                        && r.meta.origin == store.node()
+                })
                 .map(|r| KeyRecord {
                     meta: KeyMeta {
                         state: KeyState::Retired,
@@ -383,9 +391,18 @@ async fn rotate_leased<N: LocalNode, P: PeerLink>(
             return finish_degraded(local, &staged).await;
         }
         Err(error @ LinkError::Unreachable(_)) => {
+            // The promote may have reached the peer and only its answer been lost: the
+            // key may be the peer's primary already, with clients sealing under it. It is
+            // on both nodes (staged), so promote it here too rather than leave it to be
+            // retired as an orphan; anti-entropy completes the peer's side.
+            let (meta, _, _) = promote_locally(local, id, staged.generation).await?;
             return Err(RotateError::PeerUnavailable {
                 error,
-                changed: orphan("on both nodes"),
+                changed: format!(
+                    "key {id} (generation {}) is on both nodes and now promoted on this node ({}); the peer's answer to its promotion was lost, so it may be the peer's primary already, and anti-entropy promotes it there once the link is back",
+                    meta.generation,
+                    local.node()
+                ),
             });
         }
         Err(error) => {

@@ -122,7 +122,17 @@ pub async fn run(
                 Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
                 Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
             };
-            store.set_audit_anchor(anchor).map(|()| true).map_err(|e| e.to_string())
+            // A success here does not prove the store writable (an unchanged anchor may
+            // commit without a new page): only the write check clears a store failure.
+            match store.set_audit_anchor(anchor) {
+                Ok(()) => Ok(true),
+                Err(e) => {
+                    if let Some(fault) = e.store_fault() {
+                        state.metrics.health.store_failed(fault.to_string());
+                    }
+                    Err(e.to_string())
+                }
+            }
         }));
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let audit = state.audit.clone();
@@ -134,6 +144,7 @@ pub async fn run(
     }
     let metrics_task = tokio::spawn(serve_metrics(metrics_listener, metrics.clone()));
     let sync_task = tokio::spawn(crate::peer::sync_loop(state.clone()));
+    let store_check_task = tokio::spawn(store_write_check_loop(Arc::downgrade(&state)));
     // Registered here, not inside the task, so a SIGHUP right after start is not fatal.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     // Requests in flight at a graceful end get as long as a watch may wait, and a little.
@@ -231,6 +242,7 @@ pub async fn run(
     metrics_task.abort();
     reload_task.abort();
     sync_task.abort();
+    store_check_task.abort();
     Ok(())
 }
 
@@ -433,5 +445,32 @@ async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) {
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
         });
+    }
+}
+
+/// While the store is failing (a write failed: disk full, read-only, I/O error), tries a
+/// small write every second, so health returns to `ok` as soon as the operator has fixed
+/// the disk, without waiting for the next admin write. Nothing is written while healthy:
+/// a full disk is noticed by the next write (every audited request anchors the audit
+/// head in the store).
+async fn store_write_check_loop(state: std::sync::Weak<AppState>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(st) = state.upgrade() else { return };
+        if !st.metrics.health.store_failing() {
+            continue;
+        }
+        let _ = tokio::task::spawn_blocking(move || {
+            let mut store = st.store.lock().unwrap_or_else(|p| p.into_inner());
+            match store.check_writable() {
+                Ok(()) => st.metrics.health.store_ok(),
+                Err(e) => {
+                    if let Some(fault) = e.store_fault() {
+                        st.metrics.health.store_failed(fault.to_string());
+                    }
+                }
+            }
+        })
+        .await;
     }
 }

@@ -104,7 +104,11 @@ impl crate::rotation::LocalNode for Arc<AppState> {
         tokio::task::spawn_blocking(move || {
             let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
             let before = store.epoch()?;
-            let out = f(&mut store)?;
+            let out = f(&mut store).inspect_err(|e| {
+                if let Some(fault) = e.store_fault() {
+                    state.metrics.health.store_failed(fault.to_string());
+                }
+            })?;
             if store.epoch()? != before {
                 state.refresh(&store)?;
             }

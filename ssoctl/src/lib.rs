@@ -10,7 +10,9 @@
 //!   machines.
 //!
 //! Exit codes: 0 success, 64 usage, 65 integrity or damaged data, 66 not found,
-//! 69 unavailable, 77 authentication or permission denied, 70 internal.
+//! 69 unavailable, 70 internal, 74 the server's store cannot be written (disk full,
+//! read-only, I/O error), 77 authentication or permission denied. docs/operations.md has
+//! the table with remedies.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -33,6 +35,10 @@ pub const EX_NOINPUT: u8 = 66;
 pub const EX_UNAVAILABLE: u8 = 69;
 /// Exit code: internal error.
 pub const EX_SOFTWARE: u8 = 70;
+/// Exit code: the server's store cannot be written (disk full, read-only, I/O error;
+/// error code `store_unavailable`). Distinct from 69: waiting does not help, someone must
+/// fix the disk.
+pub const EX_IOERR: u8 = 74;
 /// Exit code: authentication or permission denied (wrong password, certificate refused,
 /// 403).
 pub const EX_NOPERM: u8 = 77;
@@ -65,6 +71,7 @@ impl Failure {
             EX_DATAERR => "integrity",
             EX_NOINPUT => "not_found",
             EX_UNAVAILABLE => "unavailable",
+            EX_IOERR => "store_unavailable",
             EX_NOPERM => "denied",
             _ => "internal",
         }

@@ -11,7 +11,7 @@ use sso_client::transport::Transport;
 use zeroize::Zeroizing;
 
 use crate::cli::Global;
-use crate::{EX_DATAERR, EX_NOINPUT, EX_NOPERM, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE, Failure};
+use crate::{EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE, Failure};
 
 /// The connection settings as `(servers, ca, cert, key)`, from flags or `--dev DIR`.
 fn settings(global: &Global) -> Result<(Vec<String>, PathBuf, PathBuf, PathBuf), Failure> {
@@ -349,6 +349,11 @@ fn answer(status: u16, body: Zeroizing<Vec<u8>>) -> Result<Zeroizing<Vec<u8>>, F
             EX_DATAERR,
             message,
             "the backup is damaged or not a backup: use another copy",
+        ),
+        (503, "store_unavailable") => Failure::new(
+            EX_IOERR,
+            message,
+            "nothing was changed; fix the server's disk as the message says, then retry (its /v1/health says `ok` again once the store can be written)",
         ),
         (503, _) => Failure::new(
             EX_UNAVAILABLE,

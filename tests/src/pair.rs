@@ -73,12 +73,15 @@ impl Relay {
                     let (h, s, r) = (h.clone(), s.clone(), r.clone());
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
+                        let mut records = TlsRecords::default();
                         loop {
                             match from.read(&mut buf) {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => {
                                     let min = trigger.load(Ordering::SeqCst);
-                                    if min > 0 && n >= min && trigger.swap(0, Ordering::SeqCst) > 0 {
+                                    let mut big = false;
+                                    records.feed(&buf[..n], |len| big |= min > 0 && len >= min);
+                                    if big && trigger.swap(0, Ordering::SeqCst) > 0 {
                                         r.store(true, Ordering::SeqCst);
                                     }
                                     // Stalled: hold the bytes (bounded by the relay's life).
@@ -120,9 +123,12 @@ impl Relay {
         self.stalled.store(false, Ordering::SeqCst);
     }
 
-    /// Once a request read of at least `min_bytes` has passed (on any connection), hold
-    /// the target's answers until `release_replies`. Lets a test stop a peer protocol
-    /// between two steps without reading the TLS it relays: the size tells the steps apart.
+    /// Once a request TLS record (application data) of at least `min_bytes` has passed (on
+    /// any connection), hold the target's answers until `release_replies`. Lets a test stop
+    /// a peer protocol between two steps without decrypting what it relays: the record
+    /// size tells the steps apart. Records, not reads: under load TCP coalesces small
+    /// records into one read (a lease and a pull made one 255-byte read), records it never
+    /// merges.
     pub fn hold_replies_after_request_of(&self, min_bytes: usize) {
         assert!(min_bytes > 0);
         self.hold_trigger.store(min_bytes, Ordering::SeqCst);
@@ -153,6 +159,41 @@ impl Drop for Relay {
         self.stop.store(true, Ordering::SeqCst);
         self.cut();
         let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Splits a TLS byte stream into records: each starts with a plaintext 5-byte header
+/// (content type, version, length), so their sizes can be read without decrypting.
+#[derive(Default)]
+struct TlsRecords {
+    header: Vec<u8>,
+    /// Bytes of the current record's body not yet seen.
+    left: usize,
+}
+
+impl TlsRecords {
+    /// Feeds the next bytes of the stream; calls `on_record` with the whole size (header
+    /// included) of each application-data record whose header completes in them.
+    fn feed(&mut self, mut bytes: &[u8], mut on_record: impl FnMut(usize)) {
+        const APPLICATION_DATA: u8 = 23;
+        while !bytes.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(bytes.len());
+                self.left -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (5 - self.header.len()).min(bytes.len());
+            self.header.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.header.len() == 5 {
+                self.left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+                if self.header[0] == APPLICATION_DATA {
+                    on_record(self.left + 5);
+                }
+                self.header.clear();
+            }
+        }
     }
 }
 
@@ -289,5 +330,32 @@ impl Pair {
             })
             .collect();
         Some((keys, v["primary"].as_str().map(str::to_owned)))
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::TlsRecords;
+
+    fn record(kind: u8, body: usize) -> Vec<u8> {
+        let mut r = vec![kind, 3, 3];
+        r.extend_from_slice(&u16::try_from(body).unwrap().to_be_bytes());
+        r.extend(std::iter::repeat_n(0xAB, body));
+        r
+    }
+
+    #[test]
+    fn records_are_sized_whatever_the_reads() {
+        // A handshake record (not counted), then application data of 52, 105 and 264
+        // bytes in all, the last two coalesced into one read and the stream cut mid-header.
+        let stream: Vec<u8> = [record(22, 232), record(23, 47), record(23, 100), record(23, 259)].concat();
+        for cut in [1, 3, 7, 240, 300, stream.len() - 2] {
+            let mut records = TlsRecords::default();
+            let mut seen = Vec::new();
+            for part in [&stream[..cut], &stream[cut..]] {
+                records.feed(part, |len| seen.push(len));
+            }
+            assert_eq!(seen, [52, 105, 264], "cut at {cut}");
+        }
     }
 }

@@ -10,10 +10,11 @@ fn admin(pair: &Pair, node: &Node) -> tests::Client {
     pair.admin(node)
 }
 
-/// The smallest read of a stage request through a relay (its DATA frame: the staged key's
-/// record, about 260 bytes with TLS). What a rotation sends before it is smaller (the
-/// lease: 52 and 105 bytes), and so are anti-entropy pulls (98). Measured on this build;
-/// if the wire changes, the tests that use it fail with "never staged", not quietly.
+/// The smallest TLS record of a stage request through a relay (its DATA frame: the staged
+/// key's record, about 260 bytes with TLS). What a rotation sends before it is smaller (the
+/// lease: records of 52 and 105 bytes), and so are anti-entropy pulls (98). Measured on
+/// this build; if the wire changes, the tests that use it fail with "never staged", not
+/// quietly.
 const STAGE_REQUEST_MIN_BYTES: usize = 200;
 
 async fn view(pair: &Pair, node: &Node) -> Option<tests::pair::View> {
@@ -799,4 +800,196 @@ async fn an_interrupted_rotation_leaves_a_shown_orphan_that_the_next_rotation_re
             node.name
         );
     }
+}
+
+/// Waits until `c` seals under `key`, then seals one envelope.
+async fn seal_under(c: &Client, key: &str) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.status().primary.map(|p| p.to_string()).as_deref() != Some(key) {
+        assert!(Instant::now() < deadline, "the client never saw {key} as primary");
+        let _ = c.refresh().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.seal(b"attack12", b"sealed under a promoted key").await.unwrap()
+}
+
+/// Found by attack (issue 12 follow-up): A rotates degraded while its stage reached B but
+/// the link broke before the answer, so A's key is A's primary (clients seal under it)
+/// and only `staged` on B. A degraded rotation on B then retired A's key as an "orphan",
+/// and after the heal it was retired on A too: every envelope sealed on A during the
+/// partition answered 410 "gone". A node now retires as orphans only the staged keys it
+/// created itself (only its own rotations can have been interrupted there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_degraded_rotation_never_retires_the_peers_promoted_key_as_an_orphan() {
+    let (_dir, pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let ca = client(&pair, &[&pair.a]);
+    ca.refresh().await.unwrap();
+    let a = admin(&pair, &pair.a);
+    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
+    let rotating = tokio::spawn(async move {
+        a.post("/v1/admin/rotate", &serde_json::json!({"allow_degraded": true}))
+            .await
+            .unwrap()
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let k = loop {
+        let (keys, _) = view(&pair, &pair.b).await.unwrap();
+        if let Some((id, _)) = keys.iter().find(|(_, s)| s == "staged") {
+            pair.relay_ab.cut();
+            pair.relay_ba.cut();
+            pair.relay_ab.release_replies();
+            break id.clone();
+        }
+        assert!(Instant::now() < deadline, "A never staged a key on B");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let answer = rotating.await.unwrap().json();
+    assert_eq!(answer["replication"], "degraded", "{answer}");
+    assert_eq!(answer["key_id"].as_str(), Some(k.as_str()), "{answer}");
+    let sealed = seal_under(&ca, &k).await;
+
+    let rb = rotate(&pair, &pair.b, true).await.json();
+    assert_eq!(rb["replication"], "degraded", "{rb}");
+    pair.relay_ab.heal();
+    pair.relay_ba.heal();
+    wait_converged(&pair, Duration::from_secs(10)).await;
+    for node in [&pair.a, &pair.b] {
+        let (keys, _) = view(&pair, node).await.unwrap();
+        assert!(
+            keys.iter()
+                .any(|(id, s)| *id == k && s != "retired" && s != "destroyed"),
+            "{}: A's degraded primary {k} was retired as an orphan: {keys:?}",
+            node.name
+        );
+    }
+    let fresh = client(&pair, &[&pair.a, &pair.b]);
+    let opened = fresh.open(b"attack12", &sealed).await;
+    assert!(
+        opened.is_ok(),
+        "an envelope sealed under A's primary is lost: {opened:?}"
+    );
+}
+
+/// Found by attack (issue 12 follow-up): the peer took A's promote but its answer was
+/// lost. A answered 503 "staged on both nodes but not promoted: it is not in use, and the
+/// next successful rotation retires it", while the key was B's primary and B's clients
+/// sealed under it; A's next rotation then retired it on both, and those envelopes were
+/// gone. Now A, which cannot know whether the promote arrived, promotes the key it
+/// already staged on both nodes and says so; nothing is retired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_promote_answer_never_makes_the_peers_primary_an_orphan() {
+    let (_dir, pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let cb = client(&pair, &[&pair.b]);
+    cb.refresh().await.unwrap();
+    let a = admin(&pair, &pair.a);
+    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
+    let rotating = tokio::spawn(async move {
+        a.post("/v1/admin/rotate", &serde_json::json!({"allow_degraded": false}))
+            .await
+            .unwrap()
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let k = loop {
+        let (keys, _) = view(&pair, &pair.b).await.unwrap();
+        if let Some((id, _)) = keys.iter().find(|(_, s)| s == "staged") {
+            // Let the stage answer through; hold the answer to the promote (A sends it
+            // after distribute_wait, 250 ms).
+            pair.relay_ab.release_replies();
+            pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
+            break id.clone();
+        }
+        assert!(Instant::now() < deadline, "A never staged a key on B");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while view(&pair, &pair.b).await.unwrap().1.as_deref() != Some(k.as_str()) {
+        assert!(Instant::now() < deadline, "B never promoted {k}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sealed = seal_under(&cb, &k).await;
+    let answer = rotating.await.unwrap();
+    let message = answer.json()["message"].as_str().unwrap_or("").to_owned();
+    assert!(
+        !message.contains("not in use"),
+        "A claims {k} is not in use while it is B's primary: {message}"
+    );
+    pair.relay_ab.release_replies();
+    let next = rotate(&pair, &pair.a, false).await.json();
+    assert_eq!(next["replication"], "replicated", "{next}");
+    wait_converged(&pair, Duration::from_secs(10)).await;
+    for node in [&pair.a, &pair.b] {
+        let (keys, _) = view(&pair, node).await.unwrap();
+        assert!(
+            keys.iter()
+                .any(|(id, s)| *id == k && s != "retired" && s != "destroyed"),
+            "{}: B's primary {k} was retired as an orphan: {keys:?}",
+            node.name
+        );
+    }
+    let fresh = client(&pair, &[&pair.a, &pair.b]);
+    let opened = fresh.open(b"attack12", &sealed).await;
+    assert!(
+        opened.is_ok(),
+        "an envelope sealed under B's primary is lost: {opened:?}"
+    );
+}
+
+/// Found by attack (issue 12 follow-up): an admin client that went away mid-rotation
+/// (a timeout, a killed ssoctl, a hung node resumed) left its Idempotency-Key "running"
+/// for ever: the rotation finished, but every repeat with the same key answered 409
+/// `in_progress`, so the recovery ssoctl prints ("repeat the same command with
+/// --idempotency-key") never got the answer. The answer is now recorded by the task that
+/// runs the write, whether or not its client still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_client_went_away_still_records_its_answer() {
+    let (_dir, pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let a = admin(&pair, &pair.a);
+    let post = |a: tests::Client| async move {
+        a.request_with(
+            "POST",
+            "/v1/admin/rotate",
+            Some(b"{}".to_vec()),
+            &[("idempotency-key", "went-away-1")],
+        )
+        .await
+        .unwrap()
+    };
+    let first = tokio::spawn(post(a.clone()));
+    // The rotation is under way once B holds its staged key (distribute_wait follows).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let staged = loop {
+        let (keys, _) = view(&pair, &pair.b).await.unwrap();
+        if let Some((id, _)) = keys.iter().find(|(_, s)| s == "staged") {
+            break id.clone();
+        }
+        assert!(Instant::now() < deadline, "A never staged a key on B");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    first.abort();
+    let _ = first.await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let again = loop {
+        let r = post(a.clone()).await;
+        if r.status != 409 {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the repeat still answers {}: {:?}",
+            r.status,
+            r.json()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(again.status, 200, "{:?}", again.json());
+    assert_eq!(
+        again.json()["key_id"].as_str(),
+        Some(staged.as_str()),
+        "{:?}",
+        again.json()
+    );
+    assert_eq!(again.json()["replication"], "replicated");
 }
