@@ -634,13 +634,34 @@ pub fn restart(server: &mut TestServer, config: &Path) {
     *server = TestServer::start(&bin("sso-server"), config, &log);
 }
 
-/// A port that was free a moment ago (bind to 0, read, release).
+/// A port for a test server to listen on later, unique within this process. Taken from
+/// 20000..32000, below Linux's ephemeral range (32768 and up), so no outgoing connection of
+/// any process can be handed it meanwhile, and checked free by a plain bind, which also
+/// refuses a port that a previous test's connections still hold in TIME_WAIT. Binding port
+/// 0 and releasing it did neither: CI once saw a pair node's pinned metrics port taken
+/// ("Address already in use") before the node bound it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    // Test binaries run one after another: start each at its own place in the range.
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        (std::process::id().wrapping_mul(7919) ^ nanos) % SPAN
+    });
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + (start + n) % SPAN).expect("below 32000");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000 on 127.0.0.1");
 }
 
 impl ServerSetup {
