@@ -526,17 +526,9 @@ async fn ssoctl_rotate_does_not_rotate_twice_when_the_first_node_hangs() {
     // B's answers to A are held meanwhile, so the staged state lasts until the test has seen
     // it (A's peer timeout is 1 s); polling for a state that lasts milliseconds missed it
     // once on a loaded CI machine. Then B's answers go on and A finishes the rotation.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (keys, _) = view(&pair, &pair.b).await.unwrap();
-        if keys.iter().any(|(_, s)| s == "staged") {
-            front_a.stall();
-            pair.relay_ab.release_replies();
-            break;
-        }
-        assert!(Instant::now() < deadline, "A never staged a key on B");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    staged_on_b(&pair).await;
+    front_a.stall();
+    pair.relay_ab.release_replies();
     let out = tokio::task::spawn_blocking(move || ssoctl.wait_with_output().unwrap())
         .await
         .unwrap();
@@ -747,17 +739,9 @@ async fn an_interrupted_rotation_leaves_a_shown_orphan_that_the_next_rotation_re
             .await
             .unwrap()
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let orphan = loop {
-        let (keys, _) = view(&pair, &pair.b).await.unwrap();
-        if let Some((id, _)) = keys.iter().find(|(_, s)| s == "staged") {
-            pair.relay_ab.cut();
-            pair.relay_ab.release_replies();
-            break id.clone();
-        }
-        assert!(Instant::now() < deadline, "A never staged a key on B");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let orphan = staged_on_b(&pair).await;
+    pair.relay_ab.cut();
+    pair.relay_ab.release_replies();
     let answer = interrupted.await.unwrap();
     assert_eq!(answer.status, 503, "{:?}", answer.json());
     for node in [&pair.a, &pair.b] {
@@ -803,6 +787,39 @@ async fn an_interrupted_rotation_leaves_a_shown_orphan_that_the_next_rotation_re
 }
 
 /// Waits until `c` seals under `key`, then seals one envelope.
+/// Polls B (bounded) until it holds a `staged` key and returns its id: A's rotation is
+/// then between its stage and its promote. Callers arm
+/// `relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES)` first, so that state
+/// lasts until it is seen.
+async fn staged_on_b(pair: &Pair) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (keys, _) = view(pair, &pair.b).await.unwrap();
+        if let Some((id, _)) = keys.iter().find(|(_, s)| s == "staged") {
+            return id.clone();
+        }
+        assert!(Instant::now() < deadline, "A never staged a key on B");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// `k` (`whose`, for the messages) is neither retired nor destroyed on either node, and a
+/// fresh client of the pair opens `sealed`, which was sealed under it.
+async fn assert_kept_in_use(pair: &Pair, k: &str, sealed: &[u8], whose: &str) {
+    for node in [&pair.a, &pair.b] {
+        let (keys, _) = view(pair, node).await.unwrap();
+        assert!(
+            keys.iter()
+                .any(|(id, s)| *id == k && s != "retired" && s != "destroyed"),
+            "{}: {whose} {k} was retired as an orphan: {keys:?}",
+            node.name
+        );
+    }
+    let fresh = client(pair, &[&pair.a, &pair.b]);
+    let opened = fresh.open(b"attack12", sealed).await;
+    assert!(opened.is_ok(), "an envelope sealed under {whose} is lost: {opened:?}");
+}
+
 async fn seal_under(c: &Client, key: &str) -> Vec<u8> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while c.status().primary.map(|p| p.to_string()).as_deref() != Some(key) {
@@ -832,18 +849,10 @@ async fn a_degraded_rotation_never_retires_the_peers_promoted_key_as_an_orphan()
             .await
             .unwrap()
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let k = loop {
-        let (keys, _) = view(&pair, &pair.b).await.unwrap();
-        if let Some((id, _)) = keys.iter().find(|(_, s)| s == "staged") {
-            pair.relay_ab.cut();
-            pair.relay_ba.cut();
-            pair.relay_ab.release_replies();
-            break id.clone();
-        }
-        assert!(Instant::now() < deadline, "A never staged a key on B");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let k = staged_on_b(&pair).await;
+    pair.relay_ab.cut();
+    pair.relay_ba.cut();
+    pair.relay_ab.release_replies();
     let answer = rotating.await.unwrap().json();
     assert_eq!(answer["replication"], "degraded", "{answer}");
     assert_eq!(answer["key_id"].as_str(), Some(k.as_str()), "{answer}");
@@ -854,21 +863,7 @@ async fn a_degraded_rotation_never_retires_the_peers_promoted_key_as_an_orphan()
     pair.relay_ab.heal();
     pair.relay_ba.heal();
     wait_converged(&pair, Duration::from_secs(10)).await;
-    for node in [&pair.a, &pair.b] {
-        let (keys, _) = view(&pair, node).await.unwrap();
-        assert!(
-            keys.iter()
-                .any(|(id, s)| *id == k && s != "retired" && s != "destroyed"),
-            "{}: A's degraded primary {k} was retired as an orphan: {keys:?}",
-            node.name
-        );
-    }
-    let fresh = client(&pair, &[&pair.a, &pair.b]);
-    let opened = fresh.open(b"attack12", &sealed).await;
-    assert!(
-        opened.is_ok(),
-        "an envelope sealed under A's primary is lost: {opened:?}"
-    );
+    assert_kept_in_use(&pair, &k, &sealed, "A's degraded primary").await;
 }
 
 /// Found by attack (issue 12 follow-up): the peer took A's promote but its answer was
@@ -890,19 +885,11 @@ async fn a_lost_promote_answer_never_makes_the_peers_primary_an_orphan() {
             .await
             .unwrap()
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let k = loop {
-        let (keys, _) = view(&pair, &pair.b).await.unwrap();
-        if let Some((id, _)) = keys.iter().find(|(_, s)| s == "staged") {
-            // Let the stage answer through; hold the answer to the promote (A sends it
-            // after distribute_wait, 250 ms).
-            pair.relay_ab.release_replies();
-            pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
-            break id.clone();
-        }
-        assert!(Instant::now() < deadline, "A never staged a key on B");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let k = staged_on_b(&pair).await;
+    // Let the stage answer through; hold the answer to the promote (A sends it
+    // after distribute_wait, 250 ms).
+    pair.relay_ab.release_replies();
+    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
     let deadline = Instant::now() + Duration::from_secs(30);
     while view(&pair, &pair.b).await.unwrap().1.as_deref() != Some(k.as_str()) {
         assert!(Instant::now() < deadline, "B never promoted {k}");
@@ -919,21 +906,7 @@ async fn a_lost_promote_answer_never_makes_the_peers_primary_an_orphan() {
     let next = rotate(&pair, &pair.a, false).await.json();
     assert_eq!(next["replication"], "replicated", "{next}");
     wait_converged(&pair, Duration::from_secs(10)).await;
-    for node in [&pair.a, &pair.b] {
-        let (keys, _) = view(&pair, node).await.unwrap();
-        assert!(
-            keys.iter()
-                .any(|(id, s)| *id == k && s != "retired" && s != "destroyed"),
-            "{}: B's primary {k} was retired as an orphan: {keys:?}",
-            node.name
-        );
-    }
-    let fresh = client(&pair, &[&pair.a, &pair.b]);
-    let opened = fresh.open(b"attack12", &sealed).await;
-    assert!(
-        opened.is_ok(),
-        "an envelope sealed under B's primary is lost: {opened:?}"
-    );
+    assert_kept_in_use(&pair, &k, &sealed, "B's primary").await;
 }
 
 /// Found by attack (issue 12 follow-up): an admin client that went away mid-rotation
@@ -957,17 +930,11 @@ async fn a_write_whose_client_went_away_still_records_its_answer() {
         .await
         .unwrap()
     };
+    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
     let first = tokio::spawn(post(a.clone()));
     // The rotation is under way once B holds its staged key (distribute_wait follows).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let staged = loop {
-        let (keys, _) = view(&pair, &pair.b).await.unwrap();
-        if let Some((id, _)) = keys.iter().find(|(_, s)| s == "staged") {
-            break id.clone();
-        }
-        assert!(Instant::now() < deadline, "A never staged a key on B");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let staged = staged_on_b(&pair).await;
+    pair.relay_ab.release_replies();
     first.abort();
     let _ = first.await;
     let deadline = Instant::now() + Duration::from_secs(15);
