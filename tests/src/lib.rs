@@ -72,7 +72,9 @@ impl Pki {
         // A distinct name per CA, so a certificate from another test CA is an unknown issuer
         // rather than a bad signature from a same-named one.
         let name = format!("test CA {}", dir.display());
-        let ca = CertificateAuthority::generate(&name, 30).unwrap();
+        // A year: well beyond `ssoctl doctor`'s 30-day expiry warning, so a fresh test
+        // setup is a healthy one.
+        let ca = CertificateAuthority::generate(&name, 365).unwrap();
         let ca_file = dir.join("ca.pem");
         std::fs::write(&ca_file, ca.cert_pem()).unwrap();
         Self {
@@ -98,12 +100,12 @@ impl Pki {
 
     /// A client certificate with CN `name`.
     pub fn client(&self, name: &str) -> CertFiles {
-        self.issue_spec(name, &LeafSpec::client(name, 30))
+        self.issue_spec(name, &LeafSpec::client(name, 365))
     }
 
     /// A server certificate for localhost / 127.0.0.1, usable as a client too (peers).
     pub fn server(&self, file: &str) -> CertFiles {
-        let mut spec = LeafSpec::server(file, &["localhost"], &[[127, 0, 0, 1].into()], 30);
+        let mut spec = LeafSpec::server(file, &["localhost"], &[[127, 0, 0, 1].into()], 365);
         spec.usage = LeafUsage::ServerAndClient;
         self.issue_spec(file, &spec)
     }
