@@ -46,14 +46,61 @@ pub const SEAL_LIMIT: u64 = 1 << 32;
 /// round keys that follow it after a key is dropped).
 pub struct EnvelopeKey {
     key_id: KeyId,
-    cipher: Box<AesGcm>,
+    cipher: Cipher,
     seals: AtomicU64,
+}
+
+/// The AES-256-GCM behind a key. graviola needs an x86_64 CPU with AES-NI, PCLMULQDQ,
+/// AVX2, BMI1 and ADX (Intel Broadwell, AMD Zen and later) or aarch64, and panics on
+/// anything less; there RustCrypto `aes-gcm` (its schedule also zeroized on drop) takes
+/// over, at about twice ring's cost (docs/benchmarks.md).
+enum Cipher {
+    Graviola(Box<AesGcm>),
+    RustCrypto(Box<aes_gcm::Aes256Gcm>),
+}
+
+impl Cipher {
+    fn encrypt(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        inout: &mut [u8],
+        tag: &mut [u8; TAG_LEN],
+    ) -> Result<(), Error> {
+        match self {
+            Cipher::Graviola(c) => c.encrypt(nonce, aad, inout, tag),
+            Cipher::RustCrypto(c) => {
+                use aes_gcm::aead::AeadInOut;
+                let t = c
+                    .encrypt_inout_detached(nonce.into(), aad, inout.into())
+                    .map_err(|_| Error::PlaintextTooLong)?;
+                tag.copy_from_slice(&t);
+            }
+        }
+        Ok(())
+    }
+
+    fn decrypt(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], inout: &mut [u8], tag: &[u8]) -> Result<(), ()> {
+        match self {
+            Cipher::Graviola(c) => c.decrypt(nonce, aad, inout, tag).map_err(|_| ()),
+            Cipher::RustCrypto(c) => {
+                use aes_gcm::aead::AeadInOut;
+                let tag = aes_gcm::Tag::try_from(tag).map_err(|_| ())?;
+                c.decrypt_inout_detached(nonce.into(), aad, inout.into(), &tag)
+                    .map_err(|_| ())
+            }
+        }
+    }
 }
 
 impl EnvelopeKey {
     /// Expands `secret` for envelope use under `key_id`.
     pub fn new(key_id: KeyId, secret: &MasterSecret) -> Self {
-        let cipher = expand(secret);
+        Self::with_graviola(key_id, secret, graviola::util::is_cpu_supported())
+    }
+
+    fn with_graviola(key_id: KeyId, secret: &MasterSecret, graviola: bool) -> Self {
+        let cipher = expand(secret, graviola);
         // The expansion ran in frames below this one and left temporaries there (the
         // cipher before it was boxed, graviola's GHASH key); overwrite them.
         scrub_stack();
@@ -78,8 +125,13 @@ impl EnvelopeKey {
 /// Expands the key in its own frame, so every stack temporary of the expansion lies below
 /// the caller's frame, where [`scrub_stack`] reaches it.
 #[inline(never)]
-fn expand(secret: &MasterSecret) -> Box<AesGcm> {
-    Box::new(AesGcm::new(secret.expose_secret()))
+fn expand(secret: &MasterSecret, graviola: bool) -> Cipher {
+    if graviola {
+        Cipher::Graviola(Box::new(AesGcm::new(secret.expose_secret())))
+    } else {
+        use aes_gcm::aead::KeyInit;
+        Cipher::RustCrypto(Box::new(aes_gcm::Aes256Gcm::new(secret.expose_secret().into())))
+    }
 }
 
 /// Overwrites the 16 KiB of stack below the caller's frame with zeros (volatile writes the
@@ -207,7 +259,7 @@ fn seal_inner(
     let mut tag = [0u8; TAG_LEN];
     with_full_aad(header, aad, |full_aad| {
         key.cipher.encrypt(&nonce, full_aad, body, &mut tag)
-    });
+    })?;
     out.extend_from_slice(&tag);
     Ok(out)
 }
@@ -371,6 +423,30 @@ mod tests {
             envelope.extend_from_slice(tag.as_ref());
             assert_eq!(envelope, sealed, "same key, nonce and AAD give the same bytes as ring");
             assert_eq!(open(&envelope, b"aad", |_| Some(&key)).unwrap(), plaintext);
+        }
+    }
+
+    #[test]
+    fn the_fallback_cipher_for_older_cpus_interoperates_with_graviola() {
+        let rng = SystemRandom::new();
+        let secret = MasterSecret::generate(&rng).unwrap();
+        let id = KeyId::generate(&rng).unwrap();
+        let fast = EnvelopeKey::with_graviola(id, &secret, true);
+        let fallback = EnvelopeKey::with_graviola(id, &secret, false);
+        assert!(matches!(fast.cipher, Cipher::Graviola(_)));
+        assert!(matches!(fallback.cipher, Cipher::RustCrypto(_)));
+        for len in [0usize, 1, 16, 64, 1000] {
+            let plaintext = vec![0xa5u8; len];
+            let a = seal(&fast, b"ctx", &plaintext).unwrap();
+            let b = seal(&fallback, b"ctx", &plaintext).unwrap();
+            assert_eq!(open(&a, b"ctx", |_| Some(&fallback)).unwrap(), plaintext);
+            assert_eq!(open(&b, b"ctx", |_| Some(&fast)).unwrap(), plaintext);
+            let mut bad = b.clone();
+            *bad.last_mut().unwrap() ^= 1;
+            assert_eq!(
+                open(&bad, b"ctx", |_| Some(&fallback)),
+                Err(Error::AuthenticationFailed)
+            );
         }
     }
 
