@@ -2,9 +2,11 @@
 
 /// A peer replication body (`/v1/peer/merge`, `/v1/peer/keys`), then the validation every
 /// merge runs before it writes, against an empty store and against one with a primary.
-/// The same bytes as a peer's backup coverage answer (`/v1/peer/coverage`).
+/// The same bytes as a peer's backup coverage answer (`/v1/peer/coverage`) and as its
+/// answer to a promotion (`/v1/peer/promote`).
 pub fn peer_records(data: &[u8]) {
     let _ = serde_json::from_slice::<crate::peer::Coverage>(data);
+    let _ = crate::peer::promoted_answer(data);
     let Ok(keys) = crate::peer::parse_records(data) else {
         return;
     };
