@@ -459,6 +459,16 @@ pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, Error> {
     Ok(id)
 }
 
+/// A CRL's `nextUpdate` (DER), when it has one: the time by which a fresh CRL must be
+/// published. Reads only; the signature is not checked.
+pub fn crl_next_update(der: &[u8]) -> Result<Option<OffsetDateTime>, Error> {
+    use x509_parser::prelude::*;
+    let (_, crl) = CertificateRevocationList::from_der(der).map_err(|e| Error::Parse(e.to_string()))?;
+    Ok(crl
+        .next_update()
+        .and_then(|t| OffsetDateTime::from_unix_timestamp(t.timestamp()).ok()))
+}
+
 /// Decodes the first certificate in a PEM string to DER.
 pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, Error> {
     use rustls_pki_types::CertificateDer;
@@ -471,6 +481,18 @@ pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_crl_says_when_the_next_one_is_due() {
+        let ca = CertificateAuthority::generate("crl test CA", 30).unwrap();
+        let pem = ca.crl(&[], 1, 7).unwrap();
+        use rustls_pki_types::pem::PemObject;
+        let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let next = crl_next_update(&der).unwrap().unwrap();
+        let days = (next - OffsetDateTime::now_utc()).whole_hours();
+        assert!((7 * 24 - 1..=7 * 24).contains(&days), "{days} hours");
+        assert!(crl_next_update(b"not a crl").is_err());
+    }
 
     #[test]
     fn dev_pki_identities_name_their_roles() {

@@ -112,6 +112,18 @@ pub enum Command {
     /// Audit log tools.
     #[command(subcommand)]
     Audit(Audit),
+    /// Check the setup and print a checklist: config, file modes, certificate and CRL
+    /// expiry, each node and its peer, backup coverage, clock skew, disk space.
+    ///
+    /// One line per check, `ok|warn|fail  CHECK  DETAIL; REMEDY` (or --json). Exits 0
+    /// when nothing needs action, 1 for warnings only, 2 when a check failed. Run on the
+    /// server host with --config (or --dev DIR) to check its files too.
+    Doctor {
+        /// The server's config file (default with --dev: DIR/server.toml), for the checks
+        /// of the store, key files, CRLs and disk space on this host.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Print shell completions.
     Completions {
         /// bash, zsh, fish, elvish or powershell.

@@ -23,6 +23,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), Failure> {
         Command::BackupHint { file } => backup_hint(g, &file, out),
         Command::Certs(certs) => certs_cmd(g, certs, out),
         Command::Audit(Audit::Verify(v)) => audit_verify(g, &v, out),
+        Command::Doctor { config } => crate::doctor::doctor(g, config.as_deref(), out),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "ssoctl", out);

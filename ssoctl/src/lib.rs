@@ -8,9 +8,10 @@
 //! - `online`: the mTLS connection (`--server`/`--ca`/`--cert`/`--key` or `--dev DIR`).
 //! - `commands`: one function per subcommand; human output by default, `--json` for
 //!   machines.
+//! - `doctor`: the checklist of `ssoctl doctor`.
 //!
-//! Exit codes: 0 success, 64 usage, 65 integrity or damaged data, 66 not found,
-//! 69 unavailable, 70 internal, 74 the server's store cannot be written (disk full,
+//! Exit codes: 0 success, 1 and 2 `ssoctl doctor` found warnings only / a failure,
+//! 64 usage, 65 integrity or damaged data, 66 not found, 69 unavailable, 70 internal, 74 the server's store cannot be written (disk full,
 //! read-only, I/O error), 77 authentication or permission denied. docs/operations.md has
 //! the table with remedies.
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@
 
 pub mod cli;
 mod commands;
+mod doctor;
 mod online;
 mod rewrap;
 
@@ -25,6 +27,10 @@ use std::fmt;
 
 pub use commands::run;
 
+/// Exit code of `ssoctl doctor`: warnings only (something to act on soon), nothing failed.
+pub const EX_DOCTOR_WARN: u8 = 1;
+/// Exit code of `ssoctl doctor`: at least one check failed (act now).
+pub const EX_DOCTOR_FAIL: u8 = 2;
 /// Exit code: bad usage or configuration.
 pub const EX_USAGE: u8 = 64;
 /// Exit code: integrity failure or damaged input (tampered backup, conflicting keys).
@@ -73,6 +79,8 @@ impl Failure {
             EX_UNAVAILABLE => "unavailable",
             EX_IOERR => "store_unavailable",
             EX_NOPERM => "denied",
+            EX_DOCTOR_WARN => "doctor_warn",
+            EX_DOCTOR_FAIL => "doctor_fail",
             _ => "internal",
         }
     }

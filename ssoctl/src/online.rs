@@ -14,7 +14,7 @@ use crate::cli::Global;
 use crate::{EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE, Failure};
 
 /// The connection settings as `(servers, ca, cert, key)`, from flags or `--dev DIR`.
-fn settings(global: &Global) -> Result<(Vec<String>, PathBuf, PathBuf, PathBuf), Failure> {
+pub(crate) fn settings(global: &Global) -> Result<(Vec<String>, PathBuf, PathBuf, PathBuf), Failure> {
     let dev = global.dev.as_ref();
     let pick = |explicit: &Option<PathBuf>, dev_file: &str, what: &str| -> Result<PathBuf, Failure> {
         explicit
@@ -148,6 +148,50 @@ impl Online {
             }
         }
         None
+    }
+
+    /// The server URLs, in the order given.
+    pub(crate) fn servers(&self) -> &[String] {
+        &self.servers
+    }
+
+    /// One GET to server `idx` only (no failover): for checks that must hear each node.
+    pub(crate) async fn get_on(
+        &self,
+        idx: usize,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<sso_client::transport::Reply, String> {
+        self.transport.get_on(idx, path, timeout).await
+    }
+
+    /// The leaf certificate (DER) server `idx` presents, from a TLS handshake of its own.
+    pub(crate) async fn server_certificate(&self, idx: usize) -> Result<Vec<u8>, String> {
+        let url = self.servers.get(idx).ok_or("no such server")?;
+        let authority = url.trim_start_matches("https://").trim_end_matches('/').to_owned();
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority.as_str(), |(h, _)| h)
+            .to_owned();
+        let name = rustls_pki_types::ServerName::try_from(host).map_err(|e| e.to_string())?;
+        let attempt = async {
+            let tcp = tokio::net::TcpStream::connect(&authority)
+                .await
+                .map_err(|e| e.to_string())?;
+            let tls = tokio_rustls::TlsConnector::from(self.probe.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| e.to_string())?;
+            tls.get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|c| c.to_vec())
+                .ok_or_else(|| "the server presented no certificate".to_owned())
+        };
+        tokio::time::timeout(Duration::from_secs(5), attempt)
+            .await
+            .unwrap_or_else(|_| Err("no TLS handshake within 5 s".to_owned()))
     }
 
     /// An admin write (rotate, retire, destroy, restore), with an `Idempotency-Key`.

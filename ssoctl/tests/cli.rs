@@ -787,3 +787,198 @@ fn restoring_an_old_backup_never_brings_back_a_destroyed_key_silently() {
         .map(|k| k["state"].clone());
     assert_eq!(state, Some(serde_json::json!("destroyed")), "{v}");
 }
+
+/// `ssoctl doctor`'s lines with what differs between machines masked as well: the disk's
+/// sizes, and the measured clock difference.
+fn doctor_text(run: &Run) -> Run {
+    let mask = |text: &str| {
+        text.lines()
+            .map(|l| {
+                let words: Vec<&str> = l.split_whitespace().take(2).collect();
+                if matches!(words.get(1), Some(&("disk_space" | "clock_skew"))) {
+                    format!("{} {} <MEASURED>", words[0], words[1])
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    Run {
+        code: run.code,
+        stdout: mask(&run.stdout),
+        stderr: run.stderr.clone(),
+    }
+}
+
+/// The line of `check` whose text holds `needle`, or a panic showing the checklist.
+fn doctor_line<'a>(run: &'a Run, check: &str, needle: &str) -> &'a str {
+    run.stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(check) && l.contains(needle))
+        .unwrap_or_else(|| panic!("no {check} line with {needle:?}:\n{}\n{}", run.stdout, run.stderr))
+}
+
+/// Issue 15: `ssoctl doctor` against a real server, with the server's config on this host.
+/// Healthy (after a backup) it exits 0 with every line ok; an admin certificate that ends
+/// in 10 days is a warning (exit 1); an unseal key file others can read is a failure
+/// (exit 2) whose line names the file and the chmod.
+#[test]
+fn doctor_checks_a_server_and_exits_by_the_worst_finding() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = Pki::new(&d.join("pki"));
+    let setup = ServerSetup::new(&d.join("node"), &pki, "node-a", "", "");
+    let server = TestServer::start(&bin("sso-server"), &setup.config, &d.join("a.log"));
+    let admin = pki.client("admin");
+    let url = format!("https://localhost:{}", server.https.port());
+    let doctor = |cert: &tests::CertFiles, extra: &[&str]| {
+        let mut args: Vec<String> = vec![
+            "--server".into(),
+            url.clone(),
+            "--ca".into(),
+            pki.ca_file.display().to_string(),
+            "--cert".into(),
+            cert.cert.display().to_string(),
+            "--key".into(),
+            cert.key.display().to_string(),
+            "doctor".into(),
+            "--config".into(),
+            setup.config.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        ssoctl(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[])
+    };
+
+    // The store's first key is in no backup yet: a warning.
+    let r = doctor(&admin, &[]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(doctor_line(&r, "backup", "1 key(s) of node-a in no backup").starts_with("warn"));
+
+    let pw = pw_file(d, "b.pw", "a good backup password");
+    let out = d.join("first.ssob");
+    let args = [
+        "--server",
+        &url,
+        "--ca",
+        &pki.ca_file.display().to_string(),
+        "--cert",
+        &admin.cert.display().to_string(),
+        "--key",
+        &admin.key.display().to_string(),
+        "--password-file",
+        &pw,
+        "backup",
+        "--out",
+        &out.display().to_string(),
+    ];
+    let b = ssoctl(&args, &[]);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+
+    let r = doctor(&admin, &[]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.lines().all(|l| l.starts_with("ok ")), "{}", r.stdout);
+    for (check, needle) in [
+        ("config", "loads and validates"),
+        ("file_mode", "unseal key file"),
+        ("file_mode", "store"),
+        ("file_mode", "client key"),
+        ("cert_expiry", "client certificate"),
+        ("cert_expiry", "presents"),
+        ("server", "answered: node node-a"),
+        ("health", "node-a ok"),
+        ("peer", "standalone"),
+        ("backup", "every key"),
+        ("disk_space", "free of"),
+    ] {
+        doctor_line(&r, check, needle);
+    }
+    let json = doctor(&admin, &["--json"]);
+    assert_eq!(json.code, 0, "{}", json.stderr);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["status"], "ok");
+    let first = &v["checks"][0];
+    for field in ["status", "check", "detail", "remedy"] {
+        assert!(first.get(field).is_some(), "{field} missing: {first}");
+    }
+
+    // An admin certificate that ends in 10 days: a warning naming it, and exit 1.
+    let mut spec = certs::LeafSpec::client("admin", 10);
+    spec.common_name = "admin".into();
+    let short = pki.issue_spec("admin-short", &spec);
+    let r = doctor(&short, &[]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let l = doctor_line(&r, "cert_expiry", "client certificate");
+    assert!(
+        l.starts_with("warn") && l.contains("admin-short.pem") && l.contains("under 30 days"),
+        "{l}"
+    );
+    assert_eq!(
+        r.stdout.lines().filter(|l| !l.starts_with("ok ")).count(),
+        1,
+        "{}",
+        r.stdout
+    );
+
+    // The unseal key file readable by all: a failure, exit 2.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&setup.unseal_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = doctor(&admin, &[]);
+    assert_eq!(r.code, 2, "{}\n{}", r.stdout, r.stderr);
+    let l = doctor_line(&r, "file_mode", "unseal key file");
+    assert!(
+        l.starts_with("fail")
+            && l.contains("is 0644")
+            && l.contains(&format!("chmod 600 {}", setup.unseal_key.display())),
+        "{l}"
+    );
+    snapshot("doctor_key_file_readable", &doctor_text(&r), d);
+}
+
+/// Issue 15: doctor against a pair. Both nodes up and backed up: exit 0, with the clock
+/// comparison. Node B SIGKILLed: doctor asked only about A fails A's peer line and B's
+/// server line (doctor asks the peer A names), and exits 2.
+#[test]
+fn doctor_sees_a_stopped_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut pair = tests::pair::Pair::new(d, "");
+    pair.a.start();
+    pair.b.start();
+    let (a, b) = (pair.a.url(), pair.b.url());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status_json(&pair, &b)["primary"].is_null() {
+        assert!(std::time::Instant::now() < deadline, "B never got A's key");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pw = pw_file(d, "b.pw", "a good backup password");
+    let out = d.join("pair.ssob");
+    let r = on(
+        &pair,
+        &a,
+        &["--password-file", &pw, "backup", "--out", &out.display().to_string()],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = on(&pair, &a, &["--server", &b, "doctor"]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let skew = doctor_line(&r, "clock_skew", "threshold 5 s");
+    assert!(skew.contains("node-a") && skew.contains("node-b"), "{skew}");
+    // (A may know B only as "peer" until its first pull names it: the server's naming.)
+    doctor_line(&r, "peer", "node-a sees peer");
+    doctor_line(&r, "peer", "node-b sees peer node-a up");
+    assert_eq!(r.stdout.matches("health       node-b ok").count(), 1, "{}", r.stdout);
+
+    pair.b.kill();
+    let r = on(&pair, &a, &["doctor"]);
+    assert_eq!(r.code, 2, "{}\n{}", r.stdout, r.stderr);
+    let l = doctor_line(&r, "peer", "node-a cannot reach its peer");
+    assert!(l.starts_with("fail") && l.contains("--allow-degraded"), "{l}");
+    let l = doctor_line(&r, "server", "(peer of node-a) did not answer");
+    assert!(l.starts_with("fail"), "{l}");
+    doctor_line(&r, "server", "answered: node node-a");
+    assert!(
+        r.stderr.contains("doctor:") && r.stderr.contains("failed"),
+        "{}",
+        r.stderr
+    );
+}

@@ -74,7 +74,9 @@ impl Pki {
         // A distinct name per CA, so a certificate from another test CA is an unknown issuer
         // rather than a bad signature from a same-named one.
         let name = format!("test CA {}", dir.display());
-        let ca = CertificateAuthority::generate(&name, 30).unwrap();
+        // A year: well beyond `ssoctl doctor`'s 30-day expiry warning, so a fresh test
+        // setup is a healthy one.
+        let ca = CertificateAuthority::generate(&name, 365).unwrap();
         let ca_file = dir.join("ca.pem");
         std::fs::write(&ca_file, ca.cert_pem()).unwrap();
         Self {
@@ -108,13 +110,13 @@ impl Pki {
         let mut issued = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         issued
             .entry(name.to_owned())
-            .or_insert_with(|| self.issue_spec(name, &LeafSpec::client(name, 30)))
+            .or_insert_with(|| self.issue_spec(name, &LeafSpec::client(name, 365)))
             .clone()
     }
 
     /// A server certificate for localhost / 127.0.0.1, usable as a client too (peers).
     pub fn server(&self, file: &str) -> CertFiles {
-        let mut spec = LeafSpec::server(file, &["localhost"], &[[127, 0, 0, 1].into()], 30);
+        let mut spec = LeafSpec::server(file, &["localhost"], &[[127, 0, 0, 1].into()], 365);
         spec.usage = LeafUsage::ServerAndClient;
         self.issue_spec(file, &spec)
     }
@@ -562,18 +564,24 @@ pub struct TestAgent {
 impl TestAgent {
     /// Starts `sso-agent --config CONFIG` and waits for its socket.
     pub fn start(config: &Path, log: &Path) -> Self {
-        Self::start_with(&[std::ffi::OsStr::new("--config"), config.as_os_str()], log)
+        Self::start_with(&[std::ffi::OsStr::new("--config"), config.as_os_str()], log, &[])
+    }
+
+    /// [`TestAgent::start`] with extra environment variables (`RUST_LOG`).
+    pub fn start_with_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_with(&[std::ffi::OsStr::new("--config"), config.as_os_str()], log, env)
     }
 
     /// Starts `sso-agent --dev DIR` (beside `sso-server --dev DIR`) and waits for its socket.
     pub fn start_dev(dir: &Path, log: &Path) -> Self {
-        Self::start_with(&[std::ffi::OsStr::new("--dev"), dir.as_os_str()], log)
+        Self::start_with(&[std::ffi::OsStr::new("--dev"), dir.as_os_str()], log, &[])
     }
 
-    fn start_with(args: &[&std::ffi::OsStr], log: &Path) -> Self {
+    fn start_with(args: &[&std::ffi::OsStr], log: &Path, env: &[(&str, &str)]) -> Self {
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let mut child = Command::new(bin("sso-agent"))
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()
@@ -593,10 +601,13 @@ impl TestAgent {
         });
         let (socket, kms_socket) = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
             let _ = child.kill();
-            panic!(
-                "agent did not start: {}",
+            // Only a regular file is read back: /dev/full as the log reads zeros forever.
+            let text = if std::fs::metadata(log).is_ok_and(|m| m.is_file()) {
                 std::fs::read_to_string(log).unwrap_or_default()
-            )
+            } else {
+                format!("(its stderr went to {})", log.display())
+            };
+            panic!("agent did not start: {text}")
         });
         Self {
             child,

@@ -295,3 +295,50 @@ fn a_local_flood_cannot_exhaust_the_agent_and_allowed_seals_stay_fast() {
         "median {opening_median:?} while the flood was opening its connections: {opening:?}"
     );
 }
+
+/// Issue 15: the agent's log on a full disk. tracing's writer reports a failed write with
+/// `eprintln!`, which panics when stderr itself cannot be written: the agent died at its
+/// first log line (the server had the same bug). With stderr on /dev/full (every write
+/// fails with ENOSPC) and every log level on, the agent starts, seals and opens, and is
+/// still running afterwards.
+#[test]
+fn the_agent_keeps_serving_when_its_log_cannot_be_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let setup = ServerSetup::new(&dir.path().join("a"), &pki, "node-a", "", "");
+    let port = setup.pin_ports();
+    let _server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("a.log"));
+    let config = agent_config(dir.path(), &pki, port, &[own_uid()]);
+    let mut agent = TestAgent::start_with_env(&config, Path::new("/dev/full"), &[("RUST_LOG", "trace")]);
+    let seal = [
+        "-X",
+        "POST",
+        "http://agent/v1/seal",
+        "-d",
+        r#"{"plaintext":"aGVsbG8="}"#,
+    ];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let sealed = loop {
+        let (code, body) = curl(&agent.socket, &seal, None);
+        if code == 200 {
+            break body;
+        }
+        assert!(
+            agent.child.try_wait().unwrap().is_none(),
+            "the agent died: {code} {body}"
+        );
+        assert!(Instant::now() < deadline, "agent never sealed: {code} {body}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let open_body = format!(r#"{{"envelope":"{}"}}"#, sealed["envelope"].as_str().unwrap());
+    for _ in 0..3 {
+        let (code, opened) = curl(
+            &agent.socket,
+            &["-X", "POST", "http://agent/v1/open", "-d", &open_body],
+            None,
+        );
+        assert_eq!(code, 200, "{opened}");
+        assert_eq!(opened["plaintext"], "aGVsbG8=");
+    }
+    assert!(agent.child.try_wait().unwrap().is_none(), "the agent exited");
+}

@@ -43,6 +43,10 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (the log's disk is full) is lost, never a
+        // panic: by default tracing reports the failure with `eprintln!`, which panics
+        // when stderr itself fails; the agent died at its first line (issue 15).
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .init();
     let hardening = sso_client::hardening::harden_process();
