@@ -9,8 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
-use ring::rand::{SecureRandom, SystemRandom};
 use sso_client::Client;
+use sso_proto::envelope;
+use sso_proto::{EnvelopeKey, MasterSecret};
 use tests::{Pki, ServerSetup, TestServer, bin};
 
 const ROUNDS: usize = 31;
@@ -48,56 +49,53 @@ fn main() {
 fn hot_path(client: &Client, runtime: &tokio::runtime::Runtime) {
     let handle = runtime.block_on(client.primary_key()).expect("primary");
     let ring_key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, handle.expose_secret()).expect("key"));
+    // The envelope alone, under the same key: what the cache adds is the difference.
+    let envelope_key = EnvelopeKey::new(
+        handle.key_id(),
+        &MasterSecret::copy_from_slice(handle.expose_secret()).expect("32 bytes"),
+    );
     let key_id = handle.key_id();
     drop(handle);
-    let rng = SystemRandom::new();
     let aad = b"tenant=42";
-    let plaintext = vec![0x5au8; 1024];
-    let sealed = client.try_seal_cached(aad, &plaintext).expect("cached").expect("seal");
 
-    println!("sso-client cache vs raw ring AES-256-GCM, 1 KiB; median of {ROUNDS} interleaved rounds of {BATCH}");
+    println!(
+        "sso-client cache vs the envelope alone and vs raw ring AES-256-GCM (fixed nonce); median of {ROUNDS} interleaved rounds of {BATCH}"
+    );
     println!(
         "{:<34} {:>11} {:>11} {:>8}",
         "case", "ours ns/op", "base ns/op", "ratio"
     );
-    let ring_seal = || {
-        let mut nonce = [0u8; 12];
-        rng.fill(&mut nonce).expect("rng");
-        let mut buf = Vec::with_capacity(1024 + 16);
-        buf.extend_from_slice(&plaintext);
-        let tag = ring_key
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
-            .expect("seal");
-        buf.extend_from_slice(tag.as_ref());
-        buf
-    };
-    report(
-        "seal 1 KiB (client cache)",
-        || client.try_seal_cached(aad, black_box(&plaintext)),
-        ring_seal,
-    );
-    let ring_sealed = {
-        let mut buf = plaintext.clone();
-        let tag = ring_key
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::from(aad), &mut buf)
-            .expect("seal");
-        buf.extend_from_slice(tag.as_ref());
-        buf
-    };
-    let ring_open = || {
-        let mut buf = black_box(&ring_sealed).clone();
-        let n = ring_key
-            .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(aad), &mut buf)
-            .expect("open")
-            .len();
-        buf.truncate(n);
-        buf
-    };
-    report(
-        "open 1 KiB (client cache)",
-        || client.try_open_cached(aad, black_box(&sealed)),
-        ring_open,
-    );
+    for size in [64usize, 1024] {
+        let plaintext = vec![0x5au8; size];
+        let sealed = client.try_seal_cached(aad, &plaintext).expect("cached").expect("seal");
+        let ring_seal = || {
+            let mut buf = Vec::with_capacity(size + 16);
+            buf.extend_from_slice(black_box(&plaintext));
+            let tag = ring_key
+                .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::from(aad), &mut buf)
+                .expect("seal");
+            buf.extend_from_slice(tag.as_ref());
+            buf
+        };
+        let ring_sealed = ring_seal();
+        let ring_open = || {
+            let mut buf = black_box(&ring_sealed).clone();
+            let n = ring_key
+                .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(aad), &mut buf)
+                .expect("open")
+                .len();
+            buf.truncate(n);
+            buf
+        };
+        let cache_seal = || client.try_seal_cached(aad, black_box(&plaintext));
+        let cache_open = || client.try_open_cached(aad, black_box(&sealed));
+        let envelope_seal = || envelope::seal(&envelope_key, aad, black_box(&plaintext));
+        let envelope_open = || envelope::open(black_box(&sealed), aad, |_| Some(&envelope_key));
+        report(&format!("seal {size} B cache/envelope"), cache_seal, envelope_seal);
+        report(&format!("open {size} B cache/envelope"), cache_open, envelope_open);
+        report(&format!("seal {size} B cache/ring"), cache_seal, ring_seal);
+        report(&format!("open {size} B cache/ring"), cache_open, ring_open);
+    }
 
     // Key lookup: the cache probe the open path makes, alone.
     let mut lookups = Vec::new();

@@ -424,6 +424,11 @@ impl From<Error> for Refusal {
             Error::Unavailable(_) | Error::Stale { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
             Error::UnknownKey { .. } => Self::new(StatusCode::NOT_FOUND, "unknown_key", e),
             Error::KeyRetired(_) => Self::new(StatusCode::GONE, "key_retired", e),
+            // The primary key sealed 2^32 envelopes (docs/envelope.md): not the caller's
+            // fault, and over as soon as a newer primary arrives.
+            Error::Envelope(sso_proto::Error::SealLimit) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e)
+            }
             Error::Envelope(_) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_envelope", e),
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
         }

@@ -146,6 +146,9 @@ impl ClientBuilder {
     /// Nothing is fetched synchronously: with every server down this still succeeds, and
     /// calls fail with [`Error::Unavailable`] until a server answers.
     pub fn build(self) -> Result<Client, Error> {
+        // Buffered envelope nonces: one atomic load per seal to notice a fork, instead of a
+        // getpid() system call (sso_proto::nonce).
+        crate::hardening::install_fork_hook();
         let transport = Transport::new(&self.endpoints, Arc::new(self.tls()?), self.connect_timeout)?;
         let inner = Arc::new(Inner {
             transport,

@@ -146,6 +146,7 @@ fn grpc_status(e: &Error) -> Status {
         Error::UnknownKey { .. } => Code::NotFound,
         Error::KeyRetired(_) => Code::FailedPrecondition,
         Error::Envelope(sso_proto::Error::UnknownKey(_)) => Code::NotFound,
+        Error::Envelope(sso_proto::Error::SealLimit) => Code::Unavailable,
         Error::Envelope(_) => Code::InvalidArgument,
         _ => Code::Internal,
     };

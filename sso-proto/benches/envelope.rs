@@ -1,9 +1,13 @@
-//! Envelope seal/open against raw ring AES-256-GCM on the same input, in the same run.
+//! The envelope and the AES-256-GCM candidates for it, against raw ring AES-256-GCM on
+//! the same input, in the same run.
 //!
 //! The machines are noisy, so this does not print absolute numbers alone: each round
 //! times a batch of the candidate and a batch of the baseline back to back, and the
 //! reported ratio is the median of the per-round ratios. Run with
 //! `cargo bench -p sso-proto`.
+//!
+//! Baseline everywhere: ring's `LessSafeKey` with a fixed nonce (the bare AEAD, no
+//! randomness), except the rows marked "vs ring + OS nonce".
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -17,82 +21,139 @@ use sso_proto::{EnvelopeKey, KeyId, MasterSecret};
 
 const ROUNDS: usize = 41;
 const BATCH: u32 = 20_000;
+const AAD: &[u8] = b"tenant=42;table=users";
 
 fn main() {
     let rng = SystemRandom::new();
     let secret = MasterSecret::generate(&rng).expect("rng");
     let key = EnvelopeKey::new(KeyId::generate(&rng).expect("rng"), &secret);
     let ring_key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, secret.expose_secret()).expect("32-byte key"));
-    let aad = b"tenant=42;table=users";
+    // The candidates, each as the envelope would hold it.
+    let graviola_key = Box::new(graviola::aead::AesGcm::new(secret.expose_secret()));
+    let rustcrypto_key = Box::new(Aes256Gcm::new(secret.expose_secret().into()));
+    let boxed_ring_key = Box::new(LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, secret.expose_secret()).expect("32-byte key"),
+    ));
 
-    println!("envelope vs raw ring AES-256-GCM; median of {ROUNDS} interleaved rounds of {BATCH} ops");
+    println!("median of {ROUNDS} interleaved rounds of {BATCH} ops; base = ring LessSafeKey, fixed nonce");
     println!(
-        "{:<32} {:>12} {:>12} {:>8}",
+        "{:<44} {:>11} {:>11} {:>8}",
         "case", "ours ns/op", "base ns/op", "ratio"
     );
+
+    let ring_seal = |key: &LessSafeKey, plaintext: &[u8], nonce: [u8; 12]| {
+        let mut buf = Vec::with_capacity(plaintext.len() + 16);
+        buf.extend_from_slice(plaintext);
+        let tag = key
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(AAD), &mut buf)
+            .expect("seal");
+        buf.extend_from_slice(tag.as_ref());
+        buf
+    };
+    let ring_open = |key: &LessSafeKey, sealed: &[u8]| {
+        let mut buf = sealed.to_vec();
+        let len = key
+            .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(AAD), &mut buf)
+            .expect("valid")
+            .len();
+        buf.truncate(len);
+        buf
+    };
+
+    println!("-- AES-256-GCM candidates, bare (same shape: one Vec, in place, tag appended)");
     for size in [64usize, 1024] {
         let plaintext = vec![0x5au8; size];
-        let sealed = envelope::seal(&key, aad, &plaintext).expect("seal");
+        let ring_sealed = ring_seal(&ring_key, &plaintext, [0; 12]);
+        let base_seal = || ring_seal(&ring_key, black_box(&plaintext), [0; 12]);
+        let base_open = || ring_open(&ring_key, black_box(&ring_sealed));
 
-        // Raw ring seal: a buffer of the same shape, a fresh random nonce per message (as
-        // any correct caller needs), in-place encryption and the tag appended.
-        let ring_seal = || {
-            let mut nonce = [0u8; 12];
-            rng.fill(&mut nonce).expect("rng");
+        let graviola_seal = || {
             let mut buf = Vec::with_capacity(size + 16);
-            buf.extend_from_slice(&plaintext);
-            let tag = ring_key
-                .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
-                .expect("seal");
-            buf.extend_from_slice(tag.as_ref());
+            buf.extend_from_slice(black_box(&plaintext));
+            let mut tag = [0u8; 16];
+            graviola_key.encrypt(&[0; 12], AAD, &mut buf, &mut tag);
+            buf.extend_from_slice(&tag);
             buf
         };
-        let ours_seal = || envelope::seal(&key, aad, black_box(&plaintext)).expect("seal");
-        report(&format!("seal {size} B"), ours_seal, ring_seal);
-
-        // Raw ring seal with a fixed nonce: the bare AEAD cost, no randomness.
-        let ring_seal_fixed = || {
-            let mut buf = Vec::with_capacity(size + 16);
-            buf.extend_from_slice(&plaintext);
-            let tag = ring_key
-                .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::from(aad), &mut buf)
-                .expect("seal");
-            buf.extend_from_slice(tag.as_ref());
-            buf
-        };
-        // A valid message under the zero nonce, which both raw openers below accept.
-        let ring_sealed = ring_seal_fixed();
-        report(&format!("seal {size} B (ring fixed nonce)"), ours_seal, ring_seal_fixed);
-
-        let ours_open = || envelope::open(black_box(&sealed), aad, |_| Some(&key)).expect("open");
-        let ring_open = || {
+        let graviola_open = || {
             let mut buf = black_box(&ring_sealed).clone();
-            let nonce = Nonce::assume_unique_for_key([0; 12]);
-            let len = ring_key
-                .open_in_place(nonce, Aad::from(aad), &mut buf)
-                .expect("valid")
-                .len();
-            buf.truncate(len);
+            let (body, tag) = buf.split_at_mut(size);
+            graviola_key.decrypt(&[0; 12], AAD, body, tag).expect("valid");
+            buf.truncate(size);
             buf
         };
-        report(&format!("open {size} B"), ours_open, ring_open);
-
-        // The same AEAD crate the envelope uses (RustCrypto aes-gcm, whose key schedule is
-        // zeroized on drop), raw: isolates the envelope's own overhead from the choice of
-        // AES-GCM implementation.
-        let raw_cipher = Aes256Gcm::new(secret.expose_secret().into());
-        let raw_nonce = aes_gcm::Nonce::try_from(&[0u8; 12][..]).expect("12 bytes");
-        let rc_open = || {
+        let rc_nonce = aes_gcm::Nonce::try_from(&[0u8; 12][..]).expect("12 bytes");
+        let rustcrypto_seal = || {
+            let mut buf = Vec::with_capacity(size + 16);
+            buf.extend_from_slice(black_box(&plaintext));
+            let tag = rustcrypto_key
+                .encrypt_inout_detached(&rc_nonce, AAD, buf.as_mut_slice().into())
+                .expect("seal");
+            buf.extend_from_slice(&tag);
+            buf
+        };
+        let rustcrypto_open = || {
             let mut buf = black_box(&ring_sealed).clone();
             let (body, tag) = buf.split_at_mut(size);
             let tag = aes_gcm::Tag::try_from(&*tag).expect("16 bytes");
-            raw_cipher
-                .decrypt_inout_detached(&raw_nonce, aad, body.into(), &tag)
+            rustcrypto_key
+                .decrypt_inout_detached(&rc_nonce, AAD, body.into(), &tag)
                 .expect("valid");
             buf.truncate(size);
             buf
         };
-        report(&format!("open {size} B vs raw aes-gcm"), ours_open, rc_open);
+        let boxed_ring_seal = || ring_seal(&boxed_ring_key, black_box(&plaintext), [0; 12]);
+        let boxed_ring_open = || ring_open(&boxed_ring_key, black_box(&ring_sealed));
+
+        report(&format!("graviola seal {size} B"), graviola_seal, base_seal);
+        report(&format!("graviola open {size} B"), graviola_open, base_open);
+        report(&format!("RustCrypto aes-gcm seal {size} B"), rustcrypto_seal, base_seal);
+        report(&format!("RustCrypto aes-gcm open {size} B"), rustcrypto_open, base_open);
+        report(
+            &format!("ring in a Box (wipe-after-drop) seal {size} B"),
+            boxed_ring_seal,
+            base_seal,
+        );
+        report(
+            &format!("ring in a Box (wipe-after-drop) open {size} B"),
+            boxed_ring_open,
+            base_open,
+        );
+    }
+
+    // The envelope: first with the getpid() fork check (no hook installed), then with the
+    // pthread_atfork hook every sso-client installs.
+    println!("-- envelope seal, nonce buffer checked with getpid() (no fork hook)");
+    for size in [64usize, 1024] {
+        let plaintext = vec![0x5au8; size];
+        let base_seal = || ring_seal(&ring_key, black_box(&plaintext), [0; 12]);
+        let ours_seal = || envelope::seal(&key, AAD, black_box(&plaintext)).expect("seal");
+        report(&format!("envelope seal {size} B, getpid check"), ours_seal, base_seal);
+    }
+    assert!(sso_client::hardening::install_fork_hook(), "pthread_atfork failed");
+    println!("-- envelope, fork hook installed (as in sso-client)");
+    for size in [64usize, 1024] {
+        let plaintext = vec![0x5au8; size];
+        let sealed = envelope::seal(&key, AAD, &plaintext).expect("seal");
+        let ring_sealed = ring_seal(&ring_key, &plaintext, [0; 12]);
+        let base_seal = || ring_seal(&ring_key, black_box(&plaintext), [0; 12]);
+        let base_open = || ring_open(&ring_key, black_box(&ring_sealed));
+        let ours_seal = || envelope::seal(&key, AAD, black_box(&plaintext)).expect("seal");
+        let ours_open = || envelope::open(black_box(&sealed), AAD, |_| Some(&key)).expect("open");
+        report(&format!("envelope seal {size} B"), ours_seal, base_seal);
+        report(&format!("envelope open {size} B"), ours_open, base_open);
+        // Against ring with a fresh OS-random nonce per message, as any correct caller of
+        // bare ring needs.
+        let ring_seal_random = || {
+            let mut nonce = [0u8; 12];
+            rng.fill(&mut nonce).expect("rng");
+            ring_seal(&ring_key, black_box(&plaintext), nonce)
+        };
+        report(
+            &format!("envelope seal {size} B vs ring + OS nonce"),
+            ours_seal,
+            ring_seal_random,
+        );
     }
 }
 
@@ -114,7 +175,7 @@ fn report<A: FnMut() -> R, B: FnMut() -> S, R, S>(name: &str, mut ours: A, mut b
         ratios.push(a.as_secs_f64() / b.as_secs_f64());
     }
     println!(
-        "{:<32} {:>12.1} {:>12.1} {:>7.2}x",
+        "{:<44} {:>11.1} {:>11.1} {:>7.2}x",
         name,
         median(&mut ours_ns),
         median(&mut base_ns),

@@ -14,10 +14,10 @@
 //! concatenation is unambiguous. Editing any byte, including the version or key id,
 //! makes the envelope fail to open. `docs/envelope.md` is the full specification.
 
-use aes_gcm::aead::AeadInOut;
-use aes_gcm::aead::KeyInit;
-use aes_gcm::{Aes256Gcm, Nonce, Tag};
-use ring::rand::{SecureRandom, SystemRandom};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use graviola::aead::AesGcm;
+use ring::rand::SecureRandom;
 
 use crate::{Error, KeyId, MasterSecret};
 
@@ -26,32 +26,69 @@ pub const VERSION: u8 = 0x01;
 /// Bytes before the ciphertext: version, key id, nonce.
 pub const HEADER_LEN: usize = 1 + KeyId::LEN + NONCE_LEN;
 /// Length of the random nonce.
-pub const NONCE_LEN: usize = 12;
+pub const NONCE_LEN: usize = crate::nonce::NONCE_LEN;
 /// Length of the GCM tag at the end.
 pub const TAG_LEN: usize = 16;
 /// The shortest well-formed envelope: an empty plaintext.
 pub const MIN_LEN: usize = HEADER_LEN + TAG_LEN;
 /// Largest plaintext accepted, well under GCM's limit of 2^36 - 32 bytes.
 pub const MAX_PLAINTEXT_LEN: usize = 1 << 32;
+/// Seals one [`EnvelopeKey`] performs before it refuses with [`Error::SealLimit`]: with
+/// 96-bit random nonces, 2^32 messages under one key keep the chance of any nonce
+/// repeating below 2^-32 (NIST SP 800-38D §8.3). Counted per key object, that is per
+/// process: the fleet-wide bound is rotation (docs/envelope.md).
+pub const SEAL_LIMIT: u64 = 1 << 32;
 
 /// A master secret ready to seal and open envelopes: its id and the expanded AES key
-/// schedule. The schedule is key material too, and is wiped on drop.
+/// schedule with its GHASH table. Both are key material: they live in one heap block that
+/// graviola wipes when the key is dropped, and are never moved once expanded (the
+/// memory-scan test, `tests/tests/client_memory.rs`, looks for the raw key and the
+/// round keys that follow it after a key is dropped).
 pub struct EnvelopeKey {
     key_id: KeyId,
-    cipher: Aes256Gcm,
+    cipher: Box<AesGcm>,
+    seals: AtomicU64,
 }
 
 impl EnvelopeKey {
     /// Expands `secret` for envelope use under `key_id`.
     pub fn new(key_id: KeyId, secret: &MasterSecret) -> Self {
-        let cipher = Aes256Gcm::new(secret.expose_secret().into());
-        Self { key_id, cipher }
+        let cipher = expand(secret);
+        // The expansion ran in frames below this one and left temporaries there (the
+        // cipher before it was boxed, graviola's GHASH key); overwrite them.
+        scrub_stack();
+        Self {
+            key_id,
+            cipher,
+            seals: AtomicU64::new(0),
+        }
     }
 
     /// The id written into every envelope this key seals.
     pub fn key_id(&self) -> KeyId {
         self.key_id
     }
+
+    /// Envelopes sealed with this key object so far (see [`SEAL_LIMIT`]).
+    pub fn seals(&self) -> u64 {
+        self.seals.load(Ordering::Relaxed)
+    }
+}
+
+/// Expands the key in its own frame, so every stack temporary of the expansion lies below
+/// the caller's frame, where [`scrub_stack`] reaches it.
+#[inline(never)]
+fn expand(secret: &MasterSecret) -> Box<AesGcm> {
+    Box::new(AesGcm::new(secret.expose_secret()))
+}
+
+/// Overwrites the 16 KiB of stack below the caller's frame with zeros (volatile writes the
+/// compiler may not drop).
+#[inline(never)]
+fn scrub_stack() {
+    let mut area = [0u8; 16 * 1024];
+    zeroize::Zeroize::zeroize(&mut area[..]);
+    std::hint::black_box(&area);
 }
 
 impl std::fmt::Debug for EnvelopeKey {
@@ -108,12 +145,10 @@ impl<'a> EnvelopeRef<'a> {
         if key.key_id != self.key_id {
             return Err(Error::UnknownKey(self.key_id));
         }
-        let nonce = Nonce::try_from(self.nonce).map_err(|_| Error::AuthenticationFailed)?;
-        let tag = Tag::try_from(self.tag).map_err(|_| Error::AuthenticationFailed)?;
+        let nonce: &[u8; NONCE_LEN] = self.nonce.try_into().map_err(|_| Error::AuthenticationFailed)?;
         let mut plaintext = self.ciphertext.to_vec();
         let result = with_full_aad(self.header, aad, |full_aad| {
-            key.cipher
-                .decrypt_inout_detached(&nonce, full_aad, plaintext.as_mut_slice().into(), &tag)
+            key.cipher.decrypt(nonce, full_aad, &mut plaintext, self.tag)
         });
         match result {
             Ok(()) => Ok(plaintext),
@@ -126,37 +161,53 @@ impl<'a> EnvelopeRef<'a> {
     }
 }
 
-/// Seals `plaintext` under `key`, binding `aad`. The nonce is 96 random bits from the OS.
+/// Seals `plaintext` under `key`, binding `aad`. The nonce is 96 random bits from this
+/// thread's buffer of OS randomness ([`crate::nonce`]), fork-safe.
 ///
-/// Random nonces stay safe for about 2^32 envelopes per key (NIST SP 800-38D, §8.3);
-/// routine rotation keeps every key far below that.
+/// Random nonces stay safe for 2^32 envelopes per key (NIST SP 800-38D, §8.3); a key
+/// object refuses to seal more than [`SEAL_LIMIT`] ([`Error::SealLimit`]), and routine
+/// rotation keeps every key far below that.
 pub fn seal(key: &EnvelopeKey, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, Error> {
-    seal_with_rng(key, aad, plaintext, rng())
+    seal_inner(key, aad, plaintext, crate::nonce::fill)
 }
 
-/// [`seal`] with a caller-provided randomness source.
+/// [`seal`] with a caller-provided randomness source for the nonce.
 pub fn seal_with_rng(
     key: &EnvelopeKey,
     aad: &[u8],
     plaintext: &[u8],
     rng: &dyn SecureRandom,
 ) -> Result<Vec<u8>, Error> {
+    seal_inner(key, aad, plaintext, |nonce| {
+        rng.fill(nonce).map_err(|_| Error::Randomness)
+    })
+}
+
+fn seal_inner(
+    key: &EnvelopeKey,
+    aad: &[u8],
+    plaintext: &[u8],
+    nonce_source: impl FnOnce(&mut [u8; NONCE_LEN]) -> Result<(), Error>,
+) -> Result<Vec<u8>, Error> {
     if plaintext.len() > MAX_PLAINTEXT_LEN {
         return Err(Error::PlaintextTooLong);
     }
+    if key.seals.fetch_add(1, Ordering::Relaxed) >= SEAL_LIMIT {
+        // Stays at the limit (a u64 does not wrap in practice: 2^64 failed calls).
+        return Err(Error::SealLimit);
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce_source(&mut nonce)?;
     let mut out = Vec::with_capacity(MIN_LEN + plaintext.len());
     out.push(VERSION);
     out.extend_from_slice(key.key_id.as_bytes());
-    out.resize(HEADER_LEN, 0);
-    rng.fill(&mut out[1 + KeyId::LEN..HEADER_LEN])
-        .map_err(|_| Error::Randomness)?;
+    out.extend_from_slice(&nonce);
     out.extend_from_slice(plaintext);
     let (header, body) = out.split_at_mut(HEADER_LEN);
-    let nonce = Nonce::try_from(&header[1 + KeyId::LEN..]).map_err(|_| Error::Randomness)?;
-    let tag = with_full_aad(header, aad, |full_aad| {
-        key.cipher.encrypt_inout_detached(&nonce, full_aad, body.into())
-    })
-    .map_err(|_| Error::PlaintextTooLong)?;
+    let mut tag = [0u8; TAG_LEN];
+    with_full_aad(header, aad, |full_aad| {
+        key.cipher.encrypt(&nonce, full_aad, body, &mut tag)
+    });
     out.extend_from_slice(&tag);
     Ok(out)
 }
@@ -190,15 +241,11 @@ fn with_full_aad<R>(header: &[u8], aad: &[u8], f: impl FnOnce(&[u8]) -> R) -> R 
     }
 }
 
-fn rng() -> &'static SystemRandom {
-    static RNG: std::sync::OnceLock<SystemRandom> = std::sync::OnceLock::new();
-    RNG.get_or_init(SystemRandom::new)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use ring::rand::SystemRandom;
 
     fn key() -> EnvelopeKey {
         let rng = SystemRandom::new();
@@ -281,6 +328,50 @@ mod tests {
         let b = seal(&key, b"", b"same").unwrap();
         assert_ne!(a[17..29], b[17..29]);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_key_refuses_to_seal_past_the_nonce_limit() {
+        let key = key();
+        key.seals.store(SEAL_LIMIT - 1, Ordering::Relaxed);
+        assert!(seal(&key, b"", b"last").is_ok());
+        assert_eq!(seal(&key, b"", b"one too many"), Err(Error::SealLimit));
+        assert_eq!(seal(&key, b"", b"still refused"), Err(Error::SealLimit));
+        assert!(key.seals() > SEAL_LIMIT);
+    }
+
+    #[test]
+    fn opens_what_ring_sealed_and_ring_opens_what_it_sealed() {
+        use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+        let rng = SystemRandom::new();
+        let secret = MasterSecret::generate(&rng).unwrap();
+        let key = EnvelopeKey::new(KeyId::generate(&rng).unwrap(), &secret);
+        let ring_key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, secret.expose_secret()).unwrap());
+        for len in [0usize, 1, 15, 16, 17, 64, 255, 1024, 4099] {
+            let plaintext: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let sealed = seal(&key, b"aad", &plaintext).unwrap();
+            let (header, rest) = sealed.split_at(HEADER_LEN);
+            let mut full_aad = header.to_vec();
+            full_aad.extend_from_slice(b"aad");
+            let nonce = Nonce::try_assume_unique_for_key(&header[1 + KeyId::LEN..]).unwrap();
+            let mut buf = rest.to_vec();
+            let opened = ring_key.open_in_place(nonce, Aad::from(&full_aad), &mut buf).unwrap();
+            assert_eq!(opened, &plaintext[..]);
+
+            let mut by_ring = plaintext.clone();
+            let tag = ring_key
+                .seal_in_place_separate_tag(
+                    Nonce::try_assume_unique_for_key(&header[1 + KeyId::LEN..]).unwrap(),
+                    Aad::from(&full_aad),
+                    &mut by_ring,
+                )
+                .unwrap();
+            let mut envelope = header.to_vec();
+            envelope.extend_from_slice(&by_ring);
+            envelope.extend_from_slice(tag.as_ref());
+            assert_eq!(envelope, sealed, "same key, nonce and AAD give the same bytes as ring");
+            assert_eq!(open(&envelope, b"aad", |_| Some(&key)).unwrap(), plaintext);
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod delivery;
 pub mod envelope;
 pub mod json;
 pub mod key;
+pub mod nonce;
 
 pub use envelope::{EnvelopeKey, EnvelopeRef};
 pub use key::{KeyId, KeyMeta, KeyState, MasterSecret, SECRET_LEN};
@@ -52,6 +53,10 @@ pub enum Error {
     /// The plaintext exceeds [`envelope::MAX_PLAINTEXT_LEN`].
     #[error("plaintext is too long to seal in one envelope")]
     PlaintextTooLong,
+    /// This key object sealed [`envelope::SEAL_LIMIT`] envelopes (2^32), the most that
+    /// 96-bit random nonces allow under one key; rotate.
+    #[error("this key sealed 2^32 envelopes, the limit for random 96-bit nonces: rotate to a new primary key")]
+    SealLimit,
     /// The operating system's random number generator failed.
     #[error("the operating system's random number generator failed")]
     Randomness,

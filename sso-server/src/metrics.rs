@@ -385,6 +385,35 @@ impl Metrics {
             "1 while the audit log can be written, 0 after a write failed until a write succeeds again.",
             if audit.is_some() { 0.0 } else { 1.0 },
         );
+        let peer_up = self.peer_up.load(Relaxed);
+        // Only a node with a peer has these (-1: no round has run yet on a standalone node).
+        if peer_up >= 0 {
+            gauge(
+                &mut out,
+                "sso_peer_up",
+                "1 while the peer answered its last anti-entropy round, 0 when it did not.",
+                peer_up as f64,
+            );
+            gauge(
+                &mut out,
+                "sso_peer_lag_epochs",
+                "This node's keyring changes since the two nodes' key sets were last seen equal (periodic rounds and status requests).",
+                self.peer_lag_epochs.load(Relaxed) as f64,
+            );
+            let contact = self.peer_last_contact_unix.load(Relaxed);
+            gauge(
+                &mut out,
+                "sso_peer_last_contact_seconds",
+                "Seconds since the peer last answered; -1 when never.",
+                if contact == 0 { -1.0 } else { (now - contact) as f64 },
+            );
+            counter(
+                &mut out,
+                "sso_replication_failures_total",
+                "Replication requests to the peer that failed.",
+                self.replication_failures.load(Relaxed),
+            );
+        }
         self.tls.render(&mut out, now);
         out
     }

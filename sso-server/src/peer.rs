@@ -596,15 +596,6 @@ pub async fn sync_loop(state: Arc<crate::state::AppState>) {
     loop {
         let outcome = sync_once(&state, &peer).await;
         let ps = peer.status();
-        state.metrics.peer_up.store(i64::from(ps.up), Relaxed);
-        if let Some(t) = ps.last_contact {
-            state.metrics.peer_last_contact_unix.store(t.unix_timestamp(), Relaxed);
-        }
-        let local = state.snapshot.load().epoch;
-        state.metrics.peer_lag_epochs.store(
-            ps.synced_local_epoch.map_or(local, |e| local.saturating_sub(e)),
-            Relaxed,
-        );
         match outcome {
             Ok(()) => last_alarm = None,
             Err(SyncError::Alarm(problem)) => {
@@ -739,12 +730,32 @@ pub async fn sync_now(state: &Arc<crate::state::AppState>, peer: &Peer) -> Resul
     }
 }
 
+/// One anti-entropy round, periodic or asked for (status); either way the peer gauges
+/// show what it learned.
 async fn sync_once(state: &Arc<crate::state::AppState>, peer: &Peer) -> Result<(), SyncError> {
-    let round = anti_entropy_round(state, peer).await?;
-    if round.in_sync {
-        peer.synced(round.epoch);
+    let outcome = anti_entropy_round(state, peer).await.map(|round| {
+        if round.in_sync {
+            peer.synced(round.epoch);
+        }
+    });
+    publish_peer_metrics(state, peer);
+    outcome
+}
+
+/// Sets `sso_peer_up`, `sso_peer_last_contact_seconds` and `sso_peer_lag_epochs` from
+/// what this node knows of its peer now.
+fn publish_peer_metrics(state: &crate::state::AppState, peer: &Peer) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let ps = peer.status();
+    state.metrics.peer_up.store(i64::from(ps.up), Relaxed);
+    if let Some(t) = ps.last_contact {
+        state.metrics.peer_last_contact_unix.store(t.unix_timestamp(), Relaxed);
     }
-    Ok(())
+    let local = state.snapshot.load().epoch;
+    state.metrics.peer_lag_epochs.store(
+        ps.synced_local_epoch.map_or(local, |e| local.saturating_sub(e)),
+        Relaxed,
+    );
 }
 
 #[cfg(test)]

@@ -1,6 +1,9 @@
 //! After a client drops a key (retired on the server), no spelling of the key's bytes is
 //! left anywhere in the client's process memory: not raw, not hex (lower or upper case),
-//! not base64 (standard or URL-safe, padded or unpadded). The key arrives as JSON over
+//! not base64 (standard or URL-safe, padded or unpadded), and not the AES-256 key
+//! schedule the envelope cipher expanded from it (an AES-256 schedule begins with the raw
+//! key; the needle "round keys 2-3" is the 32 bytes that follow, which only an expanded
+//! schedule contains). The key arrives as JSON over
 //! TLS, so its base64 text passes through hyper's and rustls' buffers unless it arrives
 //! sealed (docs/key-delivery.md).
 //!
@@ -55,6 +58,7 @@ fn spellings(masked_raw: &[u8]) -> Vec<Needle> {
         out.truncate(n);
         forms.push((name, out));
     }
+    forms.push(("round keys 2-3", Zeroizing::new(round_keys_2_and_3(&raw).to_vec())));
     forms
         .into_iter()
         .map(|(name, clear)| Needle {
@@ -62,6 +66,67 @@ fn spellings(masked_raw: &[u8]) -> Vec<Needle> {
             masked: clear.iter().map(|b| b ^ MASK).collect(),
         })
         .collect()
+}
+
+/// Bytes 32..64 of the AES-256 key schedule of `key` (FIPS-197 §5.2, words 8..16), in the
+/// byte order AES-NI implementations store round keys in. Computed here from the
+/// definition, so the test does not depend on any of the implementations it checks; the
+/// self-check in each test finds it in memory while the key is cached, which also checks
+/// this function.
+fn round_keys_2_and_3(key: &[u8]) -> Zeroizing<[u8; 32]> {
+    fn mul(mut a: u8, mut b: u8) -> u8 {
+        let mut p = 0u8;
+        while b != 0 {
+            if b & 1 != 0 {
+                p ^= a;
+            }
+            let carry = a & 0x80 != 0;
+            a <<= 1;
+            if carry {
+                a ^= 0x1b;
+            }
+            b >>= 1;
+        }
+        p
+    }
+    fn sbox(x: u8) -> u8 {
+        let inv = if x == 0 {
+            0
+        } else {
+            (1..=255u8).find(|&y| mul(x, y) == 1).unwrap()
+        };
+        inv ^ inv.rotate_left(1) ^ inv.rotate_left(2) ^ inv.rotate_left(3) ^ inv.rotate_left(4) ^ 0x63
+    }
+    let mut w = Zeroizing::new([[0u8; 4]; 16]);
+    for (i, word) in key.chunks_exact(4).enumerate() {
+        w[i].copy_from_slice(word);
+    }
+    for i in 8..16 {
+        let mut t = Zeroizing::new(w[i - 1]);
+        if i % 8 == 0 {
+            *t = [sbox(t[1]) ^ 0x01, sbox(t[2]), sbox(t[3]), sbox(t[0])];
+        } else if i % 8 == 4 {
+            *t = [sbox(t[0]), sbox(t[1]), sbox(t[2]), sbox(t[3])];
+        }
+        for j in 0..4 {
+            w[i][j] = w[i - 8][j] ^ t[j];
+        }
+    }
+    let mut out = Zeroizing::new([0u8; 32]);
+    for (i, word) in w[8..16].iter().enumerate() {
+        out[i * 4..i * 4 + 4].copy_from_slice(word);
+    }
+    out
+}
+
+#[test]
+fn round_keys_match_fips_197() {
+    // FIPS-197 Appendix A.3: the AES-256 key expansion example, words w8..w15.
+    let key = hex::decode("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4").unwrap();
+    assert_eq!(
+        hex::encode(*round_keys_2_and_3(&key)),
+        "9ba354118e6925afa51a8b5f2067fcdea8b09c1a93d194cdbe49846eb75d5b9a"
+    );
 }
 
 /// Counts, per needle, the places in process `pid`'s readable mappings where the needle's
@@ -189,9 +254,15 @@ async fn a_dropped_key_is_not_left_in_this_process_in_any_spelling() {
         )
     };
     let needles = spellings(&masked);
-    // Self-check: while cached, the scanner finds it raw.
-    let cached = occurrences(std::process::id(), &needles[..1]);
+    // Self-check: while cached, the scanner finds it raw and its expanded schedule.
+    let schedule = needles.iter().position(|n| n.name == "round keys 2-3").unwrap();
+    let cached = occurrences(std::process::id(), &needles);
     assert!(cached[0] > 0, "the scanner cannot see a key that is cached");
+    assert!(
+        cached[schedule] > 0,
+        "the scanner cannot see the cached key's round keys: {}",
+        report(&needles, &cached)
+    );
 
     // Rotate, then retire the old key; the watching client drops it.
     let admin = tests::Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
@@ -298,9 +369,16 @@ async fn a_key_the_agent_dropped_is_not_left_in_its_memory_in_any_spelling() {
     };
     let needles = spellings(&masked);
     let pid = agent.child.id();
-    // Self-check: the scan reads the agent's memory, where the cached key is found raw.
-    let cached = occurrences(pid, &needles[..1]);
+    // Self-check: the scan reads the agent's memory, where the cached key is found raw
+    // and expanded.
+    let schedule = needles.iter().position(|n| n.name == "round keys 2-3").unwrap();
+    let cached = occurrences(pid, &needles);
     assert!(cached[0] > 0, "the scanner cannot see the key the agent holds");
+    assert!(
+        cached[schedule] > 0,
+        "the scanner cannot see the round keys of the key the agent holds: {}",
+        report(&needles, &cached)
+    );
 
     // Rotate, retire the old key; wait until the agent refuses to open under it.
     let admin = tests::Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));

@@ -1048,3 +1048,48 @@ async fn a_coordinator_killed_between_the_two_promotes_keeps_the_key_through_a_d
 async fn a_coordinator_killed_between_the_two_promotes_keeps_the_key_through_a_replicated_rotation() {
     a_coordinator_killed_between_the_two_promotes_keeps_the_key(false).await;
 }
+
+/// Issue 15: `sso_peer_lag_epochs` follows what a node learns of its peer, not only its
+/// periodic rounds. Anti-entropy runs every 30 s here: A's first round, at its start,
+/// finds no B; B then pulls A's key. After a replicated rotation, a status request on A
+/// asks B at once and says lag 0: A's /metrics must say 0 too. Before, the metric moved
+/// only with the periodic rounds (and the peer gauges were not on /metrics at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_lag_metric_is_updated_when_status_learns_the_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pair = Pair::new(dir.path(), "");
+    for node in [&pair.a, &pair.b] {
+        let text = std::fs::read_to_string(&node.setup.config).unwrap();
+        assert!(text.contains("sync_interval_ms = 200"));
+        std::fs::write(
+            &node.setup.config,
+            text.replace("sync_interval_ms = 200", "sync_interval_ms = 30000"),
+        )
+        .unwrap();
+    }
+    pair.a.start();
+    pair.b.start();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while view(&pair, &pair.b).await.is_none_or(|v| v.1.is_none()) {
+        assert!(Instant::now() < deadline, "B never got A's key");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reply = rotate(&pair, &pair.a, false).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.json()["replication"], "replicated");
+    let status = admin(&pair, &pair.a).get("/v1/admin/status").await.unwrap().json();
+    assert_eq!(status["peer"]["lag_epochs"], 0, "{status}");
+    let metrics = pair.a.server().metrics_text();
+    let line = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.split(' ').next() == Some(name))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        line("sso_peer_lag_epochs").as_deref(),
+        Some("sso_peer_lag_epochs 0"),
+        "{metrics}"
+    );
+    assert_eq!(line("sso_peer_up").as_deref(), Some("sso_peer_up 1"), "{metrics}");
+}

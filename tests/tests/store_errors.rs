@@ -4,6 +4,9 @@
 //! again once they can, a rotation on such a node leaves its peer untouched, and refused
 //! admin writes leave a warning in the server log.
 //!
+//! The last test fills a real filesystem instead: a small tmpfs in the server's own mount
+//! namespace (`unshare -Urm`), for SQLite's own "database or disk is full".
+//!
 //! The fault is real: the server runs with SIGXFSZ ignored, and the test lowers its
 //! file-size limit (RLIMIT_FSIZE) with `prlimit --pid` to one byte, so every write into
 //! the store, its WAL and the audit log fails with EFBIG, as on a full disk; raising the
@@ -278,4 +281,137 @@ async fn refused_admin_writes_leave_a_warning_naming_the_reason_in_the_server_lo
             .any(|l| l.contains("admin.destroy") && l.contains("not_found")),
         "no warning for the refused destroy:\n{log}"
     );
+}
+
+/// A bash wrapper that runs the server in its own mount namespace (`unshare -Urm`: no root
+/// needed where unprivileged user namespaces are allowed) on a `size`-byte tmpfs at `mnt`,
+/// with `store` copied onto it: a small disk of its own. The pid stays the server's (exec
+/// throughout); the test reaches the tmpfs through `/proc/PID/root`.
+fn server_on_small_tmpfs(dir: &Path, mnt: &Path, store: &Path, size: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(mnt).unwrap();
+    let inner = dir.join("on-tmpfs-inner");
+    std::fs::write(
+        &inner,
+        format!(
+            "#!/bin/bash\nset -e\nmount -t tmpfs -o size={size},mode=0700 tmpfs {mnt}\ncp -p {store} {mnt}/store.db\nexec {server} \"$@\"\n",
+            mnt = mnt.display(),
+            store = store.display(),
+            server = bin("sso-server").display()
+        ),
+    )
+    .unwrap();
+    let outer = dir.join("on-tmpfs");
+    std::fs::write(
+        &outer,
+        format!("#!/bin/bash\nexec unshare -Urm -- {} \"$@\"\n", inner.display()),
+    )
+    .unwrap();
+    for script in [&inner, &outer] {
+        std::fs::set_permissions(script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    outer
+}
+
+/// Writes zeros into `path` until the filesystem refuses (ENOSPC); returns the bytes
+/// written.
+fn fill(path: &Path) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    loop {
+        match f.write(&block) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+        assert!(written < 1 << 30, "{} never filled up", path.display());
+    }
+    let _ = f.sync_all();
+    written
+}
+
+/// Issue 15: a store on a filesystem that is really full (a small tmpfs filled to the
+/// last block, not a file-size limit) is answered as "disk full" with SQLite's own words,
+/// "database or disk is full": by the server (503 `store_unavailable`) and by ssoctl
+/// (exit 74). Freeing the space lets the next rotation through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_named_disk_full_by_the_server_and_ssoctl() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(&root.join("pki"));
+    let setup = ServerSetup::new(&root.join("node"), &pki, "node-a", "", "");
+    let mnt = root.join("small-disk");
+    setup.use_store(&mnt.join("store.db"), &setup.unseal_key);
+    let wrapper = server_on_small_tmpfs(root, &mnt, &setup.store, "2m");
+    let server = TestServer::start(&wrapper, &setup.config, &root.join("server.log"));
+    let admin = Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
+    let rotate = async || admin.post("/v1/admin/rotate", &serde_json::json!({})).await.unwrap();
+    assert_eq!(rotate().await.status, 200);
+
+    // The tmpfs as the server sees it.
+    let disk = PathBuf::from(format!("/proc/{}/root{}", server.pid(), mnt.display()));
+    assert!(disk.join("store.db").is_file(), "the store is not on the tmpfs");
+    let filled = fill(&disk.join("filler"));
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let reply = rotate().await;
+        if reply.status == 200 {
+            // Pages already allocated (the WAL's) can take a write or two: fill again.
+            fill(&disk.join(format!("filler{}", answers.len())));
+            answers.push(reply.status.to_string());
+            continue;
+        }
+        assert_eq!(reply.status, 503, "{:?}", reply.body);
+        let body = reply.json();
+        assert_eq!(body["error"], "store_unavailable", "{body}");
+        let message = body["message"].as_str().unwrap().to_owned();
+        answers.push(message);
+        break;
+    }
+    let message = answers.last().unwrap();
+    assert!(
+        message.contains("disk full (database or disk is full)") && message.contains("free space"),
+        "after filling {filled} bytes: {answers:?}"
+    );
+    let out = ssoctl_rotate(&server, &pki);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(74), "{stderr}");
+    assert!(
+        stderr.contains("error: the store could not be written: disk full (database or disk is full)"),
+        "{stderr}"
+    );
+
+    // Space again.
+    for entry in std::fs::read_dir(&disk).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("filler"))
+        {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let reply = rotate().await;
+        if reply.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rotation after freeing space: {:?}",
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A copy of the store where the config names it outside the namespace, so that the
+    // leak check on drop (every key's bytes searched for in the logs) still runs.
+    for name in ["store.db", "store.db-wal"] {
+        if disk.join(name).exists() {
+            std::fs::copy(disk.join(name), mnt.join(name)).unwrap();
+        }
+    }
 }
