@@ -41,7 +41,7 @@ pub const SEAL_LIMIT: u64 = 1 << 32;
 
 /// A master secret ready to seal and open envelopes: its id and the expanded AES key
 /// schedule with its GHASH table. Both are key material: they live in one heap block that
-/// graviola wipes when the key is dropped, and are never moved once expanded (the
+/// graviola wipes when the key is dropped, and are never moved once boxed (the
 /// memory-scan test, `tests/tests/client_memory.rs`, looks for the raw key and the
 /// round keys that follow it after a key is dropped).
 pub struct EnvelopeKey {

@@ -324,6 +324,12 @@ pub struct Coverage {
     pub last_backup_unix: Option<i64>,
 }
 
+/// Reads a peer's coverage answer; `None` when it is not one. Outside input: fuzzed by
+/// `fuzz/fuzz_targets/peer_coverage.rs`.
+pub fn parse_coverage(body: &[u8]) -> Option<Coverage> {
+    serde_json::from_slice(body).ok()
+}
+
 impl Peer {
     /// The peer's backup coverage; `None` when it does not answer (or predates the
     /// endpoint), within the peer timeout.
@@ -337,7 +343,7 @@ impl Peer {
         if reply.status != 200 {
             return None;
         }
-        serde_json::from_slice(&reply.body).ok()
+        parse_coverage(&reply.body)
     }
 
     /// POSTs `body` to `path`; the status and body, or `Unreachable`.
