@@ -822,6 +822,31 @@ async fn staged_on_b(pair: &Pair) -> String {
     }
 }
 
+/// Starts a rotation on A and returns once B has promoted its key `k` (returned) while
+/// B's answer to the promote is held, so A still waits for it: A's key is B's primary and
+/// only staged on A. Release with `relay_ab.release_replies()`.
+async fn promoted_on_b_with_the_answer_held(
+    pair: &Pair,
+) -> (tokio::task::JoinHandle<Result<tests::Reply, String>>, String) {
+    let a = admin(pair, &pair.a);
+    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
+    let rotating = tokio::spawn(async move {
+        a.post("/v1/admin/rotate", &serde_json::json!({"allow_degraded": false}))
+            .await
+    });
+    let k = staged_on_b(pair).await;
+    // The stage's answer goes through; the promote's (A sends it after distribute_wait,
+    // 250 ms) is held.
+    pair.relay_ab.release_replies();
+    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while view(pair, &pair.b).await.unwrap().1.as_deref() != Some(k.as_str()) {
+        assert!(Instant::now() < deadline, "B never promoted {k}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (rotating, k)
+}
+
 /// `k` (`whose`, for the messages) is neither retired nor destroyed on either node, and a
 /// fresh client of the pair opens `sealed`, which was sealed under it.
 async fn assert_kept_in_use(pair: &Pair, k: &str, sealed: &[u8], whose: &str) {
@@ -897,25 +922,9 @@ async fn a_lost_promote_answer_never_makes_the_peers_primary_an_orphan() {
     wait_converged(&pair, Duration::from_secs(5)).await;
     let cb = client(&pair, &[&pair.b]);
     cb.refresh().await.unwrap();
-    let a = admin(&pair, &pair.a);
-    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
-    let rotating = tokio::spawn(async move {
-        a.post("/v1/admin/rotate", &serde_json::json!({"allow_degraded": false}))
-            .await
-            .unwrap()
-    });
-    let k = staged_on_b(&pair).await;
-    // Let the stage answer through; hold the answer to the promote (A sends it
-    // after distribute_wait, 250 ms).
-    pair.relay_ab.release_replies();
-    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while view(&pair, &pair.b).await.unwrap().1.as_deref() != Some(k.as_str()) {
-        assert!(Instant::now() < deadline, "B never promoted {k}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (rotating, k) = promoted_on_b_with_the_answer_held(&pair).await;
     let sealed = seal_under(&cb, &k).await;
-    let answer = rotating.await.unwrap();
+    let answer = rotating.await.unwrap().unwrap();
     let message = answer.json()["message"].as_str().unwrap_or("").to_owned();
     assert!(
         !message.contains("not in use"),
@@ -992,21 +1001,7 @@ async fn a_coordinator_killed_between_the_two_promotes_keeps_the_key(degraded: b
     wait_converged(&pair, Duration::from_secs(5)).await;
     let cb = client(&pair, &[&pair.b]);
     cb.refresh().await.unwrap();
-    let a = admin(&pair, &pair.a);
-    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
-    let rotating = tokio::spawn(async move {
-        a.post("/v1/admin/rotate", &serde_json::json!({"allow_degraded": false}))
-            .await
-    });
-    let k = staged_on_b(&pair).await;
-    // The stage's answer goes through; the promote's is held, so A waits for it.
-    pair.relay_ab.release_replies();
-    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while view(&pair, &pair.b).await.unwrap().1.as_deref() != Some(k.as_str()) {
-        assert!(Instant::now() < deadline, "B never promoted {k}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (rotating, k) = promoted_on_b_with_the_answer_held(&pair).await;
     let sealed = seal_under(&cb, &k).await;
     pair.a.kill();
     assert!(rotating.await.unwrap().is_err(), "A answered although it was killed");
@@ -1015,9 +1010,7 @@ async fn a_coordinator_killed_between_the_two_promotes_keeps_the_key(degraded: b
     pair.relay_ab.release_replies();
     // A comes back without periodic anti-entropy (its start-up round fails: the link is
     // cut), so nothing but the rotation can tell it about B's promotion.
-    let config = std::fs::read_to_string(&pair.a.setup.config).unwrap();
-    let config = config.replacen("sync_interval_ms = 200", "sync_interval_ms = 60000", 1);
-    std::fs::write(&pair.a.setup.config, config).unwrap();
+    pair.a.set_sync_interval_ms(60_000);
     pair.a.start();
     let (keys, _) = view(&pair, &pair.a).await.unwrap();
     assert!(
@@ -1059,13 +1052,7 @@ async fn the_peer_lag_metric_is_updated_when_status_learns_the_lag() {
     let dir = tempfile::tempdir().unwrap();
     let mut pair = Pair::new(dir.path(), "");
     for node in [&pair.a, &pair.b] {
-        let text = std::fs::read_to_string(&node.setup.config).unwrap();
-        assert!(text.contains("sync_interval_ms = 200"));
-        std::fs::write(
-            &node.setup.config,
-            text.replace("sync_interval_ms = 200", "sync_interval_ms = 30000"),
-        )
-        .unwrap();
+        node.set_sync_interval_ms(30_000);
     }
     pair.a.start();
     pair.b.start();
