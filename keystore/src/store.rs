@@ -606,31 +606,35 @@ impl SealedStore {
         self.merge_checked(std::slice::from_ref(record), true, None)
     }
 
-    /// Retires every staged key made by this node (its origin) with a generation below
-    /// `below`: orphans of this node's rotations that were interrupted before promotion.
-    /// Still staged here, they were never promoted by this node, the only one that could
-    /// (a lost promote answer promotes the key here at once), so nothing was sealed under
-    /// them. A staged key of the other node is left alone: in a partition it may be that
-    /// node's primary (a degraded rotation whose promote never arrived here), and retiring
-    /// it would reach that node by replication and strand what was sealed under it.
-    /// Returns the retired keys' records (for replication).
-    pub fn retire_orphans(&mut self, below: u64) -> Result<Vec<KeyRecord>> {
-        let orphans: Vec<KeyId> = load_rows(&self.conn)?
+    /// The staged keys made by this node (its origin) with a generation below `below`:
+    /// orphans of this node's rotations that were interrupted before this node promoted
+    /// them. Candidates only: a coordinator killed between the peer's promote and its own
+    /// leaves a key staged here that is the peer's primary, so an orphan is retired only
+    /// once the peer confirms it never promoted it (see [`Self::retire_orphans`] and
+    /// docs/pair.md, invariant O). A staged key of the other node is never a candidate: in
+    /// a partition it may be that node's primary.
+    pub fn orphans_below(&self, below: u64) -> Result<Vec<KeyId>> {
+        Ok(load_rows(&self.conn)?
             .iter()
             .filter(|r| r.lifecycle == Lifecycle::Staged && r.generation < below && r.origin == self.node)
+            .map(|r| r.key_id)
+            .collect())
+    }
+
+    /// Retires those of `ids` that are still staged here and were made by this node: the
+    /// orphans the peer confirmed it never promoted (or every candidate, on a node without
+    /// a peer). A key promoted meanwhile (anti-entropy brought the peer's promotion) is
+    /// left alone. Returns how many were retired.
+    pub fn retire_orphans(&mut self, ids: &[KeyId]) -> Result<usize> {
+        let orphans: Vec<KeyId> = load_rows(&self.conn)?
+            .iter()
+            .filter(|r| r.lifecycle == Lifecycle::Staged && r.origin == self.node && ids.contains(&r.key_id))
             .map(|r| r.key_id)
             .collect();
         for id in &orphans {
             self.transition(*id, Lifecycle::Retired)?;
         }
-        if orphans.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(self
-            .export()?
-            .into_iter()
-            .filter(|r| orphans.contains(&r.meta.key_id))
-            .collect())
+        Ok(orphans.len())
     }
 
     /// One key's record with its material (none once destroyed), for replication.

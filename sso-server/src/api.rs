@@ -957,12 +957,19 @@ async fn peer_rotation_step(op: &str, query: &str, body: &[u8], state: &Arc<AppS
         answer.key = Some(id);
         return Ok(answer);
     }
-    let primary = crate::rotation::accept_promote(state, token, incoming.records)
+    let promoted = crate::rotation::accept_promote(state, token, incoming.records)
         .await
         .map_err(|e| link_refusal(&e))?;
+    let detail = match promoted.kept.as_slice() {
+        [] => format!("promotion from {from}"),
+        kept => format!(
+            "promotion from {from}; kept promoted {} it sent as orphans",
+            kept.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        ),
+    };
     Ok(audited(
-        json_value(StatusCode::OK, &serde_json::json!({"primary": primary})),
-        Some(format!("promotion from {from}")),
+        json_value(StatusCode::OK, &crate::peer::promoted_json(&promoted)),
+        Some(detail),
     ))
 }
 

@@ -2,9 +2,9 @@
 
 /// A peer replication body (`/v1/peer/merge`, `/v1/peer/keys`), then the validation every
 /// merge runs before it writes, against an empty store and against one with a primary.
-/// The same bytes as a peer's backup coverage answer (`/v1/peer/coverage`).
+/// The same bytes as a peer's answer to a promotion (`/v1/peer/promote`).
 pub fn peer_records(data: &[u8]) {
-    let _ = serde_json::from_slice::<crate::peer::Coverage>(data);
+    let _ = crate::peer::promoted_answer(data);
     let Ok(keys) = crate::peer::parse_records(data) else {
         return;
     };
@@ -19,6 +19,20 @@ pub fn peer_records(data: &[u8]) {
         })
         .collect();
     let _ = keystore::validate::check_incoming(&stored, &keys.records);
+}
+
+/// A peer's backup coverage answer (`GET /v1/peer/coverage`), through the reader status
+/// uses, then what status does with it: the backup time as a date, and the keys it covers
+/// taken out of a list of this node's keys.
+pub fn peer_coverage(data: &[u8]) {
+    let Some(coverage) = crate::peer::parse_coverage(data) else {
+        return;
+    };
+    let _ = coverage
+        .last_backup_unix
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok());
+    let mut ours: Vec<sso_proto::KeyId> = coverage.backed_up.iter().rev().copied().collect();
+    ours.retain(|id| !coverage.backed_up.contains(id));
 }
 
 /// A configuration file.

@@ -35,7 +35,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{PeerConfig, TlsConfig};
 use crate::identity::Pattern;
-use crate::rotation::{LinkError, LocalNode, PeerLink};
+use crate::rotation::{LinkError, LocalNode, PeerLink, Promoted};
 use crate::tls::{self, TlsError};
 
 /// Checks the peer's server certificate as webpki does, then that it names the configured
@@ -324,6 +324,12 @@ pub struct Coverage {
     pub last_backup_unix: Option<i64>,
 }
 
+/// Reads a peer's coverage answer; `None` when it is not one. Outside input: fuzzed by
+/// `fuzz/fuzz_targets/peer_coverage.rs`.
+pub fn parse_coverage(body: &[u8]) -> Option<Coverage> {
+    serde_json::from_slice(body).ok()
+}
+
 impl Peer {
     /// The peer's backup coverage; `None` when it does not answer (or predates the
     /// endpoint), within the peer timeout.
@@ -337,7 +343,7 @@ impl Peer {
         if reply.status != 200 {
             return None;
         }
-        serde_json::from_slice(&reply.body).ok()
+        parse_coverage(&reply.body)
     }
 
     /// POSTs `body` to `path`; the status and body, or `Unreachable`.
@@ -403,7 +409,7 @@ impl PeerLink for Peer {
         Ok(())
     }
 
-    async fn promote(&self, node: &str, token: u128, records: &[KeyRecord]) -> Result<Option<KeyId>, LinkError> {
+    async fn promote(&self, node: &str, token: u128, records: &[KeyRecord]) -> Result<Promoted, LinkError> {
         let body = records_json(node, 0, "", records);
         let (status, body) = self
             .post(&format!("/v1/peer/promote?lease={token:032x}"), Bytes::from_owner(body))
@@ -411,8 +417,7 @@ impl PeerLink for Peer {
         if status != 200 {
             return Err(refusal(status, &body));
         }
-        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| LinkError::Protocol(e.to_string()))?;
-        Ok(v["primary"].as_str().and_then(|p| p.parse().ok()))
+        promoted_answer(&body).map_err(LinkError::Protocol)
     }
 }
 
@@ -522,6 +527,28 @@ struct WireRecord {
     state: String,
     #[serde(default)]
     key: Option<SecretString>,
+}
+
+/// The body of the peer's answer to `POST /v1/peer/promote`.
+pub fn promoted_json(promoted: &Promoted) -> serde_json::Value {
+    serde_json::json!({"primary": promoted.primary, "kept": promoted.kept})
+}
+
+/// Reads the peer's answer to `POST /v1/peer/promote` (outside input: fuzzed by
+/// `peer_promoted`). `kept` is absent in answers of servers before it existed.
+pub fn promoted_answer(body: &[u8]) -> Result<Promoted, String> {
+    #[derive(Deserialize)]
+    struct Wire {
+        primary: Option<KeyId>,
+        #[serde(default)]
+        kept: Vec<KeyId>,
+    }
+    let wire: Wire =
+        serde_json::from_slice(body).map_err(|e| format!("promote answer: {}", sso_proto::json::describe_error(&e)))?;
+    Ok(Promoted {
+        primary: wire.primary,
+        kept: wire.kept,
+    })
 }
 
 /// Parses a peer body. Errors name the problem, never key material.
@@ -740,6 +767,22 @@ fn publish_peer_metrics(state: &crate::state::AppState, peer: &Peer) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_promote_answer_round_trips_and_an_old_one_keeps_nothing() {
+        let rng = ring::rand::SystemRandom::new();
+        let (k, p) = (KeyId::generate(&rng).unwrap(), KeyId::generate(&rng).unwrap());
+        let promoted = Promoted {
+            primary: Some(p),
+            kept: vec![k],
+        };
+        let body = promoted_json(&promoted).to_string();
+        assert_eq!(promoted_answer(body.as_bytes()).unwrap(), promoted);
+        let old = format!("{{\"primary\":\"{p}\"}}");
+        assert_eq!(promoted_answer(old.as_bytes()).unwrap().kept, Vec::<KeyId>::new());
+        let err = promoted_answer(br#"{"primary":"secret-ish","kept":[]}"#).unwrap_err();
+        assert!(!err.contains("secret-ish"), "{err}");
+    }
 
     #[test]
     fn records_round_trip_through_json() {

@@ -91,13 +91,25 @@ pub trait PeerLink: Sync {
     /// own keys.
     fn stage(&self, node: &str, token: u128, record: &KeyRecord) -> impl Future<Output = Result<(), LinkError>> + Send;
     /// Merges `records` (the promotion and retired orphans) durably and releases the
-    /// lease; answers the peer's primary afterwards.
+    /// lease; answers the peer's primary afterwards, and the orphans it refused to retire
+    /// because it holds them promoted.
     fn promote(
         &self,
         node: &str,
         token: u128,
         records: &[KeyRecord],
-    ) -> impl Future<Output = Result<Option<KeyId>, LinkError>> + Send;
+    ) -> impl Future<Output = Result<Promoted, LinkError>> + Send;
+}
+
+/// The peer's answer to a promotion.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Promoted {
+    /// The peer's primary after the merge.
+    pub primary: Option<KeyId>,
+    /// Keys sent as retired orphans that the peer holds promoted (a coordinator killed
+    /// between the peer's promote and its own left them staged at home): the peer kept
+    /// them, and the coordinator promotes them too.
+    pub kept: Vec<KeyId>,
 }
 
 /// A peer request that did not succeed.
@@ -209,32 +221,63 @@ pub enum RotateError {
     Store(#[from] keystore::Error),
 }
 
-fn as_promoted(record: KeyRecord) -> KeyRecord {
+fn as_promoted(record: &KeyRecord) -> KeyRecord {
     KeyRecord {
         meta: KeyMeta {
             state: KeyState::Active,
-            ..record.meta
+            ..record.meta.clone()
         },
         secret: record.secret.as_ref().map(MasterSecret::clone_secret),
     }
 }
 
-/// Promotes `id` here, retires older orphans, and reports the primary afterwards.
+/// What a promotion here does with this node's orphans (docs/pair.md, invariant O).
+#[derive(Debug)]
+enum Orphans {
+    /// Leave them staged: nobody confirmed that they were never promoted elsewhere (a
+    /// degraded rotation, a lost answer). The next replicated rotation settles them.
+    Keep,
+    /// No peer exists: every staged key of this node below the new one is an orphan.
+    AllBelow,
+    /// The peer retired these and holds `promote` promoted: retire the first, promote the
+    /// second (records as the peer holds them).
+    Confirmed {
+        retire: Vec<KeyId>,
+        promote: Vec<KeyRecord>,
+    },
+}
+
+/// Promotes `id` here, settles this node's orphans as `orphans` says, and reports the
+/// primary afterwards.
 ///
-/// A rotation that stalled past its lease may find its key retired here already: a later
-/// rotation retired it as an orphan (it was never promoted, so nothing was sealed under
-/// it). That rotation was superseded; say so rather than answer a store error.
+/// A rotation that stalled past its lease may find its key retired here already (in
+/// earlier versions a later rotation retired it as an orphan). That rotation was
+/// superseded; say so rather than answer a store error.
 async fn promote_locally<N: LocalNode>(
     local: &N,
     id: KeyId,
     generation: u64,
+    orphans: Orphans,
 ) -> Result<(KeyMeta, Option<KeyId>, usize), RotateError> {
     let out = local
         .with_store(move |store| {
+            let retired = match orphans {
+                Orphans::Keep => 0,
+                Orphans::AllBelow => {
+                    let ids = store.orphans_below(generation)?;
+                    store.retire_orphans(&ids)?
+                }
+                Orphans::Confirmed { retire, promote } => {
+                    store.merge(&promote)?;
+                    store.retire_orphans(&retire)?;
+                    // The peer retired them all; anti-entropy may have brought some of
+                    // those retirements here already, between its answer and this call.
+                    retire.len()
+                }
+            };
             let meta = store.promote(id)?;
-            let orphans = store.retire_orphans(generation)?.len();
             let primary = store.primary()?.map(|m| m.key_id);
-            Ok((meta, primary, orphans))
+            Ok((meta, primary, retired))
         })
         .await;
     match out {
@@ -254,7 +297,13 @@ async fn promote_locally<N: LocalNode>(
 async fn rotate_alone<N: LocalNode>(local: &N, replication: Replication) -> Result<Rotated, RotateError> {
     let staged = local.with_store(|store| store.stage_new_above(0)).await?;
     tokio::time::sleep(local.distribute_wait()).await;
-    let (meta, _, orphans_retired) = promote_locally(local, staged.key_id, staged.generation).await?;
+    // Without a peer every orphan of this node is settled here; a degraded rotation
+    // cannot ask the peer whether one of them is its primary, so it leaves them.
+    let orphans = match replication {
+        Replication::Standalone => Orphans::AllBelow,
+        _ => Orphans::Keep,
+    };
+    let (meta, _, orphans_retired) = promote_locally(local, staged.key_id, staged.generation, orphans).await?;
     Ok(Rotated {
         meta,
         replication,
@@ -359,18 +408,15 @@ async fn rotate_leased<N: LocalNode, P: PeerLink>(
     }
     // 4. Distribute: both nodes serve it to watching clients before anything seals.
     tokio::time::sleep(local.distribute_wait()).await;
-    // 5. Promote on the peer first (with the orphans older than this key, retired), then here.
+    // 5. Promote on the peer first (with this node's orphans older than this key, as
+    //    retired), then here. The peer keeps any it holds promoted (invariant O).
     let orphans: Vec<KeyRecord> = local
         .with_store(move |store| {
+            let ids = store.orphans_below(staged.generation)?;
             Ok(store
                 .export()?
                 .into_iter()
-                // Only keys this node made: see `SealedStore::retire_orphans`.
-                .filter(|r| {
-                    r.meta.state == KeyState::Staged
-                        && r.meta.generation < staged.generation
-                        && r.meta.origin == store.node()
-                })
+                .filter(|r| ids.contains(&r.meta.key_id))
                 .map(|r| KeyRecord {
                     meta: KeyMeta {
                         state: KeyState::Retired,
@@ -382,10 +428,10 @@ async fn rotate_leased<N: LocalNode, P: PeerLink>(
         })
         .await?;
     let mut records = Vec::with_capacity(orphans.len() + 1);
-    records.push(as_promoted(record));
+    records.push(as_promoted(&record));
     records.extend(orphans);
-    let peer_primary = match peer.promote(node, token, &records).await {
-        Ok(primary) => primary,
+    let answer = match peer.promote(node, token, &records).await {
+        Ok(answer) => answer,
         Err(e @ LinkError::Unreachable(_)) if allow_degraded => {
             tracing::warn!(error = %e, "peer lost during rotation: promoting degraded");
             return finish_degraded(local, &staged).await;
@@ -395,7 +441,9 @@ async fn rotate_leased<N: LocalNode, P: PeerLink>(
             // key may be the peer's primary already, with clients sealing under it. It is
             // on both nodes (staged), so promote it here too rather than leave it to be
             // retired as an orphan; anti-entropy completes the peer's side.
-            let (meta, _, _) = promote_locally(local, id, staged.generation).await?;
+            // Its orphans stay staged: whether the peer retired them or holds one
+            // promoted is in the lost answer; the next replicated rotation asks again.
+            let (meta, _, _) = promote_locally(local, id, staged.generation, Orphans::Keep).await?;
             return Err(RotateError::PeerUnavailable {
                 error,
                 changed: format!(
@@ -412,8 +460,20 @@ async fn rotate_leased<N: LocalNode, P: PeerLink>(
             });
         }
     };
-    let (meta, primary, orphans_retired) = promote_locally(local, id, staged.generation).await?;
-    if peer_primary != Some(id) {
+    let settle = Orphans::Confirmed {
+        retire: records[1..]
+            .iter()
+            .map(|r| r.meta.key_id)
+            .filter(|k| !answer.kept.contains(k))
+            .collect(),
+        promote: records[1..]
+            .iter()
+            .filter(|r| answer.kept.contains(&r.meta.key_id))
+            .map(as_promoted)
+            .collect(),
+    };
+    let (meta, primary, orphans_retired) = promote_locally(local, id, staged.generation, settle).await?;
+    if answer.primary != Some(id) {
         return Err(RotateError::Superseded {
             key_id: id,
             where_: "the peer".into(),
@@ -441,7 +501,7 @@ async fn rotate_leased<N: LocalNode, P: PeerLink>(
 }
 
 async fn finish_degraded<N: LocalNode>(local: &N, staged: &KeyMeta) -> Result<Rotated, RotateError> {
-    let (meta, _, orphans_retired) = promote_locally(local, staged.key_id, staged.generation).await?;
+    let (meta, _, orphans_retired) = promote_locally(local, staged.key_id, staged.generation, Orphans::Keep).await?;
     Ok(Rotated {
         meta,
         replication: Replication::Degraded,
@@ -488,20 +548,36 @@ pub async fn accept_stage<N: LocalNode>(local: &N, token: u128, record: KeyRecor
 
 /// The peer side of [`PeerLink::promote`]: merges (states only move forward), releases the
 /// lease, answers the primary.
+///
+/// A key sent as a retired orphan that this node holds promoted is kept, not retired, and
+/// named in the answer: clients may have sealed under it here (its coordinator was killed
+/// between this promote and its own, and its next rotation took the key still staged at
+/// home for an orphan). Retiring it would strand their envelopes (docs/pair.md, O).
 pub async fn accept_promote<N: LocalNode>(
     local: &N,
     token: u128,
     records: Vec<KeyRecord>,
-) -> Result<Option<KeyId>, LinkError> {
+) -> Result<Promoted, LinkError> {
     let out = local
         .with_store(move |store| {
-            store.merge(&records)?;
-            Ok(store.primary()?.map(|m| m.key_id))
+            let held = store.list()?;
+            let promoted_here = |id: KeyId| {
+                held.iter()
+                    .any(|m| m.key_id == id && matches!(m.state, KeyState::Primary | KeyState::Active))
+            };
+            let (kept, merged): (Vec<KeyRecord>, Vec<KeyRecord>) = records
+                .into_iter()
+                .partition(|r| r.meta.state == KeyState::Retired && promoted_here(r.meta.key_id));
+            store.merge(&merged)?;
+            Ok(Promoted {
+                primary: store.primary()?.map(|m| m.key_id),
+                kept: kept.iter().map(|r| r.meta.key_id).collect(),
+            })
         })
         .await;
     local.rotations().lease.release(token);
     match out {
-        Ok(primary) => Ok(primary),
+        Ok(promoted) => Ok(promoted),
         Err(e @ keystore::Error::ConflictingKey(_)) => Err(LinkError::Conflict(e.to_string())),
         Err(e) => Err(LinkError::Protocol(e.to_string())),
     }

@@ -362,11 +362,15 @@ impl LocalNode for Node {
         &self,
         f: impl FnOnce(&mut SealedStore) -> keystore::Result<T> + Send + 'static,
     ) -> keystore::Result<T> {
-        // Stalls are a hardship of the chaos phase; after the heal the disk is well again.
-        let chaos = self.world.step.load(Ordering::SeqCst) < chaos_steps();
-        if chaos && self.chance(self.world.params.stall) {
+        // Stalls are a hardship of the chaos phase; after the heal the disk is well again,
+        // so a stall still in progress then ends there (else one drawn just before the
+        // heal outlasts the convergence bound: seed 10130).
+        let step = self.world.step.load(Ordering::SeqCst);
+        if step < chaos_steps() && self.chance(self.world.params.stall) {
             self.world.log().counts.stalls += 1;
-            tokio::time::sleep(Duration::from_millis(500 + self.below(7500))).await;
+            let until_heal = TICK * u32::try_from(chaos_steps() - step).unwrap_or(u32::MAX);
+            let stall = Duration::from_millis(500 + self.below(7500));
+            tokio::time::sleep(stall.min(until_heal)).await;
         }
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         let out = f(&mut store);
@@ -522,11 +526,11 @@ impl PeerLink for Link {
         node: &str,
         token: u128,
         records: &[keystore::KeyRecord],
-    ) -> Result<Option<KeyId>, LinkError> {
+    ) -> Result<rotation::Promoted, LinkError> {
         let body = peer::records_json(node, 0, "", records);
         let head = serde_json::json!({"op": "promote", "token": format!("{token:032x}")});
         let (head, _) = self.call(head, body).await?;
-        Ok(head["primary"].as_str().and_then(|p| p.parse().ok()))
+        peer::promoted_answer(head.to_string().as_bytes()).map_err(LinkError::Protocol)
     }
 }
 
@@ -601,8 +605,8 @@ async fn handle(node: Arc<Node>, link: Arc<Link>, mut s: TcpStream) -> std::io::
                     node.rotations.lease.release(token);
                     Ok(serde_json::json!({"primary": first}))
                 } else {
-                    let primary = rotation::accept_promote(&*node, token, incoming.records).await?;
-                    Ok(serde_json::json!({"primary": primary.map(|p| p.to_string())}))
+                    let promoted = rotation::accept_promote(&*node, token, incoming.records).await?;
+                    Ok(peer::promoted_json(&promoted))
                 }
             }
             .await;
@@ -796,6 +800,10 @@ fn rank(state: KeyState) -> u8 {
 struct Checker {
     prev: [BTreeMap<KeyId, KeyMeta>; 2],
     seen_version: u64,
+    /// Keys seen promoted (primary or active) on either node: clients may have sealed
+    /// under them, so nothing in the simulation (which never retires keys the way an
+    /// operator does) may retire them.
+    promoted: std::collections::BTreeSet<KeyId>,
 }
 
 impl Checker {
@@ -831,6 +839,25 @@ impl Checker {
                         ));
                     }
                     Some(_) => {}
+                }
+            }
+        }
+        // O: a key that was promoted on either node is never retired as an orphan (on
+        // either node: a retirement reaches the other by replication).
+        for view in &views {
+            for m in view.metas.values() {
+                if matches!(m.state, KeyState::Primary | KeyState::Active) {
+                    self.promoted.insert(m.key_id);
+                }
+            }
+        }
+        for (n, view) in views.iter().enumerate() {
+            for m in view.metas.values() {
+                if m.state == KeyState::Retired && self.promoted.contains(&m.key_id) {
+                    return Err(format!(
+                        "key {} (generation {}) was promoted, so clients may have sealed under it, but node {} retired it",
+                        m.key_id, m.generation, NAMES[n]
+                    ));
                 }
             }
         }
@@ -1064,6 +1091,15 @@ fn run(seed: u64, mutant: Option<Mutant>) -> Result<Outcome, String> {
                 });
             }
             if step - since > bound {
+                if std::env::var("SSO_SIM_DEBUG").is_ok() {
+                    for n in &world.nodes {
+                        let v = n.view.lock().unwrap();
+                        eprintln!("node {}: primary {:?}", n.name, v.primary);
+                        for m in v.metas.values() {
+                            eprintln!("  {} g{} {:?} origin {}", m.key_id, m.generation, m.state, m.origin);
+                        }
+                    }
+                }
                 return Err(fail(
                     step,
                     format!("no convergence within {CONVERGE_WITHIN:?} of the heal and the operator's last answer"),

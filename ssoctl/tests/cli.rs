@@ -647,13 +647,7 @@ fn operator_messages_name_the_real_problem() {
 fn slow_sync_pair(d: &Path) -> tests::pair::Pair {
     let mut pair = tests::pair::Pair::new(d, "");
     for node in [&pair.a, &pair.b] {
-        let text = std::fs::read_to_string(&node.setup.config).unwrap();
-        assert!(text.contains("sync_interval_ms = 200"));
-        std::fs::write(
-            &node.setup.config,
-            text.replace("sync_interval_ms = 200", "sync_interval_ms = 30000"),
-        )
-        .unwrap();
+        node.set_sync_interval_ms(30_000);
     }
     pair.a.start();
     pair.b.start();

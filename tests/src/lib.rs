@@ -58,6 +58,8 @@ pub struct Pki {
     pub dir: PathBuf,
     pub ca: CertificateAuthority,
     pub ca_file: PathBuf,
+    /// Client certificates issued so far, by name: see [`Pki::client`].
+    clients: std::sync::Mutex<std::collections::HashMap<String, CertFiles>>,
 }
 
 impl std::fmt::Debug for Pki {
@@ -81,6 +83,7 @@ impl Pki {
             dir: dir.to_path_buf(),
             ca,
             ca_file,
+            clients: Default::default(),
         }
     }
 
@@ -98,9 +101,17 @@ impl Pki {
         }
     }
 
-    /// A client certificate with CN `name`.
+    /// A client certificate with CN `name`: issued on the first call, the same files after.
+    /// Re-issuing rewrote `NAME.pem` and `NAME-key.pem` while a process (or another task)
+    /// was reading them, so it could load one certificate with another's key: ssoctl then
+    /// refused "the client key does not belong to the client certificate" (exit 64), which
+    /// a pair test polling with the admin certificate met on a loaded machine.
     pub fn client(&self, name: &str) -> CertFiles {
-        self.issue_spec(name, &LeafSpec::client(name, 365))
+        let mut issued = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        issued
+            .entry(name.to_owned())
+            .or_insert_with(|| self.issue_spec(name, &LeafSpec::client(name, 365)))
+            .clone()
     }
 
     /// A server certificate for localhost / 127.0.0.1, usable as a client too (peers).

@@ -216,6 +216,18 @@ impl Node {
         self.server = Some(TestServer::start(&bin("sso-server"), &self.setup.config, &self.log));
     }
 
+    /// Sets the node's periodic anti-entropy interval (it applies from its next start).
+    /// Tests that must know where a node learned something slow it to 30-60 s, so no
+    /// periodic round can run in between.
+    pub fn set_sync_interval_ms(&self, ms: u64) {
+        let text = std::fs::read_to_string(&self.setup.config).unwrap();
+        let (head, rest) = text
+            .split_once("sync_interval_ms = ")
+            .expect("a pair node's config sets sync_interval_ms");
+        let rest = rest.split_once('\n').map_or("", |(_, tail)| tail);
+        std::fs::write(&self.setup.config, format!("{head}sync_interval_ms = {ms}\n{rest}")).unwrap();
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut s) = self.server.take() {

@@ -522,11 +522,30 @@ async fn ssoctl_rotate_does_not_rotate_twice_when_the_first_node_hangs() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    // If ssoctl is done before A staged anything (a peer timeout on a loaded machine, say),
+    // say what it printed rather than wait out `staged_on_b`'s deadline.
+    let mut ssoctl = ssoctl;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !view(&pair, &pair.b).await.unwrap().0.iter().any(|(_, s)| s == "staged") {
+        if let Ok(Some(status)) = ssoctl.try_wait() {
+            let out = ssoctl.wait_with_output().unwrap();
+            panic!(
+                "ssoctl finished ({status}) before A staged a key on B\nstdout: {}\nstderr: {}\nA's log:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                pair.a.server().log_text()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A never staged a key on B (ssoctl still waits)"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // A is mid-rotation once B holds A's new key staged: from then on, A's link hangs.
     // B's answers to A are held meanwhile, so the staged state lasts until the test has seen
     // it (A's peer timeout is 1 s); polling for a state that lasts milliseconds missed it
     // once on a loaded CI machine. Then B's answers go on and A finishes the rotation.
-    staged_on_b(&pair).await;
     front_a.stall();
     pair.relay_ab.release_replies();
     let out = tokio::task::spawn_blocking(move || ssoctl.wait_with_output().unwrap())
@@ -803,6 +822,31 @@ async fn staged_on_b(pair: &Pair) -> String {
     }
 }
 
+/// Starts a rotation on A and returns once B has promoted its key `k` (returned) while
+/// B's answer to the promote is held, so A still waits for it: A's key is B's primary and
+/// only staged on A. Release with `relay_ab.release_replies()`.
+async fn promoted_on_b_with_the_answer_held(
+    pair: &Pair,
+) -> (tokio::task::JoinHandle<Result<tests::Reply, String>>, String) {
+    let a = admin(pair, &pair.a);
+    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
+    let rotating = tokio::spawn(async move {
+        a.post("/v1/admin/rotate", &serde_json::json!({"allow_degraded": false}))
+            .await
+    });
+    let k = staged_on_b(pair).await;
+    // The stage's answer goes through; the promote's (A sends it after distribute_wait,
+    // 250 ms) is held.
+    pair.relay_ab.release_replies();
+    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while view(pair, &pair.b).await.unwrap().1.as_deref() != Some(k.as_str()) {
+        assert!(Instant::now() < deadline, "B never promoted {k}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (rotating, k)
+}
+
 /// `k` (`whose`, for the messages) is neither retired nor destroyed on either node, and a
 /// fresh client of the pair opens `sealed`, which was sealed under it.
 async fn assert_kept_in_use(pair: &Pair, k: &str, sealed: &[u8], whose: &str) {
@@ -878,25 +922,9 @@ async fn a_lost_promote_answer_never_makes_the_peers_primary_an_orphan() {
     wait_converged(&pair, Duration::from_secs(5)).await;
     let cb = client(&pair, &[&pair.b]);
     cb.refresh().await.unwrap();
-    let a = admin(&pair, &pair.a);
-    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
-    let rotating = tokio::spawn(async move {
-        a.post("/v1/admin/rotate", &serde_json::json!({"allow_degraded": false}))
-            .await
-            .unwrap()
-    });
-    let k = staged_on_b(&pair).await;
-    // Let the stage answer through; hold the answer to the promote (A sends it
-    // after distribute_wait, 250 ms).
-    pair.relay_ab.release_replies();
-    pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while view(&pair, &pair.b).await.unwrap().1.as_deref() != Some(k.as_str()) {
-        assert!(Instant::now() < deadline, "B never promoted {k}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (rotating, k) = promoted_on_b_with_the_answer_held(&pair).await;
     let sealed = seal_under(&cb, &k).await;
-    let answer = rotating.await.unwrap();
+    let answer = rotating.await.unwrap().unwrap();
     let message = answer.json()["message"].as_str().unwrap_or("").to_owned();
     assert!(
         !message.contains("not in use"),
@@ -961,6 +989,59 @@ async fn a_write_whose_client_went_away_still_records_its_answer() {
     assert_eq!(again.json()["replication"], "replicated");
 }
 
+/// Invariant O's last window (issue 12): A is SIGKILLed after B took A's promote and
+/// before A promoted the key itself. B's clients seal under it; on A it is still
+/// `staged`, made by A, so A's next rotation took it for an orphan and retired it, and
+/// the retirement reached B: every envelope sealed under it answered 410. `degraded`: the
+/// next rotation runs with the link still cut; otherwise it is replicated, before A's
+/// anti-entropy has pulled B's promotion. Failed before the fix (both variants): "B's
+/// primary ... was retired as an orphan".
+async fn a_coordinator_killed_between_the_two_promotes_keeps_the_key(degraded: bool) {
+    let (_dir, mut pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let cb = client(&pair, &[&pair.b]);
+    cb.refresh().await.unwrap();
+    let (rotating, k) = promoted_on_b_with_the_answer_held(&pair).await;
+    let sealed = seal_under(&cb, &k).await;
+    pair.a.kill();
+    assert!(rotating.await.unwrap().is_err(), "A answered although it was killed");
+    pair.relay_ab.cut();
+    pair.relay_ba.cut();
+    pair.relay_ab.release_replies();
+    // A comes back without periodic anti-entropy (its start-up round fails: the link is
+    // cut), so nothing but the rotation can tell it about B's promotion.
+    pair.a.set_sync_interval_ms(60_000);
+    pair.a.start();
+    let (keys, _) = view(&pair, &pair.a).await.unwrap();
+    assert!(
+        keys.contains(&(k.clone(), "staged".to_owned())),
+        "the kill did not fall between the two promotes: A holds {keys:?}"
+    );
+    if degraded {
+        let next = rotate(&pair, &pair.a, true).await.json();
+        assert_eq!(next["replication"], "degraded", "{next}");
+        pair.relay_ab.heal();
+        pair.relay_ba.heal();
+    } else {
+        pair.relay_ab.heal();
+        pair.relay_ba.heal();
+        let next = rotate(&pair, &pair.a, false).await.json();
+        assert_eq!(next["replication"], "replicated", "{next}");
+    }
+    wait_converged(&pair, Duration::from_secs(10)).await;
+    assert_kept_in_use(&pair, &k, &sealed, "B's primary").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_between_the_two_promotes_keeps_the_key_through_a_degraded_rotation() {
+    a_coordinator_killed_between_the_two_promotes_keeps_the_key(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_between_the_two_promotes_keeps_the_key_through_a_replicated_rotation() {
+    a_coordinator_killed_between_the_two_promotes_keeps_the_key(false).await;
+}
+
 /// Issue 15: `sso_peer_lag_epochs` follows what a node learns of its peer, not only its
 /// periodic rounds. Anti-entropy runs every 30 s here: A's first round, at its start,
 /// finds no B; B then pulls A's key. After a replicated rotation, a status request on A
@@ -971,13 +1052,7 @@ async fn the_peer_lag_metric_is_updated_when_status_learns_the_lag() {
     let dir = tempfile::tempdir().unwrap();
     let mut pair = Pair::new(dir.path(), "");
     for node in [&pair.a, &pair.b] {
-        let text = std::fs::read_to_string(&node.setup.config).unwrap();
-        assert!(text.contains("sync_interval_ms = 200"));
-        std::fs::write(
-            &node.setup.config,
-            text.replace("sync_interval_ms = 200", "sync_interval_ms = 30000"),
-        )
-        .unwrap();
+        node.set_sync_interval_ms(30_000);
     }
     pair.a.start();
     pair.b.start();
