@@ -443,6 +443,9 @@ async fn run_admin_write(
             if force && destroy {
                 return Err(ApiError::bad_request("force_retire_primary applies to retire only"));
             }
+            if !destroy {
+                ask_the_peer_before_retiring_a_staged_key(state, id).await?;
+            }
             let (meta, primary) = with_store(state, move |store| {
                 let meta = if destroy {
                     store.destroy(id)?
@@ -468,6 +471,30 @@ async fn run_admin_write(
             };
             Ok(audited(json_value(StatusCode::OK, &answer), Some(detail)))
         }
+    }
+}
+
+/// A key staged here may be the peer's primary: a degraded rotation there whose stage
+/// arrived and whose promote did not, with clients sealing under it. Retiring it here would
+/// reach the peer by replication and strand them (docs/pair.md, invariant O). So before an
+/// operator's retire of a staged key, one anti-entropy round brings the peer's state of it
+/// (a promotion moves it forward here, and the retire then applies to what it really is);
+/// a peer out of reach refuses the retire with nothing changed.
+async fn ask_the_peer_before_retiring_a_staged_key(state: &Arc<AppState>, id: KeyId) -> Result<(), ApiError> {
+    let Some(peer) = &state.peer else { return Ok(()) };
+    let staged = with_store(state, move |store| Ok(store.key_meta(id)?.state == KeyState::Staged)).await?;
+    if !staged {
+        return Ok(());
+    }
+    match crate::peer::sync_now(state, peer).await {
+        Ok(()) | Err(crate::peer::SyncError::Alarm(_)) => Ok(()),
+        Err(crate::peer::SyncError::Other(e)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "peer_unavailable",
+            format!(
+                "key {id} is staged here and the peer could not be asked whether it promoted it ({e}); a degraded rotation there may have made it the peer's primary; nothing was changed; retry when the peer answers"
+            ),
+        )),
     }
 }
 

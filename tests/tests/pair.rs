@@ -1080,3 +1080,62 @@ async fn the_peer_lag_metric_is_updated_when_status_learns_the_lag() {
     );
     assert_eq!(line("sso_peer_up").as_deref(), Some("sso_peer_up 1"), "{metrics}");
 }
+
+/// Found by attack (issue 12, invariant O): B rotates degraded; its stage reached A but
+/// its promote did not, so B's key is B's primary (B's clients seal under it) and only
+/// `staged` on A. The docs say an operator may retire a staged key with `ssoctl keys
+/// retire`; on A that succeeded ("replication pending"), the pair never converged (B
+/// refuses to retire its primary), and A's next rotation retired the key on both nodes:
+/// B's envelopes answered 410. A staged key is now retired only after asking the peer;
+/// with the peer out of reach the retire is refused and nothing changes. Failed before
+/// the fix: "A retired B's degraded primary without asking B: 200".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_retire_of_a_staged_key_asks_the_peer_first() {
+    let (_dir, pair) = started_pair("");
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    let cb = client(&pair, &[&pair.b]);
+    cb.refresh().await.unwrap();
+    let b = admin(&pair, &pair.b);
+    pair.relay_ba.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
+    let rotating = tokio::spawn(async move {
+        b.post("/v1/admin/rotate", &serde_json::json!({"allow_degraded": true}))
+            .await
+            .unwrap()
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let k = loop {
+        let (keys, _) = view(&pair, &pair.a).await.unwrap();
+        if let Some((id, _)) = keys.iter().find(|(_, s)| s == "staged") {
+            break id.clone();
+        }
+        assert!(Instant::now() < deadline, "B never staged a key on A");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    pair.relay_ab.cut();
+    pair.relay_ba.cut();
+    pair.relay_ba.release_replies();
+    let answer = rotating.await.unwrap().json();
+    assert_eq!(answer["replication"], "degraded", "{answer}");
+    assert_eq!(answer["key_id"].as_str(), Some(k.as_str()), "{answer}");
+    let sealed = seal_under(&cb, &k).await;
+
+    let retire = admin(&pair, &pair.a)
+        .post(&format!("/v1/admin/keys/{k}/retire"), &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(
+        retire.status,
+        503,
+        "A retired B's degraded primary without asking B: {}: {:?}",
+        retire.status,
+        retire.json()
+    );
+    assert_eq!(retire.json()["error"], "peer_unavailable", "{:?}", retire.json());
+    pair.relay_ab.heal();
+    pair.relay_ba.heal();
+    wait_converged(&pair, Duration::from_secs(10)).await;
+    let next = rotate(&pair, &pair.a, false).await.json();
+    assert_eq!(next["replication"], "replicated", "{next}");
+    wait_converged(&pair, Duration::from_secs(10)).await;
+    assert_kept_in_use(&pair, &k, &sealed, "B's degraded primary").await;
+}
