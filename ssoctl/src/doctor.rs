@@ -500,6 +500,42 @@ fn crl_expiry(path: &Path, now: OffsetDateTime) -> Check {
     }
 }
 
+/// The line for a server that did not answer. A TLS refusal is not a stopped server: an
+/// expired certificate (the server's, which doctor sees in the handshake, or ours, which
+/// the server refuses) gets its own check and remedy.
+fn unanswered(url: &str, label: &str, error: &str) -> Check {
+    let lower = error.to_ascii_lowercase();
+    if lower.contains("invalid peer certificate") {
+        let remedy = if lower.contains("expired") {
+            "renew the server's certificate (ssoctl certs issue), install it and send the server SIGHUP"
+        } else {
+            "check that the server's certificate is issued by the CA given with --ca and names the host in the URL"
+        };
+        return check(
+            Level::Fail,
+            "cert_expiry",
+            format!("{url}{label}: its certificate was refused: {error}"),
+            remedy,
+        );
+    }
+    if lower.contains("certificate")
+        && (lower.contains("alert") || lower.contains("expired") || lower.contains("revoked"))
+    {
+        return check(
+            Level::Fail,
+            "server",
+            format!("{url}{label} refused our client certificate: {error}"),
+            "check the client certificate's dates (openssl x509 -noout -dates -in FILE), that it is not revoked, and that the server trusts its CA",
+        );
+    }
+    check(
+        Level::Fail,
+        "server",
+        format!("{url}{label} did not answer: {error}"),
+        "start the server or check the network; `journalctl -u sso-server` says why it stopped",
+    )
+}
+
 /// Asks every server of `conn` for its admin status and its certificate.
 async fn ask_all(conn: &Online, nodes: &mut Vec<NodeStatus>, checks: &mut Vec<Check>, label: &str) {
     for (idx, url) in conn.servers().iter().enumerate() {
@@ -508,12 +544,7 @@ async fn ask_all(conn: &Online, nodes: &mut Vec<NodeStatus>, checks: &mut Vec<Ch
         let received = OffsetDateTime::now_utc();
         let value = match reply {
             Err(e) => {
-                checks.push(check(
-                    Level::Fail,
-                    "server",
-                    format!("{url}{label} did not answer: {e}"),
-                    "start the server or check the network; `journalctl -u sso-server` says why it stopped",
-                ));
+                checks.push(unanswered(url, label, &e.to_string()));
                 continue;
             }
             Ok(r) if r.status != 200 => {
@@ -800,6 +831,33 @@ fn bytes(n: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// Found by attack: a server presenting an expired certificate was reported as a
+    /// stopped server ("start the server or check the network"). The errors are rustls's
+    /// own, as the transport reports them.
+    #[test]
+    fn a_refused_certificate_is_not_reported_as_a_stopped_server() {
+        let expired = rustls::Error::InvalidCertificate(rustls::CertificateError::Expired).to_string();
+        let c = unanswered("https://n1:7443", "", &format!("connect: {expired}"));
+        assert!(
+            matches!(c.status, Level::Fail) && c.check == "cert_expiry",
+            "{expired}: {c:?}"
+        );
+        assert!(c.remedy.contains("renew"), "{}", c.remedy);
+        let unknown = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer).to_string();
+        let c = unanswered("https://n1:7443", "", &unknown);
+        assert_eq!(c.check, "cert_expiry");
+        assert!(c.remedy.contains("--ca"), "{}", c.remedy);
+        let refused = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateExpired).to_string();
+        let c = unanswered("https://n1:7443", "", &refused);
+        assert!(
+            c.detail.contains("refused our client certificate"),
+            "{refused}: {}",
+            c.detail
+        );
+        let down = unanswered("https://n1:7443", "", "connection refused (os error 111)");
+        assert!(down.remedy.starts_with("start the server"), "{}", down.remedy);
+    }
+
     use super::*;
 
     fn node(name: &str, offset: f64) -> NodeStatus {
