@@ -675,10 +675,10 @@ fn peer(n: &NodeStatus) -> Check {
             Level::Ok,
             "peer",
             format!(
-                "{name} sees peer {} up ({}), lag {} epochs",
+                "{name} sees peer {} up ({}), lag {}",
                 field("node"),
                 field("url"),
-                p.get("lag_epochs").map_or("?".into(), ToString::to_string)
+                crate::commands::lag_text(p.get("lag_epochs"))
             ),
             "",
         );
