@@ -868,6 +868,15 @@ fn verify_failure(
     )
 }
 
+/// A status answer's `lag_epochs` for people: JSON null (the peer was not reached since
+/// this node started) is "unknown", not "null epochs".
+pub(crate) fn lag_text(lag: Option<&serde_json::Value>) -> String {
+    match lag.and_then(serde_json::Value::as_u64) {
+        Some(n) => format!("{n} epochs"),
+        None => "unknown".to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Found by attack: after a restart status printed "lag null epochs".
@@ -883,14 +892,5 @@ mod tests {
         assert_eq!(super::count(1, "key added", "keys added"), "1 key added");
         assert_eq!(super::count(0, "key added", "keys added"), "0 keys added");
         assert_eq!(super::count(2, "key added", "keys added"), "2 keys added");
-    }
-}
-
-/// A status answer's `lag_epochs` for people: JSON null (the peer was not reached since
-/// this node started) is "unknown", not "null epochs".
-pub(crate) fn lag_text(lag: Option<&serde_json::Value>) -> String {
-    match lag.and_then(serde_json::Value::as_u64) {
-        Some(n) => format!("{n} epochs"),
-        None => "unknown".to_owned(),
     }
 }
