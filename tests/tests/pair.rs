@@ -811,13 +811,23 @@ async fn an_interrupted_rotation_leaves_a_shown_orphan_that_the_next_rotation_re
 /// `relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES)` first, so that state
 /// lasts until it is seen.
 async fn staged_on_b(pair: &Pair) -> String {
+    staged_on(pair, &pair.b).await
+}
+
+/// Polls `node` (bounded) until it holds a `staged` key, made by the other node's
+/// rotation, and returns its id.
+async fn staged_on(pair: &Pair, node: &Node) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (keys, _) = view(pair, &pair.b).await.unwrap();
+        let (keys, _) = view(pair, node).await.unwrap();
         if let Some((id, _)) = keys.iter().find(|(_, s)| s == "staged") {
             return id.clone();
         }
-        assert!(Instant::now() < deadline, "A never staged a key on B");
+        assert!(
+            Instant::now() < deadline,
+            "the other node never staged a key on {}",
+            node.name
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -1102,15 +1112,7 @@ async fn an_operator_retire_of_a_staged_key_asks_the_peer_first() {
             .await
             .unwrap()
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let k = loop {
-        let (keys, _) = view(&pair, &pair.a).await.unwrap();
-        if let Some((id, _)) = keys.iter().find(|(_, s)| s == "staged") {
-            break id.clone();
-        }
-        assert!(Instant::now() < deadline, "B never staged a key on A");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let k = staged_on(&pair, &pair.a).await;
     pair.relay_ab.cut();
     pair.relay_ba.cut();
     pair.relay_ba.release_replies();
