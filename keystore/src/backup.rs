@@ -18,9 +18,9 @@ use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::store::{KeyRecord, MergeReport, SealedStore};
+use crate::store::KeyRecord;
 use crate::unseal::KdfParams;
-use crate::{Error, Result, fsutil};
+use crate::{Error, Result};
 
 /// First eight bytes of every backup file.
 pub const MAGIC: &[u8; 8] = b"SSOBKUP\0";
@@ -52,7 +52,7 @@ pub struct BackupInfo {
 }
 
 /// A backup made but not yet confirmed as safely stored. Call
-/// [`SealedStore::confirm_backup`] once the bytes are durable, so status stops reporting
+/// [`crate::Store::confirm_backup`] once the bytes are durable, so status stops reporting
 /// its keys as uncovered.
 #[derive(Debug)]
 pub struct PendingBackup {
@@ -60,7 +60,7 @@ pub struct PendingBackup {
     pub bytes: Vec<u8>,
     /// What the header says.
     pub info: BackupInfo,
-    key_ids: Vec<KeyId>,
+    pub(crate) key_ids: Vec<KeyId>,
 }
 
 /// The parsed, not yet authenticated, parts of a backup file.
@@ -396,7 +396,7 @@ fn check_hint(hint: &str, password: &SecretString) -> Result<()> {
     Ok(())
 }
 
-/// Seals `records` (from [`SealedStore::export`]) into a pending backup. Runs the KDF:
+/// Seals `records` (from [`crate::Store::export`]) into a pending backup. Runs the KDF:
 /// call it without holding any lock on the store, then confirm under the lock.
 pub fn seal_pending(
     records: &[KeyRecord],
@@ -415,12 +415,12 @@ pub fn seal_pending(
 }
 
 /// A backup opened with its password, ready to merge: the KDF has run, the store has not
-/// been touched. Split from [`SealedStore::restore_backup`] so a server can run the
+/// been touched. Split from [`crate::Store::restore_backup`] so a server can run the
 /// (deliberately slow) KDF without holding its store lock.
 #[derive(Debug)]
 pub struct OpenedBackup {
-    records: Vec<KeyRecord>,
-    created_at: OffsetDateTime,
+    pub(crate) records: Vec<KeyRecord>,
+    pub(crate) created_at: OffsetDateTime,
 }
 
 /// Opens a backup file: parses and bounds its header, runs the KDF, authenticates and
@@ -451,63 +451,4 @@ pub struct RestorePlan {
     pub unknown: Vec<KeyId>,
     /// Keys in the backup that the store already holds, not destroyed.
     pub known: usize,
-}
-
-impl SealedStore {
-    /// What [`SealedStore::restore_opened`] would do with `opened`; writes nothing.
-    pub fn restore_plan(&self, opened: &OpenedBackup) -> Result<RestorePlan> {
-        let status = self.status()?;
-        let mut plan = RestorePlan::default();
-        for record in &opened.records {
-            let id = record.meta.key_id;
-            match status.keys.iter().find(|k| k.key_id == id) {
-                None => plan.unknown.push(id),
-                Some(k) if k.state == KeyState::Destroyed => plan.destroyed.push(id),
-                Some(_) => plan.known += 1,
-            }
-        }
-        Ok(plan)
-    }
-
-    /// Seals every non-destroyed key into a backup. The store is not changed until
-    /// [`SealedStore::confirm_backup`].
-    pub fn create_backup(&self, password: &SecretString, hint: &str, kdf: KdfParams) -> Result<PendingBackup> {
-        let records = self.export()?;
-        seal_pending(&records, password, hint, self.node(), kdf)
-    }
-
-    /// Records that `backup` is safely stored: its keys count as covered.
-    pub fn confirm_backup(&mut self, backup: &PendingBackup) -> Result<()> {
-        self.mark_backed_up(&backup.key_ids, backup.info.created_at)
-    }
-
-    /// Writes a backup to `path` atomically (mode 0600) and confirms it.
-    pub fn write_backup_file(
-        &mut self,
-        path: &Path,
-        password: &SecretString,
-        hint: &str,
-        kdf: KdfParams,
-    ) -> Result<BackupInfo> {
-        let backup = self.create_backup(password, hint, kdf)?;
-        fsutil::write_private_atomic(path, &backup.bytes)?;
-        self.confirm_backup(&backup)?;
-        Ok(backup.info)
-    }
-
-    /// Restores a backup by merging its keys into this store. Any error (wrong password,
-    /// damage, a conflicting or invalid key) leaves the store untouched.
-    pub fn restore_backup(&mut self, bytes: &[u8], password: &SecretString) -> Result<MergeReport> {
-        let opened = open_file(bytes, password)?;
-        self.restore_opened(&opened)
-    }
-
-    /// Merges an [`OpenedBackup`]: every record validated, then written in one
-    /// transaction; its keys count as backed up.
-    pub fn restore_opened(&mut self, opened: &OpenedBackup) -> Result<MergeReport> {
-        let report = self.merge(&opened.records)?;
-        let ids: Vec<KeyId> = opened.records.iter().map(|r| r.meta.key_id).collect();
-        self.mark_backed_up(&ids, opened.created_at)?;
-        Ok(report)
-    }
 }

@@ -6,6 +6,8 @@
 //!   or a 32-byte key file) from a file, an environment variable or a prompt.
 //! - `wrap`: the key-encryption key and the per-row AES-256-GCM wrapping that binds
 //!   material to its row.
+//! - [`storage`]: [`Store`], the storage trait every caller holds (synchronous, and why),
+//!   with what an engine must guarantee; [`SealedStore`] is its first engine.
 //! - [`store`]: [`SealedStore`], the SQLite file (WAL, `synchronous=FULL`, mode 0600,
 //!   migrations) and the key model's transitions: stage, promote, retire, destroy, merge.
 //! - [`model`]: the key model's rules with no storage in them: the stored lifecycle and
@@ -30,6 +32,7 @@ pub mod backup;
 pub mod fsutil;
 pub mod manifest;
 pub mod model;
+pub mod storage;
 pub mod store;
 pub mod unseal;
 pub mod validate;
@@ -44,6 +47,7 @@ use sso_proto::KeyId;
 
 pub use audit::{AuditAnchor, AuditKey};
 pub use backup::{BackupInfo, OpenedBackup, PendingBackup, RestorePlan};
+pub use storage::Store;
 pub use store::{CreateOptions, KeyRecord, Keyring, MergeReport, SealedStore, StoreStatus};
 pub use unseal::{KdfParams, UnsealKey, UnsealKind};
 pub use wrap::{BlobProblem, WRAPPED_LEN, decode_blob};

@@ -88,7 +88,7 @@ pub struct ManifestEntry {
     pub key_id: KeyId,
     /// Its generation.
     pub generation: u64,
-    /// Its stored lifecycle (0 staged, 1 promoted, 2 retired, 3 destroyed).
+    /// Its stored lifecycle's code ([`crate::model::Lifecycle::code`]).
     pub lifecycle: u8,
     /// Its creation time, unix seconds.
     pub created_at: i64,
@@ -189,7 +189,7 @@ impl Manifest {
                 lifecycle: r[24],
                 created_at: i64::from_be_bytes(be(&r[25..33])),
             };
-            if entry.lifecycle > 3 {
+            if crate::model::Lifecycle::from_code(entry.lifecycle).is_none() {
                 return Err(ManifestProblem::Lifecycle { index });
             }
             if entries.last().is_some_and(|p: &ManifestEntry| p.key_id >= entry.key_id) {

@@ -2,7 +2,7 @@
 //! own error while the target store stays as it was.
 
 use keystore::backup::{self, FORMAT_VERSION};
-use keystore::{CreateOptions, Error, KdfParams, SealedStore, UnsealKey};
+use keystore::{CreateOptions, Error, KdfParams, SealedStore, Store, UnsealKey};
 use secrecy::SecretString;
 use sso_proto::KeyState;
 

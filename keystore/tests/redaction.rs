@@ -3,7 +3,7 @@
 
 use base64::Engine;
 use keystore::backup;
-use keystore::{CreateOptions, Error, KdfParams, SealedStore, UnsealKey};
+use keystore::{CreateOptions, Error, KdfParams, SealedStore, Store, UnsealKey};
 use secrecy::SecretString;
 use sso_proto::{EnvelopeKey, KeyId};
 

@@ -716,12 +716,12 @@ async fn watch(
 /// Runs `f` on the store on a blocking thread, then republishes the snapshot.
 async fn with_store<T: Send + 'static>(
     state: &Arc<AppState>,
-    f: impl FnOnce(&mut keystore::SealedStore) -> keystore::Result<T> + Send + 'static,
+    f: impl FnOnce(&mut dyn keystore::Store) -> keystore::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
         let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
-        let result = f(&mut store);
+        let result = f(&mut **store);
         if let Err(e) = &result
             && let Some(fault) = e.store_fault()
         {
@@ -736,7 +736,7 @@ async fn with_store<T: Send + 'static>(
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let out = result?;
-        state.refresh(&store)?;
+        state.refresh(&**store)?;
         Ok(out)
     })
     .await
@@ -873,7 +873,7 @@ async fn peer_keys(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer,
     let st = state.clone();
     let body = tokio::task::spawn_blocking(move || -> keystore::Result<Option<Zeroizing<Vec<u8>>>> {
         let store = st.store.lock().unwrap_or_else(|p| p.into_inner());
-        crate::peer::keys_answer(&store, &st.node, &theirs)
+        crate::peer::keys_answer(&**store, &st.node, &theirs)
     })
     .await
     .map_err(|_| ApiError::internal())??;

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use keystore::fsutil;
-use keystore::{CreateOptions, KdfParams, SealedStore, UnsealKey};
+use keystore::{CreateOptions, KdfParams, SealedStore, Store as _, UnsealKey};
 use ring::rand::SecureRandom;
 use secrecy::SecretString;
 

@@ -496,7 +496,7 @@ pub fn records_json(node: &str, epoch: u64, digest: &str, records: &[KeyRecord])
 /// store's digest (in sync), else every key, serialised (the HTTP handler in the server, a
 /// simulated link in `sso-server/tests/sim.rs`).
 pub fn keys_answer(
-    store: &keystore::SealedStore,
+    store: &dyn keystore::Store,
     node: &str,
     their_digest: &str,
 ) -> keystore::Result<Option<Zeroizing<Vec<u8>>>> {

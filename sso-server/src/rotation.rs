@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use keystore::{KeyRecord, SealedStore};
+use keystore::{KeyRecord, Store};
 use sso_proto::{KeyId, KeyMeta, KeyState, MasterSecret};
 use tokio::time::Instant;
 
@@ -145,7 +145,7 @@ pub trait LocalNode: Sync {
     /// clients are served.
     fn with_store<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut SealedStore) -> keystore::Result<T> + Send + 'static,
+        f: impl FnOnce(&mut dyn Store) -> keystore::Result<T> + Send + 'static,
     ) -> impl Future<Output = keystore::Result<T>> + Send;
     /// The pause between stage and promote, so watching clients hold the key first.
     fn distribute_wait(&self) -> Duration;

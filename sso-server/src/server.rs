@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use keystore::SealedStore;
+use keystore::Store;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -53,7 +53,7 @@ pub enum ServerError {
 /// drains connections for at most `limits.shutdown_grace_ms`.
 pub async fn run(
     config: Config,
-    store: SealedStore,
+    store: impl Store + 'static,
     https: TcpListener,
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
@@ -83,7 +83,7 @@ pub async fn run(
     };
     let state = Arc::new(AppState {
         node: config.node.clone(),
-        store: std::sync::Mutex::new(store),
+        store: std::sync::Mutex::new(Box::new(store)),
         snapshot: ArcSwap::new(Arc::new(Snapshot::default())),
         epoch_tx,
         stopping: watch::channel(false).0,
@@ -108,7 +108,7 @@ pub async fn run(
     });
     {
         let store = state.store.lock().unwrap_or_else(|p| p.into_inner());
-        state.refresh(&store)?;
+        state.refresh(&**store)?;
     }
 
     {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use keystore::{KeyRecord, SealedStore};
+use keystore::{KeyRecord, Store};
 use sso_proto::delivery::{Binding, Sealer};
 use sso_proto::{KeyId, KeyState};
 use time::format_description::well_known::Rfc3339;
@@ -52,8 +52,9 @@ pub struct Snapshot {
 pub struct AppState {
     /// This node's name.
     pub node: String,
-    /// The store; every call goes through `spawn_blocking`.
-    pub store: Mutex<SealedStore>,
+    /// The store, whatever engine holds it; every call goes through `spawn_blocking`
+    /// (`keystore::storage` says why the trait is synchronous).
+    pub store: Mutex<Box<dyn Store>>,
     /// What clients are served now.
     pub snapshot: ArcSwap<Snapshot>,
     /// Epoch announcements for watch long-polls.
@@ -98,19 +99,20 @@ impl crate::rotation::LocalNode for Arc<AppState> {
 
     async fn with_store<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut SealedStore) -> keystore::Result<T> + Send + 'static,
+        f: impl FnOnce(&mut dyn Store) -> keystore::Result<T> + Send + 'static,
     ) -> keystore::Result<T> {
         let state = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
+            let store: &mut dyn Store = store.as_mut();
             let before = store.epoch()?;
-            let out = f(&mut store).inspect_err(|e| {
+            let out = f(store).inspect_err(|e| {
                 if let Some(fault) = e.store_fault() {
                     state.metrics.health.store_failed(fault.to_string());
                 }
             })?;
             if store.epoch()? != before {
-                state.refresh(&store)?;
+                state.refresh(store)?;
             }
             Ok(out)
         })
@@ -137,7 +139,7 @@ impl crate::rotation::LocalNode for Arc<AppState> {
 impl AppState {
     /// Rebuilds the snapshot from the store and announces the epoch. Call after every
     /// change, with the store lock held by the caller or not.
-    pub fn refresh(&self, store: &SealedStore) -> keystore::Result<()> {
+    pub fn refresh(&self, store: &dyn Store) -> keystore::Result<()> {
         let snapshot = build_snapshot(store, self.allow_plain)?;
         let epoch = snapshot.epoch;
         self.metrics
@@ -158,7 +160,7 @@ impl AppState {
 
 /// Reads the store and serialises what clients are served; the plain bodies only when
 /// `plain` delivery is allowed.
-pub fn build_snapshot(store: &SealedStore, plain: bool) -> keystore::Result<Snapshot> {
+pub fn build_snapshot(store: &dyn Store, plain: bool) -> keystore::Result<Snapshot> {
     let keyring = store.keyring()?;
     let states: HashMap<KeyId, KeyState> = store.list()?.into_iter().map(|k| (k.key_id, k.state)).collect();
     let mut gone: Vec<KeyId> = states

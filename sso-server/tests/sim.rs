@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keystore::{CreateOptions, SealedStore, UnsealKey};
+use keystore::{CreateOptions, SealedStore, Store, UnsealKey};
 use secrecy::SecretBox;
 use sso_proto::{KeyId, KeyMeta, KeyState, MasterSecret};
 use sso_server::peer::{self, KeySource, PeerError, PeerKeys};
@@ -360,7 +360,7 @@ impl LocalNode for Node {
 
     async fn with_store<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut SealedStore) -> keystore::Result<T> + Send + 'static,
+        f: impl FnOnce(&mut dyn Store) -> keystore::Result<T> + Send + 'static,
     ) -> keystore::Result<T> {
         // Stalls are a hardship of the chaos phase; after the heal the disk is well again,
         // so a stall still in progress then ends there (else one drawn just before the
@@ -373,7 +373,7 @@ impl LocalNode for Node {
             tokio::time::sleep(stall.min(until_heal)).await;
         }
         let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
-        let out = f(&mut store);
+        let out = f(&mut *store);
         self.publish(&store);
         out
     }

@@ -7,6 +7,7 @@ use std::path::Path;
 use base64::Engine;
 use bytes::Bytes;
 use hyper::Method;
+use keystore::Store as _;
 use secrecy::{ExposeSecret, SecretString};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;

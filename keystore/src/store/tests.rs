@@ -1,4 +1,5 @@
 use secrecy::SecretString;
+use crate::Store;
 
 use super::*;
 
