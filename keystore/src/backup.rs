@@ -18,7 +18,7 @@ use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::store::KeyRecord;
+use crate::model::KeyRecord;
 use crate::unseal::KdfParams;
 use crate::{Error, Result};
 

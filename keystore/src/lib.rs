@@ -47,8 +47,9 @@ use sso_proto::KeyId;
 
 pub use audit::{AuditAnchor, AuditKey};
 pub use backup::{BackupInfo, OpenedBackup, PendingBackup, RestorePlan};
+pub use model::KeyRecord;
 pub use storage::Store;
-pub use store::{CreateOptions, KeyRecord, Keyring, MergeReport, SealedStore, StoreStatus};
+pub use store::{CreateOptions, Keyring, MergeReport, SealedStore, StoreStatus};
 pub use unseal::{KdfParams, UnsealKey, UnsealKind};
 pub use wrap::{BlobProblem, WRAPPED_LEN, decode_blob};
 

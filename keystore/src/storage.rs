@@ -186,7 +186,13 @@ pub trait Store: Send + std::fmt::Debug {
     }
 
     /// Writes a backup to `path` atomically (mode 0600) and confirms it.
-    fn write_backup_file(&mut self, path: &Path, password: &SecretString, hint: &str, kdf: KdfParams) -> Result<BackupInfo> {
+    fn write_backup_file(
+        &mut self,
+        path: &Path,
+        password: &SecretString,
+        hint: &str,
+        kdf: KdfParams,
+    ) -> Result<BackupInfo> {
         let backup = self.create_backup(password, hint, kdf)?;
         fsutil::write_private_atomic(path, &backup.bytes)?;
         self.confirm_backup(&backup)?;

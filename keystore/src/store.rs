@@ -33,6 +33,7 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use crate::manifest::{MAX_KEYS, Manifest, ManifestEntry};
+pub use crate::model::KeyRecord;
 use crate::model::{self, KeyFacts, KeySetDigest, Lifecycle, MergeAction, Move};
 use crate::unseal::{KEK_LEN, KdfParams, UnsealKey, UnsealKind};
 use crate::wrap::{self, Kek, RowIdentity};
@@ -79,25 +80,6 @@ impl CreateOptions {
             node: node.into(),
             kdf: KdfParams::default(),
         }
-    }
-}
-
-/// A key with its material, as it moves between stores, peers and backups.
-///
-/// `secret` is `None` only for destroyed keys.
-pub struct KeyRecord {
-    /// Metadata, with the state as the sender sees it.
-    pub meta: KeyMeta,
-    /// The material; `None` once destroyed.
-    pub secret: Option<MasterSecret>,
-}
-
-impl std::fmt::Debug for KeyRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyRecord")
-            .field("meta", &self.meta)
-            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
-            .finish()
     }
 }
 

@@ -27,7 +27,7 @@
 use sso_proto::{KeyId, KeyMeta, KeyState};
 use time::OffsetDateTime;
 
-use crate::store::KeyRecord;
+use crate::model::KeyRecord;
 use crate::{Error, Result};
 
 /// Highest generation accepted from a peer or a backup: 2^53 − 1, exact in every JSON

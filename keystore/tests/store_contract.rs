@@ -32,8 +32,14 @@ fn lifecycle_through_the_trait() {
         assert_eq!(a.keyring().unwrap().keys.len(), 2, "{engine}");
         a.promote(staged.key_id).unwrap();
         assert_eq!(a.primary().unwrap().unwrap().key_id, staged.key_id, "{engine}");
-        assert!(matches!(a.retire(staged.key_id), Err(Error::RetirePrimary(_))), "{engine}");
-        assert!(matches!(a.destroy(first.key_id), Err(Error::DestroyUnretired(_))), "{engine}");
+        assert!(
+            matches!(a.retire(staged.key_id), Err(Error::RetirePrimary(_))),
+            "{engine}"
+        );
+        assert!(
+            matches!(a.destroy(first.key_id), Err(Error::DestroyUnretired(_))),
+            "{engine}"
+        );
         a.retire(first.key_id).unwrap();
         assert!(
             matches!(a.promote(first.key_id), Err(Error::InvalidTransition { .. })),
@@ -68,7 +74,10 @@ fn replication_and_backup_through_the_trait() {
         );
         let floor = b.max_generation().unwrap();
         let above = a.stage_new_above(floor).unwrap();
-        assert!(b.accept_staged(&a.export_key(above.key_id).unwrap()).unwrap().changed(), "{engine}");
+        assert!(
+            b.accept_staged(&a.export_key(above.key_id).unwrap()).unwrap().changed(),
+            "{engine}"
+        );
 
         // Merge both ways: the same key set, the same digest, the same primary.
         b.merge(&a.export().unwrap()).unwrap();

@@ -92,7 +92,7 @@ pub struct AgentConfig {
     pub max_connections_per_uid: usize,
     /// Kubernetes KMS v2 on its own socket (`[kms]`, see [`crate::kms`]).
     #[serde(default)]
-    pub kms: Option<crate::kms::KmsConfig>,
+    pub kms: Option<KmsConfig>,
 }
 
 fn default_max_connections_per_uid() -> usize {
@@ -156,7 +156,7 @@ impl AgentConfig {
             poll_interval_secs: None,
             max_stale_secs: None,
             max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
-            kms: Some(crate::kms::KmsConfig::dev(dir)),
+            kms: Some(KmsConfig::dev(dir)),
         })
     }
 
@@ -178,6 +178,41 @@ impl AgentConfig {
             b = b.max_stale(Duration::from_secs(s));
         }
         b
+    }
+}
+
+/// `[kms]` in the agent's config (served by [`crate::kms`]; kept here with the rest of
+/// the config so the agent does not import the service).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsConfig {
+    /// Where to serve KMS v2 (kube-apiserver's `endpoint: unix://…`).
+    pub socket: PathBuf,
+    /// Socket file mode, octal as a string (default "0600").
+    #[serde(default = "default_kms_mode")]
+    pub socket_mode: String,
+    /// Uids allowed to connect; unset means the agent's top-level `allowed_uids`.
+    #[serde(default)]
+    pub allowed_uids: Option<Vec<u32>>,
+}
+
+fn default_kms_mode() -> String {
+    "0600".into()
+}
+
+impl KmsConfig {
+    /// The config `sso-agent --dev DIR` uses: `DIR/kms.sock`, mode 0600, this uid only.
+    pub fn dev(dir: &std::path::Path) -> Self {
+        Self {
+            socket: dir.join("kms.sock"),
+            socket_mode: default_kms_mode(),
+            allowed_uids: None,
+        }
+    }
+
+    /// The socket mode as a number.
+    pub fn mode(&self) -> Result<u32, String> {
+        parse_mode(&self.socket_mode, "kms.socket_mode")
     }
 }
 

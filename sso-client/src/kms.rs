@@ -23,17 +23,16 @@
 //! whose requests go to the generated service.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use serde::Deserialize;
 use sso_proto::EnvelopeRef;
 use tokio::net::UnixListener;
 use tonic::codegen::Service;
 use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroizing;
 
+pub use crate::agent::KmsConfig;
 use crate::agent::{REFUSALS_ANSWERED_PER_UID, UidAllowlist, UidCounts};
 use crate::{Client, Error, Freshness};
 
@@ -61,40 +60,6 @@ pub const API_VERSION: &str = "v2";
 pub const MAX_PLAINTEXT: usize = 1024 - sso_proto::envelope::MIN_LEN;
 /// Largest gRPC message accepted or sent (annotations may reach 32 kB).
 const MAX_MESSAGE: usize = 64 << 10;
-
-/// `[kms]` in the agent's config.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KmsConfig {
-    /// Where to serve KMS v2 (kube-apiserver's `endpoint: unix://…`).
-    pub socket: PathBuf,
-    /// Socket file mode, octal as a string (default "0600").
-    #[serde(default = "default_mode")]
-    pub socket_mode: String,
-    /// Uids allowed to connect; unset means the agent's top-level `allowed_uids`.
-    #[serde(default)]
-    pub allowed_uids: Option<Vec<u32>>,
-}
-
-fn default_mode() -> String {
-    "0600".into()
-}
-
-impl KmsConfig {
-    /// The config `sso-agent --dev DIR` uses: `DIR/kms.sock`, mode 0600, this uid only.
-    pub fn dev(dir: &std::path::Path) -> Self {
-        Self {
-            socket: dir.join("kms.sock"),
-            socket_mode: default_mode(),
-            allowed_uids: None,
-        }
-    }
-
-    /// The socket mode as a number.
-    pub fn mode(&self) -> Result<u32, String> {
-        crate::agent::parse_mode(&self.socket_mode, "kms.socket_mode")
-    }
-}
 
 /// The `v2.KeyManagementService` implementation over a [`Client`].
 #[derive(Debug, Clone)]

@@ -486,9 +486,9 @@ async fn ask_the_peer_before_retiring_a_staged_key(state: &Arc<AppState>, id: Ke
     if !staged {
         return Ok(());
     }
-    match crate::peer::sync_now(state, peer).await {
-        Ok(()) | Err(crate::peer::SyncError::Alarm(_)) => Ok(()),
-        Err(crate::peer::SyncError::Other(e)) => Err(ApiError::new(
+    match crate::replication::sync_now(state, peer).await {
+        Ok(()) | Err(crate::replication::SyncError::Alarm(_)) => Ok(()),
+        Err(crate::replication::SyncError::Other(e)) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "peer_unavailable",
             format!(
@@ -873,7 +873,7 @@ async fn peer_keys(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer,
     let st = state.clone();
     let body = tokio::task::spawn_blocking(move || -> keystore::Result<Option<Zeroizing<Vec<u8>>>> {
         let store = st.store.lock().unwrap_or_else(|p| p.into_inner());
-        crate::peer::keys_answer(&**store, &st.node, &theirs)
+        crate::replication::keys_answer(&**store, &st.node, &theirs)
     })
     .await
     .map_err(|_| ApiError::internal())??;
@@ -1025,8 +1025,8 @@ async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
     // answer describes the pair as it is, not as the last periodic round saw it.
     let peer_coverage = match &state.peer {
         // A peer that did not answer the round is not asked again (status stays fast).
-        Some(peer) => match crate::peer::sync_now(state, peer).await {
-            Err(crate::peer::SyncError::Other(_)) => None,
+        Some(peer) => match crate::replication::sync_now(state, peer).await {
+            Err(crate::replication::SyncError::Other(_)) => None,
             _ => peer.coverage().await,
         },
         None => None,
@@ -1203,7 +1203,7 @@ async fn restore(body: &[u8], _caller: &Caller, state: &Arc<AppState>) -> Result
     // (a fresh node, say) would otherwise take the key's material back from an older
     // backup. The forward-only merge keeps a known destruction.
     let peer_checked = match &state.peer {
-        Some(peer) => Some(crate::peer::sync_now(state, peer).await.is_ok()),
+        Some(peer) => Some(crate::replication::sync_now(state, peer).await.is_ok()),
         None => None,
     };
     let dry_run = request.dry_run;

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use certs::PeerIdentity;
 use serde::Deserialize;
 
 /// A configuration problem, naming the field at fault.
@@ -23,6 +24,49 @@ fn err(field: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError {
         field: field.into(),
         problem: problem.into(),
+    }
+}
+
+/// One identity pattern from the config (`roles.*`, `peer.identity`): parsed here when
+/// the config is validated; `identity` matches certificates against it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// Subject CN equals this.
+    Cn(String),
+    /// Any certificate (the client CA already vouched for it).
+    AnyCn,
+    /// A SAN DNS name equals this.
+    Dns(String),
+    /// A SAN URI equals this.
+    Uri(String),
+}
+
+impl Pattern {
+    /// Parses `cn:NAME`, `cn:*`, `dns:NAME` or `uri:URI`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (kind, value) = text
+            .split_once(':')
+            .ok_or_else(|| format!("{text:?} is not KIND:VALUE (kinds: cn, dns, uri)"))?;
+        if value.is_empty() {
+            return Err(format!("{text:?} has an empty value"));
+        }
+        match kind.to_ascii_lowercase().as_str() {
+            "cn" if value == "*" => Ok(Self::AnyCn),
+            "cn" => Ok(Self::Cn(value.into())),
+            "dns" => Ok(Self::Dns(value.to_ascii_lowercase())),
+            "uri" => Ok(Self::Uri(value.into())),
+            other => Err(format!("unknown identity kind {other:?} (kinds: cn, dns, uri)")),
+        }
+    }
+
+    /// Whether a certificate identity matches this pattern.
+    pub fn matches(&self, id: &PeerIdentity) -> bool {
+        match self {
+            Self::AnyCn => true,
+            Self::Cn(cn) => id.common_name.as_deref() == Some(cn.as_str()),
+            Self::Dns(dns) => id.dns_names.iter().any(|d| d.eq_ignore_ascii_case(dns)),
+            Self::Uri(uri) => id.uris.iter().any(|u| u == uri),
+        }
     }
 }
 
@@ -441,7 +485,7 @@ impl Config {
             ("peer", &self.roles.peer),
         ] {
             for (i, p) in patterns.iter().enumerate() {
-                crate::identity::Pattern::parse(p).map_err(|problem| err(&format!("roles.{role}[{i}]"), problem))?;
+                Pattern::parse(p).map_err(|problem| err(&format!("roles.{role}[{i}]"), problem))?;
             }
         }
         if self.roles.client.is_empty() && self.roles.admin.is_empty() {
@@ -454,7 +498,7 @@ impl Config {
             if !peer.url.starts_with("https://") {
                 return Err(err("peer.url", "must be https://host:port"));
             }
-            crate::identity::Pattern::parse(&peer.identity).map_err(|p| err("peer.identity", p))?;
+            Pattern::parse(&peer.identity).map_err(|p| err("peer.identity", p))?;
             if self.roles.peer.is_empty() {
                 return Err(err(
                     "roles.peer",

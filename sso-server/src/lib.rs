@@ -15,7 +15,11 @@
 //! - [`server`]: accept loop, hyper, graceful shutdown.
 //! - [`connections`]: live connections over time: SIGHUP reload (all or nothing) and the
 //!   re-check of live connections, certificate expiry, maximum connection age.
-//! - [`peer`]: the failover pair: replication protocol, peer client, anti-entropy.
+//! - [`peer`]: the failover pair's transport and wire format: the peer client, its TLS
+//!   verifier, peer status, the key records' JSON.
+//! - [`replication`]: anti-entropy as domain logic (the round, its server side, the
+//!   periodic and on-demand rounds with their metrics and alarms).
+//! - [`exact`]: exactly-sized, zeroizing serialisation of bodies that carry key material.
 //! - [`rotation`]: rotation serialised across the pair (domain logic, no HTTP).
 //! - [`dev`]: `--dev`, the embedded default.
 //!
@@ -32,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod dev;
+pub mod exact;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod idempotency;
@@ -39,6 +44,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod peer;
+pub mod replication;
 pub mod rotation;
 pub mod server;
 pub mod state;

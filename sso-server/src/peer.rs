@@ -1,4 +1,8 @@
-//! The failover pair: replication to the other node and anti-entropy.
+//! The failover pair's transport and wire format: the peer client (mTLS, with its
+//! certificate verifier), what this node knows of its peer, and the key records' JSON.
+//! Anti-entropy (the domain logic that uses them) is `replication`'s; the rotation
+//! protocol is `rotation`'s. Imports `config`, `identity`, `tls`, `rotation`, `exact`;
+//! never `state`.
 //!
 //! Protocol (`/v1/peer/…`, role `peer`, over the same mTLS listener):
 //!
@@ -14,9 +18,8 @@
 //! Rotation is add → distribute → promote across the pair (see `api::rotate`). Each node
 //! also pulls the other's key set every `sync_interval_ms` (and so at once after a restart
 //! or a healed partition), so both converge to the union of keys and, the primary being
-//! derived from the key set, to the same primary.
+//! derived from the key set, to the same primary (`replication`).
 
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +38,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{PeerConfig, TlsConfig};
 use crate::identity::Pattern;
-use crate::rotation::{LinkError, LocalNode, PeerLink, Promoted};
+use crate::rotation::{LinkError, PeerLink, Promoted};
 use crate::tls::{self, TlsError};
 
 /// Checks the peer's server certificate as webpki does, then that it names the configured
@@ -118,7 +121,8 @@ pub struct Peer {
     transport: arc_swap::ArcSwap<Transport>,
     /// Its URL, for messages.
     pub url: String,
-    timeout: Duration,
+    /// How long one request to it may take.
+    pub(crate) timeout: Duration,
     /// Anti-entropy period.
     pub interval: Duration,
     status: Mutex<PeerStatus>,
@@ -456,7 +460,7 @@ fn state_name(state: KeyState) -> &'static str {
 }
 
 /// Serialises key records into a zeroizing buffer sized exactly (two passes, see
-/// [`crate::state::exact`]): it never reallocates, whatever the key count or node names.
+/// [`crate::exact::exact`]): it never reallocates, whatever the key count or node names.
 pub fn records_json(node: &str, epoch: u64, digest: &str, records: &[KeyRecord]) -> Zeroizing<Vec<u8>> {
     let header = serde_json::json!({"node": node, "epoch": epoch, "digest": digest}).to_string();
     let fields: Vec<String> = records
@@ -473,7 +477,7 @@ pub fn records_json(node: &str, epoch: u64, digest: &str, records: &[KeyRecord])
             .to_string()
         })
         .collect();
-    crate::state::exact(|out| {
+    crate::exact::exact(|out| {
         out.put(&header.as_bytes()[..header.len() - 1]);
         out.put(b",\"keys\":[");
         for (i, (r, f)) in records.iter().zip(&fields).enumerate() {
@@ -490,22 +494,6 @@ pub fn records_json(node: &str, epoch: u64, digest: &str, records: &[KeyRecord])
         }
         out.put(b"]}");
     })
-}
-
-/// The server side of `GET /v1/peer/keys?digest=D`: `None` when `their_digest` equals this
-/// store's digest (in sync), else every key, serialised (the HTTP handler in the server, a
-/// simulated link in `sso-server/tests/sim.rs`).
-pub fn keys_answer(
-    store: &dyn keystore::Store,
-    node: &str,
-    their_digest: &str,
-) -> keystore::Result<Option<Zeroizing<Vec<u8>>>> {
-    let digest = store.digest()?;
-    if digest == their_digest {
-        return Ok(None);
-    }
-    let records = store.export()?;
-    Ok(Some(records_json(node, store.epoch()?, &digest, &records)))
 }
 
 #[derive(Deserialize)]
@@ -590,178 +578,6 @@ pub fn parse_records(body: &[u8]) -> Result<PeerKeys, String> {
         digest: wire.digest,
         records,
     })
-}
-
-/// Anti-entropy: pull the peer's key set every interval and merge it. Both nodes run
-/// this, so after a restart, a partition or a wiped store each converges to the union
-/// within one interval of the peer answering again.
-pub async fn sync_loop(state: Arc<crate::state::AppState>) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let Some(peer) = state.peer.clone() else { return };
-    let mut last_alarm: Option<String> = None;
-    loop {
-        let outcome = sync_once(&state, &peer).await;
-        let ps = peer.status();
-        match outcome {
-            Ok(()) => last_alarm = None,
-            Err(SyncError::Alarm(problem)) => {
-                // An alarm repeats every interval until an operator acts; count and audit
-                // it once per distinct problem.
-                if last_alarm.as_deref() != Some(problem.as_str()) {
-                    state.metrics.integrity_alarms.fetch_add(1, Relaxed);
-                    tracing::error!(%problem, "integrity alarm during anti-entropy: the conflicting keys were not merged");
-                    state.audit.record(crate::audit::AuditEvent {
-                        time: std::time::SystemTime::now(),
-                        identity: ps.node.clone().unwrap_or_else(|| "peer".into()).into(),
-                        cert: None,
-                        role: "peer",
-                        op: "peer.sync",
-                        key_id: None,
-                        outcome: "integrity_alarm",
-                        detail: Some(problem.clone()),
-                        peer: None,
-                    });
-                    peer.alarm(&problem);
-                    last_alarm = Some(problem);
-                }
-            }
-            Err(SyncError::Other(e)) => {
-                tracing::debug!(error = %e, "anti-entropy round failed");
-            }
-        }
-        tokio::time::sleep(peer.interval).await;
-    }
-}
-
-/// An anti-entropy round that did not finish.
-#[derive(Debug)]
-pub enum SyncError {
-    /// The peer holds other material (or generation) under some of our key ids: those
-    /// were not merged, every other key was.
-    Alarm(String),
-    /// Anything else (unreachable peer, store error): retried next interval.
-    Other(String),
-}
-
-/// What one anti-entropy round did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Round {
-    /// Our epoch afterwards.
-    pub epoch: u64,
-    /// Whether the two key sets were equal afterwards (equal digests).
-    pub in_sync: bool,
-    /// Keys the peer had and we did not.
-    pub added: usize,
-    /// Keys whose state moved forward here.
-    pub advanced: usize,
-}
-
-/// Where anti-entropy pulls the peer's key set from: the peer over mTLS in the server, a
-/// simulated link in the deterministic simulation (`sso-server/tests/sim.rs`).
-pub trait KeySource: Sync {
-    /// The peer's key set, or `None` when its digest equals `local_digest`.
-    fn pull_keys(&self, local_digest: &str) -> impl Future<Output = Result<Option<PeerKeys>, PeerError>> + Send;
-}
-
-impl KeySource for Peer {
-    async fn pull_keys(&self, local_digest: &str) -> Result<Option<PeerKeys>, PeerError> {
-        self.pull(local_digest).await
-    }
-}
-
-/// One anti-entropy round: pull the peer's key set unless the digests match, merge it
-/// (union by key id, states forward only), and report whether both sets are now equal.
-pub async fn anti_entropy_round<N: LocalNode, S: KeySource>(local: &N, source: &S) -> Result<Round, SyncError> {
-    let (digest, epoch) = local
-        .with_store(|store| Ok((store.digest()?, store.epoch()?)))
-        .await
-        .map_err(|e| SyncError::Other(e.to_string()))?;
-    let Some(keys) = source
-        .pull_keys(&digest)
-        .await
-        .map_err(|e| SyncError::Other(e.to_string()))?
-    else {
-        return Ok(Round {
-            epoch,
-            in_sync: true,
-            added: 0,
-            advanced: 0,
-        });
-    };
-    let theirs = keys.digest.clone();
-    let merged = local
-        .with_store(move |store| {
-            let (report, conflicts) = store.merge_skipping_conflicts(&keys.records)?;
-            Ok((report, conflicts, store.digest()?, store.epoch()?))
-        })
-        .await;
-    match merged {
-        Ok((report, conflicts, ours, epoch)) => {
-            if report.changed() {
-                tracing::info!(
-                    added = report.added,
-                    advanced = report.advanced,
-                    "anti-entropy merged the peer's keys"
-                );
-            }
-            if !conflicts.is_empty() {
-                // Names the key ids only (never material): the same conflict gives the same
-                // text every round, so the alarm is raised once per problem.
-                let ids: Vec<String> = conflicts.iter().map(ToString::to_string).collect();
-                return Err(SyncError::Alarm(format!(
-                    "the peer holds other material (or another generation) under key id {}: not merged; every other key was",
-                    ids.join(", ")
-                )));
-            }
-            Ok(Round {
-                epoch,
-                in_sync: ours == theirs,
-                added: report.added,
-                advanced: report.advanced,
-            })
-        }
-        Err(e @ keystore::Error::ConflictingKey(_)) => Err(SyncError::Alarm(e.to_string())),
-        Err(e) => Err(SyncError::Other(e.to_string())),
-    }
-}
-
-/// One anti-entropy round now, bounded by twice the peer timeout: what status and restore
-/// run first, so that "lag" is the peer's view at the time of asking (not at the last
-/// periodic round, which missed a rotation's stage and promote), and a restore knows every
-/// destruction the peer knows before it merges a backup.
-pub async fn sync_now(state: &Arc<crate::state::AppState>, peer: &Peer) -> Result<(), SyncError> {
-    match tokio::time::timeout(peer.timeout * 2, sync_once(state, peer)).await {
-        Ok(r) => r,
-        Err(_) => Err(SyncError::Other("the peer did not answer in time".into())),
-    }
-}
-
-/// One anti-entropy round, periodic or asked for (status); either way the peer gauges
-/// show what it learned.
-async fn sync_once(state: &Arc<crate::state::AppState>, peer: &Peer) -> Result<(), SyncError> {
-    let outcome = anti_entropy_round(state, peer).await.map(|round| {
-        if round.in_sync {
-            peer.synced(round.epoch);
-        }
-    });
-    publish_peer_metrics(state, peer);
-    outcome
-}
-
-/// Sets `sso_peer_up`, `sso_peer_last_contact_seconds` and `sso_peer_lag_epochs` from
-/// what this node knows of its peer now.
-fn publish_peer_metrics(state: &crate::state::AppState, peer: &Peer) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let ps = peer.status();
-    state.metrics.peer_up.store(i64::from(ps.up), Relaxed);
-    if let Some(t) = ps.last_contact {
-        state.metrics.peer_last_contact_unix.store(t.unix_timestamp(), Relaxed);
-    }
-    let local = state.snapshot.load().epoch;
-    state.metrics.peer_lag_epochs.store(
-        ps.synced_local_epoch.map_or(local, |e| local.saturating_sub(e)),
-        Relaxed,
-    );
 }
 
 #[cfg(test)]

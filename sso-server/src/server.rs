@@ -143,7 +143,7 @@ pub async fn run(
         });
     }
     let metrics_task = tokio::spawn(serve_metrics(metrics_listener, metrics.clone()));
-    let sync_task = tokio::spawn(crate::peer::sync_loop(state.clone()));
+    let sync_task = tokio::spawn(crate::replication::sync_loop(state.clone()));
     let store_check_task = tokio::spawn(store_write_check_loop(Arc::downgrade(&state)));
     // Registered here, not inside the task, so a SIGHUP right after start is not fatal.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;

@@ -5,8 +5,8 @@
 //!
 //! - **Real**: rotation (`sso_server::rotation::{rotate, grant, accept_stage,
 //!   accept_promote}`: leases, generation choice, stage → promote, the answers), the
-//!   anti-entropy round (`sso_server::peer::anti_entropy_round`) and its server side
-//!   (`peer::keys_answer`), the key wire encoding (`peer::records_json`/`parse_records`),
+//!   anti-entropy round (`sso_server::replication::anti_entropy_round`) and its server side
+//!   (`replication::keys_answer`), the key wire encoding (`peer::records_json`/`parse_records`),
 //!   and the store: each node is a real `keystore::SealedStore` (SQLite, WAL) in a
 //!   temporary directory, dropped when the node crashes and reopened from disk on restart.
 //! - **Simulated**: the network (turmoil TCP with per-seed latency, a lossy link that
@@ -40,7 +40,8 @@ use std::time::Duration;
 use keystore::{CreateOptions, SealedStore, Store, UnsealKey};
 use secrecy::SecretBox;
 use sso_proto::{KeyId, KeyMeta, KeyState, MasterSecret};
-use sso_server::peer::{self, KeySource, PeerError, PeerKeys};
+use sso_server::peer::{self, PeerError, PeerKeys};
+use sso_server::replication::{self, KeySource};
 use sso_server::rotation::{self, LinkError, LocalNode, PeerLink, Replication, RotateError, Rotations};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use turmoil::net::{TcpListener, TcpStream};
@@ -618,7 +619,10 @@ async fn handle(node: Arc<Node>, link: Arc<Link>, mut s: TcpStream) -> std::io::
         "keys" => {
             let theirs = head["digest"].as_str().unwrap_or("").to_owned();
             let name = node.shared().name;
-            match node.with_store(move |s| peer::keys_answer(s, name, &theirs)).await {
+            match node
+                .with_store(move |s| replication::keys_answer(s, name, &theirs))
+                .await
+            {
                 Ok(None) => (ok(serde_json::json!({"same": true})), Zeroizing::new(Vec::new())),
                 Ok(Some(body)) => (ok(serde_json::json!({"same": false})), body),
                 Err(e) => (
@@ -710,7 +714,7 @@ async fn node_main(world: Arc<World>, idx: usize) -> turmoil::Result {
         let (node, link) = (node.clone(), link.clone());
         tokio::task::spawn_local(async move {
             loop {
-                if let Ok(round) = peer::anti_entropy_round(&*node, &*link).await
+                if let Ok(round) = replication::anti_entropy_round(&*node, &*link).await
                     && round.added + round.advanced > 0
                 {
                     node.world.log().counts.sync_rounds_merged += 1;

@@ -678,7 +678,7 @@ fn peer(n: &NodeStatus) -> Check {
                 "{name} sees peer {} up ({}), lag {}",
                 field("node"),
                 field("url"),
-                crate::commands::lag_text(p.get("lag_epochs"))
+                crate::answers::lag_text(p.get("lag_epochs"))
             ),
             "",
         );

@@ -9,6 +9,7 @@
 //! - `commands`: one function per subcommand; human output by default, `--json` for
 //!   machines.
 //! - `doctor`: the checklist of `ssoctl doctor`.
+//! - `answers`: the servers' answers read for people (shared by `commands` and `doctor`).
 //!
 //! Exit codes: 0 success, 1 and 2 `ssoctl doctor` found warnings only / a failure,
 //! 64 usage, 65 integrity or damaged data, 66 not found, 69 unavailable, 70 internal, 74 the server's store cannot be written (disk full,
@@ -17,6 +18,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod answers;
 pub mod cli;
 mod commands;
 mod doctor;

@@ -1,5 +1,5 @@
-use secrecy::SecretString;
 use crate::Store;
+use secrecy::SecretString;
 
 use super::*;
 
