@@ -8,6 +8,9 @@
 //!   material to its row.
 //! - [`store`]: [`SealedStore`], the SQLite file (WAL, `synchronous=FULL`, mode 0600,
 //!   migrations) and the key model's transitions: stage, promote, retire, destroy, merge.
+//! - [`model`]: the key model's rules with no storage in them: the stored lifecycle and
+//!   its allowed moves (explicit, not the order of the storage codes), transition and
+//!   merge decisions, primary derivation, generation choice, the key-set digest.
 //! - [`manifest`]: the authenticated list of the store's keys (ids, generations, states,
 //!   epoch) under an HMAC key derived from the KEK, rewritten with every change and
 //!   checked on open, so a deleted, added or rolled-back row is found.
@@ -26,6 +29,7 @@ pub mod audit;
 pub mod backup;
 pub mod fsutil;
 pub mod manifest;
+pub mod model;
 pub mod store;
 pub mod unseal;
 pub mod validate;
@@ -59,9 +63,10 @@ pub enum Error {
         /// What the operating system said.
         source: std::io::Error,
     },
-    /// SQLite reported an error.
-    #[error("store database error: {0}; check the disk and the file, then retry")]
-    Database(#[from] rusqlite::Error),
+    /// The storage engine (SQLite today) failed: the disk, the file or the database
+    /// server, not the data. No engine's own error type appears here.
+    #[error("store database error: {0}")]
+    Storage(StorageError),
     /// `open` found no store at the path.
     #[error("no store at {}: create one first (ssoctl init)", .0.display())]
     StoreNotFound(PathBuf),
@@ -266,32 +271,10 @@ impl Error {
     /// full, read-only, an I/O error, the file gone): what happened and what to do, for an
     /// operator. `None` for every other error.
     pub fn store_fault(&self) -> Option<StoreFault> {
-        use rusqlite::ffi::ErrorCode as C;
-        let Self::Database(rusqlite::Error::SqliteFailure(e, detail)) = self else {
-            return None;
-        };
-        let sqlite = detail.clone().unwrap_or_else(|| e.to_string());
-        let (what, remedy) = match e.code {
-            C::DiskFull => ("disk full", "free space on the store's filesystem"),
-            C::ReadOnly => (
-                "read-only",
-                "make the store's file, its directory and filesystem writable by the server",
-            ),
-            C::SystemIoFailure => (
-                "I/O error",
-                "check the store's filesystem: it may be full (or over a file-size limit), read-only or failing",
-            ),
-            C::CannotOpen => (
-                "the file cannot be opened",
-                "check that the store's directory exists and is writable",
-            ),
-            _ => return None,
-        };
-        Some(StoreFault {
-            what,
-            detail: sqlite,
-            remedy,
-        })
+        match self {
+            Self::Storage(e) => e.fault.clone(),
+            _ => None,
+        }
     }
 
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
@@ -299,6 +282,44 @@ impl Error {
             path: path.to_path_buf(),
             source,
         }
+    }
+}
+
+/// A failure of the storage engine, in words: what the engine said, what to do, and
+/// whether it is a [`StoreFault`] (the file system refused a read or a write). Engines
+/// build it; callers read it and never see the engine's own error type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageError {
+    detail: String,
+    remedy: &'static str,
+    fault: Option<StoreFault>,
+}
+
+impl StorageError {
+    /// An engine failure: `detail` is the engine's own words (never key material),
+    /// `remedy` what the operator should do, `fault` set when the file system refused.
+    pub fn new(detail: impl Into<String>, remedy: &'static str, fault: Option<StoreFault>) -> Self {
+        Self {
+            detail: detail.into(),
+            remedy,
+            fault,
+        }
+    }
+
+    /// What the engine said.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// What the operator should do.
+    pub fn remedy(&self) -> &'static str {
+        self.remedy
+    }
+}
+
+impl std::fmt::Display for StorageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}; {}", self.detail, self.remedy)
     }
 }
 

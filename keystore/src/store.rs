@@ -33,6 +33,7 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use crate::manifest::{MAX_KEYS, Manifest, ManifestEntry};
+use crate::model::{self, KeyFacts, KeySetDigest, Lifecycle, MergeAction, Move};
 use crate::unseal::{KEK_LEN, KdfParams, UnsealKey, UnsealKind};
 use crate::wrap::{self, Kek, RowIdentity};
 use crate::{Error, Result, fsutil, validate};
@@ -61,50 +62,6 @@ const KEK_CHECK_AAD_V1: &[u8] = b"sso-keystore/kek-check/v1";
 /// AAD prefix of the KEK check since the manifest; the header digest follows.
 const KEK_CHECK_AAD_V2: &[u8] = b"sso-keystore/kek-check/v2";
 const KDF_HEADER_CONTEXT: &[u8] = b"sso-keystore/kdf-header/v1";
-
-/// Where a key stands, as stored. `Primary` vs `Active` is derived, not stored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Lifecycle {
-    Staged = 0,
-    Promoted = 1,
-    Retired = 2,
-    Destroyed = 3,
-}
-
-impl Lifecycle {
-    fn from_i64(v: i64) -> Option<Self> {
-        Some(match v {
-            0 => Self::Staged,
-            1 => Self::Promoted,
-            2 => Self::Retired,
-            3 => Self::Destroyed,
-            _ => return None,
-        })
-    }
-
-    fn from_u8(v: u8) -> Option<Self> {
-        Self::from_i64(i64::from(v))
-    }
-
-    fn from_state(state: KeyState) -> Self {
-        match state {
-            KeyState::Staged => Self::Staged,
-            KeyState::Primary | KeyState::Active => Self::Promoted,
-            KeyState::Retired => Self::Retired,
-            KeyState::Destroyed => Self::Destroyed,
-        }
-    }
-
-    fn state(self, is_primary: bool) -> KeyState {
-        match self {
-            Self::Staged => KeyState::Staged,
-            Self::Promoted if is_primary => KeyState::Primary,
-            Self::Promoted => KeyState::Active,
-            Self::Retired => KeyState::Retired,
-            Self::Destroyed => KeyState::Destroyed,
-        }
-    }
-}
 
 /// What `create` needs besides the path and the unseal secret.
 #[derive(Debug, Clone)]
@@ -218,9 +175,17 @@ impl Row {
         RowIdentity {
             key_id: self.key_id,
             generation: self.generation,
-            lifecycle: lifecycle as u8,
+            lifecycle: lifecycle.code(),
             created_at: self.created_at,
             origin: &self.origin,
+        }
+    }
+
+    fn facts(&self) -> KeyFacts {
+        KeyFacts {
+            key_id: self.key_id,
+            generation: self.generation,
+            lifecycle: self.lifecycle,
         }
     }
 
@@ -228,7 +193,7 @@ impl Row {
         ManifestEntry {
             key_id: self.key_id,
             generation: self.generation,
-            lifecycle: self.lifecycle as u8,
+            lifecycle: self.lifecycle.code(),
             created_at: self.created_at.unix_timestamp(),
         }
     }
@@ -244,12 +209,9 @@ impl Row {
     }
 }
 
-/// The primary among `rows`: the promoted key with the highest `(generation, key_id)`.
+/// The primary among `rows` ([`model::derive_primary`]).
 fn derive_primary(rows: &[Row]) -> Option<KeyId> {
-    rows.iter()
-        .filter(|r| r.lifecycle == Lifecycle::Promoted)
-        .max_by_key(|r| (r.generation, r.key_id))
-        .map(|r| r.key_id)
+    model::derive_primary(rows.iter().map(Row::facts))
 }
 
 /// An open, unsealed store. Holds the KEK for as long as it lives.
@@ -314,7 +276,9 @@ impl SealedStore {
         let check = kek.seal(&rng, &kek_check_aad(&digest), &store_id)?;
         let manifest = Manifest::new(0, Vec::new()).seal(kek.manifest_key(), &store_id);
 
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
         let meta: [(&str, rusqlite::types::Value); 12] = [
             ("store_id", header.store_id.into()),
             ("node", options.node.clone().into()),
@@ -330,9 +294,10 @@ impl SealedStore {
             ("manifest", manifest.into()),
         ];
         for (name, value) in meta {
-            tx.execute("INSERT INTO meta (name, value) VALUES (?1, ?2)", params![name, value])?;
+            tx.execute("INSERT INTO meta (name, value) VALUES (?1, ?2)", params![name, value])
+                .map_err(sql)?;
         }
-        tx.commit()?;
+        tx.commit().map_err(sql)?;
         Ok(Self {
             conn,
             kek,
@@ -355,7 +320,9 @@ impl SealedStore {
         }
         fsutil::check_private(path)?;
         let mut conn = connect(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-        let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let version: u32 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql)?;
         let supported = MIGRATIONS.len() as u32;
         if version > supported {
             return Err(Error::UnsupportedSchema {
@@ -373,7 +340,7 @@ impl SealedStore {
         let header = match KdfHeader::read(&conn) {
             Ok(h) => h,
             // A header field deleted or retyped in a store that has a digest was edited.
-            Err(Error::NotAStore(_) | Error::Database(_)) if recorded.is_some() => {
+            Err(Error::NotAStore(_) | Error::Storage(_)) if recorded.is_some() => {
                 return Err(Error::TamperedHeader);
             }
             Err(e) => return Err(e),
@@ -448,7 +415,10 @@ impl SealedStore {
     /// written before the manifest existed, in one transaction, after every row has
     /// authenticated: the manifest vouches only for rows the KEK vouched for first.
     fn upgrade_legacy(&mut self, digest: &[u8; 32]) -> Result<()> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
         if meta_opt::<rusqlite::types::Value>(&tx, "manifest")?.is_some() {
             return Err(Error::Integrity {
                 key_id: None,
@@ -473,7 +443,7 @@ impl SealedStore {
         set_meta(&tx, "kek_check", check.into())?;
         let epoch = read_epoch(&tx)?;
         write_manifest(&tx, &self.kek, &self.store_id, epoch, &rows)?;
-        tx.commit()?;
+        tx.commit().map_err(sql)?;
         tracing::warn!(
             keys = rows.len(),
             epoch,
@@ -523,7 +493,7 @@ impl SealedStore {
         let (epoch, rows) = self.read_checked()?;
         let primary = derive_primary(&rows);
         let mut keys = Vec::new();
-        for row in rows.iter().filter(|r| r.lifecycle <= Lifecycle::Promoted) {
+        for row in rows.iter().filter(|r| r.lifecycle.is_served()) {
             keys.push(KeyRecord {
                 meta: row.meta(primary),
                 secret: Some(self.unwrap_row(row)?),
@@ -555,7 +525,7 @@ impl SealedStore {
     fn read_checked(&self) -> Result<(u64, Vec<Row>)> {
         // One read transaction, unless the caller already holds one.
         let tx = if self.conn.is_autocommit() {
-            Some(self.conn.unchecked_transaction()?)
+            Some(self.conn.unchecked_transaction().map_err(sql)?)
         } else {
             None
         };
@@ -594,7 +564,8 @@ impl SealedStore {
     pub fn max_generation(&self) -> Result<u64> {
         let max: i64 = self
             .conn
-            .query_row("SELECT COALESCE(MAX(generation), 0) FROM keys", [], |r| r.get(0))?;
+            .query_row("SELECT COALESCE(MAX(generation), 0) FROM keys", [], |r| r.get(0))
+            .map_err(sql)?;
         Ok(u64::try_from(max).unwrap_or(0))
     }
 
@@ -646,26 +617,21 @@ impl SealedStore {
     }
 
     /// A digest of the key set: ids, generations, stored states and, per key that has
-    /// material, its [`material_tag`] (a keyed hash, never the material). Two stores with
+    /// material, its [`model::material_tag`] (a keyed hash, never the material). Two stores with
     /// equal digests hold the same keys in the same states with the same material; two
     /// nodes holding different material under one key id have different digests, so
     /// anti-entropy pulls and the merge reports the conflict.
     pub fn digest(&self) -> Result<String> {
         let rows = load_rows(&self.conn)?;
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut digest = KeySetDigest::new();
         for row in &rows {
-            ctx.update(row.key_id.as_bytes());
-            ctx.update(&row.generation.to_be_bytes());
-            ctx.update(&[row.lifecycle as u8]);
-            if row.material.is_some() {
-                let secret = unwrap_row(&self.kek, row)?;
-                ctx.update(&[1]);
-                ctx.update(&material_tag(row.key_id, &secret));
-            } else {
-                ctx.update(&[0]);
-            }
+            let tag = match row.material {
+                Some(_) => Some(model::material_tag(row.key_id, &unwrap_row(&self.kek, row)?)),
+                None => None,
+            };
+            digest.add(row.facts(), tag);
         }
-        Ok(hex::encode(ctx.finish()))
+        Ok(digest.finish())
     }
 
     fn insert_new(&mut self, lifecycle: Lifecycle, floor: u64) -> Result<KeyMeta> {
@@ -674,14 +640,16 @@ impl SealedStore {
         let created_at = OffsetDateTime::now_utc()
             .replace_nanosecond(0)
             .unwrap_or(OffsetDateTime::UNIX_EPOCH);
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
         let before = load_rows(&tx)?;
         check_manifest(&tx, &self.kek, &self.store_id, &before)?;
+        // The generation is chosen here, from the rows read inside this write
+        // transaction: a concurrent writer waits for the lock and then sees this key.
         let max = before.iter().map(|r| r.generation).max().unwrap_or(0);
-        let generation = max.max(floor).checked_add(1).ok_or(Error::MalformedRecord {
-            key_id,
-            detail: "generation out of range",
-        })?;
+        let generation = model::next_generation(max, floor, key_id)?;
         let row = Row {
             key_id,
             generation,
@@ -693,7 +661,7 @@ impl SealedStore {
         let blob = wrap::wrap(&self.kek, &self.rng, &row.identity(), &secret)?;
         insert_row(&tx, &row, Some(&blob))?;
         let (_, rows) = seal_change(&tx, &self.kek, &self.store_id)?;
-        tx.commit()?;
+        tx.commit().map_err(sql)?;
         Ok(row.meta(derive_primary(&rows)))
     }
 
@@ -721,7 +689,9 @@ impl SealedStore {
         let meta = self.transition(key_id, Lifecycle::Destroyed)?;
         // secure_delete zeroes freed pages in the database; the WAL still holds the old
         // page until a checkpoint, so fold it in and truncate it now.
-        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(sql)?;
         Ok(meta)
     }
 
@@ -730,39 +700,24 @@ impl SealedStore {
     }
 
     fn transition_with(&mut self, key_id: KeyId, to: Lifecycle, force_primary: bool) -> Result<KeyMeta> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
         let rows = load_rows(&tx)?;
         check_manifest(&tx, &self.kek, &self.store_id, &rows)?;
-        let primary = derive_primary(&rows);
+        let facts: Vec<KeyFacts> = rows.iter().map(Row::facts).collect();
+        let decision = model::check_move(&facts, key_id, to, force_primary)?;
         let row = rows
             .iter()
             .find(|r| r.key_id == key_id)
             .ok_or(Error::KeyNotFound(key_id))?;
-        let from = row.lifecycle;
-        if from == to {
-            return Ok(row.meta(primary));
-        }
-        if from > to {
-            return Err(Error::InvalidTransition {
-                key_id,
-                from: row.meta(primary).state,
-                to: to.state(false),
-            });
-        }
-        if to == Lifecycle::Retired && primary == Some(key_id) {
-            let others = rows
-                .iter()
-                .any(|r| r.lifecycle == Lifecycle::Promoted && r.key_id != key_id);
-            if !force_primary || !others {
-                return Err(Error::RetirePrimary(key_id));
-            }
-        }
-        if to == Lifecycle::Destroyed && from != Lifecycle::Retired {
-            return Err(Error::DestroyUnretired(key_id));
+        if decision == Move::Unchanged {
+            return Ok(row.meta(derive_primary(&rows)));
         }
         Self::rewrite_lifecycle(&self.kek, &self.rng, &tx, row, to)?;
         let (_, rows) = seal_change(&tx, &self.kek, &self.store_id)?;
-        tx.commit()?;
+        tx.commit().map_err(sql)?;
         let meta = rows
             .iter()
             .find(|r| r.key_id == key_id)
@@ -783,8 +738,9 @@ impl SealedStore {
         };
         tx.execute(
             "UPDATE keys SET lifecycle = ?1, material = ?2 WHERE key_id = ?3",
-            params![to as i64, blob, row.key_id.to_string()],
-        )?;
+            params![i64::from(to.code()), blob, row.key_id.to_string()],
+        )
+        .map_err(sql)?;
         Ok(())
     }
 
@@ -812,7 +768,10 @@ impl SealedStore {
         above_all: bool,
         mut conflicts: Option<&mut Vec<KeyId>>,
     ) -> Result<MergeReport> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
         let rows = load_rows(&tx)?;
         check_manifest(&tx, &self.kek, &self.store_id, &rows)?;
         let max = rows.iter().map(|r| r.generation).max().unwrap_or(0);
@@ -827,52 +786,51 @@ impl SealedStore {
         for (record, checked) in incoming.iter().zip(&checked) {
             let meta = &record.meta;
             let target = Lifecycle::from_state(checked.state);
-            let Some(local) = rows.iter().find(|r| r.key_id == meta.key_id) else {
-                if above_all && meta.generation <= max {
-                    return Err(Error::StaleGeneration {
+            let local = rows.iter().find(|r| r.key_id == meta.key_id);
+            let action = model::merge_action(
+                local.map(Row::facts),
+                meta.key_id,
+                meta.generation,
+                target,
+                above_all.then_some(max),
+                || match (local.and_then(|l| l.material.as_ref().map(|_| l)), &record.secret) {
+                    (Some(local), Some(theirs)) => Ok(unwrap_row(&self.kek, local)?.ct_eq(theirs)),
+                    _ => Ok(true),
+                },
+            )?;
+            let local = match (action, local) {
+                (MergeAction::Add, _) | (_, None) => {
+                    let row = Row {
                         key_id: meta.key_id,
                         generation: meta.generation,
-                        max,
-                    });
+                        created_at: checked.created_at,
+                        origin: meta.origin.clone(),
+                        lifecycle: target,
+                        material: None,
+                    };
+                    let blob = match (&record.secret, target) {
+                        (Some(secret), l) if l.keeps_material() => {
+                            Some(wrap::wrap(&self.kek, &self.rng, &row.identity(), secret)?)
+                        }
+                        _ => None,
+                    };
+                    insert_row(&tx, &row, blob.as_deref())?;
+                    report.added += 1;
+                    continue;
                 }
-                let row = Row {
-                    key_id: meta.key_id,
-                    generation: meta.generation,
-                    created_at: checked.created_at,
-                    origin: meta.origin.clone(),
-                    lifecycle: target,
-                    material: None,
-                };
-                let blob = match (&record.secret, target) {
-                    (Some(secret), l) if l != Lifecycle::Destroyed => {
-                        Some(wrap::wrap(&self.kek, &self.rng, &row.identity(), secret)?)
-                    }
-                    _ => None,
-                };
-                insert_row(&tx, &row, blob.as_deref())?;
-                report.added += 1;
-                continue;
+                (_, Some(local)) => local,
             };
-            let conflicting = local.generation != meta.generation
-                || match (&local.material, &record.secret) {
-                    (Some(_), Some(theirs)) => !unwrap_row(&self.kek, local)?.ct_eq(theirs),
-                    _ => false,
-                };
-            if conflicting {
-                match conflicts.as_deref_mut() {
-                    Some(list) => {
-                        list.push(meta.key_id);
-                        continue;
-                    }
+            match action {
+                MergeAction::Conflict => match conflicts.as_deref_mut() {
+                    Some(list) => list.push(meta.key_id),
                     None => return Err(Error::ConflictingKey(meta.key_id)),
+                },
+                MergeAction::Advance(to) => {
+                    Self::rewrite_lifecycle(&self.kek, &self.rng, &tx, local, to)?;
+                    wiped |= to == Lifecycle::Destroyed;
+                    report.advanced += 1;
                 }
-            }
-            if target > local.lifecycle {
-                Self::rewrite_lifecycle(&self.kek, &self.rng, &tx, local, target)?;
-                wiped |= target == Lifecycle::Destroyed;
-                report.advanced += 1;
-            } else {
-                report.unchanged += 1;
+                MergeAction::Unchanged | MergeAction::Add => report.unchanged += 1,
             }
         }
         report.epoch = if report.changed() {
@@ -880,12 +838,14 @@ impl SealedStore {
         } else {
             read_epoch(&tx)?
         };
-        tx.commit()?;
+        tx.commit().map_err(sql)?;
         if wiped {
             // A destroy that arrived by replication wipes exactly like a local one: fold
             // the WAL (which still holds the page with the wrapped material) in and
             // truncate it.
-            self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(sql)?;
         }
         Ok(report)
     }
@@ -896,17 +856,21 @@ impl SealedStore {
         let primary = derive_primary(&rows);
         let mut stmt = self
             .conn
-            .prepare("SELECT key_id FROM keys WHERE backed_up = 0 AND material IS NOT NULL ORDER BY generation")?;
+            .prepare("SELECT key_id FROM keys WHERE backed_up = 0 AND material IS NOT NULL ORDER BY generation")
+            .map_err(sql)?;
         let not_backed_up = stmt
-            .query_map([], |r| r.get::<_, String>(0))?
-            .map(|id| parse_key_id(&id?))
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(sql)?
+            .map(|id| parse_key_id(&id.map_err(sql)?))
             .collect::<Result<Vec<_>>>()?;
         let mut stmt = self
             .conn
-            .prepare("SELECT key_id FROM keys WHERE backed_up = 1 ORDER BY generation")?;
+            .prepare("SELECT key_id FROM keys WHERE backed_up = 1 ORDER BY generation")
+            .map_err(sql)?;
         let backed_up = stmt
-            .query_map([], |r| r.get::<_, String>(0))?
-            .map(|id| parse_key_id(&id?))
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(sql)?
+            .map(|id| parse_key_id(&id.map_err(sql)?))
             .collect::<Result<Vec<_>>>()?;
         let last_backup_at =
             meta_opt::<i64>(&self.conn, "last_backup_at")?.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok());
@@ -935,13 +899,17 @@ impl SealedStore {
     pub fn check_writable(&mut self) -> Result<()> {
         // A value that differs every call, so the commit really writes a page.
         let now = i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos()).unwrap_or(i64::MAX);
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
         tx.execute(
             "INSERT INTO meta (name, value) VALUES ('write_check', ?1)
              ON CONFLICT(name) DO UPDATE SET value = excluded.value",
             params![now],
-        )?;
-        tx.commit()?;
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)?;
         Ok(())
     }
 
@@ -968,7 +936,10 @@ impl SealedStore {
             key_id: None,
             detail: "audit entry count out of range".into(),
         })?;
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
         for (name, value) in [
             ("audit_count", rusqlite::types::Value::from(count)),
             ("audit_head", anchor.head.clone().into()),
@@ -977,58 +948,39 @@ impl SealedStore {
                 "INSERT INTO meta (name, value) VALUES (?1, ?2)
                  ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                 params![name, value],
-            )?;
+            )
+            .map_err(sql)?;
         }
-        tx.commit()?;
+        tx.commit().map_err(sql)?;
         Ok(())
     }
 
     /// Records that a backup holding `key_ids` has been safely written.
     pub(crate) fn mark_backed_up(&mut self, key_ids: &[KeyId], at: OffsetDateTime) -> Result<()> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
         for id in key_ids {
             tx.execute(
                 "UPDATE keys SET backed_up = 1 WHERE key_id = ?1",
                 params![id.to_string()],
-            )?;
+            )
+            .map_err(sql)?;
         }
         tx.execute(
             "INSERT INTO meta (name, value) VALUES ('last_backup_at', ?1)
              ON CONFLICT(name) DO UPDATE SET value = max(value, excluded.value)",
             params![at.unix_timestamp()],
-        )?;
-        tx.commit()?;
+        )
+        .map_err(sql)?;
+        tx.commit().map_err(sql)?;
         Ok(())
     }
 
     fn unwrap_row(&self, row: &Row) -> Result<MasterSecret> {
         unwrap_row(&self.kek, row)
     }
-}
-
-/// A keyed hash of one key's material, for the key-set digest: HMAC-SHA256 over the key
-/// id under a key derived from the material (HKDF-SHA256 with a fixed label). Equal on two
-/// nodes exactly when both hold the same material under that id (each node wraps under its
-/// own KEK, so the tag cannot depend on it); one-way, so the digest reveals nothing usable
-/// about the material.
-pub fn material_tag(key_id: KeyId, secret: &MasterSecret) -> [u8; 32] {
-    struct Len;
-    impl ring::hkdf::KeyType for Len {
-        fn len(&self) -> usize {
-            32
-        }
-    }
-    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"sso key-set digest v1").extract(secret.expose_secret());
-    let mut derived = Zeroizing::new([0u8; 32]);
-    // 32 bytes is far below HKDF-SHA256's limit (255 * 32): `expand` and `fill` cannot fail.
-    if let Ok(okm) = prk.expand(&[b"material tag"], Len) {
-        let _ = okm.fill(&mut derived[..]);
-    }
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derived[..]);
-    let tag = ring::hmac::sign(&key, key_id.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(tag.as_ref());
-    out
 }
 
 fn unwrap_row(kek: &Kek, row: &Row) -> Result<MasterSecret> {
@@ -1039,34 +991,76 @@ fn unwrap_row(kek: &Kek, row: &Row) -> Result<MasterSecret> {
     wrap::unwrap(kek, &row.identity(), blob)
 }
 
+/// SQLite's error as the public [`Error::Storage`]: its words, the remedy, and a
+/// [`StoreFault`](crate::StoreFault) when the file system refused. rusqlite's types stay
+/// inside this module.
+fn sql(e: rusqlite::Error) -> Error {
+    use rusqlite::ffi::ErrorCode as C;
+    let fault = match &e {
+        rusqlite::Error::SqliteFailure(code, detail) => {
+            let (what, remedy) = match code.code {
+                C::DiskFull => ("disk full", "free space on the store's filesystem"),
+                C::ReadOnly => (
+                    "read-only",
+                    "make the store's file, its directory and filesystem writable by the server",
+                ),
+                C::SystemIoFailure => (
+                    "I/O error",
+                    "check the store's filesystem: it may be full (or over a file-size limit), read-only or failing",
+                ),
+                C::CannotOpen => (
+                    "the file cannot be opened",
+                    "check that the store's directory exists and is writable",
+                ),
+                _ => ("", ""),
+            };
+            (!what.is_empty()).then(|| crate::StoreFault {
+                what,
+                detail: detail.clone().unwrap_or_else(|| code.to_string()),
+                remedy,
+            })
+        }
+        _ => None,
+    };
+    Error::Storage(crate::StorageError::new(
+        e.to_string(),
+        "check the disk and the file, then retry",
+        fault,
+    ))
+}
+
 fn connect(path: &Path, flags: OpenFlags) -> Result<Connection> {
-    let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
-    conn.busy_timeout(Duration::from_secs(10))?;
+    let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX).map_err(sql)?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(sql)?;
     // WAL + FULL: a committed transaction is fsynced before `commit` returns.
-    let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .map_err(sql)?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(Error::NotAStore(format!(
             "could not enable WAL journaling (got {mode})"
         )));
     }
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(sql)?;
     // Zero pages freed by deletes and updates, so wiped material does not linger.
-    conn.pragma_update(None, "secure_delete", "ON")?;
+    conn.pragma_update(None, "secure_delete", "ON").map_err(sql)?;
     Ok(conn)
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let version: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql)?;
+    let version: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(sql)?;
     let version = version as usize;
     if version >= MIGRATIONS.len() {
         return Ok(());
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version) {
+        tx.execute_batch(step).map_err(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64).map_err(sql)?;
     }
-    tx.commit()?;
+    tx.commit().map_err(sql)?;
     Ok(())
 }
 
@@ -1082,9 +1076,9 @@ fn derive_kek(key: &UnsealKey, kdf: KdfParams, salt: &[u8]) -> Result<Kek> {
 }
 
 fn meta_opt<T: rusqlite::types::FromSql>(conn: &Connection, name: &str) -> Result<Option<T>> {
-    Ok(conn
-        .query_row("SELECT value FROM meta WHERE name = ?1", params![name], |r| r.get(0))
-        .optional()?)
+    conn.query_row("SELECT value FROM meta WHERE name = ?1", params![name], |r| r.get(0))
+        .optional()
+        .map_err(sql)
 }
 
 fn meta_value<T: rusqlite::types::FromSql>(conn: &Connection, name: &str) -> Result<T> {
@@ -1094,14 +1088,14 @@ fn meta_value<T: rusqlite::types::FromSql>(conn: &Connection, name: &str) -> Res
 /// A meta value as bytes whatever its SQLite type (text and blobs as stored, anything
 /// else empty), for values that are checked against a digest or a tag anyway.
 fn meta_bytes(conn: &Connection, name: &str) -> Result<Option<Vec<u8>>> {
-    Ok(conn
-        .query_row("SELECT value FROM meta WHERE name = ?1", params![name], |r| {
-            Ok(match r.get_ref(0)? {
-                rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => b.to_vec(),
-                _ => Vec::new(),
-            })
+    conn.query_row("SELECT value FROM meta WHERE name = ?1", params![name], |r| {
+        Ok(match r.get_ref(0)? {
+            rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => b.to_vec(),
+            _ => Vec::new(),
         })
-        .optional()?)
+    })
+    .optional()
+    .map_err(sql)
 }
 
 fn read_epoch(conn: &Connection) -> Result<u64> {
@@ -1110,11 +1104,13 @@ fn read_epoch(conn: &Connection) -> Result<u64> {
 }
 
 fn bump_epoch(tx: &Transaction<'_>) -> Result<u64> {
-    let v: i64 = tx.query_row(
-        "UPDATE meta SET value = value + 1 WHERE name = 'epoch' RETURNING value",
-        [],
-        |r| r.get(0),
-    )?;
+    let v: i64 = tx
+        .query_row(
+            "UPDATE meta SET value = value + 1 WHERE name = 'epoch' RETURNING value",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql)?;
     u64::try_from(v).map_err(|_| Error::NotAStore("negative epoch".into()))
 }
 
@@ -1185,7 +1181,8 @@ fn set_meta(tx: &Transaction<'_>, name: &str, value: rusqlite::types::Value) -> 
         "INSERT INTO meta (name, value) VALUES (?1, ?2)
          ON CONFLICT(name) DO UPDATE SET value = excluded.value",
         params![name, value],
-    )?;
+    )
+    .map_err(sql)?;
     Ok(())
 }
 
@@ -1239,13 +1236,14 @@ fn check_manifest(conn: &Connection, kek: &Kek, store_id: &[u8; 16], rows: &[Row
     let by_id = |id: KeyId| rows.iter().find(|r| r.key_id == id);
     let mut missing: Vec<&ManifestEntry> = manifest.entries.iter().filter(|e| by_id(e.key_id).is_none()).collect();
     if let Some(newest) = missing.iter().max_by_key(|e| (e.generation, e.key_id)).copied() {
-        let primary = manifest
-            .entries
-            .iter()
-            .filter(|e| e.lifecycle == Lifecycle::Promoted as u8)
-            .max_by_key(|e| (e.generation, e.key_id))
-            .map(|e| e.key_id);
-        let state = Lifecycle::from_u8(newest.lifecycle)
+        let primary = model::derive_primary(manifest.entries.iter().filter_map(|e| {
+            Some(KeyFacts {
+                key_id: e.key_id,
+                generation: e.generation,
+                lifecycle: Lifecycle::from_code(e.lifecycle)?,
+            })
+        }));
+        let state = Lifecycle::from_code(newest.lifecycle)
             .map(|l| l.state(primary == Some(newest.key_id)))
             .unwrap_or(KeyState::Destroyed);
         missing.retain(|e| e.key_id != newest.key_id);
@@ -1293,8 +1291,8 @@ fn insert_row(tx: &Transaction<'_>, row: &Row, blob: Option<&[u8]>) -> Result<()
     })?;
     tx.execute(
         "INSERT INTO keys (key_id, generation, created_at, origin, lifecycle, material) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![row.key_id.to_string(), generation, row.created_at.unix_timestamp(), row.origin, row.lifecycle as i64, blob],
-    )?;
+        params![row.key_id.to_string(), generation, row.created_at.unix_timestamp(), row.origin, i64::from(row.lifecycle.code()), blob],
+    ).map_err(sql)?;
     Ok(())
 }
 
@@ -1306,22 +1304,26 @@ fn parse_key_id(text: &str) -> Result<KeyId> {
 }
 
 fn load_rows(conn: &Connection) -> Result<Vec<Row>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT key_id, generation, created_at, origin, lifecycle, material FROM keys ORDER BY generation, key_id",
-    )?;
-    let raw = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, String>(3)?,
-            r.get::<_, i64>(4)?,
-            r.get::<_, Option<Vec<u8>>>(5)?,
-        ))
-    })?;
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT key_id, generation, created_at, origin, lifecycle, material FROM keys ORDER BY generation, key_id",
+        )
+        .map_err(sql)?;
+    let raw = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Option<Vec<u8>>>(5)?,
+            ))
+        })
+        .map_err(sql)?;
     let mut rows = Vec::new();
     for item in raw {
-        let (id, generation, created_at, origin, lifecycle, material) = item?;
+        let (id, generation, created_at, origin, lifecycle, material) = item.map_err(sql)?;
         let key_id = parse_key_id(&id)?;
         let bad = |detail: &str| Error::Integrity {
             key_id: Some(key_id),
@@ -1333,7 +1335,10 @@ fn load_rows(conn: &Connection) -> Result<Vec<Row>> {
             created_at: OffsetDateTime::from_unix_timestamp(created_at)
                 .map_err(|_| bad("creation time out of range"))?,
             origin,
-            lifecycle: Lifecycle::from_i64(lifecycle).ok_or_else(|| bad("unknown lifecycle value"))?,
+            lifecycle: u8::try_from(lifecycle)
+                .ok()
+                .and_then(Lifecycle::from_code)
+                .ok_or_else(|| bad("unknown lifecycle value"))?,
             material,
         });
     }

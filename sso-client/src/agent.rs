@@ -21,11 +21,12 @@ use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
+use sso_daemon::json::{JsonError as Refusal, reply_value as reply};
 use tokio::net::UnixListener;
 use zeroize::Zeroizing;
 
@@ -380,61 +381,23 @@ fn current_uid() -> u32 {
     std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX)
 }
 
-fn reply(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(value).unwrap_or_default())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
-/// A refused request: status, code and message, turned into the JSON error body at the end.
-struct Refusal {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl Refusal {
-    fn new(status: StatusCode, code: &'static str, message: impl std::fmt::Display) -> Self {
-        Self {
-            status,
-            code,
-            message: message.to_string(),
+/// The refusal a client error becomes.
+fn refusal(e: Error) -> Refusal {
+    match &e {
+        Error::Unavailable(_) | Error::Stale { .. } => {
+            Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
         }
-    }
-
-    fn bad_request(message: impl std::fmt::Display) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-
-    fn response(&self) -> Response<Full<Bytes>> {
-        reply(
-            self.status,
-            &serde_json::json!({"error": self.code, "message": self.message}),
-        )
-    }
-}
-
-impl From<Error> for Refusal {
-    fn from(e: Error) -> Self {
-        match &e {
-            Error::Unavailable(_) | Error::Stale { .. } => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e),
-            Error::UnknownKey { .. } => Self::new(StatusCode::NOT_FOUND, "unknown_key", e),
-            Error::KeyRetired(_) => Self::new(StatusCode::GONE, "key_retired", e),
-            // The primary key sealed 2^32 envelopes (docs/envelope.md): not the caller's
-            // fault, and over as soon as a newer primary arrives.
-            Error::Envelope(sso_proto::Error::SealLimit) => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e)
-            }
-            Error::Envelope(_) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_envelope", e),
-            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e),
+        Error::UnknownKey { .. } => Refusal::new(StatusCode::NOT_FOUND, "unknown_key", e.to_string()),
+        Error::KeyRetired(_) => Refusal::new(StatusCode::GONE, "key_retired", e.to_string()),
+        // The primary key sealed 2^32 envelopes (docs/envelope.md): not the caller's
+        // fault, and over as soon as a newer primary arrives.
+        Error::Envelope(sso_proto::Error::SealLimit) => {
+            Refusal::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string())
         }
+        Error::Envelope(_) => Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_envelope", e.to_string()),
+        _ => Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SealRequest {
@@ -478,11 +441,10 @@ async fn route(req: Request<Incoming>, client: &Client) -> Result<Response<Full<
         (Method::GET, "/v1/status") => Ok(status(client)),
         (Method::POST, "/v1/seal") => {
             let body = read_body(req).await?;
-            let request: SealRequest =
-                serde_json::from_slice(&body).map_err(|e| Refusal::bad_request(sso_proto::json::describe_error(&e)))?;
+            let request: SealRequest = sso_daemon::json::parse(&body)?;
             let plaintext = Zeroizing::new(b64(&request.plaintext, "plaintext")?);
             let aad = aad(request.aad.as_deref())?;
-            let envelope = client.seal(&aad, &plaintext).await?;
+            let envelope = client.seal(&aad, &plaintext).await.map_err(refusal)?;
             let key_id = sso_proto::EnvelopeRef::parse(&envelope)
                 .map(|e| e.key_id.to_string())
                 .unwrap_or_default();
@@ -493,11 +455,10 @@ async fn route(req: Request<Incoming>, client: &Client) -> Result<Response<Full<
         }
         (Method::POST, "/v1/open") => {
             let body = read_body(req).await?;
-            let request: OpenRequest =
-                serde_json::from_slice(&body).map_err(|e| Refusal::bad_request(sso_proto::json::describe_error(&e)))?;
+            let request: OpenRequest = sso_daemon::json::parse(&body)?;
             let envelope = b64(&request.envelope, "envelope")?;
             let aad = aad(request.aad.as_deref())?;
-            let plaintext = Zeroizing::new(client.open(&aad, &envelope).await?);
+            let plaintext = Zeroizing::new(client.open(&aad, &envelope).await.map_err(refusal)?);
             let key_id = sso_proto::EnvelopeRef::parse(&envelope)
                 .map(|e| e.key_id.to_string())
                 .unwrap_or_default();
@@ -547,25 +508,13 @@ fn status(client: &Client) -> Response<Full<Bytes>> {
     )
 }
 
+/// The request body, within the agent's limits, wiped with every intermediate copy.
 async fn read_body(req: Request<Incoming>) -> Result<Zeroizing<Vec<u8>>, Refusal> {
-    let limited = Limited::new(req.into_body(), MAX_BODY).collect();
-    let collected = tokio::time::timeout(Duration::from_secs(10), limited)
-        .await
-        .map_err(|_| {
-            Refusal::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
-                "the request body arrived too slowly",
-            )
-        })?
-        .map_err(|_| {
-            Refusal::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("bodies are limited to {MAX_BODY} bytes"),
-            )
-        })?;
-    Ok(Zeroizing::new(collected.to_bytes().to_vec()))
+    let limits = sso_daemon::json::BodyLimits {
+        max_bytes: MAX_BODY,
+        timeout: Duration::from_secs(10),
+    };
+    sso_daemon::json::read_body(req, limits).await
 }
 
 /// The agent's request body parsers, for the fuzz target.

@@ -8,8 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sso_proto::delivery::Recipient;
 use sso_proto::{EnvelopeRef, KeyId, envelope};
 use tokio::sync::OnceCell;
@@ -118,27 +116,10 @@ impl ClientBuilder {
             need(&self.cert, "client certificate")?,
             need(&self.key, "client key")?,
         );
-        let mut roots = rustls::RootCertStore::empty();
-        let cas = CertificateDer::pem_file_iter(&ca).map_err(|e| Error::Config(format!("{}: {e}", ca.display())))?;
-        for c in cas {
-            let c = c.map_err(|e| Error::Config(format!("{}: {e}", ca.display())))?;
-            roots
-                .add(c)
-                .map_err(|e| Error::Config(format!("{}: {e}", ca.display())))?;
-        }
-        let chain = CertificateDer::pem_file_iter(&cert)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| Error::Config(format!("{}: {e}", cert.display())))?;
-        let key_der =
-            PrivateKeyDer::from_pem_file(&key).map_err(|e| Error::Config(format!("{}: {e}", key.display())))?;
-        let mut config =
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-                .map_err(|e| Error::Config(e.to_string()))?
-                .with_root_certificates(roots)
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| Error::Config(format!("client certificate: {e}")))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        let config = sso_tls::ClientTls::trusting(sso_tls::load_roots(&ca)?)
+            .identity_files(&cert, &key)?
+            .alpn(&[b"h2"])
+            .build()?;
         Ok(config)
     }
 

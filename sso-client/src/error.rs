@@ -45,3 +45,9 @@ pub enum Error {
         problem: String,
     },
 }
+
+impl From<sso_tls::TlsError> for Error {
+    fn from(e: sso_tls::TlsError) -> Self {
+        Self::Config(e.to_string())
+    }
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
 use secrecy::{ExposeSecret, SecretString};
@@ -96,23 +96,21 @@ impl From<keystore::Error> for ApiError {
 }
 
 fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
-    let mut resp = Response::new(Full::new(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
-    resp
+    sso_daemon::json::reply(status, body)
 }
 
 fn json_value(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    json_response(status, Bytes::from(serde_json::to_vec(value).unwrap_or_default()))
+    sso_daemon::json::reply_value(status, value)
 }
 
 fn error_response(e: &ApiError) -> Response<Body> {
     json_value(e.status, &serde_json::json!({ "error": e.code, "message": e.message }))
+}
+
+impl From<sso_daemon::json::JsonError> for ApiError {
+    fn from(e: sso_daemon::json::JsonError) -> Self {
+        Self::new(e.status, e.code, e.message)
+    }
 }
 
 /// What the router decided a request is.
@@ -1384,50 +1382,17 @@ async fn restore(body: &[u8], _caller: &Caller, state: &Arc<AppState>) -> Result
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     // Never serde's own words for a refused value: it may be a password.
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(sso_proto::json::describe_error(&e)))
+    Ok(sso_daemon::json::parse(body)?)
 }
 
 /// Reads the request body within the size and time limits into a buffer that is wiped
-/// when dropped (admin bodies carry passwords).
+/// when dropped, with every intermediate copy (admin bodies carry passwords).
 async fn read_body(req: Request<Incoming>, state: &AppState) -> Result<Zeroizing<Vec<u8>>, ApiError> {
-    let limit = state.limits.max_body_bytes;
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("request bodies are limited to {limit} bytes"),
-        )
+    let limits = sso_daemon::json::BodyLimits {
+        max_bytes: state.limits.max_body_bytes,
+        timeout: Duration::from_millis(state.limits.body_read_timeout_ms),
     };
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        && len > limit
-    {
-        return Err(too_large());
-    }
-    let timeout = Duration::from_millis(state.limits.body_read_timeout_ms);
-    let collected = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect())
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
-                "the request body arrived too slowly",
-            )
-        })?
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                too_large()
-            } else {
-                ApiError::bad_request("could not read the request body")
-            }
-        })?;
-    let bytes = collected.to_bytes();
-    let mut out = Zeroizing::new(Vec::with_capacity(bytes.len()));
-    out.extend_from_slice(&bytes);
-    Ok(out)
+    Ok(sso_daemon::json::read_body(req, limits).await?)
 }
 
 /// The router, for the fuzz target.

@@ -394,7 +394,7 @@ impl Config {
         {
             return Err(err("tls.crl_issuers", format!("{} does not exist", p.display())));
         }
-        if !matches!(self.tls.min_version.as_str(), "1.2" | "1.3") {
+        if sso_tls::MinVersion::parse(&self.tls.min_version).is_none() {
             return Err(err("tls.min_version", "must be \"1.3\" or \"1.2\""));
         }
         if !(100..=120_000).contains(&self.tls.handshake_timeout_ms) {

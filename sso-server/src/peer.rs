@@ -187,14 +187,14 @@ impl Peer {
         let expected = Pattern::parse(&config.identity).map_err(|e| tls::tls_err("peer.identity", e))?;
         let chain = tls::load_certs(config.cert.as_ref().unwrap_or(&tls_config.cert))?;
         let key = tls::load_key(config.key.as_ref().unwrap_or(&tls_config.key))?;
-        let mut client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| tls::tls_err("peer tls", e))?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PeerVerifier { inner, expected }))
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| tls::tls_err("peer client certificate", e))?;
-        client.alpn_protocols = vec![b"h2".to_vec()];
+        let client = sso_tls::ClientTls::verified_by(Arc::new(PeerVerifier { inner, expected }))
+            .identity(chain, key)
+            .alpn(&[b"h2"])
+            .build()
+            .map_err(|e| match e {
+                sso_tls::TlsError::Identity(e) => tls::tls_err("peer client certificate", e),
+                other => tls::tls_err("peer tls", other),
+            })?;
         let timeout = Duration::from_millis(config.timeout_ms);
         Transport::new(
             std::slice::from_ref(&config.url),

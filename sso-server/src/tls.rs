@@ -34,7 +34,7 @@ pub(crate) fn tls_err(what: impl Into<String>, problem: impl ToString) -> TlsErr
 
 /// The crypto provider: ring, and only ring.
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    sso_tls::provider()
 }
 
 /// Loads every certificate in a PEM file.
@@ -300,10 +300,10 @@ pub fn build(config: &TlsConfig) -> Result<LoadedTls, TlsError> {
         builder = builder.allow_unknown_revocation_status();
     }
     let verifier = builder.build().map_err(|e| tls_err("client verifier", e))?;
-    let versions: &[&rustls::SupportedProtocolVersion] = match config.min_version.as_str() {
-        "1.2" => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        _ => &[&rustls::version::TLS13],
-    };
+    // The config check accepts only the two spellings; the default is the policy's.
+    let versions = sso_tls::MinVersion::parse(&config.min_version)
+        .unwrap_or_default()
+        .server_versions();
     let not_after = certs::identity_from_der(&chain[0])
         .ok()
         .and_then(|id| id.not_after)

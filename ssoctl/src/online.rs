@@ -5,8 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sso_client::transport::Transport;
 use zeroize::Zeroizing;
 
@@ -85,23 +83,16 @@ impl Online {
                 "check the path; --dev DIR expects the files sso-server --dev made",
             )
         };
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(&ca).map_err(|e| file_err(&ca, &e))? {
-            roots
-                .add(c.map_err(|e| file_err(&ca, &e))?)
-                .map_err(|e| file_err(&ca, &e))?;
-        }
-        let chain = CertificateDer::pem_file_iter(&cert)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| file_err(&cert, &e))?;
-        let key_der = PrivateKeyDer::from_pem_file(&key).map_err(|e| file_err(&key, &e))?;
-        let mut config =
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-                .map_err(|e| Failure::new(EX_SOFTWARE, e, ""))?
-                .with_root_certificates(roots)
-                .with_client_auth_cert(chain, key_der)
-                .map_err(|e| identity_err(&cert, &key, &e))?;
+        let tls_err = |e: sso_tls::TlsError| match e {
+            sso_tls::TlsError::File { path, reason } => file_err(&path, &reason),
+            sso_tls::TlsError::Identity(e) => identity_err(&cert, &key, &e),
+            other => Failure::new(EX_SOFTWARE, other, ""),
+        };
+        let mut config = sso_tls::ClientTls::trusting(sso_tls::load_roots(&ca).map_err(tls_err)?)
+            .identity_files(&cert, &key)
+            .map_err(tls_err)?
+            .build()
+            .map_err(tls_err)?;
         let mut probe = config.clone();
         probe.alpn_protocols = vec![b"http/1.1".to_vec()];
         config.alpn_protocols = vec![b"h2".to_vec()];

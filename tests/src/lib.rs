@@ -25,8 +25,7 @@ use bytes::Bytes;
 use certs::{CertificateAuthority, LeafSpec, LeafUsage};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::ServerName;
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
 #[macro_export]
@@ -372,28 +371,13 @@ impl Reply {
     }
 }
 
-/// A rustls client configuration (ring provider) trusting `ca` and presenting `cert`.
+/// A client configuration from the one builder (`sso_tls`) trusting `ca` and presenting `cert`.
 pub fn tls_config(ca: &Path, cert: Option<&CertFiles>) -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
+    let mut builder = sso_tls::ClientTls::trusting(sso_tls::load_roots(ca).unwrap());
+    if let Some(c) = cert {
+        builder = builder.identity_files(&c.cert, &c.key).unwrap();
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    match cert {
-        Some(c) => {
-            let chain: Vec<_> = CertificateDer::pem_file_iter(&c.cert)
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
-            let key = PrivateKeyDer::from_pem_file(&c.key).unwrap();
-            builder.with_client_auth_cert(chain, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    }
+    builder.build().unwrap()
 }
 
 /// An mTLS client for one identity (or none).

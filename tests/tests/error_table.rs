@@ -3,8 +3,8 @@
 //! table cannot drift from the code.
 //!
 //! What it reads:
-//! - JSON error codes: every string literal next to an HTTP status in the server's and the
-//!   agent's sources (`ApiError::new(StatusCode::X, "code", …)`, `("code", StatusCode::X)`);
+//! - JSON error codes: every string literal next to an HTTP status in the server's, the
+//!   agent's and the shared JSON helper's (sso-daemon) sources (`ApiError::new(StatusCode::X, "code", …)`, `("code", StatusCode::X)`);
 //! - exit codes: the `EX_…: u8 = N` constants of sso-server and ssoctl, and the literal
 //!   codes sso-agent passes to its `fail(N, …)`.
 
@@ -86,7 +86,7 @@ fn exit_codes(text: &str) -> BTreeSet<u8> {
 fn every_exit_code_and_json_error_code_is_in_the_operations_table() {
     let root = workspace();
     let mut files = Vec::new();
-    for dir in ["sso-server/src", "sso-client/src"] {
+    for dir in ["sso-server/src", "sso-client/src", "sso-daemon/src"] {
         rust_files(&root.join(dir), &mut files);
     }
     let mut errors = BTreeSet::new();

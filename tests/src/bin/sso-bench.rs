@@ -14,8 +14,7 @@ use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::ServerName;
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum Mode {
@@ -85,24 +84,14 @@ fn main() {
 }
 
 async fn run(args: Args) {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&args.ca).expect("ca file") {
-        roots.add(c.expect("ca pem")).expect("ca cert");
-    }
-    let chain: Vec<_> = CertificateDer::pem_file_iter(&args.cert)
-        .expect("cert file")
-        .map(|c| c.expect("cert pem"))
-        .collect();
-    let key = PrivateKeyDer::from_pem_file(&args.key).expect("key file");
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls 1.3")
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .expect("client cert");
+    let mut config = sso_tls::ClientTls::trusting(sso_tls::load_roots(&args.ca).expect("ca file"))
+        .identity_files(&args.cert, &args.key)
+        .expect("client certificate and key")
+        .alpn(&[b"http/1.1"])
+        .build()
+        .expect("client config");
     // Every handshake in `handshake` mode is a full one.
     config.resumption = rustls::client::Resumption::disabled();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let config = Arc::new(config);
     let target = Arc::new(parse_url(&args.url));
     let deadline = Instant::now() + Duration::from_secs(args.duration);
