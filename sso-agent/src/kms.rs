@@ -35,7 +35,7 @@ use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroizing;
 
 use crate::agent::{REFUSALS_ANSWERED_PER_UID, UidAllowlist, UidCounts};
-use crate::{Client, Error, Freshness};
+use sso_client::{Client, Error, Freshness};
 
 /// Bindings generated from the published API (`proto/kms/v2/api.proto`, package `v2`) by
 /// tonic-prost-build; `tests/kms_proto.rs` regenerates them with protox and compares.
