@@ -47,7 +47,7 @@ fn main() -> ExitCode {
 fn programs() -> [Command; 3] {
     [
         sso_server::cli::Args::command(),
-        sso_client::agent::cli::Args::command(),
+        sso_agent::agent::cli::Args::command(),
         ssoctl::cli::Cli::command(),
     ]
 }

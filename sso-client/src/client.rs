@@ -14,7 +14,7 @@ use tokio::sync::OnceCell;
 
 use crate::Error;
 use crate::cache::{self, Cache, CachedKey, KeyHandle};
-use crate::transport::{Header, Transport};
+use sso_transport::{Header, Transport};
 
 /// How long a watch long-poll may stay open; the server answers 204 well before.
 const WATCH_TIMEOUT: Duration = Duration::from_secs(40);
@@ -129,7 +129,7 @@ impl ClientBuilder {
     pub fn build(self) -> Result<Client, Error> {
         // Buffered envelope nonces: one atomic load per seal to notice a fork, instead of a
         // getpid() system call (sso_proto::nonce).
-        crate::hardening::install_fork_hook();
+        sso_os::hardening::install_fork_hook();
         let transport = Transport::new(&self.endpoints, Arc::new(self.tls()?), self.connect_timeout)?;
         let inner = Arc::new(Inner {
             transport,

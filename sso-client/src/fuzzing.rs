@@ -18,8 +18,3 @@ pub fn keyring(data: &[u8]) {
         let _ = crate::cache::apply(&empty, wire, 0, Some(&opener));
     }
 }
-
-/// A request body sent to the agent.
-pub fn agent_body(data: &[u8]) {
-    crate::agent::fuzz_bodies(data);
-}

@@ -21,28 +21,24 @@
 //!   the background watch long-poll, periodic poll and on-demand key fetches.
 //! - `cache`: the immutable keyring snapshot swapped through an `ArcSwap` (lock-free
 //!   reads), and [`KeyHandle`] for raw key bytes.
-//! - `transport`: HTTP/2 over mTLS per endpoint, bounded connects, failover.
-//! - [`hardening`]: no core dumps, non-dumpable, locked memory; the workspace's only
-//!   `unsafe` code.
-//! - [`daemon`]: error exits and signal handling shared by the two daemons.
-//! - [`agent`]: the `sso-agent` daemon (Unix socket, HTTP/JSON) built on [`Client`].
-//! - [`kms`]: the agent's Kubernetes KMS v2 gRPC service on a second Unix socket.
+//! - the transport (HTTP/2 over mTLS per endpoint, bounded connects, failover) is the
+//!   `sso-transport` crate, shared with the server's peer link and ssoctl.
+//!
+//! This is the library a host process links: no command line, config file, logging
+//! subscriber or daemon plumbing (the `sso-agent` daemon is its own crate, built on this
+//! one; `tests/tests/layering.rs` keeps it so). The fork hook that keeps buffered
+//! envelope nonces from repeating in a forked child comes from `sso-os`.
 //!
 //! Keys flow one way: server JSON → zeroizing base64 buffer → [`sso_proto::MasterSecret`]
 //! and its expanded AES key in the cache → envelopes. Nothing is ever written to disk.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
-pub mod agent;
 mod cache;
 pub mod client;
-pub mod daemon;
 mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-pub mod hardening;
-pub mod kms;
-pub mod transport;
 
 pub use cache::KeyHandle;
 pub use client::{BlockingClient, Client, ClientBuilder, Freshness, Status};

@@ -130,7 +130,7 @@ fn main() {
         let ours_seal = || envelope::seal(&key, AAD, black_box(&plaintext)).expect("seal");
         report(&format!("envelope seal {size} B, getpid check"), ours_seal, base_seal);
     }
-    assert!(sso_client::hardening::install_fork_hook(), "pthread_atfork failed");
+    assert!(sso_os::hardening::install_fork_hook(), "pthread_atfork failed");
     println!("-- envelope, fork hook installed (as in sso-client)");
     for size in [64usize, 1024] {
         let plaintext = vec![0x5au8; size];

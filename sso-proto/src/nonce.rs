@@ -8,13 +8,13 @@
 //! buffer therefore remembers the process it was filled in and is discarded when that
 //! changes:
 //!
-//! - when a fork hook is installed (`sso_client::hardening::install_fork_hook`, which
+//! - when a fork hook is installed (`sso_os::hardening::install_fork_hook`, which
 //!   registers `pthread_atfork`), by a fork counter the hook bumps in the child: one
 //!   atomic load per nonce;
 //! - otherwise by comparing `getpid()` (a system call, about 160 ns here; still half the
 //!   cost of `getrandom`).
 //!
-//! Tested by `sso-client/src/hardening.rs`,
+//! Tested by `sso-os/src/hardening.rs`,
 //! `tests::buffered_nonces_never_repeat_across_fork` (both paths).
 
 use std::cell::RefCell;
@@ -44,7 +44,7 @@ pub fn after_fork_in_child() {
 /// Told by the OS module once its `pthread_atfork` hook calling [`after_fork_in_child`] is
 /// registered; from then on, buffers are checked against the fork counter instead of
 /// `getpid()`. Calling this without such a hook would make buffered nonces repeat in
-/// forked children: only `sso_client::hardening::install_fork_hook` calls it.
+/// forked children: only `sso_os::hardening::install_fork_hook` calls it.
 pub fn fork_hook_installed() {
     HOOKED.store(true, Ordering::SeqCst);
 }

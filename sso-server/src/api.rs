@@ -139,7 +139,7 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
     let allowed = match segments.as_slice() {
         ["v1", "health"] => ("GET", r(Endpoint::Health, None, "health", None)),
         ["v1", "keyring"] => ("GET", r(Endpoint::Keyring, Some(Role::Client), "keyring.fetch", None)),
-        ["v1", "keyring", "watch"] => ("GET", r(Endpoint::Watch, Some(Role::Client), "keyring.watch", None)),
+        ["v1", "keyring", "watch"] => ("GET", r(Endpoint::Watch, Some(Role::Client), WATCH_OP, None)),
         ["v1", "keys", id] => ("GET", r(Endpoint::Key, Some(Role::Client), "key.fetch", Some(key(id)?))),
         ["v1", "admin", "rotate"] => ("POST", r(Endpoint::Rotate, Some(Role::Admin), "admin.rotate", None)),
         ["v1", "admin", "keys", id, "retire"] => (
@@ -176,31 +176,129 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
     route
 }
 
-/// Answers one request from an authenticated caller.
-pub async fn handle(
-    req: Request<Incoming>,
-    caller: Arc<Caller>,
-    peer: SocketAddr,
-    state: Arc<AppState>,
-) -> Response<Body> {
-    tracing::debug!(method = %req.method(), path = %req.uri().path(), identity = %caller.label, %peer, "request");
-    let (endpoint, op, mut key_id, result) = match route(req.method(), req.uri().path()) {
-        Err(e) => (Endpoint::Unknown, "request", None, Err(e)),
-        Ok(route) => {
-            let result = match route.needs {
-                Some(role) if !caller.roles.allows(role) => {
-                    state.metrics.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Err(ApiError::new(
-                        StatusCode::FORBIDDEN,
-                        "forbidden",
-                        format!("this certificate does not hold the {} role", role.as_str()),
-                    ))
-                }
-                _ => dispatch(&route, req, &caller, &state).await,
-            };
-            (route.endpoint, route.op, route.key_id, result)
-        }
+/// What every request on one connection shares: who asks, from where, of which server,
+/// the connection's activity (for its idle deadline), and, when the identity already holds
+/// too many connections, the cap it hit (every request is then answered 429).
+#[derive(Debug)]
+pub struct Conn {
+    /// The authenticated caller.
+    pub caller: Caller,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The server.
+    pub state: Arc<AppState>,
+    /// Requests in flight on the connection.
+    pub activity: Arc<crate::limits::Activity>,
+    /// The per-identity connection cap this connection is over, if any.
+    pub refused: Option<&'static str>,
+}
+
+/// Answers one request on an authenticated connection (hyper's service: it never fails).
+///
+/// Every open watch is one of these futures, inside hyper's task for its stream, so its
+/// size is most of the server's memory per watch (docs/benchmarks.md, "Memory per open
+/// watch"; the tests in `future_size`). Hence: the request comes boxed and the connection's
+/// context behind one `Arc`; [`start`] answers the hot path (health, keyring, key,
+/// refusals) without waiting and drops the request; a watch with nothing new waits here
+/// holding only a [`Parked`]; the rare endpoints (admin, peer, status), whose futures are
+/// large, run boxed.
+pub async fn handle(req: Box<Request<Incoming>>, conn: Arc<Conn>) -> Result<Response<Body>, std::convert::Infallible> {
+    let _busy = conn.activity.request();
+    if let Some(cap) = conn.refused {
+        return Ok(too_many_connections(cap));
+    }
+    // Bound in a `let` of its own, so the `Handling` is not kept beside the watch's wait.
+    let mut parked = match start(*req, &conn) {
+        Handling::Ready(response) => return Ok(response),
+        Handling::Rare(answer) => return Ok(answer.await),
+        Handling::Watch(parked) => parked,
     };
+    let result = parked.until_news(&conn.state).await;
+    // The watch route names no key; the answer's audit entry names the primary.
+    let response = finish(Endpoint::Watch, WATCH_OP, None, result, &conn);
+    drop(parked);
+    Ok(response)
+}
+
+/// The answer to every request on a connection whose identity is over its connection cap.
+fn too_many_connections(cap: &'static str) -> Response<Body> {
+    let body = serde_json::json!({
+        "error": "too_many_connections",
+        "message": format!("this certificate identity holds too many connections ({cap} cap); close some and retry"),
+    });
+    let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap_or_default())));
+    *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    headers.insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    resp
+}
+
+/// Where a request stands after [`start`].
+enum Handling {
+    /// Answered at once.
+    Ready(Response<Body>),
+    /// A watch waiting for a new epoch, the server's stop or its longest wait.
+    Watch(Parked),
+    /// An admin, peer or status request: its future is large, so it is boxed.
+    Rare(std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>),
+}
+
+/// Routes the request, checks the caller's role, and answers it if that needs no wait.
+fn start(req: Request<Incoming>, conn: &Arc<Conn>) -> Handling {
+    let (caller, state) = (&conn.caller, &conn.state);
+    tracing::debug!(method = %req.method(), path = %req.uri().path(), identity = %caller.label, peer = %conn.peer, "request");
+    let route = match route(req.method(), req.uri().path()) {
+        Ok(route) => route,
+        Err(e) => return Handling::Ready(finish(Endpoint::Unknown, "request", None, Err(e), conn)),
+    };
+    let (endpoint, op, key_id) = (route.endpoint, route.op, route.key_id);
+    let result = match route.needs {
+        Some(role) if !caller.roles.allows(role) => {
+            state.metrics.denials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!("this certificate does not hold the {} role", role.as_str()),
+            ))
+        }
+        _ => match endpoint {
+            Endpoint::Health => Ok(quiet(health(state))),
+            Endpoint::Keyring => delivery(&req, state).and_then(|d| keyring(state, &d, KEYRING_CONTEXT)),
+            Endpoint::Key => delivery(&req, state).and_then(|d| key(key_id, state, &d)),
+            Endpoint::Watch => match delivery(&req, state).and_then(|d| watch(req.uri().query(), caller, state, d)) {
+                Ok(Watching::Now(answer)) => Ok(answer),
+                // The request (its head, its body handle) is dropped here, not held for
+                // the whole wait.
+                Ok(Watching::Parked(parked)) => return Handling::Watch(parked),
+                Err(e) => Err(e),
+            },
+            _ => {
+                let conn = conn.clone();
+                return Handling::Rare(Box::pin(async move {
+                    let result = dispatch_rare(&route, req, &conn.caller, &conn.state).await;
+                    finish(route.endpoint, route.op, route.key_id, result, &conn)
+                }));
+            }
+        },
+    };
+    Handling::Ready(finish(endpoint, op, key_id, result, conn))
+}
+
+/// Counts the answer and audits it (unless it is a quiet success).
+fn finish(
+    endpoint: Endpoint,
+    op: &'static str,
+    key_id: Option<KeyId>,
+    result: Result<Answer, ApiError>,
+    conn: &Conn,
+) -> Response<Body> {
+    let (caller, peer, state) = (&conn.caller, conn.peer, &conn.state);
+    let mut key_id = key_id;
     let (response, outcome, detail) = match result {
         Ok(Answer {
             response,
@@ -266,24 +364,6 @@ fn audited(response: Response<Body>, detail: Option<String>) -> Answer {
     }
 }
 
-async fn dispatch(
-    route: &Route,
-    req: Request<Incoming>,
-    caller: &Caller,
-    state: &Arc<AppState>,
-) -> Result<Answer, ApiError> {
-    match route.endpoint {
-        Endpoint::Health => Ok(quiet(health(state))),
-        Endpoint::Keyring => keyring(state, &delivery(&req, state)?, KEYRING_CONTEXT),
-        Endpoint::Watch => watch(req.uri().query(), caller, state, &delivery(&req, state)?).await,
-        Endpoint::Key => key(route.key_id, state, &delivery(&req, state)?),
-        // The rest is rare and its futures are large (kilobytes): boxed, so the future that
-        // every request, and every open watch, carries stays small. See docs/benchmarks.md,
-        // "Memory per open watch".
-        _ => Box::pin(dispatch_rare(route, req, caller, state)).await,
-    }
-}
-
 async fn dispatch_rare(
     route: &Route,
     req: Request<Incoming>,
@@ -292,9 +372,13 @@ async fn dispatch_rare(
 ) -> Result<Answer, ApiError> {
     match route.endpoint {
         Endpoint::Status if route.op == "admin.audit_verify" => audit_verify(req.uri().query(), state).await,
+        // The hot path is answered by `start`; these arms only keep the match whole.
         Endpoint::Health => Ok(quiet(health(state))),
         Endpoint::Keyring => keyring(state, &delivery(&req, state)?, KEYRING_CONTEXT),
-        Endpoint::Watch => watch(req.uri().query(), caller, state, &delivery(&req, state)?).await,
+        Endpoint::Watch => match watch(req.uri().query(), caller, state, delivery(&req, state)?)? {
+            Watching::Now(answer) => Ok(answer),
+            Watching::Parked(mut parked) => parked.until_news(state).await,
+        },
         Endpoint::Key => key(route.key_id, state, &delivery(&req, state)?),
         Endpoint::Rotate | Endpoint::Retire | Endpoint::Destroy | Endpoint::Restore => {
             admin_write(route, req, caller, state).await
@@ -553,6 +637,8 @@ enum Delivery {
 const KEYRING_CONTEXT: &str = "/v1/keyring";
 /// ... and a wrapped watch answer.
 const WATCH_CONTEXT: &str = "/v1/keyring/watch";
+/// The audit operation of a watch.
+const WATCH_OP: &str = "keyring.watch";
 
 /// Reads the `Sso-Key-Wrap` header. Without it: plain, unless the server refuses plain.
 fn delivery(req: &Request<Incoming>, state: &AppState) -> Result<Delivery, ApiError> {
@@ -649,12 +735,22 @@ fn key(id: Option<KeyId>, state: &AppState, delivery: &Delivery) -> Result<Answe
     }
 }
 
-async fn watch(
-    query: Option<&str>,
-    caller: &Caller,
-    state: &Arc<AppState>,
-    delivery: &Delivery,
-) -> Result<Answer, ApiError> {
+/// A watch's first look: news already, or a parked wait.
+enum Watching {
+    Now(Answer),
+    Parked(Parked),
+}
+
+/// What a waiting watch holds: the epoch it has, the channel that brings a new one, how
+/// to deliver the keyring, and its slot under the watch caps.
+struct Parked {
+    after: u64,
+    rx: tokio::sync::watch::Receiver<u64>,
+    delivery: Delivery,
+    _slot: crate::limits::Slot,
+}
+
+fn watch(query: Option<&str>, caller: &Caller, state: &AppState, delivery: Delivery) -> Result<Watching, ApiError> {
     let after = query
         .unwrap_or("")
         .split('&')
@@ -668,10 +764,10 @@ async fn watch(
     // Subscribe before looking, so a change between the look and the wait is not missed.
     let mut rx = state.epoch_tx.subscribe();
     if *rx.borrow_and_update() > after {
-        return keyring(state, delivery, WATCH_CONTEXT);
+        return keyring(state, &delivery, WATCH_CONTEXT).map(Watching::Now);
     }
     // Only a watch that waits holds a slot; the caps bound the memory open watches take.
-    let _slot = state.limiter.watch(caller).map_err(|refused| match refused {
+    let slot = state.limiter.watch(caller).map_err(|refused| match refused {
         crate::limits::WatchRefused::Identity => ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_watches",
@@ -686,28 +782,53 @@ async fn watch(
             "the server holds as many watches as it allows (limits.max_watches); retry later",
         ),
     })?;
-    let wait = Duration::from_millis(state.limits.watch_max_wait_ms);
-    let mut stopping = state.stopping.subscribe();
-    let changed = tokio::time::timeout(wait, async {
-        tokio::select! {
-            r = rx.wait_for(|epoch| *epoch > after) => r.map(|_| ()).map_err(|_| ()),
-            _ = stopping.wait_for(|s| *s) => Err(()),
+    Ok(Watching::Parked(Parked {
+        after,
+        rx,
+        delivery,
+        _slot: slot,
+    }))
+}
+
+impl Parked {
+    /// Waits for an epoch past `after` (then the keyring), the server's stop (503) or the
+    /// longest wait (204). The slot is released when the `Parked` is dropped.
+    async fn until_news(&mut self, state: &AppState) -> Result<Answer, ApiError> {
+        let shutting_down = || {
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "shutting down",
+            ))
+        };
+        // One timer and one channel wait per watch: `AppState::stop` wakes the watches
+        // through the epoch channel too. `rx` was subscribed before this look at
+        // `stopping`, so a stop after it is seen as a change.
+        let deadline = tokio::time::sleep(Duration::from_millis(state.limits.watch_max_wait_ms));
+        tokio::pin!(deadline);
+        loop {
+            if *state.stopping.borrow() {
+                return shutting_down();
+            }
+            tokio::select! {
+                changed = self.rx.changed() => {
+                    if changed.is_err() {
+                        return shutting_down();
+                    }
+                    if *self.rx.borrow_and_update() > self.after && !*state.stopping.borrow() {
+                        return keyring(state, &self.delivery, WATCH_CONTEXT);
+                    }
+                }
+                () = &mut deadline => {
+                    return Ok(quiet(
+                        Response::builder()
+                            .status(StatusCode::NO_CONTENT)
+                            .body(Full::new(Bytes::new()))
+                            .unwrap_or_default(),
+                    ));
+                }
+            }
         }
-    })
-    .await;
-    match changed {
-        Ok(Ok(())) => keyring(state, delivery, WATCH_CONTEXT),
-        Ok(Err(())) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "shutting down",
-        )),
-        Err(_) => Ok(quiet(
-            Response::builder()
-                .status(StatusCode::NO_CONTENT)
-                .body(Full::new(Bytes::new()))
-                .unwrap_or_default(),
-        )),
     }
 }
 
@@ -1316,15 +1437,18 @@ mod tests {
 mod future_size {
     use super::*;
 
-    fn future_size<A, B, C, D, Fut, F: Fn(A, B, C, D) -> Fut>(_: F) -> usize {
-        std::mem::size_of::<Fut>()
-    }
-
-    /// Every open watch holds one request future; admin handlers must not inflate it.
+    /// Every request, and every open watch, is this future inside hyper's task for its
+    /// stream: neither the request head, the connection's context, the watch's wait nor the
+    /// admin handlers may inflate it. (It was 1,968 bytes in a release build before the
+    /// watch waited in a `Parked`, 8,208 before the admin handlers were boxed; see
+    /// docs/benchmarks.md, "Memory per open watch".)
     #[test]
     fn the_request_future_stays_small() {
-        let size =
-            future_size(|r: Request<Incoming>, c: Arc<Caller>, p: SocketAddr, s: Arc<AppState>| handle(r, c, p, s));
-        assert!(size <= 2048, "the request handler's future is {size} bytes");
+        fn size<F>(_: impl Fn(Box<Request<Incoming>>, Arc<Conn>) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let size = size(handle);
+        eprintln!("request future: {size} bytes");
+        assert!(size <= 640, "the request handler's future is {size} bytes");
     }
 }

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use sso_client::daemon::{fail, shutdown_signal};
+use sso_daemon::process::{fail, shutdown_signal};
 
 use clap::Parser;
 use keystore::{SealedStore, UnsealKey};
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
             "fix the [tls] file named above (docs/configuration.md, docs/operations.md)",
         );
     }
-    let hardening = sso_client::hardening::harden_process();
+    let hardening = sso_os::hardening::harden_process();
     tracing::info!(?hardening, "process hardening");
 
     let key = match unseal_key(&config.store.unseal) {
@@ -130,7 +130,7 @@ fn main() -> ExitCode {
         }
         let _ = out.flush();
         drop(out);
-        sso_client::daemon::notify_ready();
+        sso_daemon::process::notify_ready();
         match sso_server::run(config, store, https, metrics, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EX_UNAVAILABLE, &e, ""),

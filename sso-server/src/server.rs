@@ -228,7 +228,7 @@ pub async fn run(
     }
     drop(https);
     tracing::info!("shutting down: no longer accepting, draining connections");
-    state.stopping.send_replace(true);
+    state.stop();
     let _ = shutdown_tx.send(true);
     let grace = Duration::from_millis(config.limits.shutdown_grace_ms);
     // Every connection holds a permit until it is closed: all permits back means drained.
@@ -311,20 +311,16 @@ async fn serve_connection(
     let refused = slot.as_ref().err().copied();
     let limiter = state.limiter.clone();
     let activity = Activity::new();
-    let caller = Arc::new(caller);
-    let service = {
-        let activity = activity.clone();
-        service_fn(move |req| {
-            let (caller, state, activity) = (caller.clone(), state.clone(), activity.clone());
-            async move {
-                let _busy = activity.request();
-                Ok::<_, Infallible>(match refused {
-                    Some(reason) => too_many_connections(reason),
-                    None => api::handle(req, caller, peer, state).await,
-                })
-            }
-        })
-    };
+    let context = Arc::new(api::Conn {
+        caller,
+        peer,
+        state,
+        activity: activity.clone(),
+        refused,
+    });
+    // The request is boxed: the future holds it until it first runs, and an open watch
+    // holds the future for its whole wait (see `api::handle`).
+    let service = service_fn(move |req| api::handle(Box::new(req), context.clone()));
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -358,28 +354,6 @@ async fn serve_connection(
 /// Completes once the server is shutting down.
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
-}
-
-fn too_many_connections(reason: &'static str) -> hyper::Response<api::Body> {
-    let body = serde_json::json!({
-        "error": "too_many_connections",
-        "message": format!("this certificate identity holds too many connections ({reason} cap); close some and retry"),
-    });
-    let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(
-        serde_json::to_vec(&body).unwrap_or_default(),
-    )));
-    *resp.status_mut() = hyper::StatusCode::TOO_MANY_REQUESTS;
-    let headers = resp.headers_mut();
-    headers.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    headers.insert(hyper::header::RETRY_AFTER, hyper::header::HeaderValue::from_static("1"));
-    headers.insert(
-        hyper::header::CONNECTION,
-        hyper::header::HeaderValue::from_static("close"),
-    );
-    resp
 }
 
 /// Flushes the aggregated audit counts every [`AGGREGATE_INTERVAL`].

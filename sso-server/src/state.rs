@@ -63,6 +63,7 @@ pub struct AppState {
     pub epoch_tx: watch::Sender<u64>,
     /// Set once the server is shutting down: open watches answer at once (503), so their
     /// clients move to another node instead of holding the shutdown for its grace period.
+    /// Set it with [`AppState::stop`], which also wakes the watches.
     pub stopping: watch::Sender<bool>,
     /// Identity to role mapping.
     pub roles: RoleMap,
@@ -157,6 +158,14 @@ impl AppState {
         self.snapshot.store(Arc::new(snapshot));
         self.epoch_tx.send_replace(epoch);
         Ok(())
+    }
+
+    /// The server is shutting down: sets `stopping`, then wakes every open watch through
+    /// the epoch channel (a watch waits on that channel alone, to stay small), and each
+    /// answers 503.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+        self.epoch_tx.send_modify(|_| {});
     }
 }
 

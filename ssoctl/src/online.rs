@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sso_client::transport::Transport;
+use sso_transport::Transport;
 use zeroize::Zeroizing;
 
 use crate::cli::Global;
@@ -23,7 +23,7 @@ pub(crate) fn settings(global: &Global) -> Result<(Vec<String>, PathBuf, PathBuf
     // The server first: with nothing configured, that is what is missing.
     let servers = match (global.servers.is_empty(), dev) {
         (false, _) => global.servers.clone(),
-        (true, Some(dir)) => vec![sso_client::agent::dev_endpoint(dir).map_err(usage)?],
+        (true, Some(dir)) => vec![sso_agent::agent::dev_endpoint(dir).map_err(usage)?],
         (true, None) => return Err(usage("no server given (--server URL or SSOCTL_SERVER)")),
     };
     let ca = pick(&global.ca, "ca.pem", "CA (--ca)")?;
@@ -152,7 +152,7 @@ impl Online {
         idx: usize,
         path: &str,
         timeout: Duration,
-    ) -> Result<sso_client::transport::Reply, String> {
+    ) -> Result<sso_transport::Reply, String> {
         self.transport.get_on(idx, path, timeout).await
     }
 

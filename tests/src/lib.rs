@@ -608,7 +608,7 @@ impl TestAgent {
 
 /// A tonic client of `v2.KeyManagementService`.
 pub type KmsClient =
-    sso_client::kms::v2::key_management_service_client::KeyManagementServiceClient<tonic::transport::Channel>;
+    sso_agent::kms::v2::key_management_service_client::KeyManagementServiceClient<tonic::transport::Channel>;
 
 /// Connects a tonic client to a KMS v2 Unix socket (one HTTP/2 connection, reused).
 pub async fn kms_client(socket: &Path) -> KmsClient {

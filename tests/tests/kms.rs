@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sso_client::kms::v2::{DecryptRequest, EncryptRequest, StatusRequest, StatusResponse};
+use sso_agent::kms::v2::{DecryptRequest, EncryptRequest, StatusRequest, StatusResponse};
 use tests::{KmsClient, Pki, ServerSetup, TestAgent, TestServer, bin};
 use tonic::Code;
 
@@ -193,7 +193,7 @@ async fn kms_v2_encrypts_decrypts_reports_status_and_follows_rotation() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     // Empty and oversized plaintexts are refused; the largest allowed one fits in 1 KiB.
     assert_eq!(encrypt(&mut kms, b"").await.unwrap_err().code(), Code::InvalidArgument);
-    let max = sso_client::kms::MAX_PLAINTEXT;
+    let max = sso_agent::kms::MAX_PLAINTEXT;
     assert_eq!(
         encrypt(&mut kms, &vec![7; max + 1]).await.unwrap_err().code(),
         Code::InvalidArgument
@@ -329,7 +329,7 @@ async fn kms_keeps_working_through_an_outage_and_a_restarted_agent_waits_for_a_s
     // Not before the grace: a non-ok healthz fails kube-apiserver's /readyz, so a short
     // outage must not (it did: healthz turned within 1 s of the servers going down). The
     // watch answered within 2 s before the kill, hence the margin.
-    let grace = sso_client::kms::healthz_grace(Duration::from_secs(30));
+    let grace = sso_agent::kms::healthz_grace(Duration::from_secs(30));
     assert!(
         killed.elapsed() + Duration::from_secs(3) >= grace,
         "healthz turned after {:?} of outage, before the {grace:?} grace",
@@ -440,7 +440,7 @@ async fn python_grpcio_client_with_stubs_from_the_proto_speaks_kms_v2() {
     // Stubs from the repository's proto, generated now.
     let stubs = e.dir.path().join("stubs");
     std::fs::create_dir_all(&stubs).unwrap();
-    let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sso-client/proto");
+    let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sso-agent/proto");
     let out = Command::new(&python)
         .args(["-m", "grpc_tools.protoc", "-I"])
         .arg(&proto_dir)

@@ -279,7 +279,7 @@ fn the_debian_package_installs_binaries_units_man_pages_completions_and_docs() {
     let host = example_host(scratch.path());
     sso_server::Config::load(&host.install(&doc.join("examples/server.toml")))
         .unwrap_or_else(|e| panic!("the example server.toml does not load: {e}"));
-    sso_client::agent::AgentConfig::load(&host.install(&doc.join("examples/agent.toml")))
+    sso_agent::agent::AgentConfig::load(&host.install(&doc.join("examples/agent.toml")))
         .unwrap_or_else(|e| panic!("the example agent.toml does not load: {e}"));
 
     // Nothing secret, writable by others, or setuid ships.

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use sso_client::kms::v2::{DecryptRequest, EncryptRequest};
+use sso_agent::kms::v2::{DecryptRequest, EncryptRequest};
 use tests::{Pki, ServerSetup, TestAgent, TestServer, bin};
 
 /// KMS v2 gRPC vs HTTP/JSON round trips through one sso-agent.

@@ -30,7 +30,7 @@ use sso_daemon::json::{JsonError as Refusal, reply_value as reply};
 use tokio::net::UnixListener;
 use zeroize::Zeroizing;
 
-use crate::{Client, ClientBuilder, Error, Freshness};
+use sso_client::{Client, ClientBuilder, Error, Freshness};
 
 const MAX_BODY: usize = 8 << 20;
 

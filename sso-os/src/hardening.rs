@@ -52,7 +52,7 @@ pub fn harden_process() -> Hardening {
 /// nonce. Without it (or if registering fails, when this returns `false`) the nonce
 /// buffers fall back to comparing process ids, which is also fork-safe, only slower.
 /// Forks that bypass libc (a raw `clone` system call) do not run the handler; nothing in
-/// this workspace forks that way. [`crate::Client`] installs it when built.
+/// this workspace forks that way. `sso_client::Client` installs it when built.
 pub fn install_fork_hook() -> bool {
     static INSTALLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *INSTALLED.get_or_init(|| {

@@ -1,5 +1,5 @@
-//! What the two daemons (`sso-agent` here, `sso-server` beside it) share at the process
-//! edge: how a fatal error is printed, and which signals stop them.
+//! What the two daemons (`sso-server`, `sso-agent`) share at the process edge: how a
+//! fatal error is printed, which signals stop them, and the readiness notification.
 
 use std::io::Write;
 use std::process::ExitCode;

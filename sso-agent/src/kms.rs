@@ -34,7 +34,7 @@ use zeroize::Zeroizing;
 
 pub use crate::agent::KmsConfig;
 use crate::agent::{REFUSALS_ANSWERED_PER_UID, UidAllowlist, UidCounts};
-use crate::{Client, Error, Freshness};
+use sso_client::{Client, Error, Freshness};
 
 /// Bindings generated from the published API (`proto/kms/v2/api.proto`, package `v2`) by
 /// tonic-prost-build; `tests/kms_proto.rs` regenerates them with protox and compares.

@@ -3,7 +3,7 @@
 //! (pure Rust, no system `protoc`) and compared byte for byte.
 //!
 //! After changing the proto or upgrading tonic/prost, regenerate with
-//! `SSO_REGENERATE_KMS=1 cargo test -p sso-client --test kms_proto` and review the diff.
+//! `SSO_REGENERATE_KMS=1 cargo test -p sso-agent --test kms_proto` and review the diff.
 
 use std::path::Path;
 
@@ -38,7 +38,7 @@ fn checked_in_kms_bindings_match_the_proto() {
     assert!(
         checked_in == fresh,
         "{} is not what the proto generates today; run \
-         `SSO_REGENERATE_KMS=1 cargo test -p sso-client --test kms_proto` and review the diff",
+         `SSO_REGENERATE_KMS=1 cargo test -p sso-agent --test kms_proto` and review the diff",
         path.display()
     );
     // The proto is the published upstream API, package v2, with its licence header.

@@ -5,12 +5,12 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use sso_client::daemon::{fail, shutdown_signal};
+use sso_daemon::process::{fail, shutdown_signal};
 
 use clap::Parser;
-use sso_client::agent::cli::Args;
-use sso_client::agent::{self, AgentConfig, UidAllowlist};
-use sso_client::kms::{self, KmsConfig};
+use sso_agent::agent::cli::Args;
+use sso_agent::agent::{self, AgentConfig, UidAllowlist};
+use sso_agent::kms::{self, KmsConfig};
 
 fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
         .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .init();
-    let hardening = sso_client::hardening::harden_process();
+    let hardening = sso_os::hardening::harden_process();
     tracing::info!(?hardening, "process hardening");
 
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -102,7 +102,7 @@ fn main() -> ExitCode {
         }
         let _ = out.flush();
         drop(out);
-        sso_client::daemon::notify_ready();
+        sso_daemon::process::notify_ready();
         let max_per_uid = config.max_connections_per_uid;
         let kms = kms_listener.map(|l| {
             let uids = config
