@@ -3,6 +3,8 @@
 use certs::PeerIdentity;
 
 use crate::config::RolesConfig;
+/// Identity patterns are parsed with the config (`sso-config`), which ssoctl shares.
+pub use sso_config::Pattern;
 
 /// A role, as SPEC §5 defines them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,48 +24,6 @@ impl Role {
             Self::Client => "client",
             Self::Admin => "admin",
             Self::Peer => "peer",
-        }
-    }
-}
-
-/// One identity pattern from the config.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Pattern {
-    /// Subject CN equals this.
-    Cn(String),
-    /// Any certificate (the client CA already vouched for it).
-    AnyCn,
-    /// A SAN DNS name equals this.
-    Dns(String),
-    /// A SAN URI equals this.
-    Uri(String),
-}
-
-impl Pattern {
-    /// Parses `cn:NAME`, `cn:*`, `dns:NAME` or `uri:URI`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (kind, value) = text
-            .split_once(':')
-            .ok_or_else(|| format!("{text:?} is not KIND:VALUE (kinds: cn, dns, uri)"))?;
-        if value.is_empty() {
-            return Err(format!("{text:?} has an empty value"));
-        }
-        match kind.to_ascii_lowercase().as_str() {
-            "cn" if value == "*" => Ok(Self::AnyCn),
-            "cn" => Ok(Self::Cn(value.into())),
-            "dns" => Ok(Self::Dns(value.to_ascii_lowercase())),
-            "uri" => Ok(Self::Uri(value.into())),
-            other => Err(format!("unknown identity kind {other:?} (kinds: cn, dns, uri)")),
-        }
-    }
-
-    /// Whether a certificate identity matches this pattern.
-    pub fn matches(&self, id: &PeerIdentity) -> bool {
-        match self {
-            Self::AnyCn => true,
-            Self::Cn(cn) => id.common_name.as_deref() == Some(cn.as_str()),
-            Self::Dns(dns) => id.dns_names.iter().any(|d| d.eq_ignore_ascii_case(dns)),
-            Self::Uri(uri) => id.uris.iter().any(|u| u == uri),
         }
     }
 }
