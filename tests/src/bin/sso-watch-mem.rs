@@ -75,6 +75,20 @@ fn cpu_seconds(pid: &str) -> f64 {
     ticks as f64 / 100.0
 }
 
+/// Seconds the threads of a process have spent runnable but waiting for a core (the second
+/// field of each `/proc/PID/task/TID/schedstat`, in nanoseconds), summed.
+fn run_queue_wait_seconds(pid: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .sum::<u64>() as f64
+        / 1e9
+}
+
 /// RSS after it has stopped moving (three readings 300 ms apart within 4 KiB).
 async fn settled_rss(pid: u32) -> u64 {
     let mut last = rss_bytes(pid);
@@ -246,6 +260,7 @@ async fn run(args: Args) {
         return;
     }
     let (server_cpu, own_cpu) = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
+    let server_waited = run_queue_wait_seconds(&pid.to_string());
     let asked = Instant::now();
     let rotated = admin.post("/v1/admin/rotate", &serde_json::json!({})).await.unwrap();
     let answered = Instant::now();
@@ -269,6 +284,7 @@ async fn run(args: Args) {
     }
     let server_cpu = cpu_seconds(&pid.to_string()) - server_cpu;
     let own_cpu = cpu_seconds("self") - own_cpu;
+    let server_waited = run_queue_wait_seconds(&pid.to_string()) - server_waited;
     server.kill();
     let first = times.iter().min().copied().unwrap_or(answered);
     let before_answer = times.iter().filter(|t| **t < answered).count();
@@ -293,7 +309,8 @@ async fn run(args: Args) {
     );
     let last = times.iter().max().copied().unwrap_or(answered);
     println!(
-        "  CPU from the rotate's request to the last answer ({:.0} ms): sso-server {server_cpu:.2} s, \
+        "  CPU from the rotate's request to the last answer ({:.0} ms): sso-server {server_cpu:.2} s \
+         (and {server_waited:.2} s runnable, waiting for a core, summed over its threads), \
          this load generator {own_cpu:.2} s (USER_HZ 100 assumed)",
         last.saturating_duration_since(asked).as_secs_f64() * 1000.0
     );
