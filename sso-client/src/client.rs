@@ -14,7 +14,7 @@ use tokio::sync::OnceCell;
 
 use crate::Error;
 use crate::cache::{self, Cache, CachedKey, KeyHandle};
-use crate::transport::{Header, Transport};
+use sso_transport::{Header, Transport};
 
 /// How long a watch long-poll may stay open; the server answers 204 well before.
 const WATCH_TIMEOUT: Duration = Duration::from_secs(40);

@@ -51,3 +51,9 @@ impl From<sso_tls::TlsError> for Error {
         Self::Config(e.to_string())
     }
 }
+
+impl From<sso_transport::ConfigError> for Error {
+    fn from(e: sso_transport::ConfigError) -> Self {
+        Self::Config(e.0)
+    }
+}

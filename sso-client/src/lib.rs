@@ -21,7 +21,8 @@
 //!   the background watch long-poll, periodic poll and on-demand key fetches.
 //! - `cache`: the immutable keyring snapshot swapped through an `ArcSwap` (lock-free
 //!   reads), and [`KeyHandle`] for raw key bytes.
-//! - `transport`: HTTP/2 over mTLS per endpoint, bounded connects, failover.
+//! - the transport (HTTP/2 over mTLS per endpoint, bounded connects, failover) is the
+//!   `sso-transport` crate, shared with the server's peer link and ssoctl.
 //!
 //! This is the library a host process links: no command line, config file, logging
 //! subscriber or daemon plumbing (the `sso-agent` daemon is its own crate, built on this
@@ -38,7 +39,6 @@ pub mod client;
 mod error;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
-pub mod transport;
 
 pub use cache::KeyHandle;
 pub use client::{BlockingClient, Client, ClientBuilder, Freshness, Status};

@@ -27,8 +27,8 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, ServerName
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
-use sso_client::transport::Transport;
 use sso_proto::{KeyId, KeyMeta, KeyState, MasterSecret};
+use sso_transport::Transport;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use zeroize::Zeroizing;

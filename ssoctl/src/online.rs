@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use sso_client::transport::Transport;
+use sso_transport::Transport;
 use zeroize::Zeroizing;
 
 use crate::cli::Global;
@@ -152,7 +152,7 @@ impl Online {
         idx: usize,
         path: &str,
         timeout: Duration,
-    ) -> Result<sso_client::transport::Reply, String> {
+    ) -> Result<sso_transport::Reply, String> {
         self.transport.get_on(idx, path, timeout).await
     }
 

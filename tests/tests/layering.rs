@@ -4,7 +4,9 @@
 //! - `sso-client` is the library a host process links: no command line (clap), config
 //!   file (toml), logging subscriber (tracing-subscriber), gRPC (tonic, prost) or daemon
 //!   plumbing (sso-daemon), and not the agent;
-//! - the daemons' shared crates (sso-daemon, sso-os, sso-tls) do not link the client.
+//! - the daemons' shared crates (sso-daemon, sso-os, sso-tls, sso-transport) do not link
+//!   the client;
+//! - the server reaches its peer through sso-transport, not through the client library.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -63,10 +65,15 @@ fn the_client_library_links_no_cli_config_logging_or_daemon_crates() {
 
 #[test]
 fn the_shared_low_crates_link_neither_client_nor_server() {
-    for package in ["sso-daemon", "sso-os", "sso-tls"] {
+    for package in ["sso-daemon", "sso-os", "sso-tls", "sso-transport"] {
         refuse(
             package,
             &["sso-client", "sso-agent", "sso-server", "keystore", "clap", "toml"],
         );
     }
+}
+
+#[test]
+fn the_server_links_neither_the_client_library_nor_the_agent() {
+    refuse("sso-server", &["sso-client", "sso-agent"]);
 }

@@ -2,8 +2,11 @@
 //! with a short bound on TCP connect plus TLS and HTTP/2 handshakes, and failover across
 //! the endpoint list that starts at the last endpoint that answered.
 //!
-//! Public because `sso-server` reaches its peer through it too; applications use
-//! [`crate::Client`].
+//! Its own crate because three audiences use it: the client library (`sso-client`, whose
+//! `Client` applications use), the server's peer link and ssoctl; the server and ssoctl
+//! need it without the client library. Client configurations come from `sso_tls`.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,7 +22,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use zeroize::Zeroizing;
 
-use crate::Error;
+/// A transport that cannot be built: no endpoint, or an endpoint that is not
+/// `https://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("client configuration: {0}")]
+pub struct ConfigError(pub String);
 
 /// Why a write on one endpoint failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,31 +90,35 @@ impl std::fmt::Debug for Transport {
 
 impl Transport {
     /// Endpoints are `https://host:port`; `tls` must offer ALPN `h2`.
-    pub fn new(urls: &[String], tls: Arc<rustls::ClientConfig>, connect_timeout: Duration) -> Result<Self, Error> {
+    pub fn new(
+        urls: &[String],
+        tls: Arc<rustls::ClientConfig>,
+        connect_timeout: Duration,
+    ) -> Result<Self, ConfigError> {
         if urls.is_empty() {
-            return Err(Error::Config("no endpoints configured".into()));
+            return Err(ConfigError("no endpoints configured".into()));
         }
         let endpoints = urls
             .iter()
             .map(|url| {
                 let rest = url
                     .strip_prefix("https://")
-                    .ok_or_else(|| Error::Config(format!("endpoint {url:?} must start with https://")))?;
+                    .ok_or_else(|| ConfigError(format!("endpoint {url:?} must start with https://")))?;
                 let authority = rest.trim_end_matches('/').to_owned();
                 if authority.contains('/') {
-                    return Err(Error::Config(format!("endpoint {url:?} must not have a path")));
+                    return Err(ConfigError(format!("endpoint {url:?} must not have a path")));
                 }
                 let host = match authority.rsplit_once(':') {
                     Some((h, port)) if port.parse::<u16>().is_ok() => h,
                     _ => {
-                        return Err(Error::Config(format!(
+                        return Err(ConfigError(format!(
                             "endpoint {url:?} needs a port, e.g. https://host:7443"
                         )));
                     }
                 };
                 let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
                 let server_name =
-                    ServerName::try_from(host).map_err(|_| Error::Config(format!("endpoint {url:?}: invalid host")))?;
+                    ServerName::try_from(host).map_err(|_| ConfigError(format!("endpoint {url:?}: invalid host")))?;
                 Ok(Endpoint {
                     url: url.trim_end_matches('/').to_owned(),
                     authority,
@@ -117,7 +128,7 @@ impl Transport {
                     down: Arc::new(AtomicBool::new(false)),
                 })
             })
-            .collect::<Result<Vec<_>, Error>>()?;
+            .collect::<Result<Vec<_>, ConfigError>>()?;
         Ok(Self {
             endpoints,
             preferred: AtomicUsize::new(0),
