@@ -2,8 +2,9 @@
 
 use certs::PeerIdentity;
 
-pub use crate::config::Pattern;
 use crate::config::RolesConfig;
+/// Identity patterns are parsed with the config (`sso-config`), which ssoctl shares.
+pub use sso_config::Pattern;
 
 /// A role, as SPEC §5 defines them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

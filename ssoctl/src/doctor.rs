@@ -152,7 +152,7 @@ async fn run_checks(g: &Global, config: Option<&Path>) -> Vec<Check> {
         .or_else(|| g.dev.as_ref().map(|d| d.join("server.toml")).filter(|p| p.exists()));
     let server_config = match &config_path {
         None => None,
-        Some(path) => match sso_server::config::Config::load(path) {
+        Some(path) => match sso_config::Config::load(path) {
             Ok(c) => {
                 checks.push(check(
                     Level::Ok,

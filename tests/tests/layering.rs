@@ -6,7 +6,9 @@
 //!   plumbing (sso-daemon), and not the agent;
 //! - the daemons' shared crates (sso-daemon, sso-os, sso-tls, sso-transport) do not link
 //!   the client;
-//! - the server reaches its peer through sso-transport, not through the client library.
+//! - the server reaches its peer through sso-transport, not through the client library;
+//! - ssoctl reads the server's config (sso-config) and verifies the audit log
+//!   (keystore::audit) without linking the server.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -76,4 +78,10 @@ fn the_shared_low_crates_link_neither_client_nor_server() {
 #[test]
 fn the_server_links_neither_the_client_library_nor_the_agent() {
     refuse("sso-server", &["sso-client", "sso-agent"]);
+}
+
+#[test]
+fn ssoctl_does_not_link_the_server() {
+    refuse("ssoctl", &["sso-server"]);
+    refuse("sso-config", &["sso-server", "sso-client"]);
 }

@@ -1,0 +1,587 @@
+//! `sso-config`: the server's TOML configuration, validated before any port is bound.
+//!
+//! Relative paths are resolved against the directory of the config file, so a config and
+//! its certificates can move together.
+//!
+//! Its own crate so that the server and `ssoctl doctor` read a config with one parser
+//! without ssoctl linking the server (the server re-exports it as `sso_server::config`).
+//! It also owns the identity [`Pattern`]s the config names (roles, the peer), which breaks
+//! the old `config` ↔ `identity` import circle of the server.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use certs::PeerIdentity;
+use serde::Deserialize;
+
+/// A configuration problem, naming the field at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("config {field}: {problem}")]
+pub struct ConfigError {
+    /// The dotted path of the field, such as `tls.client_ca`.
+    pub field: String,
+    /// What is wrong and, where possible, how to fix it.
+    pub problem: String,
+}
+
+fn err(field: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This node's name: in audit entries, health answers and as the origin of its keys.
+    pub node: String,
+    /// HTTPS listen address.
+    pub listen: SocketAddr,
+    /// Plain-HTTP Prometheus metrics address; loopback by default. Secrets never appear.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    /// Certificates and TLS policy.
+    pub tls: TlsConfig,
+    /// The keystore and how to unseal it.
+    pub store: StoreConfig,
+    /// The audit log.
+    pub audit: AuditConfig,
+    /// Which certificate identities hold which role.
+    pub roles: RolesConfig,
+    /// Connection and request limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The other node of the failover pair; absent for a standalone server.
+    #[serde(default)]
+    pub peer: Option<PeerConfig>,
+    /// How key material is handed out (docs/key-delivery.md).
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// The file this was loaded from: SIGHUP re-reads its `[tls]` section.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// The other node of the pair.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its HTTPS address, `https://host:port`.
+    pub url: String,
+    /// The identity its server certificate must show (`cn:…`, `dns:…`, `uri:…`); its
+    /// client certificate must also hold the `peer` role through `roles.peer`.
+    pub identity: String,
+    /// Anti-entropy period: how often each node pulls the other's key set.
+    #[serde(default = "default_sync_interval_ms")]
+    pub sync_interval_ms: u64,
+    /// Timeout of one replication request.
+    #[serde(default = "default_peer_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Client certificate presented to the peer (default: `tls.cert`).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its key (default: `tls.key`).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// CA for the peer's server certificate (default: `tls.client_ca`).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+fn default_sync_interval_ms() -> u64 {
+    500
+}
+fn default_peer_timeout_ms() -> u64 {
+    2_000
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9443))
+}
+
+/// TLS settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Server private key, PEM (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// CA certificates that client certificates must chain to, PEM.
+    pub client_ca: PathBuf,
+    /// Certificate revocation lists, PEM or DER.
+    #[serde(default)]
+    pub crls: Vec<PathBuf>,
+    /// Lowest TLS version accepted: "1.3" (default) or "1.2".
+    #[serde(default = "default_min_version")]
+    pub min_version: String,
+    /// Bound on the whole TLS handshake; rustls has no timeout of its own.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Issuing (intermediate) CA certificates, PEM, whose CRLs `crls` lists although they
+    /// are not in `client_ca`: each must be signed by a CA in `client_ca`. Used only to
+    /// check CRL signatures; they are not trust anchors.
+    #[serde(default)]
+    pub crl_issuers: Option<PathBuf>,
+    /// Which certificates of a client's chain are checked against the CRLs:
+    /// `"end_entity"` (default) or `"full_chain"`.
+    #[serde(default)]
+    pub revocation: Revocation,
+    /// Accept a certificate whose issuer has no CRL in `crls` (by default, once any CRL is
+    /// configured, such a certificate is refused).
+    #[serde(default)]
+    pub allow_unknown_revocation: bool,
+}
+
+/// Which certificates of a client's chain are checked against the CRLs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Revocation {
+    /// Only the client's own certificate: listing the issuing CA's CRL is enough.
+    #[default]
+    EndEntity,
+    /// Every certificate below the trust anchor: each CA in the chain needs its CRL.
+    FullChain,
+}
+
+fn default_min_version() -> String {
+    "1.3".into()
+}
+fn default_handshake_timeout_ms() -> u64 {
+    5_000
+}
+
+/// Where the keystore is and how it is unsealed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The SQLite store file.
+    pub path: PathBuf,
+    /// The unseal secret's source.
+    pub unseal: UnsealConfig,
+}
+
+/// Exactly one source of the unseal secret.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UnsealConfig {
+    /// A 32-byte key file (mode 0600).
+    pub key_file: Option<PathBuf>,
+    /// Environment variable holding the key as 64 hex characters.
+    pub key_env: Option<String>,
+    /// A file holding the passphrase (mode 0600).
+    pub passphrase_file: Option<PathBuf>,
+    /// Environment variable holding the passphrase.
+    pub passphrase_env: Option<String>,
+    /// Ask for the passphrase on the terminal at start.
+    #[serde(default)]
+    pub prompt: bool,
+}
+
+/// The audit log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Append-only JSON-lines file, chained with a keyed MAC.
+    pub path: PathBuf,
+    /// Entries waiting for the writer before new ones are dropped (and counted).
+    #[serde(default = "default_audit_queue")]
+    pub queue: usize,
+    /// Rotate the file when it reaches this many bytes (0: never; SIGHUP always reopens).
+    #[serde(default)]
+    pub rotate_bytes: u64,
+}
+
+fn default_audit_queue() -> usize {
+    65_536
+}
+
+/// Identity patterns per role. A pattern is `cn:NAME`, `dns:NAME`, `uri:URI`, or
+/// `cn:*` (any certificate the client CA issued).
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RolesConfig {
+    /// May fetch keys and watch the keyring.
+    #[serde(default)]
+    pub client: Vec<String>,
+    /// May do everything a client may, plus rotate, retire, destroy, status, backup and
+    /// restore.
+    #[serde(default)]
+    pub admin: Vec<String>,
+    /// The other node of the pair: replication endpoints only.
+    #[serde(default)]
+    pub peer: Vec<String>,
+}
+
+/// How key material is handed out (docs/key-delivery.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Answer key requests without a `Sso-Key-Wrap` header with the keys in plain base64
+    /// (what `curl` gets). `false`: such requests get 406 `wrapped_delivery_required`, and
+    /// key material only ever leaves sealed to the asking client's ephemeral key.
+    pub allow_plain: bool,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self { allow_plain: true }
+    }
+}
+
+/// Connection and request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections served at once, handshakes included; further ones wait in the listen
+    /// backlog. The process needs a file-descriptor limit above this.
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once (connections with no verified identity yet).
+    /// Past it, each new connection closes the oldest pending handshake, so silent TCP
+    /// connections cannot hold the slots that authenticated clients need. Never more than
+    /// `max_connections`.
+    pub max_pending_handshakes: usize,
+    /// Connections one certificate identity that holds a role may keep open; past it,
+    /// new connections are answered 429 and closed.
+    pub max_connections_per_identity: usize,
+    /// Connections a certificate identity that holds no role may keep open (it can only
+    /// reach `/v1/health` anyway).
+    pub max_connections_per_roleless_identity: usize,
+    /// Deadline from the end of the TLS handshake to the first complete request head, on
+    /// every protocol (HTTP/1.1, HTTP/2, and the protocol detection before either).
+    /// Default: `header_read_timeout_ms`.
+    pub first_request_timeout_ms: Option<u64>,
+    /// A connection with no request in flight for this long is closed (HTTP/2 with
+    /// GOAWAY). HTTP/1.1 keep-alive connections are also bounded by the header timeout.
+    pub idle_timeout_ms: u64,
+    /// Watch long-polls open at once, over all identities; past it, 503.
+    pub max_watches: usize,
+    /// Watch long-polls one identity may hold open; past it, 429.
+    pub max_watches_per_identity: usize,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Time allowed to send request headers (slow-loris bound), and the keep-alive idle
+    /// limit between requests.
+    pub header_read_timeout_ms: u64,
+    /// Time allowed to send a request body.
+    pub body_read_timeout_ms: u64,
+    /// Longest a watch long-poll waits before answering 204.
+    pub watch_max_wait_ms: u64,
+    /// Bounded drain on shutdown.
+    pub shutdown_grace_ms: u64,
+    /// Longest a connection lives. Then it is ended gracefully (HTTP/2 GOAWAY, or
+    /// `Connection: close` after the current HTTP/1.1 request) so clients reconnect, and
+    /// with the new connection go through the current CA, CRLs and roles again.
+    pub max_connection_age_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 16_384,
+            max_pending_handshakes: 12_288,
+            max_connections_per_identity: 1024,
+            max_connections_per_roleless_identity: 4,
+            first_request_timeout_ms: None,
+            idle_timeout_ms: 60_000,
+            max_watches: 16_384,
+            max_watches_per_identity: 1024,
+            max_body_bytes: 1 << 20,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 10_000,
+            watch_max_wait_ms: 25_000,
+            shutdown_grace_ms: 5_000,
+            max_connection_age_ms: 3_600_000,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// "text" or "json".
+    pub format: String,
+    /// An env-filter directive such as "info" or "sso_server=debug".
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative paths become relative to the
+    /// file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| err("file", format!("{}: {e}", path.display())))?;
+        let mut config = Self::parse(&text)?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.resolve_paths(&base);
+        config.validate()?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses TOML text; the error names the field serde stopped at.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let field = e
+                .span()
+                .map(|s| text[..s.start].lines().count().to_string())
+                .unwrap_or_default();
+            err(&format!("(line {field})"), e.message().to_owned())
+        })
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        fix(&mut self.tls.client_ca);
+        self.tls.crls.iter_mut().for_each(fix);
+        self.tls.crl_issuers.as_mut().map(fix);
+        fix(&mut self.store.path);
+        fix(&mut self.audit.path);
+        self.store.unseal.key_file.as_mut().map(fix);
+        if let Some(peer) = self.peer.as_mut() {
+            peer.cert.as_mut().map(fix);
+            peer.key.as_mut().map(fix);
+            peer.ca.as_mut().map(fix);
+        }
+        self.store.unseal.passphrase_file.as_mut().map(fix);
+    }
+
+    /// Checks everything that can be checked without binding a port or unsealing.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !keystore::validate::is_valid_node_name(&self.node) {
+            return Err(err("node", format!("must be {}", keystore::validate::NODE_NAME_RULE)));
+        }
+        if self.metrics_listen == self.listen && self.listen.port() != 0 {
+            return Err(err("metrics_listen", "must differ from listen"));
+        }
+        for (field, path) in [
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+            ("tls.client_ca", &self.tls.client_ca),
+        ] {
+            if !path.is_file() {
+                return Err(err(
+                    field,
+                    format!("{} does not exist or is not a file", path.display()),
+                ));
+            }
+        }
+        for (i, crl) in self.tls.crls.iter().enumerate() {
+            if !crl.is_file() {
+                return Err(err(
+                    &format!("tls.crls[{i}]"),
+                    format!("{} does not exist", crl.display()),
+                ));
+            }
+        }
+        if let Some(p) = &self.tls.crl_issuers
+            && !p.is_file()
+        {
+            return Err(err("tls.crl_issuers", format!("{} does not exist", p.display())));
+        }
+        if sso_tls::MinVersion::parse(&self.tls.min_version).is_none() {
+            return Err(err("tls.min_version", "must be \"1.3\" or \"1.2\""));
+        }
+        if !(100..=120_000).contains(&self.tls.handshake_timeout_ms) {
+            return Err(err("tls.handshake_timeout_ms", "must be between 100 and 120000"));
+        }
+        if !self.store.path.exists() {
+            return Err(err(
+                "store.path",
+                format!(
+                    "{} does not exist: create the store first (ssoctl init)",
+                    self.store.path.display()
+                ),
+            ));
+        }
+        let u = &self.store.unseal;
+        let sources = [
+            u.key_file.is_some(),
+            u.key_env.is_some(),
+            u.passphrase_file.is_some(),
+            u.passphrase_env.is_some(),
+            u.prompt,
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            return Err(err(
+                "store.unseal",
+                "set exactly one of key_file, key_env, passphrase_file, passphrase_env, prompt",
+            ));
+        }
+        if let Some(parent) = self.audit.path.parent()
+            && !parent.as_os_str().is_empty()
+            && !parent.is_dir()
+        {
+            return Err(err(
+                "audit.path",
+                format!("directory {} does not exist", parent.display()),
+            ));
+        }
+        if self.audit.queue == 0 {
+            return Err(err("audit.queue", "must be at least 1"));
+        }
+        for (role, patterns) in [
+            ("client", &self.roles.client),
+            ("admin", &self.roles.admin),
+            ("peer", &self.roles.peer),
+        ] {
+            for (i, p) in patterns.iter().enumerate() {
+                Pattern::parse(p).map_err(|problem| err(&format!("roles.{role}[{i}]"), problem))?;
+            }
+        }
+        if self.roles.client.is_empty() && self.roles.admin.is_empty() {
+            return Err(err(
+                "roles",
+                "no identity may do anything: set roles.client or roles.admin",
+            ));
+        }
+        if let Some(peer) = &self.peer {
+            if !peer.url.starts_with("https://") {
+                return Err(err("peer.url", "must be https://host:port"));
+            }
+            Pattern::parse(&peer.identity).map_err(|p| err("peer.identity", p))?;
+            if self.roles.peer.is_empty() {
+                return Err(err(
+                    "roles.peer",
+                    "a peer is configured but no identity holds the peer role",
+                ));
+            }
+            if !(50..=60_000).contains(&peer.sync_interval_ms) {
+                return Err(err("peer.sync_interval_ms", "must be between 50 and 60000"));
+            }
+            for (field, path) in [
+                ("peer.cert", &peer.cert),
+                ("peer.key", &peer.key),
+                ("peer.ca", &peer.ca),
+            ] {
+                if let Some(p) = path
+                    && !p.is_file()
+                {
+                    return Err(err(field, format!("{} does not exist", p.display())));
+                }
+            }
+        }
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            return Err(err("limits.max_connections", "must be at least 1"));
+        }
+        if l.max_pending_handshakes == 0 {
+            return Err(err("limits.max_pending_handshakes", "must be at least 1"));
+        }
+        if l.max_connections_per_identity == 0 || l.max_connections_per_roleless_identity == 0 {
+            return Err(err(
+                "limits.max_connections_per_identity",
+                "per-identity connection caps must be at least 1",
+            ));
+        }
+        if l.max_watches == 0 || l.max_watches_per_identity == 0 {
+            return Err(err("limits.max_watches", "watch caps must be at least 1"));
+        }
+        let first = l.first_request_timeout_ms.unwrap_or(l.header_read_timeout_ms);
+        if !(100..=3_600_000).contains(&first) || !(100..=3_600_000).contains(&l.idle_timeout_ms) {
+            return Err(err(
+                "limits.first_request_timeout_ms",
+                "first_request_timeout_ms and idle_timeout_ms must be between 100 and 3600000",
+            ));
+        }
+        if l.max_body_bytes < 1024 {
+            return Err(err("limits.max_body_bytes", "must be at least 1024"));
+        }
+        if l.header_read_timeout_ms == 0 || l.body_read_timeout_ms == 0 {
+            return Err(err("limits", "timeouts must be positive"));
+        }
+        if !(1_000..=604_800_000).contains(&l.max_connection_age_ms) {
+            return Err(err(
+                "limits.max_connection_age_ms",
+                "must be between 1000 (1 s) and 604800000 (7 days)",
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(err("log.format", "must be \"text\" or \"json\""));
+        }
+        Ok(())
+    }
+
+    /// The handshake timeout as a duration.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.tls.handshake_timeout_ms)
+    }
+}
+
+/// One identity pattern from the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    /// Subject CN equals this.
+    Cn(String),
+    /// Any certificate (the client CA already vouched for it).
+    AnyCn,
+    /// A SAN DNS name equals this.
+    Dns(String),
+    /// A SAN URI equals this.
+    Uri(String),
+}
+
+impl Pattern {
+    /// Parses `cn:NAME`, `cn:*`, `dns:NAME` or `uri:URI`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (kind, value) = text
+            .split_once(':')
+            .ok_or_else(|| format!("{text:?} is not KIND:VALUE (kinds: cn, dns, uri)"))?;
+        if value.is_empty() {
+            return Err(format!("{text:?} has an empty value"));
+        }
+        match kind.to_ascii_lowercase().as_str() {
+            "cn" if value == "*" => Ok(Self::AnyCn),
+            "cn" => Ok(Self::Cn(value.into())),
+            "dns" => Ok(Self::Dns(value.to_ascii_lowercase())),
+            "uri" => Ok(Self::Uri(value.into())),
+            other => Err(format!("unknown identity kind {other:?} (kinds: cn, dns, uri)")),
+        }
+    }
+
+    /// Whether a certificate identity matches this pattern.
+    pub fn matches(&self, id: &PeerIdentity) -> bool {
+        match self {
+            Self::AnyCn => true,
+            Self::Cn(cn) => id.common_name.as_deref() == Some(cn.as_str()),
+            Self::Dns(dns) => id.dns_names.iter().any(|d| d.eq_ignore_ascii_case(dns)),
+            Self::Uri(uri) => id.uris.iter().any(|u| u == uri),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_and_bad_values_name_the_field() {
+        let e = Config::parse("node = 'a'\nlisten = 'nonsense'\n").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+        let e = Config::parse("bogus = 1").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+}
