@@ -9,7 +9,7 @@
 //!   as `kms/v2.rs`, compared with a regeneration by `tests/kms_proto.rs`).
 //! - `bin/sso-agent.rs`: the daemon (`sso_daemon::process` for exits, signals and
 //!   readiness; `sso_os::hardening` at start).
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod agent;

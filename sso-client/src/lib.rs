@@ -31,7 +31,7 @@
 //!
 //! Keys flow one way: server JSON → zeroizing base64 buffer → [`sso_proto::MasterSecret`]
 //! and its expanded AES key in the cache → envelopes. Nothing is ever written to disk.
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod cache;
