@@ -173,6 +173,44 @@ async fn a_store_that_cannot_be_written_is_store_unavailable_and_health_is_degra
     eprintln!("store write faults answered: {faults}");
 }
 
+/// The server itself, with no wrapper: a write past `LimitFSIZE` (systemd) or a shell's
+/// `ulimit -f` must be a refused write, not a process killed by SIGXFSZ (whose default
+/// action is to terminate), taking every client's key service down with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_past_its_file_size_limit_refuses_writes_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(&root.join("pki"));
+    let setup = ServerSetup::new(&root.join("node"), &pki, "node-a", "", "");
+    let mut server = TestServer::start(&bin("sso-server"), &setup.config, &root.join("server.log"));
+    let admin = Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
+    let client = Client::new(server.https, &pki.ca_file, Some(&pki.client("client")));
+    assert_eq!(
+        admin.post("/v1/admin/rotate", &serde_json::json!({})).await.unwrap().status,
+        200
+    );
+
+    file_size_limit(server.pid(), "1");
+    // The fault really happened: the write was refused, not answered from memory.
+    let reply = admin.post("/v1/admin/rotate", &serde_json::json!({})).await;
+    // A process killed by a signal closes its sockets before it can be reaped: give the
+    // exit a moment to show before asking.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        server.is_running(),
+        "the server died on a write past its file-size limit (SIGXFSZ); answer: {reply:?}"
+    );
+    let reply = reply.unwrap();
+    assert_eq!(reply.status, 503, "{:?}", reply.body);
+    assert_eq!(reply.json()["error"], "store_unavailable");
+    assert_eq!(client.get("/v1/keyring").await.unwrap().status, 200);
+    assert!(server.is_running(), "the server died while auditing past its file-size limit");
+
+    file_size_limit(server.pid(), "unlimited");
+    let reply = admin.post("/v1/admin/rotate", &serde_json::json!({})).await.unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_on_a_node_whose_store_cannot_be_written_leaves_the_peer_untouched() {
     let dir = tempfile::tempdir().unwrap();
