@@ -18,6 +18,10 @@ pub struct Hardening {
     pub memory_locked: bool,
     /// Why memory is not locked, when it is not.
     pub memory_lock_problem: Option<String>,
+    /// SIGXFSZ is ignored: a write past the file-size limit (`LimitFSIZE`, `ulimit -f`)
+    /// fails with EFBIG, which the store and the audit log report like a full disk,
+    /// instead of killing the process (the signal's default action).
+    pub file_size_signal_ignored: bool,
 }
 
 /// Disables core dumps, marks the process non-dumpable, and locks memory when the
@@ -33,6 +37,10 @@ pub fn harden_process() -> Hardening {
         ..Hardening::default()
     };
     result.non_dumpable = set_non_dumpable().is_ok();
+    result.file_size_signal_ignored = ignore_file_size_signal().is_ok();
+    if !result.file_size_signal_ignored {
+        tracing::warn!("a write past the file-size limit will kill this process (SIGXFSZ)");
+    }
     match lock_memory() {
         Ok(()) => result.memory_locked = true,
         Err(problem) => result.memory_lock_problem = Some(problem),
@@ -95,6 +103,17 @@ fn disable_core_dumps() -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+fn ignore_file_size_signal() -> io::Result<()> {
+    // SAFETY: installs the SIG_IGN disposition (no handler function runs) for one signal
+    // number; no pointers are passed.
+    let previous = unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    if previous == libc::SIG_ERR {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

@@ -7,34 +7,17 @@
 //! The last test fills a real filesystem instead: a small tmpfs in the server's own mount
 //! namespace (`unshare -Urm`), for SQLite's own "database or disk is full".
 //!
-//! The fault is real: the server runs with SIGXFSZ ignored, and the test lowers its
-//! file-size limit (RLIMIT_FSIZE) with `prlimit --pid` to one byte, so every write into
-//! the store, its WAL and the audit log fails with EFBIG, as on a full disk; raising the
-//! limit again is the operator freeing space.
+//! The fault is real: the test lowers the server's file-size limit (RLIMIT_FSIZE) with
+//! `prlimit --pid` to one byte, so every write into the store, its WAL and the audit log
+//! fails with EFBIG, as on a full disk (the server ignores SIGXFSZ itself, see
+//! `sso_os::hardening`; the first test here shows it stays up); raising the limit again is
+//! the operator freeing space.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tests::pair::{Node, Pair};
 use tests::{Client, Pki, ServerSetup, TestServer, bin};
-
-/// A bash wrapper that execs the server with SIGXFSZ ignored (inherited across exec), so
-/// a write past a file-size limit fails with EFBIG instead of killing the process. The pid
-/// stays the server's (exec).
-fn xfsz_ignoring_server(dir: &Path) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let script = dir.join("xfsz-ignoring-sso-server");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/bash\ntrap '' XFSZ\nexec {} \"$@\"\n",
-            bin("sso-server").display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    script
-}
 
 /// Sets the soft file-size limit of `pid` (`"1"` byte: nothing can be written;
 /// `"unlimited"`: the disk has room again).
@@ -102,7 +85,7 @@ async fn a_store_that_cannot_be_written_is_store_unavailable_and_health_is_degra
     let pki = Pki::new(&root.join("pki"));
     let setup = ServerSetup::new(&root.join("node"), &pki, "node-a", "", "");
     // The server's stderr is a file on the same "disk", as under most service managers.
-    let server = TestServer::start(&xfsz_ignoring_server(root), &setup.config, &root.join("server.log"));
+    let server = TestServer::start(&bin("sso-server"), &setup.config, &root.join("server.log"));
     let admin = Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
     let client = Client::new(server.https, &pki.ca_file, Some(&pki.client("client")));
     let health = admin.get("/v1/health").await.unwrap().json();
@@ -186,7 +169,11 @@ async fn a_server_past_its_file_size_limit_refuses_writes_and_keeps_serving() {
     let admin = Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
     let client = Client::new(server.https, &pki.ca_file, Some(&pki.client("client")));
     assert_eq!(
-        admin.post("/v1/admin/rotate", &serde_json::json!({})).await.unwrap().status,
+        admin
+            .post("/v1/admin/rotate", &serde_json::json!({}))
+            .await
+            .unwrap()
+            .status,
         200
     );
 
@@ -204,7 +191,10 @@ async fn a_server_past_its_file_size_limit_refuses_writes_and_keeps_serving() {
     assert_eq!(reply.status, 503, "{:?}", reply.body);
     assert_eq!(reply.json()["error"], "store_unavailable");
     assert_eq!(client.get("/v1/keyring").await.unwrap().status, 200);
-    assert!(server.is_running(), "the server died while auditing past its file-size limit");
+    assert!(
+        server.is_running(),
+        "the server died while auditing past its file-size limit"
+    );
 
     file_size_limit(server.pid(), "unlimited");
     let reply = admin.post("/v1/admin/rotate", &serde_json::json!({})).await.unwrap();
@@ -215,8 +205,7 @@ async fn a_server_past_its_file_size_limit_refuses_writes_and_keeps_serving() {
 async fn a_rotation_on_a_node_whose_store_cannot_be_written_leaves_the_peer_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let mut pair = Pair::new(dir.path(), "");
-    let wrapper = xfsz_ignoring_server(dir.path());
-    pair.a.server = Some(TestServer::start(&wrapper, &pair.a.setup.config, &pair.a.log));
+    pair.a.start();
     pair.b.start();
     let converged = async |pair: &Pair| {
         let deadline = Instant::now() + Duration::from_secs(10);
