@@ -26,25 +26,18 @@ use crate::state::AppState;
 /// The response body type for every answer.
 pub type Body = Full<Bytes>;
 
-/// A refused or failed request, as the client sees it.
+/// A refused or failed request, as the client sees it: the daemons' shared
+/// [`sso_daemon::json::JsonError`], wrapped so the store's errors convert into it with `?`.
 #[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
+pub struct ApiError(sso_daemon::json::JsonError);
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-        }
+        Self(sso_daemon::json::JsonError::new(status, code, message))
     }
 
     fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Self(sso_daemon::json::JsonError::bad_request(message))
     }
 
     fn internal() -> Self {
@@ -56,7 +49,7 @@ impl ApiError {
     }
 
     fn outcome(&self) -> &'static str {
-        self.code
+        self.0.code
     }
 }
 
@@ -104,12 +97,12 @@ fn json_value(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
 }
 
 fn error_response(e: &ApiError) -> Response<Body> {
-    json_value(e.status, &serde_json::json!({ "error": e.code, "message": e.message }))
+    e.0.response()
 }
 
 impl From<sso_daemon::json::JsonError> for ApiError {
     fn from(e: sso_daemon::json::JsonError) -> Self {
-        Self::new(e.status, e.code, e.message)
+        Self(e)
     }
 }
 
@@ -315,12 +308,12 @@ fn finish(
             (response, "ok", detail)
         }
         Err(e) => {
-            state.metrics.request(endpoint, e.status.as_u16());
+            state.metrics.request(endpoint, e.0.status.as_u16());
             if op.starts_with("admin.") && !matches!(op, "admin.status" | "admin.audit_verify") {
                 // The audit entry records it too; the log is where an operator looks first.
-                tracing::warn!(op, identity = %caller.label, code = e.code, reason = %e.message, "admin write refused");
+                tracing::warn!(op, identity = %caller.label, code = e.0.code, reason = %e.0.message, "admin write refused");
             }
-            (error_response(&e), e.outcome(), Some(e.message.clone()))
+            (error_response(&e), e.outcome(), Some(e.0.message.clone()))
         }
     };
     state.audit.record(AuditEvent {
@@ -480,10 +473,10 @@ async fn admin_write(
                     })
                 }
                 Err(e) => {
-                    let stored = keep(e.status, e.code).then(|| Stored {
-                        status: e.status.as_u16(),
+                    let stored = keep(e.0.status, e.0.code).then(|| Stored {
+                        status: e.0.status.as_u16(),
                         body: Bytes::from(
-                            serde_json::to_vec(&serde_json::json!({ "error": e.code, "message": e.message }))
+                            serde_json::to_vec(&serde_json::json!({ "error": e.0.code, "message": e.0.message }))
                                 .unwrap_or_default(),
                         ),
                     });
@@ -1418,15 +1411,15 @@ mod tests {
     fn routes_need_the_right_method_and_shape() {
         assert!(route(&Method::GET, "/v1/keyring").is_ok());
         assert_eq!(
-            route(&Method::POST, "/v1/keyring").unwrap_err().status,
+            route(&Method::POST, "/v1/keyring").unwrap_err().0.status,
             StatusCode::METHOD_NOT_ALLOWED
         );
         assert_eq!(
-            route(&Method::GET, "/v2/keyring").unwrap_err().status,
+            route(&Method::GET, "/v2/keyring").unwrap_err().0.status,
             StatusCode::NOT_FOUND
         );
         assert_eq!(
-            route(&Method::GET, "/v1/keys/nothex").unwrap_err().status,
+            route(&Method::GET, "/v1/keys/nothex").unwrap_err().0.status,
             StatusCode::BAD_REQUEST
         );
         let r = route(&Method::POST, &format!("/v1/admin/keys/{}/retire", "ab".repeat(16))).unwrap();
