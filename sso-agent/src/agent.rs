@@ -284,19 +284,7 @@ pub async fn serve(
     let serving = UidCounts::default();
     let refusing = UidCounts::default();
     tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
-        };
-        let uid = stream.peer_cred().ok().map(|c| c.uid());
+    while let Some((stream, uid)) = accept_next(&listener, shutdown.as_mut(), "agent").await {
         if !allowed.permits(uid) {
             refuse(stream, uid, &refusing, FORBIDDEN);
             continue;
@@ -319,6 +307,31 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// The next connection on `listener` with its peer's uid (`None` when the kernel does
+/// not say), or `None` once `shutdown` completes. A failed accept (out of file
+/// descriptors, say) is logged and retried after a pause instead of spinning.
+pub(crate) async fn accept_next<F: Future<Output = ()>>(
+    listener: &UnixListener,
+    mut shutdown: std::pin::Pin<&mut F>,
+    socket: &'static str,
+) -> Option<(tokio::net::UnixStream, Option<u32>)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let uid = stream.peer_cred().ok().map(|c| c.uid());
+                    return Some((stream, uid));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, socket, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = shutdown.as_mut() => return None,
+        }
     }
 }
 

@@ -33,7 +33,7 @@ use tonic::{Code, Request, Response, Status};
 use zeroize::Zeroizing;
 
 pub use crate::agent::KmsConfig;
-use crate::agent::{REFUSALS_ANSWERED_PER_UID, UidAllowlist, UidCounts};
+use crate::agent::{REFUSALS_ANSWERED_PER_UID, UidAllowlist, UidCounts, accept_next};
 use sso_client::{Client, Error, Freshness};
 
 /// Bindings generated from the published API (`proto/kms/v2/api.proto`, package `v2`) by
@@ -210,19 +210,7 @@ pub async fn serve(
     let serving = UidCounts::default();
     let refusing = UidCounts::default();
     tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "KMS accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => return,
-        };
-        let uid = stream.peer_cred().ok().map(|c| c.uid());
+    while let Some((stream, uid)) = accept_next(&listener, shutdown.as_mut(), "kms").await {
         let key = uid.unwrap_or(u32::MAX);
         let permitted = allowed.permits(uid);
         let slot = if permitted {
