@@ -32,6 +32,7 @@ pub mod backup;
 pub mod fsutil;
 pub mod manifest;
 pub mod model;
+mod sealing;
 pub mod storage;
 pub mod store;
 pub mod unseal;
