@@ -1370,3 +1370,44 @@ async fn feed_connect(
     };
     Ok(((client, task), notes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslrootcert_is_taken_out_of_the_url_and_the_rest_kept() {
+        let (url, ca) = take_param(
+            "postgresql://u@h/db?sslmode=require&sslrootcert=/ca.pem&x=1",
+            "sslrootcert",
+        );
+        assert_eq!(url, "postgresql://u@h/db?sslmode=require&x=1");
+        assert_eq!(ca.as_deref(), Some("/ca.pem"));
+        assert_eq!(
+            take_param("postgresql://u@h/db?sslrootcert=/a", "sslrootcert").0,
+            "postgresql://u@h/db"
+        );
+        assert_eq!(
+            take_param("postgresql://u@h/db", "sslrootcert"),
+            ("postgresql://u@h/db".into(), None)
+        );
+    }
+
+    #[test]
+    fn the_database_is_shown_without_its_password() {
+        let target = Target::parse(
+            "postgresql://sso:hunter2-secret@db.example:6543/keys",
+            &PgOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(target.shown, "postgresql://sso@db.example:6543/keys");
+        assert!(!format!("{target:?}").contains("hunter2"));
+        let err = Target::parse(
+            "postgresql://sso:hunter2-secret@db/keys?sslmode=require",
+            &PgOptions::default(),
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(err.to_string().contains("sslrootcert"), "{err}");
+    }
+}
