@@ -27,17 +27,19 @@ use std::time::Duration;
 
 use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params};
-use secrecy::ExposeSecret;
-use sso_proto::{KeyId, KeyMeta, KeyState, MasterSecret};
+use sso_proto::{KeyId, KeyMeta, KeyState};
 use time::OffsetDateTime;
-use zeroize::Zeroizing;
 
-use crate::manifest::{MAX_KEYS, Manifest, ManifestEntry};
+use crate::manifest::Manifest;
 pub use crate::model::KeyRecord;
-use crate::model::{self, KeyFacts, KeySetDigest, Lifecycle, MergeAction, Move};
-use crate::unseal::{KEK_LEN, KdfParams, UnsealKey, UnsealKind};
-use crate::wrap::{self, Kek, RowIdentity};
-use crate::{Error, Result, fsutil, validate};
+use crate::model::Lifecycle;
+use crate::sealing::{
+    self, KEK_CHECK_AAD_V1, KdfHeader, NewKey, Row, RowWriter, SALT_LEN, derive_kek, derive_primary, kek_check_aad,
+    parse_key_id, parse_store_id,
+};
+use crate::unseal::{KdfParams, UnsealKey, UnsealKind};
+use crate::wrap::Kek;
+use crate::{Error, Result, fsutil};
 
 /// Schema migrations; `PRAGMA user_version` counts how many have run. Append only.
 const MIGRATIONS: &[&str] = &[
@@ -56,13 +58,6 @@ const MIGRATIONS: &[&str] = &[
          backed_up  INTEGER NOT NULL DEFAULT 0
      ) STRICT;",
 ];
-
-const SALT_LEN: usize = 16;
-/// AAD of the KEK check in stores written before the manifest (no header digest).
-const KEK_CHECK_AAD_V1: &[u8] = b"sso-keystore/kek-check/v1";
-/// AAD prefix of the KEK check since the manifest; the header digest follows.
-const KEK_CHECK_AAD_V2: &[u8] = b"sso-keystore/kek-check/v2";
-const KDF_HEADER_CONTEXT: &[u8] = b"sso-keystore/kdf-header/v1";
 
 /// What `create` needs besides the path and the unseal secret.
 #[derive(Debug, Clone)]
@@ -135,65 +130,6 @@ pub struct StoreStatus {
     pub last_backup_at: Option<OffsetDateTime>,
     /// How the store is unsealed.
     pub unseal_kind: UnsealKind,
-}
-
-/// One row of the `keys` table, material still wrapped.
-#[derive(Debug)]
-struct Row {
-    key_id: KeyId,
-    generation: u64,
-    created_at: OffsetDateTime,
-    origin: String,
-    lifecycle: Lifecycle,
-    material: Option<Vec<u8>>,
-}
-
-impl Row {
-    fn identity(&self) -> RowIdentity<'_> {
-        self.identity_as(self.lifecycle)
-    }
-
-    fn identity_as(&self, lifecycle: Lifecycle) -> RowIdentity<'_> {
-        RowIdentity {
-            key_id: self.key_id,
-            generation: self.generation,
-            lifecycle: lifecycle.code(),
-            created_at: self.created_at,
-            origin: &self.origin,
-        }
-    }
-
-    fn facts(&self) -> KeyFacts {
-        KeyFacts {
-            key_id: self.key_id,
-            generation: self.generation,
-            lifecycle: self.lifecycle,
-        }
-    }
-
-    fn manifest_entry(&self) -> ManifestEntry {
-        ManifestEntry {
-            key_id: self.key_id,
-            generation: self.generation,
-            lifecycle: self.lifecycle.code(),
-            created_at: self.created_at.unix_timestamp(),
-        }
-    }
-
-    fn meta(&self, primary: Option<KeyId>) -> KeyMeta {
-        KeyMeta {
-            key_id: self.key_id,
-            generation: self.generation,
-            created_at: self.created_at,
-            origin: self.origin.clone(),
-            state: self.lifecycle.state(primary == Some(self.key_id)),
-        }
-    }
-}
-
-/// The primary among `rows` ([`model::derive_primary`]).
-fn derive_primary(rows: &[Row]) -> Option<KeyId> {
-    model::derive_primary(rows.iter().map(Row::facts))
 }
 
 /// An open, unsealed store. Holds the KEK for as long as it lives.
@@ -319,7 +255,7 @@ impl SealedStore {
         // The header is checked against its digest before anything is derived from it,
         // so an edited salt or cost is reported as such, not as a wrong passphrase.
         let recorded = meta_bytes(&conn, "kdf_header_sha256")?;
-        let header = match KdfHeader::read(&conn) {
+        let header = match read_kdf_header(&conn) {
             Ok(h) => h,
             // A header field deleted or retyped in a store that has a digest was edited.
             Err(Error::NotAStore(_) | Error::Storage(_)) if recorded.is_some() => {
@@ -408,18 +344,7 @@ impl SealedStore {
             });
         }
         let rows = load_rows(&tx)?;
-        for row in &rows {
-            match (row.lifecycle, &row.material) {
-                (Lifecycle::Destroyed, None) => {}
-                (Lifecycle::Destroyed, Some(_)) => {
-                    return Err(Error::Integrity {
-                        key_id: Some(row.key_id),
-                        detail: "a destroyed key still has material".into(),
-                    });
-                }
-                _ => drop(unwrap_row(&self.kek, row)?),
-            }
-        }
+        sealing::authenticate_all(&self.kek, &rows)?;
         let check = self.kek.seal(&self.rng, &kek_check_aad(digest), &self.store_id)?;
         set_meta(&tx, "kdf_header_sha256", digest.to_vec().into())?;
         set_meta(&tx, "kek_check", check.into())?;
@@ -473,34 +398,18 @@ impl SealedStore {
     /// checked. Any row that fails its integrity check fails the whole call.
     pub fn keyring(&self) -> Result<Keyring> {
         let (epoch, rows) = self.read_checked()?;
-        let primary = derive_primary(&rows);
-        let mut keys = Vec::new();
-        for row in rows.iter().filter(|r| r.lifecycle.is_served()) {
-            keys.push(KeyRecord {
-                meta: row.meta(primary),
-                secret: Some(self.unwrap_row(row)?),
-            });
-        }
-        Ok(Keyring { epoch, primary, keys })
+        Ok(Keyring {
+            epoch,
+            primary: derive_primary(&rows),
+            keys: sealing::served(&self.kek, &rows)?,
+        })
     }
 
     /// Every key, including retired ones with their material and destroyed ones without:
     /// what replication and backups carry.
     pub fn export(&self) -> Result<Vec<KeyRecord>> {
         let (_, rows) = self.read_checked()?;
-        let primary = derive_primary(&rows);
-        rows.iter()
-            .map(|row| {
-                let secret = match row.lifecycle {
-                    Lifecycle::Destroyed => None,
-                    _ => Some(self.unwrap_row(row)?),
-                };
-                Ok(KeyRecord {
-                    meta: row.meta(primary),
-                    secret,
-                })
-            })
-            .collect()
+        sealing::exported(&self.kek, &rows)
     }
 
     /// The epoch and every row, read in one transaction and checked against the manifest.
@@ -604,24 +513,11 @@ impl SealedStore {
     /// nodes holding different material under one key id have different digests, so
     /// anti-entropy pulls and the merge reports the conflict.
     pub fn digest(&self) -> Result<String> {
-        let rows = load_rows(&self.conn)?;
-        let mut digest = KeySetDigest::new();
-        for row in &rows {
-            let tag = match row.material {
-                Some(_) => Some(model::material_tag(row.key_id, &unwrap_row(&self.kek, row)?)),
-                None => None,
-            };
-            digest.add(row.facts(), tag);
-        }
-        Ok(digest.finish())
+        sealing::digest(&self.kek, &load_rows(&self.conn)?)
     }
 
     fn insert_new(&mut self, lifecycle: Lifecycle, floor: u64) -> Result<KeyMeta> {
-        let secret = MasterSecret::generate(&self.rng).map_err(|_| Error::Randomness)?;
-        let key_id = KeyId::generate(&self.rng).map_err(|_| Error::Randomness)?;
-        let created_at = OffsetDateTime::now_utc()
-            .replace_nanosecond(0)
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let key = NewKey::generate(&self.rng, &self.node)?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -630,18 +526,15 @@ impl SealedStore {
         check_manifest(&tx, &self.kek, &self.store_id, &before)?;
         // The generation is chosen here, from the rows read inside this write
         // transaction: a concurrent writer waits for the lock and then sees this key.
-        let max = before.iter().map(|r| r.generation).max().unwrap_or(0);
-        let generation = model::next_generation(max, floor, key_id)?;
-        let row = Row {
-            key_id,
-            generation,
-            created_at,
-            origin: self.node.clone(),
+        let row = sealing::insert_new(
+            &self.kek,
+            &self.rng,
+            &key,
             lifecycle,
-            material: None,
-        };
-        let blob = wrap::wrap(&self.kek, &self.rng, &row.identity(), &secret)?;
-        insert_row(&tx, &row, Some(&blob))?;
+            floor,
+            &before,
+            &mut SqlWrites(&tx),
+        )?;
         let (_, rows) = seal_change(&tx, &self.kek, &self.store_id)?;
         tx.commit().map_err(sql)?;
         Ok(row.meta(derive_primary(&rows)))
@@ -688,16 +581,21 @@ impl SealedStore {
             .map_err(sql)?;
         let rows = load_rows(&tx)?;
         check_manifest(&tx, &self.kek, &self.store_id, &rows)?;
-        let facts: Vec<KeyFacts> = rows.iter().map(Row::facts).collect();
-        let decision = model::check_move(&facts, key_id, to, force_primary)?;
-        let row = rows
-            .iter()
-            .find(|r| r.key_id == key_id)
-            .ok_or(Error::KeyNotFound(key_id))?;
-        if decision == Move::Unchanged {
+        if !sealing::transition(
+            &self.kek,
+            &self.rng,
+            &rows,
+            key_id,
+            to,
+            force_primary,
+            &mut SqlWrites(&tx),
+        )? {
+            let row = rows
+                .iter()
+                .find(|r| r.key_id == key_id)
+                .ok_or(Error::KeyNotFound(key_id))?;
             return Ok(row.meta(derive_primary(&rows)));
         }
-        Self::rewrite_lifecycle(&self.kek, &self.rng, &tx, row, to)?;
         let (_, rows) = seal_change(&tx, &self.kek, &self.store_id)?;
         tx.commit().map_err(sql)?;
         let meta = rows
@@ -706,24 +604,6 @@ impl SealedStore {
             .map(|r| r.meta(derive_primary(&rows)))
             .ok_or(Error::KeyNotFound(key_id))?;
         Ok(meta)
-    }
-
-    /// Moves `row` to `to`, re-wrapping its material because the lifecycle is bound into
-    /// the wrap (or wiping it for `Destroyed`). The old wrap is authenticated first.
-    fn rewrite_lifecycle(kek: &Kek, rng: &SystemRandom, tx: &Transaction<'_>, row: &Row, to: Lifecycle) -> Result<()> {
-        let blob = match (to, &row.material) {
-            (Lifecycle::Destroyed, _) | (_, None) => None,
-            (_, Some(_)) => {
-                let secret = unwrap_row(kek, row)?;
-                Some(wrap::wrap(kek, rng, &row.identity_as(to), &secret)?)
-            }
-        };
-        tx.execute(
-            "UPDATE keys SET lifecycle = ?1, material = ?2 WHERE key_id = ?3",
-            params![i64::from(to.code()), blob, row.key_id.to_string()],
-        )
-        .map_err(sql)?;
-        Ok(())
     }
 
     /// Merges keys from a peer or a backup: a union by key id, each key's state the later
@@ -748,7 +628,7 @@ impl SealedStore {
         &mut self,
         incoming: &[KeyRecord],
         above_all: bool,
-        mut conflicts: Option<&mut Vec<KeyId>>,
+        conflicts: Option<&mut Vec<KeyId>>,
     ) -> Result<MergeReport> {
         let tx = self
             .conn
@@ -756,65 +636,15 @@ impl SealedStore {
             .map_err(sql)?;
         let rows = load_rows(&tx)?;
         check_manifest(&tx, &self.kek, &self.store_id, &rows)?;
-        let max = rows.iter().map(|r| r.generation).max().unwrap_or(0);
-        let stored: Vec<KeyMeta> = {
-            let primary = derive_primary(&rows);
-            rows.iter().map(|r| r.meta(primary)).collect()
-        };
-        // Every field of every record is checked before anything is written.
-        let checked = validate::check_incoming(&stored, incoming)?;
-        let mut report = MergeReport::default();
-        let mut wiped = false;
-        for (record, checked) in incoming.iter().zip(&checked) {
-            let meta = &record.meta;
-            let target = Lifecycle::from_state(checked.state);
-            let local = rows.iter().find(|r| r.key_id == meta.key_id);
-            let action = model::merge_action(
-                local.map(Row::facts),
-                meta.key_id,
-                meta.generation,
-                target,
-                above_all.then_some(max),
-                || match (local.and_then(|l| l.material.as_ref().map(|_| l)), &record.secret) {
-                    (Some(local), Some(theirs)) => Ok(unwrap_row(&self.kek, local)?.ct_eq(theirs)),
-                    _ => Ok(true),
-                },
-            )?;
-            let local = match (action, local) {
-                (MergeAction::Add, _) | (_, None) => {
-                    let row = Row {
-                        key_id: meta.key_id,
-                        generation: meta.generation,
-                        created_at: checked.created_at,
-                        origin: meta.origin.clone(),
-                        lifecycle: target,
-                        material: None,
-                    };
-                    let blob = match (&record.secret, target) {
-                        (Some(secret), l) if l.keeps_material() => {
-                            Some(wrap::wrap(&self.kek, &self.rng, &row.identity(), secret)?)
-                        }
-                        _ => None,
-                    };
-                    insert_row(&tx, &row, blob.as_deref())?;
-                    report.added += 1;
-                    continue;
-                }
-                (_, Some(local)) => local,
-            };
-            match action {
-                MergeAction::Conflict => match conflicts.as_deref_mut() {
-                    Some(list) => list.push(meta.key_id),
-                    None => return Err(Error::ConflictingKey(meta.key_id)),
-                },
-                MergeAction::Advance(to) => {
-                    Self::rewrite_lifecycle(&self.kek, &self.rng, &tx, local, to)?;
-                    wiped |= to == Lifecycle::Destroyed;
-                    report.advanced += 1;
-                }
-                MergeAction::Unchanged | MergeAction::Add => report.unchanged += 1,
-            }
-        }
+        let (mut report, wiped) = sealing::merge(
+            &self.kek,
+            &self.rng,
+            &rows,
+            incoming,
+            above_all,
+            conflicts,
+            &mut SqlWrites(&tx),
+        )?;
         report.epoch = if report.changed() {
             seal_change(&tx, &self.kek, &self.store_id)?.0
         } else {
@@ -959,18 +789,25 @@ impl SealedStore {
         tx.commit().map_err(sql)?;
         Ok(())
     }
-
-    fn unwrap_row(&self, row: &Row) -> Result<MasterSecret> {
-        unwrap_row(&self.kek, row)
-    }
 }
 
-fn unwrap_row(kek: &Kek, row: &Row) -> Result<MasterSecret> {
-    let blob = row.material.as_deref().ok_or_else(|| Error::Integrity {
-        key_id: Some(row.key_id),
-        detail: "a key that is not destroyed has no material".into(),
-    })?;
-    wrap::unwrap(kek, &row.identity(), blob)
+/// The SQLite side of a change's writes, inside its transaction.
+struct SqlWrites<'a, 'c>(&'a Transaction<'c>);
+
+impl RowWriter for SqlWrites<'_, '_> {
+    fn insert(&mut self, row: &Row, blob: Option<&[u8]>) -> Result<()> {
+        insert_row(self.0, row, blob)
+    }
+
+    fn set_lifecycle(&mut self, key_id: KeyId, to: Lifecycle, blob: Option<&[u8]>) -> Result<()> {
+        self.0
+            .execute(
+                "UPDATE keys SET lifecycle = ?1, material = ?2 WHERE key_id = ?3",
+                params![i64::from(to.code()), blob, key_id.to_string()],
+            )
+            .map_err(sql)?;
+        Ok(())
+    }
 }
 
 /// SQLite's error as the public [`Error::Storage`]: its words, the remedy, and a
@@ -1046,17 +883,6 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
-fn derive_kek(key: &UnsealKey, kdf: KdfParams, salt: &[u8]) -> Result<Kek> {
-    match key {
-        UnsealKey::KeyFile(bytes) => Ok(Kek::new(bytes.expose_secret())),
-        UnsealKey::Passphrase(passphrase) => {
-            let mut out = Zeroizing::new([0u8; KEK_LEN]);
-            kdf.derive(passphrase.expose_secret().as_bytes(), salt, out.as_mut())?;
-            Ok(Kek::new(&out))
-        }
-    }
-}
-
 fn meta_opt<T: rusqlite::types::FromSql>(conn: &Connection, name: &str) -> Result<Option<T>> {
     conn.query_row("SELECT value FROM meta WHERE name = ?1", params![name], |r| r.get(0))
         .optional()
@@ -1096,66 +922,17 @@ fn bump_epoch(tx: &Transaction<'_>) -> Result<u64> {
     u64::try_from(v).map_err(|_| Error::NotAStore("negative epoch".into()))
 }
 
-/// The fields the KEK is derived from, as stored, and the store id. Read raw (before any
-/// validation) so that the digest covers exactly what is in the file.
-struct KdfHeader {
-    kind: String,
-    memory_kib: i64,
-    passes: i64,
-    lanes: i64,
-    salt: Vec<u8>,
-    store_id: String,
-}
-
-impl KdfHeader {
-    fn read(conn: &Connection) -> Result<Self> {
-        Ok(Self {
-            kind: meta_value(conn, "unseal_kind")?,
-            memory_kib: meta_value(conn, "kdf_memory_kib")?,
-            passes: meta_value(conn, "kdf_passes")?,
-            lanes: meta_value(conn, "kdf_lanes")?,
-            salt: meta_value(conn, "kdf_salt")?,
-            store_id: meta_value(conn, "store_id")?,
-        })
-    }
-
-    /// SHA-256 over a context string and every field, each variable one length-prefixed.
-    fn digest(&self) -> [u8; 32] {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        ctx.update(KDF_HEADER_CONTEXT);
-        for field in [self.kind.as_bytes(), &self.salt, self.store_id.as_bytes()] {
-            ctx.update(&(field.len() as u64).to_be_bytes());
-            ctx.update(field);
-        }
-        for n in [self.memory_kib, self.passes, self.lanes] {
-            ctx.update(&n.to_be_bytes());
-        }
-        let mut out = [0u8; 32];
-        out.copy_from_slice(ctx.finish().as_ref());
-        out
-    }
-
-    fn kdf(&self) -> Result<KdfParams> {
-        let u = |v: i64, name: &str| {
-            u32::try_from(v).map_err(|_| Error::NotAStore(format!("metadata entry {name:?} is out of range")))
-        };
-        Ok(KdfParams {
-            memory_kib: u(self.memory_kib, "kdf_memory_kib")?,
-            passes: u(self.passes, "kdf_passes")?,
-            lanes: u(self.lanes, "kdf_lanes")?,
-        })
-    }
-}
-
-fn kek_check_aad(header_digest: &[u8; 32]) -> Vec<u8> {
-    [KEK_CHECK_AAD_V2, header_digest].concat()
-}
-
-fn parse_store_id(text: &str) -> Result<[u8; 16]> {
-    let mut id = [0u8; 16];
-    hex::decode_to_slice(text, &mut id)
-        .map_err(|_| Error::NotAStore("the store id is not 32 hex characters".into()))?;
-    Ok(id)
+/// The KDF header as stored, read raw so that its digest covers exactly what is in the
+/// file.
+fn read_kdf_header(conn: &Connection) -> Result<KdfHeader> {
+    Ok(KdfHeader {
+        kind: meta_value(conn, "unseal_kind")?,
+        memory_kib: meta_value(conn, "kdf_memory_kib")?,
+        passes: meta_value(conn, "kdf_passes")?,
+        lanes: meta_value(conn, "kdf_lanes")?,
+        salt: meta_value(conn, "kdf_salt")?,
+        store_id: meta_value(conn, "store_id")?,
+    })
 }
 
 fn set_meta(tx: &Transaction<'_>, name: &str, value: rusqlite::types::Value) -> Result<()> {
@@ -1181,89 +958,19 @@ fn seal_change(tx: &Transaction<'_>, kek: &Kek, store_id: &[u8; 16]) -> Result<(
 }
 
 fn write_manifest(tx: &Transaction<'_>, kek: &Kek, store_id: &[u8; 16], epoch: u64, rows: &[Row]) -> Result<()> {
-    if rows.len() > MAX_KEYS {
-        return Err(Error::Integrity {
-            key_id: None,
-            detail: format!("the store would hold more than {MAX_KEYS} keys; nothing was written"),
-        });
-    }
-    let entries = rows.iter().map(Row::manifest_entry).collect();
-    let bytes = Manifest::new(epoch, entries).seal(kek.manifest_key(), store_id);
-    set_meta(tx, "manifest", bytes.into())
+    set_meta(
+        tx,
+        "manifest",
+        sealing::seal_manifest(kek, store_id, epoch, rows)?.into(),
+    )
 }
 
-/// Verifies the manifest's tag and compares it with the epoch and `rows` (read in the
-/// same transaction). Missing keys are reported first (naming the newest), then added
-/// rows, then edited rows, then the epoch.
+/// Checks the manifest against the epoch and `rows` (read in the same transaction):
+/// [`sealing::check_manifest`]. Any type is read as bytes: an edit that turned the blob
+/// into text or a number is then refused by the tag, like any other edit.
 fn check_manifest(conn: &Connection, kek: &Kek, store_id: &[u8; 16], rows: &[Row]) -> Result<Manifest> {
-    let integrity = |key_id: Option<KeyId>, detail: String| Error::Integrity { key_id, detail };
-    // Any type is read as bytes: an edit that turned the blob into text or a number is
-    // then refused by the tag, like any other edit.
-    let bytes = match meta_bytes(conn, "manifest")? {
-        Some(b) => b,
-        None => {
-            return Err(integrity(
-                None,
-                "the key manifest is missing from the store: it was deleted".into(),
-            ));
-        }
-    };
-    let manifest = Manifest::open(&bytes, kek.manifest_key(), store_id).map_err(|p| {
-        integrity(
-            None,
-            format!("the key manifest does not verify ({p}): it was edited or replaced"),
-        )
-    })?;
-
-    let by_id = |id: KeyId| rows.iter().find(|r| r.key_id == id);
-    let mut missing: Vec<&ManifestEntry> = manifest.entries.iter().filter(|e| by_id(e.key_id).is_none()).collect();
-    if let Some(newest) = missing.iter().max_by_key(|e| (e.generation, e.key_id)).copied() {
-        let primary = model::derive_primary(manifest.entries.iter().filter_map(|e| {
-            Some(KeyFacts {
-                key_id: e.key_id,
-                generation: e.generation,
-                lifecycle: Lifecycle::from_code(e.lifecycle)?,
-            })
-        }));
-        let state = Lifecycle::from_code(newest.lifecycle)
-            .map(|l| l.state(primary == Some(newest.key_id)))
-            .unwrap_or(KeyState::Destroyed);
-        missing.retain(|e| e.key_id != newest.key_id);
-        return Err(Error::MissingKey {
-            key_id: newest.key_id,
-            generation: newest.generation,
-            state,
-            more: missing.len(),
-        });
-    }
-    for row in rows {
-        match manifest.entries.binary_search_by_key(&row.key_id, |e| e.key_id) {
-            Err(_) => {
-                return Err(integrity(
-                    Some(row.key_id),
-                    "the key is in the store but not in its manifest: the row was added outside the service".into(),
-                ));
-            }
-            Ok(i) if manifest.entries[i] != row.manifest_entry() => {
-                return Err(integrity(
-                    Some(row.key_id),
-                    "its row does not match the manifest: its generation, state or creation time was edited, or an older copy of the row was put back".into(),
-                ));
-            }
-            Ok(_) => {}
-        }
-    }
-    let epoch = read_epoch(conn)?;
-    if manifest.epoch != epoch {
-        return Err(integrity(
-            None,
-            format!(
-                "the store's epoch ({epoch}) does not match its manifest ({}): the epoch was edited",
-                manifest.epoch
-            ),
-        ));
-    }
-    Ok(manifest)
+    let bytes = meta_bytes(conn, "manifest")?;
+    sealing::check_manifest(bytes.as_deref(), || read_epoch(conn), kek, store_id, rows)
 }
 
 fn insert_row(tx: &Transaction<'_>, row: &Row, blob: Option<&[u8]>) -> Result<()> {
@@ -1276,13 +983,6 @@ fn insert_row(tx: &Transaction<'_>, row: &Row, blob: Option<&[u8]>) -> Result<()
         params![row.key_id.to_string(), generation, row.created_at.unix_timestamp(), row.origin, i64::from(row.lifecycle.code()), blob],
     ).map_err(sql)?;
     Ok(())
-}
-
-fn parse_key_id(text: &str) -> Result<KeyId> {
-    text.parse().map_err(|_| Error::Integrity {
-        key_id: None,
-        detail: "a stored key id is not 32 lowercase hex characters".into(),
-    })
 }
 
 fn load_rows(conn: &Connection) -> Result<Vec<Row>> {
@@ -1306,23 +1006,9 @@ fn load_rows(conn: &Connection) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for item in raw {
         let (id, generation, created_at, origin, lifecycle, material) = item.map_err(sql)?;
-        let key_id = parse_key_id(&id)?;
-        let bad = |detail: &str| Error::Integrity {
-            key_id: Some(key_id),
-            detail: detail.into(),
-        };
-        rows.push(Row {
-            key_id,
-            generation: u64::try_from(generation).map_err(|_| bad("negative generation"))?,
-            created_at: OffsetDateTime::from_unix_timestamp(created_at)
-                .map_err(|_| bad("creation time out of range"))?,
-            origin,
-            lifecycle: u8::try_from(lifecycle)
-                .ok()
-                .and_then(Lifecycle::from_code)
-                .ok_or_else(|| bad("unknown lifecycle value"))?,
-            material,
-        });
+        rows.push(sealing::row_from_columns(
+            &id, generation, created_at, origin, lifecycle, material,
+        )?);
     }
     Ok(rows)
 }

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use certs::PeerIdentity;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+pub use sso_tls::MinVersion;
 
 /// A configuration problem, naming the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +36,7 @@ fn err(field: &str, problem: impl Into<String>) -> ConfigError {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// This node's name: in audit entries, health answers and as the origin of its keys.
@@ -65,20 +66,23 @@ pub struct Config {
     /// How key material is handed out (docs/key-delivery.md).
     #[serde(default)]
     pub delivery: DeliveryConfig,
+    /// Rotation timing.
+    #[serde(default)]
+    pub rotation: RotationConfig,
     /// The file this was loaded from: SIGHUP re-reads its `[tls]` section.
     #[serde(skip)]
     pub source: Option<PathBuf>,
 }
 
 /// The other node of the pair.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     /// Its HTTPS address, `https://host:port`.
     pub url: String,
     /// The identity its server certificate must show (`cn:…`, `dns:…`, `uri:…`); its
     /// client certificate must also hold the `peer` role through `roles.peer`.
-    pub identity: String,
+    pub identity: Pattern,
     /// Anti-entropy period: how often each node pulls the other's key set.
     #[serde(default = "default_sync_interval_ms")]
     pub sync_interval_ms: u64,
@@ -96,6 +100,22 @@ pub struct PeerConfig {
     pub ca: Option<PathBuf>,
 }
 
+impl PeerConfig {
+    /// A peer at `url` whose server certificate shows `identity`, with the default
+    /// intervals and our own certificate, key and CA.
+    pub fn new(url: impl Into<String>, identity: Pattern) -> Self {
+        Self {
+            url: url.into(),
+            identity,
+            sync_interval_ms: default_sync_interval_ms(),
+            timeout_ms: default_peer_timeout_ms(),
+            cert: None,
+            key: None,
+            ca: None,
+        }
+    }
+}
+
 fn default_sync_interval_ms() -> u64 {
     500
 }
@@ -108,7 +128,7 @@ fn default_metrics_listen() -> SocketAddr {
 }
 
 /// TLS settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// Server certificate chain, PEM.
@@ -121,8 +141,8 @@ pub struct TlsConfig {
     #[serde(default)]
     pub crls: Vec<PathBuf>,
     /// Lowest TLS version accepted: "1.3" (default) or "1.2".
-    #[serde(default = "default_min_version")]
-    pub min_version: String,
+    #[serde(default, with = "min_version")]
+    pub min_version: MinVersion,
     /// Bound on the whole TLS handshake; rustls has no timeout of its own.
     #[serde(default = "default_handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
@@ -142,7 +162,7 @@ pub struct TlsConfig {
 }
 
 /// Which certificates of a client's chain are checked against the CRLs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Revocation {
     /// Only the client's own certificate: listing the issuing CA's CRL is enough.
@@ -152,42 +172,135 @@ pub enum Revocation {
     FullChain,
 }
 
-fn default_min_version() -> String {
-    "1.3".into()
+/// `tls.min_version` as its two spellings, `"1.3"` and `"1.2"` (sso-tls owns the policy).
+mod min_version {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use sso_tls::MinVersion;
+
+    pub(super) fn serialize<S: Serializer>(v: &MinVersion, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.as_str())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<MinVersion, D::Error> {
+        let text = String::deserialize(d)?;
+        MinVersion::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("{text:?}: must be \"1.3\" or \"1.2\"")))
+    }
 }
+impl TlsConfig {
+    /// A server certificate and key and the client CA, with the default policy (TLS 1.3,
+    /// no CRLs).
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>, client_ca: impl Into<PathBuf>) -> Self {
+        Self {
+            cert: cert.into(),
+            key: key.into(),
+            client_ca: client_ca.into(),
+            crls: Vec::new(),
+            min_version: MinVersion::default(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+            crl_issuers: None,
+            revocation: Revocation::default(),
+            allow_unknown_revocation: false,
+        }
+    }
+}
+
 fn default_handshake_timeout_ms() -> u64 {
     5_000
 }
 
 /// Where the keystore is and how it is unsealed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// The SQLite store file.
     pub path: PathBuf,
     /// The unseal secret's source.
-    pub unseal: UnsealConfig,
+    pub unseal: UnsealSource,
 }
 
-/// Exactly one source of the unseal secret.
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct UnsealConfig {
+/// Where the unseal secret comes from: exactly one source. In the file it is a table with
+/// one key, such as `unseal = { key_file = "unseal.key" }` or `unseal = { prompt = true }`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "UnsealFields", into = "UnsealFields")]
+pub enum UnsealSource {
     /// A 32-byte key file (mode 0600).
-    pub key_file: Option<PathBuf>,
+    KeyFile(PathBuf),
     /// Environment variable holding the key as 64 hex characters.
-    pub key_env: Option<String>,
+    KeyEnv(String),
     /// A file holding the passphrase (mode 0600).
-    pub passphrase_file: Option<PathBuf>,
+    PassphraseFile(PathBuf),
     /// Environment variable holding the passphrase.
-    pub passphrase_env: Option<String>,
+    PassphraseEnv(String),
     /// Ask for the passphrase on the terminal at start.
-    #[serde(default)]
-    pub prompt: bool,
+    Prompt,
+}
+
+impl UnsealSource {
+    /// The file this source reads, if it reads one (both must be private).
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Self::KeyFile(p) | Self::PassphraseFile(p) => Some(p),
+            Self::KeyEnv(_) | Self::PassphraseEnv(_) | Self::Prompt => None,
+        }
+    }
+}
+
+/// The unseal table as the file spells it: five optional keys, of which exactly one is set.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct UnsealFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    passphrase_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    passphrase_env: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    prompt: bool,
+}
+
+/// The message for an unseal table that does not name exactly one source.
+const UNSEAL_REMEDY: &str = "set exactly one of key_file, key_env, passphrase_file, passphrase_env, prompt = true";
+
+impl TryFrom<UnsealFields> for UnsealSource {
+    type Error = &'static str;
+
+    fn try_from(f: UnsealFields) -> Result<Self, Self::Error> {
+        let mut sources = [
+            f.key_file.map(Self::KeyFile),
+            f.key_env.map(Self::KeyEnv),
+            f.passphrase_file.map(Self::PassphraseFile),
+            f.passphrase_env.map(Self::PassphraseEnv),
+            f.prompt.then_some(Self::Prompt),
+        ]
+        .into_iter()
+        .flatten();
+        match (sources.next(), sources.next()) {
+            (Some(one), None) => Ok(one),
+            _ => Err(UNSEAL_REMEDY),
+        }
+    }
+}
+
+impl From<UnsealSource> for UnsealFields {
+    fn from(source: UnsealSource) -> Self {
+        let mut f = Self::default();
+        match source {
+            UnsealSource::KeyFile(p) => f.key_file = Some(p),
+            UnsealSource::KeyEnv(v) => f.key_env = Some(v),
+            UnsealSource::PassphraseFile(p) => f.passphrase_file = Some(p),
+            UnsealSource::PassphraseEnv(v) => f.passphrase_env = Some(v),
+            UnsealSource::Prompt => f.prompt = true,
+        }
+        f
+    }
 }
 
 /// The audit log.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuditConfig {
     /// Append-only JSON-lines file, chained with a keyed MAC.
@@ -200,29 +313,40 @@ pub struct AuditConfig {
     pub rotate_bytes: u64,
 }
 
+impl AuditConfig {
+    /// An audit log at `path` with the default queue and no size rotation.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            queue: default_audit_queue(),
+            rotate_bytes: 0,
+        }
+    }
+}
+
 fn default_audit_queue() -> usize {
     65_536
 }
 
 /// Identity patterns per role. A pattern is `cn:NAME`, `dns:NAME`, `uri:URI`, or
 /// `cn:*` (any certificate the client CA issued).
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RolesConfig {
     /// May fetch keys and watch the keyring.
     #[serde(default)]
-    pub client: Vec<String>,
+    pub client: Vec<Pattern>,
     /// May do everything a client may, plus rotate, retire, destroy, status, backup and
     /// restore.
     #[serde(default)]
-    pub admin: Vec<String>,
+    pub admin: Vec<Pattern>,
     /// The other node of the pair: replication endpoints only.
     #[serde(default)]
-    pub peer: Vec<String>,
+    pub peer: Vec<Pattern>,
 }
 
 /// How key material is handed out (docs/key-delivery.md).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
     /// Answer key requests without a `Sso-Key-Wrap` header with the keys in plain base64
@@ -238,7 +362,7 @@ impl Default for DeliveryConfig {
 }
 
 /// Connection and request limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Connections served at once, handshakes included; further ones wait in the listen
@@ -305,11 +429,11 @@ impl Default for Limits {
 }
 
 /// Logging.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
-    /// "text" or "json".
-    pub format: String,
+    /// `"text"` or `"json"`.
+    pub format: LogFormat,
     /// An env-filter directive such as "info" or "sso_server=debug".
     pub level: String,
 }
@@ -317,13 +441,72 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self {
-            format: "text".into(),
+            format: LogFormat::Text,
             level: "info".into(),
         }
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Rotation timing.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RotationConfig {
+    /// The pause between staging a new key and promoting it to primary, so that clients
+    /// watching the keyring hold the key before anything is sealed with it
+    /// (`STAGING_PAUSE_MS` bounds it).
+    pub staging_pause_ms: u64,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        Self { staging_pause_ms: 250 }
+    }
+}
+
+/// The bounds of `rotation.staging_pause_ms`: up to 30 s, so a rotation (which answers
+/// after its promote) stays well inside ssoctl's 60 s request timeout.
+pub const STAGING_PAUSE_MS: std::ops::RangeInclusive<u64> = 0..=30_000;
+
 impl Config {
+    /// A config with the required sections and every other one at its default (metrics on
+    /// 127.0.0.1:9443, no peer): what dev mode and the tests start from before writing it
+    /// with [`Config::to_toml`].
+    pub fn new(
+        node: impl Into<String>,
+        listen: SocketAddr,
+        tls: TlsConfig,
+        store: StoreConfig,
+        audit: AuditConfig,
+        roles: RolesConfig,
+    ) -> Self {
+        Self {
+            node: node.into(),
+            listen,
+            metrics_listen: default_metrics_listen(),
+            tls,
+            store,
+            audit,
+            roles,
+            limits: Limits::default(),
+            log: LogConfig::default(),
+            peer: None,
+            delivery: DeliveryConfig::default(),
+            rotation: RotationConfig::default(),
+            source: None,
+        }
+    }
+
     /// Reads, parses and validates a config file. Relative paths become relative to the
     /// file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -336,14 +519,19 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses TOML text; the error names the field serde stopped at.
+    /// Parses TOML text; the error names the field serde stopped at (its dotted path
+    /// where it can be told, and its line).
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|e| {
-            let field = e
-                .span()
-                .map(|s| text[..s.start].lines().count().to_string())
-                .unwrap_or_default();
-            err(&format!("(line {field})"), e.message().to_owned())
+            let Some(span) = e.span() else {
+                return err("(file)", e.message().to_owned());
+            };
+            let line = text[..span.start].lines().count().max(1);
+            let field = match field_at(text, span.start) {
+                Some(path) => format!("{path} (line {line})"),
+                None => format!("(line {line})"),
+            };
+            err(&field, e.message().to_owned())
         })
     }
 
@@ -360,13 +548,14 @@ impl Config {
         self.tls.crl_issuers.as_mut().map(fix);
         fix(&mut self.store.path);
         fix(&mut self.audit.path);
-        self.store.unseal.key_file.as_mut().map(fix);
+        if let UnsealSource::KeyFile(p) | UnsealSource::PassphraseFile(p) = &mut self.store.unseal {
+            fix(p);
+        }
         if let Some(peer) = self.peer.as_mut() {
             peer.cert.as_mut().map(fix);
             peer.key.as_mut().map(fix);
             peer.ca.as_mut().map(fix);
         }
-        self.store.unseal.passphrase_file.as_mut().map(fix);
     }
 
     /// Checks everything that can be checked without binding a port or unsealing.
@@ -402,9 +591,6 @@ impl Config {
         {
             return Err(err("tls.crl_issuers", format!("{} does not exist", p.display())));
         }
-        if sso_tls::MinVersion::parse(&self.tls.min_version).is_none() {
-            return Err(err("tls.min_version", "must be \"1.3\" or \"1.2\""));
-        }
         if !(100..=120_000).contains(&self.tls.handshake_timeout_ms) {
             return Err(err("tls.handshake_timeout_ms", "must be between 100 and 120000"));
         }
@@ -415,20 +601,6 @@ impl Config {
                     "{} does not exist: create the store first (ssoctl init)",
                     self.store.path.display()
                 ),
-            ));
-        }
-        let u = &self.store.unseal;
-        let sources = [
-            u.key_file.is_some(),
-            u.key_env.is_some(),
-            u.passphrase_file.is_some(),
-            u.passphrase_env.is_some(),
-            u.prompt,
-        ];
-        if sources.iter().filter(|s| **s).count() != 1 {
-            return Err(err(
-                "store.unseal",
-                "set exactly one of key_file, key_env, passphrase_file, passphrase_env, prompt",
             ));
         }
         if let Some(parent) = self.audit.path.parent()
@@ -443,15 +615,6 @@ impl Config {
         if self.audit.queue == 0 {
             return Err(err("audit.queue", "must be at least 1"));
         }
-        for (role, patterns) in [
-            ("client", &self.roles.client),
-            ("admin", &self.roles.admin),
-            ("peer", &self.roles.peer),
-        ] {
-            for (i, p) in patterns.iter().enumerate() {
-                Pattern::parse(p).map_err(|problem| err(&format!("roles.{role}[{i}]"), problem))?;
-            }
-        }
         if self.roles.client.is_empty() && self.roles.admin.is_empty() {
             return Err(err(
                 "roles",
@@ -462,7 +625,6 @@ impl Config {
             if !peer.url.starts_with("https://") {
                 return Err(err("peer.url", "must be https://host:port"));
             }
-            Pattern::parse(&peer.identity).map_err(|p| err("peer.identity", p))?;
             if self.roles.peer.is_empty() {
                 return Err(err(
                     "roles.peer",
@@ -519,8 +681,15 @@ impl Config {
                 "must be between 1000 (1 s) and 604800000 (7 days)",
             ));
         }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(err("log.format", "must be \"text\" or \"json\""));
+        if !STAGING_PAUSE_MS.contains(&self.rotation.staging_pause_ms) {
+            return Err(err(
+                "rotation.staging_pause_ms",
+                format!(
+                    "must be between {} and {} (milliseconds)",
+                    STAGING_PAUSE_MS.start(),
+                    STAGING_PAUSE_MS.end()
+                ),
+            ));
         }
         Ok(())
     }
@@ -529,10 +698,55 @@ impl Config {
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.tls.handshake_timeout_ms)
     }
+
+    /// The pause between a rotation's stage and its promote (`rotation.staging_pause_ms`).
+    pub fn staging_pause(&self) -> Duration {
+        Duration::from_millis(self.rotation.staging_pause_ms)
+    }
+
+    /// The config as TOML, as [`Config::parse`] reads it back (paths as they are held:
+    /// absolute after [`Config::load`], as written for a config built in code).
+    pub fn to_toml(&self) -> String {
+        // Every field is a string, number, boolean, array or table of those, with no map
+        // keyed by anything but a string: serialisation cannot fail.
+        toml::to_string(self).expect("a config always serialises")
+    }
 }
 
-/// One identity pattern from the config.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The dotted path (`tls.min_version`, `roles.client[1]`) of the deepest key or value of
+/// `text` that covers byte `offset`, for error messages.
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+    fn walk(table: &DeTable<'_>, offset: usize, path: &str) -> Option<String> {
+        table.iter().find_map(|(key, value)| {
+            let here = if path.is_empty() {
+                key.get_ref().to_string()
+            } else {
+                format!("{path}.{}", key.get_ref())
+            };
+            let deeper = match value.get_ref() {
+                DeValue::Table(t) => walk(t, offset, &here),
+                DeValue::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+                    let at = format!("{here}[{i}]");
+                    match item.get_ref() {
+                        DeValue::Table(t) => walk(t, offset, &at),
+                        _ => None,
+                    }
+                    .or_else(|| item.span().contains(&offset).then_some(at))
+                }),
+                _ => None,
+            };
+            deeper.or_else(|| (key.span().contains(&offset) || value.span().contains(&offset)).then_some(here))
+        })
+    }
+    let doc = DeTable::parse(text).ok()?;
+    walk(doc.get_ref(), offset, "")
+}
+
+/// One identity pattern from the config, parsed when the config is read: `cn:NAME`,
+/// `cn:*`, `dns:NAME` or `uri:URI` (written back the same way).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum Pattern {
     /// Subject CN equals this.
     Cn(String),
@@ -558,7 +772,9 @@ impl Pattern {
             "cn" => Ok(Self::Cn(value.into())),
             "dns" => Ok(Self::Dns(value.to_ascii_lowercase())),
             "uri" => Ok(Self::Uri(value.into())),
-            other => Err(format!("unknown identity kind {other:?} (kinds: cn, dns, uri)")),
+            other => Err(format!(
+                "{text:?}: unknown identity kind {other:?} (kinds: cn, dns, uri)"
+            )),
         }
     }
 
@@ -569,6 +785,31 @@ impl Pattern {
             Self::Cn(cn) => id.common_name.as_deref() == Some(cn.as_str()),
             Self::Dns(dns) => id.dns_names.iter().any(|d| d.eq_ignore_ascii_case(dns)),
             Self::Uri(uri) => id.uris.iter().any(|u| u == uri),
+        }
+    }
+}
+
+impl TryFrom<String> for Pattern {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        Self::parse(&text)
+    }
+}
+
+impl From<Pattern> for String {
+    fn from(p: Pattern) -> Self {
+        p.to_string()
+    }
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::AnyCn => f.write_str("cn:*"),
+            Self::Cn(cn) => write!(f, "cn:{cn}"),
+            Self::Dns(dns) => write!(f, "dns:{dns}"),
+            Self::Uri(uri) => write!(f, "uri:{uri}"),
         }
     }
 }

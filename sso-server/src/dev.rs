@@ -2,12 +2,15 @@
 //! store holding a first key, a first backup and its password, and a config that serves
 //! on `127.0.0.1:7443`. Reuses the directory on later starts.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use keystore::fsutil;
 use keystore::{CreateOptions, KdfParams, SealedStore, Store as _, UnsealKey};
 use ring::rand::SecureRandom;
 use secrecy::SecretString;
+
+use crate::config::{AuditConfig, Config, Pattern, RolesConfig, StoreConfig, TlsConfig, UnsealSource};
 
 /// Setting up the dev directory failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,33 +70,35 @@ fn create(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     let toml = format!(
-        r#"# sso-server dev configuration, written by `sso-server --dev`. Not for production:
-# the CA key and the unseal key sit beside the store.
-node = "dev"
-listen = "127.0.0.1:{DEV_PORT}"
-metrics_listen = "127.0.0.1:{DEV_METRICS_PORT}"
-
-[tls]
-cert = "server.pem"
-key = "server-key.pem"
-client_ca = "ca.pem"
-
-[store]
-path = "store.db"
-unseal = {{ key_file = "unseal.key" }}
-
-[audit]
-path = "audit.log"
-
-[roles]
-client = ["cn:client"]
-admin = ["cn:admin"]
-peer = []
-"#
+        "# sso-server dev configuration, written by `sso-server --dev`. Not for production:\n\
+         # the CA key and the unseal key sit beside the store.\n{}",
+        config().to_toml()
     );
     // Written last: its presence marks the directory complete.
     std::fs::write(dir.join("server.toml"), toml)?;
     Ok(())
+}
+
+/// The dev configuration, with paths relative to the dev directory.
+fn config() -> Config {
+    let cn = |name: &str| Pattern::Cn(name.into());
+    let mut config = Config::new(
+        "dev",
+        SocketAddr::from(([127, 0, 0, 1], DEV_PORT)),
+        TlsConfig::new("server.pem", "server-key.pem", "ca.pem"),
+        StoreConfig {
+            path: "store.db".into(),
+            unseal: UnsealSource::KeyFile("unseal.key".into()),
+        },
+        AuditConfig::new("audit.log"),
+        RolesConfig {
+            client: vec![cn("client")],
+            admin: vec![cn("admin")],
+            peer: Vec::new(),
+        },
+    );
+    config.metrics_listen = SocketAddr::from(([127, 0, 0, 1], DEV_METRICS_PORT));
+    config
 }
 
 /// The commands that reach a dev server, printed at start.
@@ -108,4 +113,26 @@ pub fn banner(dir: &Path, https: std::net::SocketAddr, metrics: std::net::Socket
          \n  ssoctl --dev {d} rotate\n\
          \n  (no ssoctl on PATH? `cargo install --path ssoctl`, or `cargo run --release -p ssoctl -- --dev {d} status`)\n"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dev_config_reads_back_as_written() {
+        let text = format!("# a comment\n{}", config().to_toml());
+        assert_eq!(Config::parse(&text).unwrap(), config());
+        // The settings SPEC §9 promises, spelled as before.
+        for line in [
+            "node = \"dev\"",
+            "listen = \"127.0.0.1:7443\"",
+            "metrics_listen = \"127.0.0.1:7444\"",
+            "key_file = \"unseal.key\"",
+            "client = [\"cn:client\"]",
+            "admin = [\"cn:admin\"]",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing from:\n{text}");
+        }
+    }
 }

@@ -28,32 +28,25 @@ impl Role {
     }
 }
 
-/// The compiled role map.
+/// The role map: the config's patterns, parsed once when the config was read.
 #[derive(Clone, Debug, Default)]
 pub struct RoleMap {
-    client: Vec<Pattern>,
-    admin: Vec<Pattern>,
-    peer: Vec<Pattern>,
+    roles: RolesConfig,
 }
 
 impl RoleMap {
-    /// Compiles the config's patterns (already validated).
-    pub fn new(config: &RolesConfig) -> Result<Self, String> {
-        let compile = |v: &[String]| v.iter().map(|p| Pattern::parse(p)).collect::<Result<Vec<_>, _>>();
-        Ok(Self {
-            client: compile(&config.client)?,
-            admin: compile(&config.admin)?,
-            peer: compile(&config.peer)?,
-        })
+    /// The map of the config's `[roles]`.
+    pub fn new(config: &RolesConfig) -> Self {
+        Self { roles: config.clone() }
     }
 
     /// The roles an identity holds.
     pub fn roles(&self, id: &PeerIdentity) -> Roles {
         let any = |ps: &[Pattern]| ps.iter().any(|p| p.matches(id));
         Roles {
-            client: any(&self.client),
-            admin: any(&self.admin),
-            peer: any(&self.peer),
+            client: any(&self.roles.client),
+            admin: any(&self.roles.admin),
+            peer: any(&self.roles.peer),
         }
     }
 }
@@ -121,12 +114,12 @@ mod tests {
 
     #[test]
     fn patterns_map_identities_to_roles() {
+        let p = |text: &str| Pattern::parse(text).unwrap();
         let map = RoleMap::new(&RolesConfig {
-            client: vec!["cn:client".into(), "dns:app.example".into()],
-            admin: vec!["cn:admin".into()],
-            peer: vec!["uri:spiffe://x/node-b".into()],
-        })
-        .unwrap();
+            client: vec![p("cn:client"), p("dns:app.example")],
+            admin: vec![p("cn:admin")],
+            peer: vec![p("uri:spiffe://x/node-b")],
+        });
         assert!(map.roles(&id("client", &[], &[])).allows(Role::Client));
         assert!(!map.roles(&id("client", &[], &[])).allows(Role::Admin));
         assert!(map.roles(&id("admin", &[], &[])).allows(Role::Client));

@@ -10,7 +10,7 @@ use clap::Parser;
 use keystore::{SealedStore, UnsealKey};
 use sso_server::Config;
 use sso_server::cli::Args;
-use sso_server::config::UnsealConfig;
+use sso_server::config::{LogFormat, UnsealSource};
 
 /// Exit codes (sysexits): configuration or usage 64, unseal or store 65, cannot serve 69.
 const EX_USAGE: u8 = 64;
@@ -138,17 +138,13 @@ fn main() -> ExitCode {
     })
 }
 
-fn unseal_key(u: &UnsealConfig) -> keystore::Result<UnsealKey> {
-    if let Some(path) = &u.key_file {
-        UnsealKey::key_file(path)
-    } else if let Some(var) = &u.key_env {
-        UnsealKey::key_from_env(var)
-    } else if let Some(path) = &u.passphrase_file {
-        UnsealKey::passphrase_from_file(path)
-    } else if let Some(var) = &u.passphrase_env {
-        UnsealKey::passphrase_from_env(var)
-    } else {
-        UnsealKey::passphrase_from_prompt("store passphrase: ")
+fn unseal_key(source: &UnsealSource) -> keystore::Result<UnsealKey> {
+    match source {
+        UnsealSource::KeyFile(path) => UnsealKey::key_file(path),
+        UnsealSource::KeyEnv(var) => UnsealKey::key_from_env(var),
+        UnsealSource::PassphraseFile(path) => UnsealKey::passphrase_from_file(path),
+        UnsealSource::PassphraseEnv(var) => UnsealKey::passphrase_from_env(var),
+        UnsealSource::Prompt => UnsealKey::passphrase_from_prompt("store passphrase: "),
     }
 }
 
@@ -164,9 +160,8 @@ fn init_logging(config: &Config) {
         // fails, and took down the request that logged (issue 15).
         .log_internal_errors(false)
         .with_writer(std::io::stderr);
-    if config.log.format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
     }
 }

@@ -172,7 +172,7 @@ impl Peer {
             verifier = verifier.allow_unknown_revocation_status();
         }
         let inner = verifier.build().map_err(|e| tls::tls_err("peer verifier", e))?;
-        let expected = Pattern::parse(&config.identity).map_err(|e| tls::tls_err("peer.identity", e))?;
+        let expected = config.identity.clone();
         let chain = tls::load_certs(config.cert.as_ref().unwrap_or(&tls_config.cert))?;
         let key = tls::load_key(config.key.as_ref().unwrap_or(&tls_config.key))?;
         let client = sso_tls::ClientTls::verified_by(Arc::new(PeerVerifier { inner, expected }))

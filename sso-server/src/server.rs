@@ -41,9 +41,6 @@ pub enum ServerError {
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] keystore::Error),
-    /// Roles could not be compiled.
-    #[error("config roles: {0}")]
-    Roles(String),
     /// A socket or signal operation failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -87,19 +84,19 @@ pub async fn run(
         snapshot: ArcSwap::new(Arc::new(Snapshot::default())),
         epoch_tx,
         stopping: watch::channel(false).0,
-        roles: RoleMap::new(&config.roles).map_err(ServerError::Roles)?,
+        roles: RoleMap::new(&config.roles),
         audit,
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         allow_plain: config.delivery.allow_plain,
         limiter: Limiter::new(&config.limits, metrics.clone()),
-        distribute_wait: Duration::from_millis(250),
+        distribute_wait: config.staging_pause(),
         rotations: crate::rotation::Rotations::new(
             config
                 .peer
                 .as_ref()
                 .map_or(Duration::from_secs(1), |p| Duration::from_millis(p.timeout_ms)),
-            Duration::from_millis(250),
+            config.staging_pause(),
         ),
         peer,
         idempotency: crate::idempotency::Idempotency::default(),

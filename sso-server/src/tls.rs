@@ -300,10 +300,7 @@ pub fn build(config: &TlsConfig) -> Result<LoadedTls, TlsError> {
         builder = builder.allow_unknown_revocation_status();
     }
     let verifier = builder.build().map_err(|e| tls_err("client verifier", e))?;
-    // The config check accepts only the two spellings; the default is the policy's.
-    let versions = sso_tls::MinVersion::parse(&config.min_version)
-        .unwrap_or_default()
-        .server_versions();
+    let versions = config.min_version.server_versions();
     let not_after = certs::identity_from_der(&chain[0])
         .ok()
         .and_then(|id| id.not_after)

@@ -85,6 +85,14 @@ impl MinVersion {
         }
     }
 
+    /// The configuration spelling, which [`MinVersion::parse`] reads back.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tls13 => "1.3",
+            Self::Tls12 => "1.2",
+        }
+    }
+
     /// The versions a server with this minimum accepts.
     pub fn server_versions(self) -> &'static [&'static SupportedProtocolVersion] {
         const TLS13: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];

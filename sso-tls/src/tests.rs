@@ -174,6 +174,10 @@ fn min_version_reads_the_two_spellings_only() {
     for other in ["1.1", "1.0", "", "TLS1.3", " 1.3"] {
         assert_eq!(MinVersion::parse(other), None, "{other:?}");
     }
+    // The spelling written into a config file reads back as the same version.
+    for v in [MinVersion::Tls13, MinVersion::Tls12] {
+        assert_eq!(MinVersion::parse(v.as_str()), Some(v));
+    }
 }
 
 #[test]

@@ -209,11 +209,10 @@ async fn run_checks(g: &Global, config: Option<&Path>) -> Vec<Check> {
     }
     if let Some(c) = &server_config {
         private.push(("store".into(), c.store.path.clone()));
-        if let Some(p) = &c.store.unseal.key_file {
-            private.push(("unseal key file".into(), p.clone()));
-        }
-        if let Some(p) = &c.store.unseal.passphrase_file {
-            private.push(("passphrase file".into(), p.clone()));
+        match &c.store.unseal {
+            sso_config::UnsealSource::KeyFile(p) => private.push(("unseal key file".into(), p.clone())),
+            sso_config::UnsealSource::PassphraseFile(p) => private.push(("passphrase file".into(), p.clone())),
+            _ => {}
         }
         private.push(("server TLS key".into(), c.tls.key.clone()));
         cert_files.push(("server certificate".into(), c.tls.cert.clone()));

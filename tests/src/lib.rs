@@ -337,7 +337,10 @@ impl TestServer {
         let config = sso_server::Config::parse(&text).ok()?;
         let base = config_path.parent()?;
         let resolve = |p: &Path| if p.is_relative() { base.join(p) } else { p.to_path_buf() };
-        let key = keystore::UnsealKey::key_file(&resolve(config.store.unseal.key_file.as_ref()?)).ok()?;
+        let sso_server::config::UnsealSource::KeyFile(key_file) = &config.store.unseal else {
+            return None;
+        };
+        let key = keystore::UnsealKey::key_file(&resolve(key_file)).ok()?;
         let store = keystore::SealedStore::open(&resolve(&config.store.path), &key).ok()?;
         let records = store.export().ok()?;
         let b64 = base64::engine::general_purpose::STANDARD;

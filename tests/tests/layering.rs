@@ -85,3 +85,12 @@ fn ssoctl_does_not_link_the_server() {
     refuse("ssoctl", &["sso-server"]);
     refuse("sso-config", &["sso-server", "sso-client"]);
 }
+
+#[test]
+fn the_throwaway_postgresql_is_for_tests_only() {
+    // pg-throwaway runs initdb with trust authentication: a test fixture that no shipped
+    // binary may link (it is a dev-dependency of the crates that test against it).
+    for package in ["keystore", "sso-server", "ssoctl", "sso-agent", "sso-config"] {
+        refuse(package, &["pg-throwaway"]);
+    }
+}

@@ -1,5 +1,6 @@
 use crate::Store;
 use secrecy::SecretString;
+use sso_proto::MasterSecret;
 
 use super::*;
 
