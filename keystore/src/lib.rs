@@ -1,5 +1,5 @@
-//! Versioned master secrets sealed at rest in SQLite, and the backup files that carry
-//! them between stores.
+//! Versioned master secrets sealed at rest in SQLite or PostgreSQL, and the backup files
+//! that carry them between stores.
 //!
 //! # Layout
 //! - [`unseal`]: the operator's unseal secret ([`UnsealKey`]: passphrase through argon2id,
@@ -10,6 +10,13 @@
 //!   with what an engine must guarantee; [`SealedStore`] is its first engine.
 //! - [`store`]: [`SealedStore`], the SQLite file (WAL, `synchronous=FULL`, mode 0600,
 //!   migrations) and the key model's transitions: stage, promote, retire, destroy, merge.
+//! - [`postgres`]: [`postgres::PgStore`], the PostgreSQL engine many nodes share (one
+//!   serialisable transaction per change, retried; the epoch bumped and notified in it;
+//!   versioned migrations; bounded timeouts; reconnects by itself), and
+//!   [`postgres::ChangeFeed`], the LISTEN connection that tells a node the epoch moved.
+//! - `sealing`: what both engines do alike with no SQL in it (the row and its wrap, the
+//!   KDF header digest, the KEK check, the manifest sealed and checked, the body of every
+//!   change written through a `RowWriter`), so the database never sees a key.
 //! - [`model`]: the key model's rules with no storage in them: the stored lifecycle and
 //!   its allowed moves (explicit, not the order of the storage codes), transition and
 //!   merge decisions, primary derivation, generation choice, the key-set digest.
@@ -32,6 +39,7 @@ pub mod backup;
 pub mod fsutil;
 pub mod manifest;
 pub mod model;
+pub mod postgres;
 mod sealing;
 pub mod storage;
 pub mod store;

@@ -10,7 +10,7 @@
 //! are allowed is the explicit table in [`Lifecycle::advances_to`], so a new state can be
 //! given any free code without changing what "forward" means.
 
-use sso_proto::{KeyId, KeyMeta, KeyState, MasterSecret};
+use sso_proto::{KeyId, KeyState, MasterSecret};
 use zeroize::Zeroizing;
 
 use crate::{Error, Result};
@@ -93,24 +93,9 @@ impl Lifecycle {
     }
 }
 
-/// A key with its material, as it moves between stores, peers and backups.
-///
-/// `secret` is `None` only for destroyed keys.
-pub struct KeyRecord {
-    /// Metadata, with the state as the sender sees it.
-    pub meta: KeyMeta,
-    /// The material; `None` once destroyed.
-    pub secret: Option<MasterSecret>,
-}
-
-impl std::fmt::Debug for KeyRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyRecord")
-            .field("meta", &self.meta)
-            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
-            .finish()
-    }
-}
+/// A key with its material, as it moves between stores, peers and backups (defined in
+/// sso-proto with the wire writers that carry it).
+pub use sso_proto::KeyRecord;
 
 /// What the rules need to know of one stored key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

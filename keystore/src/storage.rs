@@ -1,6 +1,7 @@
 //! [`Store`]: the storage seam. The server, rotation, replication, backups and restore
-//! hold a `Store`, never an engine; [`SealedStore`] (SQLite) is the first engine, a
-//! PostgreSQL engine (issue 14) the next.
+//! hold a `Store`, never an engine; [`SealedStore`] (SQLite) is the first engine,
+//! [`crate::postgres::PgStore`] (PostgreSQL, shared by a cluster of nodes; issue 14) the
+//! second. Both pass `keystore/tests/store_contract.rs`.
 //!
 //! # What an engine must do
 //! - Keep material sealed under the KEK exactly as [`SealedStore`] does (the per-row wrap

@@ -1,8 +1,13 @@
 //! The storage trait's contract, run through `dyn Store` only, against every engine this
-//! build has (SQLite today). A new engine (PostgreSQL, issue 14) adds its opener to
-//! `engines()` and must pass the same checks.
+//! build has: SQLite, and PostgreSQL in a throwaway cluster (one per test binary; each
+//! store gets a fresh database). A new engine adds its opener to `engines()` and must pass
+//! the same checks.
 
+use std::sync::OnceLock;
+
+use keystore::postgres::PgStore;
 use keystore::{CreateOptions, Error, KdfParams, SealedStore, Store, UnsealKey};
+use pg_throwaway::PgCluster;
 use secrecy::SecretString;
 use sso_proto::KeyState;
 
@@ -14,7 +19,16 @@ fn engines(dir: &tempfile::TempDir) -> Vec<Engine> {
         let key = UnsealKey::generate_key_file(&dir.path().join(format!("{name}.key"))).unwrap();
         Box::new(SealedStore::create(&dir.path().join(format!("{name}.db")), &key, &CreateOptions::new(name)).unwrap())
     };
-    vec![("sqlite", sqlite("node-a"), sqlite("node-b"))]
+    let postgres = |name: &str| -> Box<dyn Store> {
+        static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+        let url = CLUSTER.get_or_init(PgCluster::start).fresh_database();
+        let key = UnsealKey::generate_key_file(&dir.path().join(format!("pg-{name}.key"))).unwrap();
+        Box::new(PgStore::create(&url, &key, &CreateOptions::new(name)).unwrap())
+    };
+    vec![
+        ("sqlite", sqlite("node-a"), sqlite("node-b")),
+        ("postgresql", postgres("node-a"), postgres("node-b")),
+    ]
 }
 
 #[test]

@@ -52,6 +52,18 @@ impl PgCluster {
     /// Initialises and starts a cluster; panics with a clear message when PostgreSQL is
     /// missing or does not start (its log's tail is in the message).
     pub fn start() -> Self {
+        Self::start_inner(None)
+    }
+
+    /// [`PgCluster::start`] with TLS required: the server presents `cert_pem` (with
+    /// `key_pem`), and `pg_hba.conf` rejects every connection that is not TLS, so a client
+    /// that connects at all spoke TLS. (The helpers' own psql and pg_dump negotiate TLS by
+    /// themselves, without verifying.)
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_inner(Some((cert_pem, key_pem)))
+    }
+
+    fn start_inner(tls: Option<(&str, &str)>) -> Self {
         let bin = server_bin().unwrap_or_else(|| panic!("{MISSING}"));
         let run_as = if effective_uid() == Some(0) {
             Some(user_ids("postgres").unwrap_or_else(|| {
@@ -100,6 +112,9 @@ impl PgCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if let Some((cert, key)) = tls {
+            cluster.require_tls(cert, key);
+        }
         // A port that was free a moment ago may be taken by the time the server binds it:
         // try a few.
         for attempt in 1..=3 {
@@ -237,6 +252,33 @@ impl PgCluster {
         }
         *running = true;
         Ok(())
+    }
+
+    /// Writes the server's certificate and key (0600, the server's user) and a
+    /// `pg_hba.conf` that admits TLS connections only.
+    fn require_tls(&self, cert: &str, key: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.dir.join("data");
+        for (name, contents) in [("server.crt", cert), ("server.key", key)] {
+            let path = data.join(name);
+            std::fs::write(&path, contents).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .unwrap_or_else(|e| panic!("cannot chmod {}: {e}", path.display()));
+            if let Some((uid, gid)) = self.run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .unwrap_or_else(|e| panic!("cannot give {} to the postgres user: {e}", path.display()));
+            }
+        }
+        let hba = data.join("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n",
+        )
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", hba.display()));
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap_or_else(|e| panic!("cannot read {}: {e}", conf.display()));
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
     }
 
     /// Loopback only, a private socket directory, and no fsync (fast; the operating system

@@ -8,10 +8,9 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
-use sso_proto::delivery::{Binding, Opener, Recipient};
-use sso_proto::{EnvelopeKey, KeyId, KeyMeta, KeyState, MasterSecret};
+use sso_proto::delivery::Opener;
+use sso_proto::wire;
+use sso_proto::{EnvelopeKey, KeyId, KeyMeta, MasterSecret};
 
 /// Key ids are 128 random bits, so their first eight bytes already are a good hash; this
 /// saves SipHash on every lookup. An attacker choosing ids in envelopes can only make
@@ -84,108 +83,13 @@ impl std::fmt::Debug for KeyHandle {
     }
 }
 
-/// `GET /v1/keyring` and the watch answer.
-#[derive(Deserialize)]
-pub(crate) struct WireKeyring {
-    pub primary: Option<KeyId>,
-    pub epoch: u64,
-    pub keys: Vec<WireKey>,
-    /// Retired and destroyed key ids (an extension of SPEC §5; absent from older servers).
-    #[serde(default)]
-    pub gone: Vec<KeyId>,
-    /// Present when the keys are sealed to this client (docs/key-delivery.md).
-    #[serde(default)]
-    pub wrap: Option<WireWrap>,
-}
-
-/// The `wrap` object of a wrapped answer.
-#[derive(Deserialize)]
-pub(crate) struct WireWrap {
-    pub v: u64,
-    /// The server's ephemeral X25519 public key, standard base64.
-    pub enc: String,
-}
-
-/// One key on the wire: `key` (plain, a `SecretString`, so the base64 text is wiped on
-/// drop) or `sealed` (wrapped delivery, ciphertext); a one-key answer carries its `wrap`.
-#[derive(Deserialize)]
-pub(crate) struct WireKey {
-    pub key_id: KeyId,
-    pub generation: u64,
-    pub state: KeyState,
-    pub created_at: String,
-    #[serde(default)]
-    pub key: Option<SecretString>,
-    #[serde(default)]
-    pub sealed: Option<String>,
-    #[serde(default)]
-    pub wrap: Option<WireWrap>,
-}
-
-/// The opener for a wrapped answer, from its `wrap` object and the request's key pair.
-/// An answer without `wrap` to a request that asked for it is refused: this client never
-/// accepts key material that crossed TLS in the clear.
-pub(crate) fn opener(wrap: Option<&WireWrap>, recipient: Recipient, context: &str) -> Result<Opener, String> {
-    let wrap = wrap.ok_or(
-        "the answer carries key material in plain base64 although this client asked for wrapped \
-         delivery (docs/key-delivery.md); upgrade the server",
-    )?;
-    if wrap.v != u64::from(sso_proto::delivery::VERSION) {
-        return Err(format!(
-            "wrapped delivery version {} is not supported by this client (it speaks {}); upgrade it",
-            wrap.v,
-            sso_proto::delivery::VERSION
-        ));
-    }
-    recipient.opener(&wrap.enc, context).map_err(|e| e.to_string())
-}
-
-impl WireKey {
-    /// The cached key. With an `opener` the material must be `sealed` (the `seq`-th key of
-    /// the answer); without one (only reachable from fuzzing) it must be plain.
-    pub(crate) fn into_cached(self, opener: Option<&Opener>, seq: u64) -> Result<CachedKey, String> {
-        let secret = match (opener, &self.sealed, &self.key) {
-            (Some(opener), Some(sealed), None) => {
-                let binding = Binding {
-                    key_id: self.key_id,
-                    generation: self.generation,
-                    state: self.state,
-                };
-                opener
-                    .open(seq, &binding, sealed)
-                    .map_err(|e| format!("key {}: {e}", self.key_id))?
-            }
-            (None, None, Some(key)) => MasterSecret::from_base64(key.expose_secret().as_bytes())
-                .map_err(|_| format!("key {}: material is not 32 bytes of base64", self.key_id))?,
-            (Some(_), _, Some(_)) => {
-                return Err(format!(
-                    "key {}: sent in plain base64 although this client asked for wrapped delivery \
-                     (docs/key-delivery.md); upgrade the server",
-                    self.key_id
-                ));
-            }
-            _ => return Err(format!("key {}: no usable key material in the answer", self.key_id)),
-        };
-        let created_at = time::OffsetDateTime::parse(&self.created_at, &time::format_description::well_known::Rfc3339)
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        let envelope = EnvelopeKey::new(self.key_id, &secret);
-        Ok(CachedKey {
-            meta: KeyMeta {
-                key_id: self.key_id,
-                generation: self.generation,
-                created_at,
-                origin: String::new(),
-                state: self.state,
-            },
-            secret,
-            envelope,
-        })
-    }
-}
-
-/// Parses a keyring body. Errors name the problem, never the content.
-pub(crate) fn parse_keyring(body: &[u8]) -> Result<WireKeyring, String> {
-    serde_json::from_slice(body).map_err(|e| format!("malformed keyring (line {}, column {})", e.line(), e.column()))
+/// One key of an answer, opened into a cached key: the material through `opener` when the
+/// answer is wrapped (the `seq`-th key of the answer), plain otherwise (only reachable from
+/// fuzzing: every request of this client asks for wrapped delivery).
+pub(crate) fn cached(wire: wire::Key, opener: Option<&Opener>, seq: u64) -> Result<CachedKey, String> {
+    let (meta, secret) = wire.open(opener, seq)?;
+    let envelope = EnvelopeKey::new(meta.key_id, &secret);
+    Ok(CachedKey { meta, secret, envelope })
 }
 
 /// The next snapshot: the union of what the cache holds and what the server sent, minus
@@ -193,7 +97,7 @@ pub(crate) fn parse_keyring(body: &[u8]) -> Result<WireKeyring, String> {
 /// different material than cached is an integrity alarm: the cached key is kept.
 pub(crate) fn apply(
     current: &Cache,
-    wire: WireKeyring,
+    wire: wire::Keyring,
     endpoint: usize,
     opener: Option<&Opener>,
 ) -> Result<Cache, String> {
@@ -204,7 +108,7 @@ pub(crate) fn apply(
         .map(|(id, k)| (*id, k.clone()))
         .collect();
     for (seq, wk) in wire.keys.into_iter().enumerate() {
-        let fresh = wk.into_cached(opener, seq as u64)?;
+        let fresh = cached(wk, opener, seq as u64)?;
         match keys.get(&fresh.meta.key_id) {
             Some(old) if !old.secret.ct_eq(&fresh.secret) => {
                 tracing::error!(key_id = %fresh.meta.key_id, "integrity alarm: a server sent different material for a cached key; keeping the cached one");

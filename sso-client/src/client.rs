@@ -404,9 +404,9 @@ impl Inner {
     /// Applies a wrapped keyring body from endpoint `idx`, the answer to the request at
     /// `context` that carried `recipient`'s public key.
     fn apply(&self, idx: usize, body: &[u8], recipient: Recipient, context: &str) -> Result<(), Error> {
-        let wire = cache::parse_keyring(body).map_err(|problem| self.protocol(idx, problem))?;
-        let opener =
-            cache::opener(wire.wrap.as_ref(), recipient, context).map_err(|problem| self.protocol(idx, problem))?;
+        let wire = sso_proto::wire::parse_keyring(body).map_err(|problem| self.protocol(idx, problem))?;
+        let opener = sso_proto::wire::opener(wire.wrap.as_ref(), recipient, context)
+            .map_err(|problem| self.protocol(idx, problem))?;
         let current = self.cache.load();
         let next = cache::apply(&current, wire, idx, Some(&opener));
         // The keys were built by value in the frames below this one: wipe what they left.
@@ -508,12 +508,12 @@ impl Inner {
                 if reply.status == 410 {
                     return Err(Error::KeyRetired(key_id));
                 }
-                let wire: cache::WireKey = serde_json::from_slice(&reply.body)
-                    .map_err(|e| self.protocol(idx, format!("malformed key (column {})", e.column())))?;
+                let wire = sso_proto::wire::parse_key(&reply.body).map_err(|p| self.protocol(idx, p))?;
                 if wire.key_id != key_id {
                     return Err(self.protocol(idx, format!("asked for key {key_id}, got {}", wire.key_id)));
                 }
-                let opener = cache::opener(wire.wrap.as_ref(), recipient, &path).map_err(|p| self.protocol(idx, p))?;
+                let opener =
+                    sso_proto::wire::opener(wire.wrap.as_ref(), recipient, &path).map_err(|p| self.protocol(idx, p))?;
                 let key = build_key(wire, &opener);
                 // The key was built by value below this frame: wipe what it left there.
                 sso_proto::delivery::scrub_stack_after_install();
@@ -550,8 +550,8 @@ impl Inner {
 /// Opens a one-key answer into its final place (an `Arc`), in a frame of its own so the
 /// caller can scrub the by-value copies made on the way.
 #[inline(never)]
-fn build_key(wire: cache::WireKey, opener: &sso_proto::delivery::Opener) -> Result<Arc<CachedKey>, String> {
-    wire.into_cached(Some(opener), 0).map(Arc::new)
+fn build_key(wire: sso_proto::wire::Key, opener: &sso_proto::delivery::Opener) -> Result<Arc<CachedKey>, String> {
+    cache::cached(wire, Some(opener), 0).map(Arc::new)
 }
 
 /// A fresh key pair for one key request, and the `Sso-Key-Wrap` header that carries its

@@ -3,7 +3,7 @@
 /// A keyring answer from a server, parsed and applied to an empty cache: a wrapped one
 /// (with a `wrap` object) opened by a fresh client key, a plain one as is.
 pub fn keyring(data: &[u8]) {
-    let Ok(wire) = crate::cache::parse_keyring(data) else {
+    let Ok(wire) = sso_proto::wire::parse_keyring(data) else {
         return;
     };
     let empty = crate::cache::Cache::default();
@@ -14,7 +14,7 @@ pub fn keyring(data: &[u8]) {
     let Ok(recipient) = sso_proto::delivery::Recipient::generate(&ring::rand::SystemRandom::new()) else {
         return;
     };
-    if let Ok(opener) = crate::cache::opener(wire.wrap.as_ref(), recipient, "/v1/keyring") {
+    if let Ok(opener) = sso_proto::wire::opener(wire.wrap.as_ref(), recipient, "/v1/keyring") {
         let _ = crate::cache::apply(&empty, wire, 0, Some(&opener));
     }
 }

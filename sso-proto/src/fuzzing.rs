@@ -71,3 +71,25 @@ pub fn key_delivery(data: &[u8]) {
         let _ = opener.open(0, &binding, sealed);
     }
 }
+
+/// The wire readers of `crate::wire` that take a server's or a peer's answer: a one-key
+/// answer (opened as plain material), a keyring, peer records, and the small answers and
+/// error bodies every client reads through its type.
+pub fn wire_answers(data: &[u8]) {
+    use crate::wire;
+    if let Ok(key) = wire::parse_key(data) {
+        let _ = key.open(None, 0);
+    }
+    if let Ok(keyring) = wire::parse_keyring(data) {
+        for (i, key) in keyring.keys.into_iter().enumerate() {
+            let _ = key.open(None, i as u64);
+        }
+    }
+    let _ = wire::parse_records(data);
+    let _ = wire::peer::parse_promote_answer(data);
+    let _ = wire::parse_coverage(data);
+    let _ = serde_json::from_slice::<wire::MergeAnswer>(data);
+    let _ = serde_json::from_slice::<wire::peer::LeaseAnswer>(data);
+    let _ = serde_json::from_slice::<wire::peer::LeaseRequest>(data);
+    let _ = serde_json::from_slice::<wire::ErrorBody>(data);
+}

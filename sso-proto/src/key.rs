@@ -86,8 +86,7 @@ impl<'de> serde::Deserialize<'de> for KeyId {
 ///
 /// `Primary` is never stored: it is derived as the promoted key with the highest
 /// `(generation, key_id)`, so two nodes that hold the same key set always agree on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KeyState {
     /// Distributed to nodes and clients, not yet used to encrypt.
     Staged,
@@ -107,7 +106,23 @@ impl KeyState {
         matches!(self, Self::Staged | Self::Primary | Self::Active)
     }
 
-    /// The lowercase name used on the wire and in the CLI.
+    /// Every state, in lifecycle order.
+    pub const ALL: [Self; 5] = [
+        Self::Staged,
+        Self::Primary,
+        Self::Active,
+        Self::Retired,
+        Self::Destroyed,
+    ];
+
+    /// The state a name stands for (the inverse of [`KeyState::as_str`]); `None` for any
+    /// other text.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// The lowercase name used on the wire and in the CLI: the one place a state is
+    /// spelled (serde, the hand-written writers of `wire` and the peer format use it).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Staged => "staged",
@@ -122,6 +137,22 @@ impl KeyState {
 impl fmt::Display for KeyState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+impl serde::Serialize for KeyState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for KeyState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        // The message names the accepted spellings, never the text received.
+        Self::from_name(&s).ok_or_else(|| {
+            serde::de::Error::custom("unknown key state: expected staged, primary, active, retired or destroyed")
+        })
     }
 }
 
@@ -223,6 +254,26 @@ impl MasterSecret {
     }
 }
 
+/// A key with its material, as it moves between stores, peers, backups and the wire.
+///
+/// `secret` is `None` only for destroyed keys. No `Clone` or `Serialize`: bodies that
+/// carry it are written by [`crate::wire`]'s exact-size zeroizing writers.
+pub struct KeyRecord {
+    /// Metadata, with the state as the sender sees it.
+    pub meta: KeyMeta,
+    /// The material; `None` once destroyed.
+    pub secret: Option<MasterSecret>,
+}
+
+impl fmt::Debug for KeyRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyRecord")
+            .field("meta", &self.meta)
+            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +293,21 @@ mod tests {
         for bad in ["", "00", &"A".repeat(32), &"g".repeat(32), &"0".repeat(33)] {
             assert!(bad.parse::<KeyId>().is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn states_are_spelled_once_and_round_trip() {
+        for state in KeyState::ALL {
+            assert_eq!(KeyState::from_name(state.as_str()), Some(state));
+            let json = serde_json::to_string(&state).unwrap();
+            assert_eq!(json, format!("\"{}\"", state.as_str()));
+            assert_eq!(serde_json::from_str::<KeyState>(&json).unwrap(), state);
+        }
+        assert_eq!(KeyState::from_name("Staged"), None);
+        let err = serde_json::from_str::<KeyState>("\"secret-ish\"")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("secret-ish"), "{err}");
     }
 
     #[test]

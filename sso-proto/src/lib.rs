@@ -10,6 +10,9 @@
 //!   through TLS ([`delivery::Sealer`] on the server, [`delivery::Recipient`] and
 //!   [`delivery::Opener`] on the client); the format is specified in
 //!   `docs/key-delivery.md`.
+//! - [`wire`]: every body on the wire (keyring, key, peer records, admin answers,
+//!   errors): serde readers, and the one exact-size zeroizing writer for bodies that carry
+//!   key material.
 //! - [`json`]: messages for refused JSON bodies that never quote a value (it may be a
 //!   password or a plaintext).
 //! - [`fuzzing`] (feature `fuzzing`): entry points for the targets in `fuzz/`.
@@ -24,9 +27,10 @@ pub mod envelope;
 pub mod json;
 pub mod key;
 pub mod nonce;
+pub mod wire;
 
 pub use envelope::{EnvelopeKey, EnvelopeRef};
-pub use key::{KeyId, KeyMeta, KeyState, MasterSecret, SECRET_LEN};
+pub use key::{KeyId, KeyMeta, KeyRecord, KeyState, MasterSecret, SECRET_LEN};
 
 /// Everything that can go wrong in this crate. Messages never contain key bytes, plaintext
 /// or raw input.

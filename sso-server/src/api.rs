@@ -96,6 +96,18 @@ fn json_value(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     sso_daemon::json::reply_value(status, value)
 }
 
+/// A JSON answer from its wire type (`sso_proto::wire`): through a `serde_json::Value`, so
+/// its keys come out sorted as every `json!` body's did.
+fn json_answer<T: serde::Serialize>(status: StatusCode, answer: &T) -> Response<Body> {
+    match serde_json::to_value(answer) {
+        Ok(value) => json_value(status, &value),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serialise an answer");
+            error_response(&ApiError::internal())
+        }
+    }
+}
+
 fn error_response(e: &ApiError) -> Response<Body> {
     e.0.response()
 }
@@ -705,7 +717,10 @@ fn key(id: Option<KeyId>, state: &AppState, delivery: &Delivery) -> Result<Answe
             }
             Delivery::Wrapped(to) => {
                 let mut sealer = sealer(to, &format!("/v1/keys/{id}"))?;
-                Bytes::from(crate::state::wrapped_key_json(&snap.records[at], &mut sealer).map_err(sealing_failed)?)
+                Bytes::from(
+                    sso_proto::wire::keyring::wrapped_key_json(&snap.records[at], &mut sealer)
+                        .map_err(sealing_failed)?,
+                )
             }
         };
         state
@@ -1005,7 +1020,7 @@ async fn peer_keys(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer,
 }
 
 async fn peer_merge(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
-    let incoming = crate::peer::parse_records(body).map_err(ApiError::bad_request)?;
+    let incoming = sso_proto::wire::parse_records(body).map_err(ApiError::bad_request)?;
     let from = incoming.node.clone();
     let records = incoming.records;
     let (report, digest) = with_store(state, move |store| {
@@ -1013,24 +1028,19 @@ async fn peer_merge(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiErr
         Ok((report, store.digest()?))
     })
     .await?;
-    let answer = serde_json::json!({
-        "epoch": report.epoch, "digest": digest, "added": report.added, "advanced": report.advanced,
-    });
+    let answer = sso_proto::wire::MergeAnswer {
+        added: report.added,
+        advanced: report.advanced,
+        digest,
+        epoch: report.epoch,
+    };
     Ok(audited(
-        json_value(StatusCode::OK, &answer),
+        json_answer(StatusCode::OK, &answer),
         Some(format!(
             "from {from}: added {}, advanced {}",
             report.added, report.advanced
         )),
     ))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LeaseRequest {
-    node: String,
-    token: String,
-    ttl_ms: u64,
 }
 
 fn parse_token(text: &str) -> Result<u128, ApiError> {
@@ -1054,12 +1064,15 @@ fn link_refusal(e: &crate::rotation::LinkError) -> ApiError {
 
 /// `POST /v1/peer/lease`: the peer asks for this node's rotation lease.
 async fn peer_lease(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
-    let request: LeaseRequest = parse_json(body)?;
+    let request: sso_proto::wire::peer::LeaseRequest = parse_json(body)?;
     let token = parse_token(&request.token)?;
     let ttl = Duration::from_millis(request.ttl_ms.min(120_000));
     match crate::rotation::grant(state, token, ttl).await {
         Ok(max) => Ok(audited(
-            json_value(StatusCode::OK, &serde_json::json!({"max_generation": max})),
+            json_answer(
+                StatusCode::OK,
+                &sso_proto::wire::peer::LeaseAnswer { max_generation: max },
+            ),
             Some(format!("rotation lease to {}", request.node)),
         )),
         Err(e) => Err(link_refusal(&e)),
@@ -1070,7 +1083,7 @@ async fn peer_lease(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiErr
 /// the peer coordinates.
 async fn peer_rotation_step(op: &str, query: &str, body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
     let token = parse_token(query.split('&').find_map(|kv| kv.strip_prefix("lease=")).unwrap_or(""))?;
-    let incoming = crate::peer::parse_records(body).map_err(ApiError::bad_request)?;
+    let incoming = sso_proto::wire::parse_records(body).map_err(ApiError::bad_request)?;
     let from = incoming.node.clone();
     if op == "peer.stage" {
         let mut records = incoming.records;
@@ -1090,7 +1103,7 @@ async fn peer_rotation_step(op: &str, query: &str, body: &[u8], state: &Arc<AppS
                 e => link_refusal(&e),
             })?;
         let mut answer = audited(
-            json_value(StatusCode::OK, &serde_json::json!({"staged": id})),
+            json_answer(StatusCode::OK, &sso_proto::wire::peer::StageAnswer { staged: id }),
             Some(format!("staged for {from}, generation {generation}")),
         );
         answer.key = Some(id);
@@ -1125,11 +1138,11 @@ fn meta_json(meta: &sso_proto::KeyMeta) -> serde_json::Value {
 /// The peer's side of pair-wide backup coverage: which keys this node's backups cover.
 async fn peer_coverage(state: &Arc<AppState>) -> Result<Answer, ApiError> {
     let status = with_store(state, |store| store.status()).await?;
-    let coverage = crate::peer::Coverage {
+    let coverage = sso_proto::wire::Coverage {
         backed_up: status.backed_up,
         last_backup_unix: status.last_backup_at.map(time::OffsetDateTime::unix_timestamp),
     };
-    Ok(quiet(json_value(StatusCode::OK, &serde_json::json!(coverage))))
+    Ok(quiet(json_answer(StatusCode::OK, &coverage)))
 }
 
 async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {

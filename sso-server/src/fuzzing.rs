@@ -5,7 +5,7 @@
 /// The same bytes as a peer's answer to a promotion (`/v1/peer/promote`).
 pub fn peer_records(data: &[u8]) {
     let _ = crate::peer::promoted_answer(data);
-    let Ok(keys) = crate::peer::parse_records(data) else {
+    let Ok(keys) = sso_proto::wire::parse_records(data) else {
         return;
     };
     let _ = keystore::validate::check_incoming(&[], &keys.records);
@@ -25,7 +25,7 @@ pub fn peer_records(data: &[u8]) {
 /// uses, then what status does with it: the backup time as a date, and the keys it covers
 /// taken out of a list of this node's keys.
 pub fn peer_coverage(data: &[u8]) {
-    let Some(coverage) = crate::peer::parse_coverage(data) else {
+    let Some(coverage) = sso_proto::wire::parse_coverage(data) else {
         return;
     };
     let _ = coverage

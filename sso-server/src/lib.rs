@@ -15,11 +15,10 @@
 //! - [`server`]: accept loop, hyper, graceful shutdown.
 //! - [`connections`]: live connections over time: SIGHUP reload (all or nothing) and the
 //!   re-check of live connections, certificate expiry, maximum connection age.
-//! - [`peer`]: the failover pair's transport and wire format: the peer client, its TLS
-//!   verifier, peer status, the key records' JSON.
+//! - [`peer`]: the failover pair's transport: the peer client, its TLS verifier, peer
+//!   status (the bodies are `sso_proto::wire::peer`'s).
 //! - [`replication`]: anti-entropy as domain logic (the round, its server side, the
 //!   periodic and on-demand rounds with their metrics and alarms).
-//! - [`exact`]: exactly-sized, zeroizing serialisation of bodies that carry key material.
 //! - [`rotation`]: rotation serialised across the pair (domain logic, no HTTP).
 //! - [`dev`]: `--dev`, the embedded default.
 //!
@@ -36,7 +35,6 @@ pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod dev;
-pub mod exact;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod idempotency;

@@ -1,8 +1,8 @@
-//! The failover pair's transport and wire format: the peer client (mTLS, with its
-//! certificate verifier), what this node knows of its peer, and the key records' JSON.
-//! Anti-entropy (the domain logic that uses them) is `replication`'s; the rotation
-//! protocol is `rotation`'s. Imports `config`, `identity`, `tls`, `rotation`, `exact`;
-//! never `state`.
+//! The failover pair's transport: the peer client (mTLS, with its certificate verifier)
+//! and what this node knows of its peer. The bodies (key records, the small answers) are
+//! `sso_proto::wire::peer`'s; anti-entropy (the domain logic that uses them) is
+//! `replication`'s; the rotation protocol is `rotation`'s. Imports `config`, `identity`,
+//! `tls`, `rotation`; never `state`.
 //!
 //! Protocol (`/v1/peer/…`, role `peer`, over the same mTLS listener):
 //!
@@ -11,9 +11,7 @@
 //! | `GET /v1/peer/keys?digest=D` | 204 when the node's key-set digest equals `D`; else 200 with every key (retired ones with material, destroyed ones without) |
 //! | `POST /v1/peer/merge` (same body) | merged durably (union by key id, states forward only), then 200 `{"epoch","digest","added","advanced"}`; 409 `integrity` when a key id arrives with other material |
 //!
-//! Body: `{"node","epoch","digest","keys":[{"key_id","generation","created_at","origin","state","key"?}]}`,
-//! `state` one of `staged`, `active` (promoted; the primary is derived), `retired`,
-//! `destroyed`; `key` is standard base64, absent for destroyed keys.
+//! Body: see `sso_proto::wire::peer` (`records_json`, `parse_records`).
 //!
 //! Rotation is add → distribute → promote across the pair (see `api::rotate`). Each node
 //! also pulls the other's key set every `sync_interval_ms` (and so at once after a restart
@@ -28,12 +26,8 @@ use keystore::KeyRecord;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
-use sso_proto::{KeyId, KeyMeta, KeyState, MasterSecret};
 use sso_transport::Transport;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use zeroize::Zeroizing;
 
 use crate::config::{PeerConfig, TlsConfig};
@@ -129,18 +123,8 @@ pub struct Peer {
     last_attempt: Mutex<Option<Instant>>,
 }
 
-/// The peer's key set, as pulled.
-#[derive(Debug)]
-pub struct PeerKeys {
-    /// Its node name.
-    pub node: String,
-    /// Its epoch.
-    pub epoch: u64,
-    /// Its digest.
-    pub digest: String,
-    /// Every key it holds.
-    pub records: Vec<KeyRecord>,
-}
+/// The peer's key set, as pulled (the wire type).
+pub use sso_proto::wire::PeerKeys;
 
 impl Peer {
     /// Builds the peer client: our certificate as client identity, the peer's server
@@ -255,7 +239,7 @@ impl Peer {
 
     /// Sends `records` to the peer, which merges them durably before answering.
     pub async fn push(&self, node: &str, epoch: u64, records: &[KeyRecord]) -> Result<MergeAnswer, PeerError> {
-        let body = records_json(node, epoch, "", records);
+        let body = sso_proto::wire::records_json(node, epoch, "", records);
         let reply = self
             .transport
             .load_full()
@@ -306,7 +290,7 @@ impl Peer {
                 Ok(None)
             }
             200 => {
-                let keys = parse_records(&reply.body).map_err(PeerError::Protocol)?;
+                let keys = sso_proto::wire::parse_records(&reply.body).map_err(PeerError::Protocol)?;
                 self.contact(&keys.node, keys.epoch);
                 Ok(Some(keys))
             }
@@ -319,20 +303,7 @@ impl Peer {
     }
 }
 
-/// Which keys the peer's backups cover (`GET /v1/peer/coverage`).
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
-pub struct Coverage {
-    /// Keys a backup written from (or restored into) the peer's store covers.
-    pub backed_up: Vec<KeyId>,
-    /// When the peer last wrote a backup, unix seconds.
-    pub last_backup_unix: Option<i64>,
-}
-
-/// Reads a peer's coverage answer; `None` when it is not one. Outside input: fuzzed by
-/// `fuzz/fuzz_targets/peer_coverage.rs`.
-pub fn parse_coverage(body: &[u8]) -> Option<Coverage> {
-    serde_json::from_slice(body).ok()
-}
+pub use sso_proto::wire::{Coverage, MergeAnswer};
 
 impl Peer {
     /// The peer's backup coverage; `None` when it does not answer (or predates the
@@ -347,7 +318,7 @@ impl Peer {
         if reply.status != 200 {
             return None;
         }
-        parse_coverage(&reply.body)
+        sso_proto::wire::parse_coverage(&reply.body)
     }
 
     /// POSTs `body` to `path`; the status and body, or `Unreachable`.
@@ -371,39 +342,39 @@ impl Peer {
 
 /// A refusal from a rotation endpoint of the peer.
 fn refusal(status: u16, body: &[u8]) -> LinkError {
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    match (status, v["error"].as_str().unwrap_or("")) {
+    let e: sso_proto::wire::ErrorBody = serde_json::from_slice(body).unwrap_or_default();
+    match (status, e.error.as_str()) {
         (409, "busy") => LinkError::Busy,
         (409, "lease_lost") => LinkError::LeaseLost,
-        (409, "stale") => LinkError::Stale(v["max_generation"].as_u64().unwrap_or(0)),
-        (409, "integrity") => LinkError::Conflict(v["message"].as_str().unwrap_or("").to_owned()),
+        // A stale refusal says the number in its message only.
+        (409, "stale") => LinkError::Stale(0),
+        (409, "integrity") => LinkError::Conflict(e.message),
         (404 | 405, _) => LinkError::Protocol(format!(
             "the peer answered {status}: it does not know the rotation protocol (upgrade it first)"
         )),
-        _ => LinkError::Unreachable(format!(
-            "the peer answered {status}: {}",
-            v["message"].as_str().unwrap_or("")
-        )),
+        _ => LinkError::Unreachable(format!("the peer answered {status}: {}", e.message)),
     }
 }
 
 impl PeerLink for Peer {
     async fn lease(&self, node: &str, token: u128, ttl: Duration) -> Result<u64, LinkError> {
-        let body = serde_json::json!({
-            "node": node, "token": format!("{token:032x}"), "ttl_ms": ttl.as_millis() as u64,
-        });
-        let (status, body) = self.post("/v1/peer/lease", Bytes::from(body.to_string())).await?;
+        let request = sso_proto::wire::peer::LeaseRequest {
+            node: node.to_owned(),
+            token: format!("{token:032x}"),
+            ttl_ms: ttl.as_millis() as u64,
+        };
+        let body = serde_json::to_vec(&request).map_err(|e| LinkError::Protocol(e.to_string()))?;
+        let (status, body) = self.post("/v1/peer/lease", Bytes::from(body)).await?;
         if status != 200 {
             return Err(refusal(status, &body));
         }
-        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| LinkError::Protocol(e.to_string()))?;
-        v["max_generation"]
-            .as_u64()
-            .ok_or_else(|| LinkError::Protocol("lease answer without max_generation".into()))
+        let answer: sso_proto::wire::peer::LeaseAnswer = serde_json::from_slice(&body)
+            .map_err(|e| LinkError::Protocol(format!("lease answer: {}", sso_proto::json::describe_error(&e))))?;
+        Ok(answer.max_generation)
     }
 
     async fn stage(&self, node: &str, token: u128, record: &KeyRecord) -> Result<(), LinkError> {
-        let body = records_json(node, 0, "", std::slice::from_ref(record));
+        let body = sso_proto::wire::records_json(node, 0, "", std::slice::from_ref(record));
         let (status, body) = self
             .post(&format!("/v1/peer/stage?lease={token:032x}"), Bytes::from_owner(body))
             .await?;
@@ -414,7 +385,7 @@ impl PeerLink for Peer {
     }
 
     async fn promote(&self, node: &str, token: u128, records: &[KeyRecord]) -> Result<Promoted, LinkError> {
-        let body = records_json(node, 0, "", records);
+        let body = sso_proto::wire::records_json(node, 0, "", records);
         let (status, body) = self
             .post(&format!("/v1/peer/promote?lease={token:032x}"), Bytes::from_owner(body))
             .await?;
@@ -439,202 +410,21 @@ pub enum PeerError {
     Protocol(String),
 }
 
-/// What the peer says after a merge.
-#[derive(Debug, Deserialize)]
-pub struct MergeAnswer {
-    /// Its epoch after the merge.
-    pub epoch: u64,
-    /// Keys it did not have.
-    pub added: usize,
-    /// Keys whose state moved forward.
-    pub advanced: usize,
-}
-
-fn state_name(state: KeyState) -> &'static str {
-    match state {
-        KeyState::Staged => "staged",
-        KeyState::Primary | KeyState::Active => "active",
-        KeyState::Retired => "retired",
-        KeyState::Destroyed => "destroyed",
-    }
-}
-
-/// Serialises key records into a zeroizing buffer sized exactly (two passes, see
-/// [`crate::exact::exact`]): it never reallocates, whatever the key count or node names.
-pub fn records_json(node: &str, epoch: u64, digest: &str, records: &[KeyRecord]) -> Zeroizing<Vec<u8>> {
-    let header = serde_json::json!({"node": node, "epoch": epoch, "digest": digest}).to_string();
-    let fields: Vec<String> = records
-        .iter()
-        .map(|r| {
-            let meta = &r.meta;
-            serde_json::json!({
-                "key_id": meta.key_id,
-                "generation": meta.generation,
-                "created_at": meta.created_at.format(&Rfc3339).unwrap_or_default(),
-                "origin": meta.origin,
-                "state": state_name(meta.state),
-            })
-            .to_string()
-        })
-        .collect();
-    crate::exact::exact(|out| {
-        out.put(&header.as_bytes()[..header.len() - 1]);
-        out.put(b",\"keys\":[");
-        for (i, (r, f)) in records.iter().zip(&fields).enumerate() {
-            if i > 0 {
-                out.put(b",");
-            }
-            out.put(&f.as_bytes()[..f.len() - 1]);
-            if let Some(secret) = &r.secret {
-                out.put(b",\"key\":\"");
-                out.put_secret(secret);
-                out.put(b"\"");
-            }
-            out.put(b"}");
-        }
-        out.put(b"]}");
-    })
-}
-
-#[derive(Deserialize)]
-struct WireRecords {
-    node: String,
-    epoch: u64,
-    #[serde(default)]
-    digest: String,
-    keys: Vec<WireRecord>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WireRecord {
-    key_id: KeyId,
-    generation: u64,
-    created_at: String,
-    origin: String,
-    state: String,
-    #[serde(default)]
-    key: Option<SecretString>,
-}
-
-/// The body of the peer's answer to `POST /v1/peer/promote`.
+/// The body of this node's answer to `POST /v1/peer/promote`.
 pub fn promoted_json(promoted: &Promoted) -> serde_json::Value {
-    serde_json::json!({"primary": promoted.primary, "kept": promoted.kept})
+    let answer = sso_proto::wire::PromoteAnswer {
+        kept: promoted.kept.clone(),
+        primary: promoted.primary,
+    };
+    serde_json::to_value(answer).unwrap_or_default()
 }
 
 /// Reads the peer's answer to `POST /v1/peer/promote` (outside input: fuzzed by
-/// `peer_promoted`). `kept` is absent in answers of servers before it existed.
+/// `peer_records`).
 pub fn promoted_answer(body: &[u8]) -> Result<Promoted, String> {
-    #[derive(Deserialize)]
-    struct Wire {
-        primary: Option<KeyId>,
-        #[serde(default)]
-        kept: Vec<KeyId>,
-    }
-    let wire: Wire =
-        serde_json::from_slice(body).map_err(|e| format!("promote answer: {}", sso_proto::json::describe_error(&e)))?;
+    let answer = sso_proto::wire::peer::parse_promote_answer(body)?;
     Ok(Promoted {
-        primary: wire.primary,
-        kept: wire.kept,
+        primary: answer.primary,
+        kept: answer.kept,
     })
-}
-
-/// Parses a peer body. Errors name the problem, never key material.
-pub fn parse_records(body: &[u8]) -> Result<PeerKeys, String> {
-    let wire: WireRecords = serde_json::from_slice(body)
-        .map_err(|e| format!("malformed peer body (line {}, column {})", e.line(), e.column()))?;
-    let mut records = Vec::with_capacity(wire.keys.len());
-    for w in wire.keys {
-        let state = match w.state.as_str() {
-            "staged" => KeyState::Staged,
-            "active" | "primary" => KeyState::Active,
-            "retired" => KeyState::Retired,
-            "destroyed" => KeyState::Destroyed,
-            _ => return Err(format!("key {}: unknown state", w.key_id)),
-        };
-        let created_at =
-            OffsetDateTime::parse(&w.created_at, &Rfc3339).map_err(|_| format!("key {}: bad created_at", w.key_id))?;
-        let secret = match w.key {
-            Some(b64) => Some(
-                MasterSecret::from_base64(b64.expose_secret().as_bytes())
-                    .map_err(|_| format!("key {}: material is not 32 bytes of base64", w.key_id))?,
-            ),
-            None => None,
-        };
-        records.push(KeyRecord {
-            meta: KeyMeta {
-                key_id: w.key_id,
-                generation: w.generation,
-                created_at,
-                origin: w.origin,
-                state,
-            },
-            secret,
-        });
-    }
-    Ok(PeerKeys {
-        node: wire.node,
-        epoch: wire.epoch,
-        digest: wire.digest,
-        records,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_promote_answer_round_trips_and_an_old_one_keeps_nothing() {
-        let rng = ring::rand::SystemRandom::new();
-        let (k, p) = (KeyId::generate(&rng).unwrap(), KeyId::generate(&rng).unwrap());
-        let promoted = Promoted {
-            primary: Some(p),
-            kept: vec![k],
-        };
-        let body = promoted_json(&promoted).to_string();
-        assert_eq!(promoted_answer(body.as_bytes()).unwrap(), promoted);
-        let old = format!("{{\"primary\":\"{p}\"}}");
-        assert_eq!(promoted_answer(old.as_bytes()).unwrap().kept, Vec::<KeyId>::new());
-        let err = promoted_answer(br#"{"primary":"secret-ish","kept":[]}"#).unwrap_err();
-        assert!(!err.contains("secret-ish"), "{err}");
-    }
-
-    #[test]
-    fn records_round_trip_through_json() {
-        let rng = ring::rand::SystemRandom::new();
-        let records: Vec<KeyRecord> = [
-            KeyState::Staged,
-            KeyState::Primary,
-            KeyState::Retired,
-            KeyState::Destroyed,
-        ]
-        .into_iter()
-        .enumerate()
-        .map(|(i, state)| KeyRecord {
-            meta: KeyMeta {
-                key_id: KeyId::generate(&rng).unwrap(),
-                generation: i as u64 + 1,
-                created_at: OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
-                origin: "node \"a\"".into(),
-                state,
-            },
-            secret: (state != KeyState::Destroyed).then(|| MasterSecret::generate(&rng).unwrap()),
-        })
-        .collect();
-        let body = records_json("a", 7, "d", &records);
-        assert_eq!(body.len(), body.capacity(), "not sized exactly");
-        let back = parse_records(&body).unwrap();
-        assert_eq!((back.node.as_str(), back.epoch, back.digest.as_str()), ("a", 7, "d"));
-        for (a, b) in records.iter().zip(&back.records) {
-            assert_eq!(a.meta.key_id, b.meta.key_id);
-            assert_eq!(a.meta.origin, b.meta.origin);
-            assert_eq!(a.secret.is_some(), b.secret.is_some());
-            if let (Some(x), Some(y)) = (&a.secret, &b.secret) {
-                assert!(x.ct_eq(y));
-            }
-        }
-        assert_eq!(back.records[1].meta.state, KeyState::Active);
-        assert!(parse_records(b"{\"node\":1}").is_err());
-    }
 }

@@ -31,7 +31,12 @@ pub fn keys_answer(
         return Ok(None);
     }
     let records = store.export()?;
-    Ok(Some(crate::peer::records_json(node, store.epoch()?, &digest, &records)))
+    Ok(Some(sso_proto::wire::records_json(
+        node,
+        store.epoch()?,
+        &digest,
+        &records,
+    )))
 }
 
 /// Anti-entropy: pull the peer's key set every interval and merge it. Both nodes run

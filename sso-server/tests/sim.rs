@@ -6,7 +6,7 @@
 //! - **Real**: rotation (`sso_server::rotation::{rotate, grant, accept_stage,
 //!   accept_promote}`: leases, generation choice, stage → promote, the answers), the
 //!   anti-entropy round (`sso_server::replication::anti_entropy_round`) and its server side
-//!   (`replication::keys_answer`), the key wire encoding (`peer::records_json`/`parse_records`),
+//!   (`replication::keys_answer`), the key wire encoding (`sso_proto::wire::records_json`/`parse_records`),
 //!   and the store: each node is a real `keystore::SealedStore` (SQLite, WAL) in a
 //!   temporary directory, dropped when the node crashes and reopened from disk on restart.
 //! - **Simulated**: the network (turmoil TCP with per-seed latency, a lossy link that
@@ -517,7 +517,7 @@ impl PeerLink for Link {
     }
 
     async fn stage(&self, node: &str, token: u128, record: &keystore::KeyRecord) -> Result<(), LinkError> {
-        let body = peer::records_json(node, 0, "", std::slice::from_ref(record));
+        let body = sso_proto::wire::records_json(node, 0, "", std::slice::from_ref(record));
         let head = serde_json::json!({"op": "stage", "token": format!("{token:032x}")});
         self.call(head, body).await.map(|_| ())
     }
@@ -528,7 +528,7 @@ impl PeerLink for Link {
         token: u128,
         records: &[keystore::KeyRecord],
     ) -> Result<rotation::Promoted, LinkError> {
-        let body = peer::records_json(node, 0, "", records);
+        let body = sso_proto::wire::records_json(node, 0, "", records);
         let head = serde_json::json!({"op": "promote", "token": format!("{token:032x}")});
         let (head, _) = self.call(head, body).await?;
         peer::promoted_answer(head.to_string().as_bytes()).map_err(LinkError::Protocol)
@@ -545,7 +545,9 @@ impl KeySource for Link {
         if head["same"].as_bool() == Some(true) {
             return Ok(None);
         }
-        peer::parse_records(&body).map(Some).map_err(PeerError::Protocol)
+        sso_proto::wire::parse_records(&body)
+            .map(Some)
+            .map_err(PeerError::Protocol)
     }
 }
 
@@ -587,7 +589,7 @@ async fn handle(node: Arc<Node>, link: Arc<Link>, mut s: TcpStream) -> std::io::
         op @ ("stage" | "promote") => {
             let res = async {
                 let token = parse_token(&head)?;
-                let incoming = peer::parse_records(&body).map_err(LinkError::Protocol)?;
+                let incoming = sso_proto::wire::parse_records(&body).map_err(LinkError::Protocol)?;
                 if op == "stage" {
                     let mut records = incoming.records;
                     let (Some(record), true) = (records.pop(), records.is_empty()) else {

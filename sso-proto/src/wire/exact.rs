@@ -1,8 +1,7 @@
 //! Exactly-sized, zeroizing JSON serialisation for bodies that carry key material: one
 //! writer function runs twice, first into a [`Count`], then into a [`WipingBuf`] of exactly
 //! that size, so the buffer never reallocates and no unwiped copy of a key is left behind.
-//! Used by the snapshot (`state`) and the peer wire format (`peer`); imports nothing of
-//! this crate.
+//! Every writer of a body that holds key material in this module goes through [`exact`].
 
 use zeroize::Zeroizing;
 
@@ -13,7 +12,7 @@ pub trait Sink {
     /// Appends bytes that are not secret.
     fn put(&mut self, bytes: &[u8]);
     /// Appends a key's material, standard base64.
-    fn put_secret(&mut self, secret: &sso_proto::MasterSecret);
+    fn put_secret(&mut self, secret: &crate::MasterSecret);
 }
 
 /// Length of a key's material in standard base64 (32 bytes → 44 characters).
@@ -28,7 +27,7 @@ impl Sink for Count {
         self.0 += bytes.len();
     }
 
-    fn put_secret(&mut self, _: &sso_proto::MasterSecret) {
+    fn put_secret(&mut self, _: &crate::MasterSecret) {
         self.0 += SECRET_B64_LEN;
     }
 }
@@ -79,7 +78,7 @@ impl Sink for WipingBuf {
         self.buf.extend_from_slice(bytes);
     }
 
-    fn put_secret(&mut self, secret: &sso_proto::MasterSecret) {
+    fn put_secret(&mut self, secret: &crate::MasterSecret) {
         self.room(SECRET_B64_LEN);
         secret.push_base64(&mut self.buf);
     }

@@ -1,0 +1,351 @@
+//! The PostgreSQL engine against a real throwaway PostgreSQL (pg-throwaway; no mocks):
+//! concurrent writers, no key material in the database, an outage and the reconnect, the
+//! change feed, migrations and the unseal check. The tests that stop the database have a
+//! cluster of their own; the others share one (a fresh database each).
+
+use std::collections::BTreeSet;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use keystore::postgres::{ChangeFeed, PgOptions, PgStore};
+use keystore::{CreateOptions, Error, Store, UnsealKey};
+use pg_throwaway::PgCluster;
+use sso_proto::KeyState;
+
+fn shared() -> &'static PgCluster {
+    static CLUSTER: OnceLock<PgCluster> = OnceLock::new();
+    CLUSTER.get_or_init(PgCluster::start)
+}
+
+fn database_name(url: &str) -> &str {
+    url.rsplit('/').next().unwrap()
+}
+
+/// A fresh database with an initialised store (schema + first key) and its key file.
+fn initialised(cluster: &PgCluster, dir: &tempfile::TempDir) -> (String, UnsealKey, PgStore) {
+    let url = cluster.fresh_database();
+    let key = UnsealKey::generate_key_file(&dir.path().join(format!("{}.key", database_name(&url)))).unwrap();
+    let (store, first) = PgStore::init(&url, &key, &CreateOptions::new("node-1")).unwrap();
+    assert_eq!((first.state, first.generation), (KeyState::Primary, 1));
+    (url, key, store)
+}
+
+#[test]
+fn concurrent_rotations_on_many_handles_never_share_a_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, key, _) = initialised(shared(), &dir);
+    const HANDLES: usize = 4;
+    const ROTATIONS: usize = 6;
+    let acknowledged: Vec<Vec<(sso_proto::KeyId, u64)>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..HANDLES)
+            .map(|n| {
+                let (url, key) = (&url, &key);
+                s.spawn(move || {
+                    let mut store = PgStore::open(url, key, &format!("node-{n}")).unwrap();
+                    (0..ROTATIONS)
+                        .map(|i| {
+                            // Both kinds of new key: a rotation and a stage above a floor.
+                            let meta = if i % 2 == 0 {
+                                store.rotate().unwrap()
+                            } else {
+                                store.stage_new_above(0).unwrap()
+                            };
+                            (meta.key_id, meta.generation)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let all: Vec<(sso_proto::KeyId, u64)> = acknowledged.into_iter().flatten().collect();
+    let generations: BTreeSet<u64> = all.iter().map(|(_, g)| *g).collect();
+    assert_eq!(
+        generations.len(),
+        HANDLES * ROTATIONS,
+        "two writers shared a generation: {all:?}"
+    );
+    assert!(!generations.contains(&1), "a writer reused the first key's generation");
+
+    // Every acknowledged change is visible to every handle afterwards.
+    for n in 0..HANDLES {
+        let store = PgStore::open(&url, &key, &format!("reader-{n}")).unwrap();
+        let listed: BTreeSet<_> = store.list().unwrap().iter().map(|k| (k.key_id, k.generation)).collect();
+        for k in &all {
+            assert!(listed.contains(k), "handle {n} does not see the acknowledged key {k:?}");
+        }
+        assert_eq!(
+            store.epoch().unwrap(),
+            1 + (HANDLES * ROTATIONS) as u64,
+            "one epoch per change"
+        );
+        assert_eq!(store.verify().unwrap(), 1 + HANDLES * ROTATIONS);
+    }
+}
+
+#[test]
+fn the_database_holds_no_key_material() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = shared();
+    let (url, _, mut store) = initialised(cluster, &dir);
+    let second = store.rotate().unwrap();
+    let staged = store.stage_new_above(0).unwrap();
+    let old = store.list().unwrap()[0].key_id;
+    store.retire(old).unwrap();
+    let mut secrets = Vec::new();
+    for record in store.export().unwrap() {
+        secrets.push(record.secret.as_ref().unwrap().expose_secret().to_vec());
+    }
+    store.destroy(old).unwrap();
+    assert_eq!(secrets.len(), 3);
+    assert!(
+        store
+            .keyring()
+            .unwrap()
+            .keys
+            .iter()
+            .any(|k| k.meta.key_id == second.key_id)
+    );
+    assert!(
+        store
+            .keyring()
+            .unwrap()
+            .keys
+            .iter()
+            .any(|k| k.meta.key_id == staged.key_id)
+    );
+
+    let dump = cluster.dump(database_name(&url));
+    let text = String::from_utf8_lossy(&dump).to_lowercase();
+    assert!(text.contains("sso_keys"), "the dump does not hold the keys table");
+    for secret in &secrets {
+        let forms = [
+            hex::encode(secret),
+            base64::engine::general_purpose::STANDARD.encode(secret).to_lowercase(),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(secret)
+                .to_lowercase(),
+        ];
+        for form in &forms {
+            assert!(!text.contains(form.as_str()), "a key's bytes are in the database dump");
+        }
+        assert!(
+            !dump.windows(secret.len()).any(|w| w == secret.as_slice()),
+            "a key's raw bytes are in the database dump"
+        );
+    }
+}
+
+#[test]
+fn an_outage_fails_fast_with_a_remedy_and_the_next_call_after_it_reconnects() {
+    let cluster = PgCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (url, key, mut store) = initialised(&cluster, &dir);
+    let before = store.list().unwrap();
+
+    cluster.stop();
+    let started = Instant::now();
+    let err = store.rotate().unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a call on a stopped database took {:?}",
+        started.elapsed()
+    );
+    let Error::Storage(storage) = &err else {
+        panic!("not a storage error: {err}");
+    };
+    assert!(storage.remedy().contains("PostgreSQL"), "no remedy: {err}");
+    assert!(err.store_fault().is_some(), "no fault for the server's health: {err}");
+    assert!(store.keyring().is_err(), "a read on a stopped database succeeded");
+    assert!(PgStore::open(&url, &key, "node-2").is_err());
+
+    cluster.start_again();
+    // The same handle, not reopened: the next call reconnects by itself.
+    assert_eq!(
+        store.list().unwrap().len(),
+        before.len(),
+        "the failed rotation changed something"
+    );
+    let rotated = store.rotate().unwrap();
+    assert_eq!(store.primary().unwrap().unwrap().key_id, rotated.key_id);
+    assert_eq!(store.epoch().unwrap(), 2);
+}
+
+#[test]
+fn a_statement_that_hangs_is_cut_by_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = shared();
+    let (url, key, _) = initialised(cluster, &dir);
+    let options = PgOptions {
+        statement_timeout: Duration::from_secs(1),
+        ..PgOptions::default()
+    };
+    let mut store = PgStore::open_with(&url, &key, "node-2", options).unwrap();
+    // Another session holds the store's row locked: a write waits for it until the
+    // statement timeout cuts it.
+    let db = database_name(&url).to_owned();
+    let locker = std::thread::spawn(move || {
+        shared().psql(
+            &db,
+            "BEGIN; SELECT * FROM sso_store FOR UPDATE; SELECT pg_sleep(4); COMMIT;",
+        );
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let err = store.rotate().unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the write waited {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err, Error::Storage(_)), "{err}");
+    locker.join().unwrap();
+    store.rotate().unwrap();
+}
+
+#[test]
+fn the_change_feed_delivers_other_handles_changes_and_resyncs_after_a_restart() {
+    let cluster = PgCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (url, key, _) = initialised(&cluster, &dir);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut feed = ChangeFeed::start(&url).unwrap();
+        let watcher = feed.subscribe();
+        let until = |pred: fn(&keystore::postgres::FeedState) -> bool| {
+            let mut rx = watcher.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), rx.wait_for(pred))
+                    .await
+                    .expect("the feed did not get there in 10 s")
+                    .map(|s| *s)
+                    .unwrap()
+            }
+        };
+        let first = until(|s| s.connected).await;
+        assert_eq!((first.epoch, first.resyncs), (1, 1));
+
+        // Another handle (another connection) rotates: the feed hears the new epoch.
+        let (u, k) = (url.clone(), key_path(&dir, &url));
+        let sent = Instant::now();
+        tokio::task::spawn_blocking(move || {
+            let key = UnsealKey::key_file(&k).unwrap();
+            PgStore::open(&u, &key, "node-2").unwrap().rotate().unwrap();
+        })
+        .await
+        .unwrap();
+        let state = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let state = feed.next().await.unwrap();
+                if state.epoch >= 2 {
+                    return state;
+                }
+            }
+        })
+        .await
+        .expect("the feed did not deliver the rotation in 5 s");
+        assert_eq!(state.epoch, 2, "{state:?}");
+        assert!(sent.elapsed() < Duration::from_secs(2), "took {:?}", sent.elapsed());
+
+        // The database restarts: the feed notices, reconnects and re-reads the epoch
+        // (resyncs 2), and the change made right after the restart reaches it (by the
+        // re-read or by its notification, whichever comes first).
+        cluster.stop();
+        until(|s| !s.connected).await;
+        cluster.start_again();
+        let u = url.clone();
+        let k = key_path(&dir, &url);
+        tokio::task::spawn_blocking(move || {
+            let key = UnsealKey::key_file(&k).unwrap();
+            PgStore::open(&u, &key, "node-2").unwrap().rotate().unwrap();
+        })
+        .await
+        .unwrap();
+        let resynced = until(|s| s.connected && s.resyncs >= 2 && s.epoch >= 3).await;
+        assert_eq!((resynced.epoch, resynced.resyncs), (3, 2), "{resynced:?}");
+    });
+    drop(key);
+}
+
+fn key_path(dir: &tempfile::TempDir, url: &str) -> std::path::PathBuf {
+    dir.path().join(format!("{}.key", database_name(url)))
+}
+
+#[test]
+fn migrations_record_the_version_and_a_newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = shared();
+    let (url, key, store) = initialised(cluster, &dir);
+    drop(store);
+    let db = database_name(&url);
+    assert_eq!(cluster.psql(db, "SELECT MAX(version) FROM sso_schema").trim(), "1");
+
+    cluster.psql(db, "INSERT INTO sso_schema (version) VALUES (2)");
+    let err = PgStore::open(&url, &key, "node-1").unwrap_err();
+    assert!(
+        matches!(err, Error::UnsupportedSchema { found: 2, supported: 1 }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("upgrade the software"), "{err}");
+    let other = UnsealKey::generate_key_file(&dir.path().join("other.key")).unwrap();
+    let err = PgStore::create(&url, &other, &CreateOptions::new("node-1")).unwrap_err();
+    assert!(matches!(err, Error::UnsupportedSchema { .. }), "{err}");
+
+    // An empty database is no store; an existing store is not created twice.
+    let empty = cluster.fresh_database();
+    assert!(matches!(PgStore::open(&empty, &key, "n"), Err(Error::StoreNotFound(_))));
+    let (url2, key2, _) = initialised(cluster, &dir);
+    assert!(matches!(
+        PgStore::create(&url2, &key2, &CreateOptions::new("n")),
+        Err(Error::StoreExists(_))
+    ));
+}
+
+#[test]
+fn a_second_node_opens_with_the_url_and_secret_and_a_wrong_secret_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = shared();
+    let (url, key, mut first) = initialised(cluster, &dir);
+    first.rotate().unwrap();
+    let db = database_name(&url);
+    // pg_dump writes a random `\restrict` token on each run: compare everything else.
+    let dump = || -> String {
+        String::from_utf8(cluster.dump(db))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let before = dump();
+
+    let wrong = UnsealKey::generate_key_file(&dir.path().join("wrong.key")).unwrap();
+    let err = PgStore::open(&url, &wrong, "node-2").unwrap_err();
+    assert!(matches!(err, Error::WrongUnsealKey(_)), "{err}");
+    assert!(dump() == before, "a wrong secret changed the database");
+
+    let second = PgStore::open(&url, &key, "node-2").unwrap();
+    assert_eq!(second.node(), "node-2");
+    assert_eq!(second.keyring().unwrap().keys.len(), 2);
+    assert_eq!(second.digest().unwrap(), first.digest().unwrap());
+    assert!(!format!("{second:?}").contains("key"), "{second:?}");
+}
+
+#[test]
+fn an_edited_row_is_an_integrity_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = shared();
+    let (url, key, store) = initialised(cluster, &dir);
+    drop(store);
+    cluster.psql(database_name(&url), "UPDATE sso_keys SET generation = 7");
+    let err = PgStore::open(&url, &key, "node-1").unwrap_err();
+    assert!(err.is_integrity(), "{err}");
+    cluster.psql(database_name(&url), "DELETE FROM sso_keys");
+    let err = PgStore::open(&url, &key, "node-1").unwrap_err();
+    assert!(matches!(err, Error::MissingKey { .. }), "{err}");
+}
