@@ -144,6 +144,8 @@ async fn a_watch_answers_204_exactly_at_its_deadline() {
             m.lines().any(|l| l == "sso_watches_open 0")
         })
         .await;
+    // A graceful stop: `run` returns Ok once its shutdown future completes.
+    f.server.stop().await;
 }
 
 /// A parked watch answers at once (no time passes) when a rotation stages a key, with that
