@@ -27,7 +27,7 @@ async fn a_server_on_postgresql_serves_through_an_outage_and_rotates_again_after
     .unwrap();
 
     let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::new(&root.join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&root.join("node"), &pki, "node-a");
     setup.use_store(Path::new(&url), &key_file);
     let server = TestServer::start(&bin("sso-server"), &setup.config, &root.join("server.log"));
     let admin = Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
