@@ -547,8 +547,8 @@ async fn ask_all(conn: &Online, nodes: &mut Vec<NodeStatus>, checks: &mut Vec<Ch
                 continue;
             }
             Ok(r) if r.status != 200 => {
-                let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
-                let message = v["message"].as_str().unwrap_or("").to_owned();
+                let refusal: sso_proto::wire::ErrorBody = serde_json::from_slice(&r.body).unwrap_or_default();
+                let message = refusal.message;
                 let remedy = if r.status == 403 {
                     "use a certificate that holds the admin role (roles.admin in the server config)"
                 } else {
@@ -677,7 +677,7 @@ fn peer(n: &NodeStatus) -> Check {
                 "{name} sees peer {} up ({}), lag {}",
                 field("node"),
                 field("url"),
-                crate::answers::lag_text(p.get("lag_epochs"))
+                crate::answers::lag_text(p.get("lag_epochs").and_then(serde_json::Value::as_u64))
             ),
             "",
         );
