@@ -61,6 +61,12 @@ use crate::unseal::{UnsealKey, UnsealKind};
 use crate::wrap::Kek;
 use crate::{Error, Result, StorageError, Store, StoreFault};
 
+/// Whether `store` names a PostgreSQL database (`postgresql://` or `postgres://`) rather
+/// than a SQLite file: how the config and ssoctl tell the two engines apart.
+pub fn is_database_url(store: &str) -> bool {
+    store.starts_with("postgresql://") || store.starts_with("postgres://")
+}
+
 /// The channel every write transaction notifies with its new epoch.
 pub const CHANNEL: &str = "sso_keystore";
 

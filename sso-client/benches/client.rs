@@ -25,7 +25,7 @@ fn main() {
         .expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("a"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
     let server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("server.log"));
     let url = format!("https://localhost:{}", server.https.port());
     let cert = pki.client("client");

@@ -56,7 +56,7 @@ async fn truncation_is_found_against_the_head_and_recorded_at_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::new(&root.join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&root.join("node"), &pki, "node-a");
     let mut server = TestServer::start(Path::new(BIN), &setup.config, &root.join("server.log"));
     let client = Client::new(server.https, &pki.ca_file, Some(&pki.client("client")));
     let admin = Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
@@ -139,11 +139,9 @@ async fn a_full_disk_leaves_a_gap_record_when_writing_resumes_after_sighup_rotat
     let root = dir.path();
     let pki = Pki::new(&root.join("pki"));
     // Quiet logging: the server's own stderr is under the same size limit.
-    let setup = ServerSetup::new(&root.join("node"), &pki, "node-a", "", "");
-    let config = std::fs::read_to_string(&setup.config)
-        .unwrap()
-        .replace("level = \"sso_server=debug,info\"", "level = \"warn\"");
-    std::fs::write(&setup.config, config).unwrap();
+    let setup = ServerSetup::builder(&root.join("node"), &pki, "node-a")
+        .config(|c| c.log.level = "warn".into())
+        .build();
     let server = TestServer::start(&limited_server(root, 128), &setup.config, &root.join("server.log"));
     let client = Client::new(server.https, &pki.ca_file, Some(&pki.client("client")));
     let admin = Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));

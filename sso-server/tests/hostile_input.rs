@@ -24,11 +24,9 @@ fn start() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::new(&root.join("node"), &pki, "node-a", "", "");
-    let text = std::fs::read_to_string(&setup.config)
-        .unwrap()
-        .replace("admin = [\"cn:admin\"]", "admin = [\"cn:admin\"]\npeer = [\"cn:peer\"]");
-    std::fs::write(&setup.config, text).unwrap();
+    let setup = ServerSetup::builder(&root.join("node"), &pki, "node-a")
+        .config(|c| c.roles.peer = vec![sso_server::config::Pattern::Cn("peer".into())])
+        .build();
     let server = TestServer::start(Path::new(BIN), &setup.config, &root.join("server.log"));
     Fixture {
         _dir: dir,
@@ -468,7 +466,7 @@ fn memory_offset(file: &[u8]) -> usize {
 fn a_deleted_primary_row_stops_the_server_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("node"), &pki, "node-a");
     let key = keystore::UnsealKey::key_file(&setup.unseal_key).unwrap();
     let mut store = keystore::SealedStore::open(&setup.store, &key).unwrap();
     let primary = store.rotate().unwrap();
@@ -508,7 +506,7 @@ fn a_row_whose_material_does_not_authenticate_stops_the_start_naming_the_key() {
     for (what, served) in [("primary", true), ("retired", false)] {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new(&dir.path().join("pki"));
-        let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
+        let setup = ServerSetup::standard(&dir.path().join("node"), &pki, "node-a");
         let key = keystore::UnsealKey::key_file(&setup.unseal_key).unwrap();
         let mut store = keystore::SealedStore::open(&setup.store, &key).unwrap();
         let first = store.primary().unwrap().unwrap();

@@ -23,11 +23,13 @@ struct Fixture {
     server: TestServer,
 }
 
-fn start(tls_extra: &str, extra: &str) -> Fixture {
+fn start(edit: impl FnOnce(&mut sso_server::Config) + 'static) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::new(&root.join("node"), &pki, "node-a", tls_extra, extra);
+    let setup = ServerSetup::builder(&root.join("node"), &pki, "node-a")
+        .config(edit)
+        .build();
     let server = TestServer::start(Path::new(BIN), &setup.config, &root.join("server.log"));
     Fixture {
         _dir: dir,
@@ -80,7 +82,7 @@ async fn closed_within(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_tls_connection_is_closed_after_the_header_deadline_on_every_protocol() {
     // Only the existing header timeout is set: the deadline after the handshake follows it.
-    let f = start("", "[limits]\nheader_read_timeout_ms = 1000");
+    let f = start(|c| c.limits.header_read_timeout_ms = 1000);
     let cert = f.pki.client("client");
     for (label, alpn) in [
         ("http/1.1", &[b"http/1.1".as_slice()][..]),
@@ -112,7 +114,7 @@ async fn a_silent_tls_connection_is_closed_after_the_header_deadline_on_every_pr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_is_closed_with_goaway_after_the_idle_limit() {
-    let f = start("", "[limits]\nidle_timeout_ms = 1000");
+    let f = start(|c| c.limits.idle_timeout_ms = 1000);
     let config = tls_config(&f.pki, &f.pki.client("client"), &[b"h2"]);
     let tls = connect_tls(f.server.https, &config, Duration::from_secs(5))
         .await
@@ -147,7 +149,7 @@ async fn an_idle_http2_connection_is_closed_with_goaway_after_the_idle_limit() {
 async fn an_identity_with_no_role_cannot_hold_the_connection_slots() {
     // A small connection cap, so the attack is quick; the cap for role-less identities is
     // the default (4).
-    let f = start("", "[limits]\nmax_connections = 256");
+    let f = start(|c| c.limits.max_connections = 256);
     let addr = f.server.https;
     let stranger = tls_config(&f.pki, &f.pki.client("stranger"), &[b"http/1.1"]);
     let mut held = Vec::new();
@@ -196,7 +198,10 @@ async fn an_identity_with_no_role_cannot_hold_the_connection_slots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_pending_handshake_cap_new_connections_push_out_the_oldest() {
-    let f = start("handshake_timeout_ms = 60000", "[limits]\nmax_pending_handshakes = 50");
+    let f = start(|c| {
+        c.tls.handshake_timeout_ms = 60000;
+        c.limits.max_pending_handshakes = 50;
+    });
     let addr = f.server.https;
     let mut silent = Vec::new();
     for _ in 0..500 {
@@ -220,7 +225,7 @@ async fn past_the_pending_handshake_cap_new_connections_push_out_the_oldest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_identity_with_a_role_is_capped_too_and_others_are_unaffected() {
-    let f = start("", "[limits]\nmax_connections_per_identity = 3");
+    let f = start(|c| c.limits.max_connections_per_identity = 3);
     let addr = f.server.https;
     let config = tls_config(&f.pki, &f.pki.client("client"), &[b"http/1.1"]);
     let mut held = Vec::new();
@@ -260,10 +265,11 @@ fn watch(client: &Client, after: u64) -> tokio::task::JoinHandle<Result<tests::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_are_capped_per_identity_and_in_total() {
-    let f = start(
-        "",
-        "[limits]\nmax_watches_per_identity = 4\nmax_watches = 6\nwatch_max_wait_ms = 20000",
-    );
+    let f = start(|c| {
+        c.limits.max_watches_per_identity = 4;
+        c.limits.max_watches = 6;
+        c.limits.watch_max_wait_ms = 20000;
+    });
     let addr = f.server.https;
     let client = Client::new(addr, &f.pki.ca_file, Some(&f.pki.client("client")));
     let client2 = Client::new(addr, &f.pki.ca_file, Some(&f.pki.client("client2")));
@@ -339,10 +345,10 @@ fn p(v: &mut [Duration], q: f64) -> Duration {
 async fn a_client_is_served_quickly_while_thousands_of_idle_connections_are_held() {
     // The attacker's connections are held for the whole test: long handshake and header
     // deadlines, so that nothing but the limits protects the legitimate client.
-    let f = start(
-        "handshake_timeout_ms = 120000",
-        "[limits]\nheader_read_timeout_ms = 120000",
-    );
+    let f = start(|c| {
+        c.tls.handshake_timeout_ms = 120000;
+        c.limits.header_read_timeout_ms = 120000;
+    });
     let addr = f.server.https;
 
     // 1,000 idle authenticated connections (an identity with the client role).
@@ -412,7 +418,7 @@ fn handshake_failures(server: &TestServer) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_garbage_flood_is_audited_as_counts_while_every_request_keeps_its_line() {
     const FLOOD: Duration = Duration::from_secs(5);
-    let f = start("", "");
+    let f = start(|_| {});
     let addr = f.server.https;
     let client = Client::new(addr, &f.pki.ca_file, Some(&f.pki.client("client")));
     assert_eq!(client.get("/v1/keyring").await.unwrap().status, 200);

@@ -19,11 +19,13 @@ struct Fixture {
     server: TestServer,
 }
 
-fn start(tls_extra: &str, extra: &str) -> Fixture {
+fn start(edit: impl FnOnce(&mut sso_server::Config) + 'static) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::new(&root.join("node"), &pki, "node-a", tls_extra, extra);
+    let setup = ServerSetup::builder(&root.join("node"), &pki, "node-a")
+        .config(edit)
+        .build();
     let server = TestServer::start(Path::new(BIN), &setup.config, &root.join("server.log"));
     Fixture {
         _dir: dir,
@@ -80,7 +82,7 @@ fn wait_for_audit(path: &Path, what: impl Fn(&serde_json::Value) -> bool, label:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_fetches_admin_rotates_and_watch_returns_at_once() {
-    let f = start("", "[limits]\nwatch_max_wait_ms = 500");
+    let f = start(|c| c.limits.watch_max_wait_ms = 500);
     let client = f.client("client");
     let admin = f.client("admin");
 
@@ -235,13 +237,18 @@ async fn negative_matrix_is_refused_audited_and_the_server_keeps_serving() {
     let pki = Pki::new(&root.join("pki"));
     let revoked = pki.client("client2");
     let crl = pki.crl("crl.pem", std::slice::from_ref(&revoked.serial), 1);
-    let setup = ServerSetup::new(
-        &root.join("node"),
-        &pki,
-        "node-a",
-        &format!("crls = [\"{}\"]\nhandshake_timeout_ms = 1000", crl.display()),
-        "[limits]\nmax_body_bytes = 4096\nheader_read_timeout_ms = 1000\nbody_read_timeout_ms = 1000\nwatch_max_wait_ms = 500",
-    );
+    let setup = ServerSetup::builder(&root.join("node"), &pki, "node-a")
+        .tls(|t| {
+            t.crls = vec![crl.clone()];
+            t.handshake_timeout_ms = 1000;
+        })
+        .limits(|l| {
+            l.max_body_bytes = 4096;
+            l.header_read_timeout_ms = 1000;
+            l.body_read_timeout_ms = 1000;
+            l.watch_max_wait_ms = 500;
+        })
+        .build();
     let server = TestServer::start(Path::new(BIN), &setup.config, &root.join("server.log"));
     let addr = server.https;
     let good = Client::new(addr, &pki.ca_file, Some(&pki.client("client")));
@@ -367,7 +374,7 @@ async fn slow_headers(addr: std::net::SocketAddr, ca: &Path, cert: &tests::CertF
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_swaps_the_server_certificate_without_dropping_the_listener() {
-    let f = start("", "");
+    let f = start(|_| {});
     let serial_seen = |addr| {
         let ca = f.pki.ca_file.clone();
         let cert = f.pki.client("client");
@@ -423,7 +430,7 @@ async fn peer_serial(addr: std::net::SocketAddr, ca: &Path, cert: &tests::CertFi
 
 #[test]
 fn sigterm_shuts_down_gracefully() {
-    let f = start("", "");
+    let f = start(|_| {});
     let mut server = f.server;
     server.signal("TERM");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -438,11 +445,8 @@ fn sigterm_shuts_down_gracefully() {
 fn a_bad_config_is_refused_before_binding_and_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
-    let text = std::fs::read_to_string(&setup.config)
-        .unwrap()
-        .replace(&pki.ca_file.display().to_string(), "/nonexistent/ca.pem");
-    std::fs::write(&setup.config, text).unwrap();
+    let setup = ServerSetup::standard(&dir.path().join("node"), &pki, "node-a");
+    setup.edit(|c| c.tls.client_ca = "/nonexistent/ca.pem".into());
     let out = std::process::Command::new(BIN)
         .arg("--config")
         .arg(&setup.config)
@@ -463,10 +467,8 @@ fn a_bad_config_is_refused_before_binding_and_names_the_field() {
 fn a_store_made_for_another_node_is_refused_naming_both() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
-    let text = std::fs::read_to_string(&setup.config).unwrap();
-    assert!(text.contains("node = \"node-a\""), "{text}");
-    std::fs::write(&setup.config, text.replace("node = \"node-a\"", "node = \"node-b\"")).unwrap();
+    let setup = ServerSetup::standard(&dir.path().join("node"), &pki, "node-a");
+    setup.edit(|c| c.node = "node-b".into());
     let out = tests::run_until_exit(Path::new(BIN), &setup.config, std::time::Duration::from_secs(10));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
@@ -483,7 +485,7 @@ fn a_store_made_for_another_node_is_refused_naming_both() {
 fn a_wrong_unseal_key_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("node"), &pki, "node-a");
     std::fs::remove_file(&setup.unseal_key).unwrap();
     keystore::UnsealKey::generate_key_file(&setup.unseal_key).unwrap();
     let out = std::process::Command::new(BIN)
@@ -503,7 +505,7 @@ fn a_wrong_unseal_key_is_refused() {
 async fn tls_sessions_are_never_resumed() {
     // A revoked certificate must not come back on a ticket: the server issues none, so a
     // client that offers resumption still gets a full handshake every time.
-    let f = start("", "");
+    let f = start(|_| {});
     // One client configuration for every connection, so its resumption cache is offered.
     let client = f.client("client");
     for _ in 0..3 {
@@ -521,7 +523,7 @@ async fn tls_sessions_are_never_resumed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_and_restore_through_the_admin_api() {
-    let f = start("", "");
+    let f = start(|_| {});
     let admin = f.client("admin");
     let ring = f.client("client").get("/v1/keyring").await.unwrap().json();
 
@@ -545,7 +547,7 @@ async fn backup_and_restore_through_the_admin_api() {
 
     // Restore into a second, fresh server: it then serves the same key.
     let dir = tempfile::tempdir().unwrap();
-    let other = ServerSetup::new(&dir.path().join("b"), &f.pki, "node-b", "", "");
+    let other = ServerSetup::standard(&dir.path().join("b"), &f.pki, "node-b");
     let server_b = TestServer::start(Path::new(BIN), &other.config, &dir.path().join("b.log"));
     let admin_b = Client::new(server_b.https, &f.pki.ca_file, Some(&f.pki.client("admin")));
     let b64 = base64::engine::general_purpose::STANDARD.encode(&backup.body);
@@ -586,7 +588,7 @@ async fn backup_and_restore_through_the_admin_api() {
 fn readiness_is_reported_to_systemd() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("node"), &pki, "node-a");
     let socket_path = dir.path().join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();

@@ -113,13 +113,10 @@ async fn a_revoked_client_loses_its_live_connection_and_watch_on_reload() {
     let good = pki.client("client");
     let crl = dir.path().join("pki/crl.pem");
     write_crl(&pki, &crl, &[], 1);
-    let setup = ServerSetup::new(
-        &dir.path().join("node"),
-        &pki,
-        "node-a",
-        &format!("crls = [\"{}\"]", crl.display()),
-        "[limits]\nwatch_max_wait_ms = 20000",
-    );
+    let setup = ServerSetup::builder(&dir.path().join("node"), &pki, "node-a")
+        .tls(|t| t.crls = vec![crl.clone()])
+        .limits(|l| l.watch_max_wait_ms = 20000)
+        .build();
     let server = TestServer::start(Path::new(BIN), &setup.config, &dir.path().join("server.log"));
     let doomed = LiveWatch::open(&Client::new(server.https, &pki.ca_file, Some(&revoked)), &server).await;
     let kept = LiveWatch::open(&Client::new(server.https, &pki.ca_file, Some(&good)), &server).await;
@@ -174,13 +171,9 @@ async fn a_certificate_that_expires_while_connected_stops_being_served() {
     spec.not_after = now + time::Duration::seconds(4);
     let short = pki.issue_spec("short", &spec);
     let expiry = std::time::SystemTime::from(spec.not_after);
-    let setup = ServerSetup::new(
-        &dir.path().join("node"),
-        &pki,
-        "node-a",
-        "",
-        "[limits]\nwatch_max_wait_ms = 20000",
-    );
+    let setup = ServerSetup::builder(&dir.path().join("node"), &pki, "node-a")
+        .limits(|l| l.watch_max_wait_ms = 20000)
+        .build();
     let server = TestServer::start(Path::new(BIN), &setup.config, &dir.path().join("server.log"));
     let watch = LiveWatch::open(&Client::new(server.https, &pki.ca_file, Some(&short)), &server).await;
     let ended = tokio::time::timeout(Duration::from_secs(15), watch.answer)
@@ -209,7 +202,7 @@ async fn a_certificate_that_expires_while_connected_stops_being_served() {
 async fn audit_entries_tell_apart_certificates_with_the_same_name() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("node"), &pki, "node-a");
     let server = TestServer::start(Path::new(BIN), &setup.config, &dir.path().join("server.log"));
     let first = pki.issue_spec("first", &LeafSpec::client("client", 1));
     let second = pki.issue_spec("second", &LeafSpec::client("client", 1));
@@ -249,13 +242,12 @@ async fn audit_entries_tell_apart_certificates_with_the_same_name() {
 async fn connections_end_gracefully_at_their_maximum_age_and_clients_never_notice() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(
-        &dir.path().join("node"),
-        &pki,
-        "node-a",
-        "",
-        "[limits]\nmax_connection_age_ms = 1000\nwatch_max_wait_ms = 700",
-    );
+    let setup = ServerSetup::builder(&dir.path().join("node"), &pki, "node-a")
+        .limits(|l| {
+            l.max_connection_age_ms = 1000;
+            l.watch_max_wait_ms = 700;
+        })
+        .build();
     let server = TestServer::start(Path::new(BIN), &setup.config, &dir.path().join("server.log"));
     let cert = pki.client("client");
     let client = sso_client::Client::builder()
@@ -306,13 +298,12 @@ async fn connections_end_gracefully_at_their_maximum_age_and_clients_never_notic
 fn the_agent_rides_through_maximum_connection_age() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(
-        &dir.path().join("node"),
-        &pki,
-        "node-a",
-        "",
-        "[limits]\nmax_connection_age_ms = 1000\nwatch_max_wait_ms = 700",
-    );
+    let setup = ServerSetup::builder(&dir.path().join("node"), &pki, "node-a")
+        .limits(|l| {
+            l.max_connection_age_ms = 1000;
+            l.watch_max_wait_ms = 700;
+        })
+        .build();
     let server = TestServer::start(Path::new(BIN), &setup.config, &dir.path().join("server.log"));
     let cert = pki.client("client");
     let config = dir.path().join("agent.toml");
@@ -403,13 +394,9 @@ fn crl_fixture() -> CrlFixture {
     let pki = Pki::new(&root.join("pki"));
     let crl = root.join("pki/crl.pem");
     write_crl(&pki, &crl, &[], 1);
-    let setup = ServerSetup::new(
-        &root.join("node"),
-        &pki,
-        "node-a",
-        &format!("crls = [\"{}\"]", crl.display()),
-        "",
-    );
+    let setup = ServerSetup::builder(&root.join("node"), &pki, "node-a")
+        .tls(|t| t.crls = vec![crl.clone()])
+        .build();
     let server = TestServer::start(Path::new(BIN), &setup.config, &root.join("server.log"));
     CrlFixture {
         _dir: dir,
@@ -489,13 +476,9 @@ fn a_bad_crl_at_start_is_refused_before_binding() {
     let crl = dir.path().join("pki/crl.pem");
     let other_ca = CertificateAuthority::generate("another CA", 30).unwrap();
     std::fs::write(&crl, other_ca.crl(&[], 1, 7).unwrap()).unwrap();
-    let setup = ServerSetup::new(
-        &dir.path().join("node"),
-        &pki,
-        "node-a",
-        &format!("crls = [\"{}\"]", crl.display()),
-        "",
-    );
+    let setup = ServerSetup::builder(&dir.path().join("node"), &pki, "node-a")
+        .tls(|t| t.crls = vec![crl.clone()])
+        .build();
     let out = refused_start(&setup.config);
     assert!(out.contains("not a CA in tls.client_ca"), "{out}");
 }
@@ -548,7 +531,7 @@ fn refused_start(config: &Path) -> String {
 fn a_key_that_does_not_match_the_certificate_is_refused_before_listening() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("node"), &pki, "node-a");
     let other = pki.server("other");
     std::fs::copy(&other.key, &setup.server_cert.key).unwrap();
     let stderr = refused_start(&setup.config);
@@ -560,7 +543,7 @@ fn a_tls_key_readable_by_others_is_refused_with_a_chmod_hint() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("node"), &pki, "node-a");
     for mode in [0o644, 0o640, 0o604] {
         std::fs::set_permissions(&setup.server_cert.key, std::fs::Permissions::from_mode(mode)).unwrap();
         let stderr = refused_start(&setup.config);
@@ -576,7 +559,7 @@ async fn sighup_rereads_the_tls_section_and_applies_a_new_crl() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
     let revoked = pki.client("client2");
-    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("node"), &pki, "node-a");
     let server = TestServer::start(Path::new(BIN), &setup.config, &dir.path().join("server.log"));
     let c2 = Client::new(server.https, &pki.ca_file, Some(&revoked));
     assert_eq!(c2.get("/v1/keyring").await.unwrap().status, 200);
@@ -584,10 +567,7 @@ async fn sighup_rereads_the_tls_section_and_applies_a_new_crl() {
 
     // Add a CRL to the config file, as an operator would, and send SIGHUP: no restart.
     let crl = pki.crl("crl.pem", std::slice::from_ref(&revoked.serial), 1);
-    let text = std::fs::read_to_string(&setup.config)
-        .unwrap()
-        .replace("[tls]\n", &format!("[tls]\ncrls = [\"{}\"]\n", crl.display()));
-    std::fs::write(&setup.config, text).unwrap();
+    setup.edit(|c| c.tls.crls = vec![crl.clone()]);
     let pid = server.pid();
     server.signal("HUP");
     wait_for_log(&server, "SIGHUP: reloaded", 1);
@@ -625,13 +605,9 @@ async fn a_stale_crl_is_reported_by_metric_and_warning() {
             .unwrap(),
     )
     .unwrap();
-    let setup = ServerSetup::new(
-        &dir.path().join("node"),
-        &pki,
-        "node-a",
-        &format!("crls = [\"{}\"]", crl.display()),
-        "",
-    );
+    let setup = ServerSetup::builder(&dir.path().join("node"), &pki, "node-a")
+        .tls(|t| t.crls = vec![crl.clone()])
+        .build();
     let server = TestServer::start(Path::new(BIN), &setup.config, &dir.path().join("server.log"));
     wait_for_log(&server, "CRL is past its nextUpdate", 1);
     let next = server.metric("sso_crl_next_update_seconds");
@@ -695,12 +671,13 @@ async fn a_two_tier_pki_with_only_the_issuing_cas_crl_serves_its_clients() {
         t.issuing.crl(std::slice::from_ref(&revoked.serial), 1, 7).unwrap(),
     )
     .unwrap();
-    let tls = format!(
-        "crls = [\"{}\"]\ncrl_issuers = \"{}\"",
-        crl.display(),
-        t.issuing_file.display()
-    );
-    let setup = ServerSetup::new(&t.root.join("node"), &t.pki, "node-a", &tls, "");
+    let issuers = t.issuing_file.clone();
+    let setup = ServerSetup::builder(&t.root.join("node"), &t.pki, "node-a")
+        .tls(move |c| {
+            c.crls = vec![crl];
+            c.crl_issuers = Some(issuers);
+        })
+        .build();
     let server = TestServer::start(Path::new(BIN), &setup.config, &t.root.join("server.log"));
     let r = Client::new(server.https, &t.pki.ca_file, Some(&good))
         .get("/v1/keyring")
@@ -721,20 +698,12 @@ async fn a_two_tier_pki_with_only_the_issuing_cas_crl_serves_its_clients() {
 
     // Full-chain checking, as documented: every CA below the root needs a CRL, so the
     // issuing CA's certificate has unknown status until the root's CRL is listed too.
-    let full = setup.config.clone();
-    let text = std::fs::read_to_string(&full)
-        .unwrap()
-        .replace("[tls]\n", "[tls]\nrevocation = \"full_chain\"\n");
-    std::fs::write(&full, &text).unwrap();
-    let server = TestServer::start(Path::new(BIN), &full, &t.root.join("server2.log"));
+    setup.edit(|c| c.tls.revocation = sso_server::config::Revocation::FullChain);
+    let server = TestServer::start(Path::new(BIN), &setup.config, &t.root.join("server2.log"));
     let c = Client::new(server.https, &t.pki.ca_file, Some(&good));
     assert!(c.get("/v1/keyring").await.is_err(), "full chain without the root's CRL");
     let root_crl = t.pki.crl("root-crl.pem", &[], 1);
-    let text = text.replace(
-        &format!("crls = [\"{}\"]", crl.display()),
-        &format!("crls = [\"{}\", \"{}\"]", crl.display(), root_crl.display()),
-    );
-    std::fs::write(&full, &text).unwrap();
+    setup.edit(|c| c.tls.crls.push(root_crl));
     server.signal("HUP");
     wait_for_log(&server, "SIGHUP: reloaded", 1);
     assert_eq!(c.get("/v1/keyring").await.map(|r| r.status), Ok(200));
@@ -757,8 +726,12 @@ fn an_issuing_ca_not_signed_by_a_client_ca_is_refused() {
     std::fs::write(&path, stranger.cert_pem()).unwrap();
     let crl = t.root.join("pki/stranger-crl.pem");
     std::fs::write(&crl, stranger.crl(&[], 1, 7).unwrap()).unwrap();
-    let tls = format!("crls = [\"{}\"]\ncrl_issuers = \"{}\"", crl.display(), path.display());
-    let setup = ServerSetup::new(&t.root.join("node"), &t.pki, "node-a", &tls, "");
+    let setup = ServerSetup::builder(&t.root.join("node"), &t.pki, "node-a")
+        .tls(move |c| {
+            c.crls = vec![crl];
+            c.crl_issuers = Some(path);
+        })
+        .build();
     let stderr = refused_start(&setup.config);
     assert!(stderr.contains("not signed by a CA in tls.client_ca"), "{stderr}");
 }

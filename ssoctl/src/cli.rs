@@ -134,7 +134,8 @@ pub enum Command {
 /// `ssoctl init`.
 #[derive(Args, Debug)]
 pub struct Init {
-    /// The new store file.
+    /// The new store file, or a PostgreSQL database (postgresql://USER@HOST/DB, optionally
+    /// ?sslmode=require&sslrootcert=CA.pem) that every node of a cluster then shares.
     #[arg(long)]
     pub store: PathBuf,
     /// This node's name.

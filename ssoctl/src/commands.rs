@@ -19,7 +19,7 @@ use sso_proto::wire::answers::{
 
 use crate::cli::{Audit, AuditVerify, Certs, Cli, Command, Global, Init, Keys};
 use crate::online::Online;
-use crate::{EX_DATAERR, EX_NOINPUT, EX_SOFTWARE, EX_USAGE, Failure};
+use crate::{EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_SOFTWARE, EX_USAGE, Failure};
 
 /// Runs a parsed command line, printing results to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), Failure> {
@@ -549,6 +549,9 @@ fn init_store(g: &Global, init: &Init, out: &mut dyn Write) -> Result<(), Failur
             keystore::UnsealKey::passphrase(pass)?
         }
     };
+    if let Some(url) = init.store.to_str().filter(|s| keystore::postgres::is_database_url(s)) {
+        return init_database(g, init, url, &key, out);
+    }
     let mut store = keystore::SealedStore::create(&init.store, &key, &keystore::CreateOptions::new(init.node.clone()))?;
     let Some(backup_out) = init.backup_out.as_ref().filter(|_| !init.join) else {
         let v = serde_json::json!({"store": init.store, "node": init.node, "primary": null});
@@ -575,6 +578,50 @@ fn init_store(g: &Global, init: &Init, out: &mut dyn Write) -> Result<(), Failur
         format!(
             "created {} for node {} with primary {}\nfirst backup written to {}: keep it, and its password, somewhere safe and separate",
             init.store.display(),
+            init.node,
+            first.key_id,
+            backup_out.display()
+        )
+    })
+}
+
+/// `init --store postgresql://...`: the schema, the store and its first key in the
+/// database, then the mandatory first backup. Every other node of the cluster opens the
+/// same database with the URL and the unseal secret: there is nothing to join.
+fn init_database(
+    g: &Global,
+    init: &Init,
+    url: &str,
+    key: &keystore::UnsealKey,
+    out: &mut dyn Write,
+) -> Result<(), Failure> {
+    let Some(backup_out) = init.backup_out.as_ref().filter(|_| !init.join) else {
+        return Err(Failure::new(
+            EX_USAGE,
+            "--join makes the empty second store of a pair; a PostgreSQL store is shared by every node",
+            "init the database once (without --join); the other nodes need only its URL and the unseal secret in their config",
+        ));
+    };
+    let (mut store, first) =
+        keystore::postgres::PgStore::init(url, key, &keystore::CreateOptions::new(init.node.clone()))?;
+    let database = store.database().to_owned();
+    let backup_password = password(g, "SSOCTL_BACKUP_PASSWORD", "backup password: ", true)?;
+    // The first backup is part of init. The database cannot be removed like a file, so a
+    // failure says what exists and what to do.
+    if let Err(e) = store.write_backup_file(backup_out, &backup_password, &init.hint, keystore::KdfParams::default()) {
+        return Err(Failure::new(
+            EX_IOERR,
+            format!(
+                "the store was created in {database} with its first key {}, but the first backup could not be written: {e}",
+                first.key_id
+            ),
+            "write a backup now (`ssoctl backup --out FILE` once a server runs on it), before anything else",
+        ));
+    }
+    let v = serde_json::json!({"store": database, "node": init.node, "primary": first.key_id, "backup": backup_out});
+    emit(g, out, &v, || {
+        format!(
+            "created the store in {database} for node {} with primary {}\nfirst backup written to {}: keep it, and its password, somewhere safe and separate\nother nodes: the same URL and unseal secret in their config",
             init.node,
             first.key_id,
             backup_out.display()

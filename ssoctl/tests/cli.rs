@@ -227,7 +227,7 @@ fn init_then_server_then_rotate_list_backup_and_restore_into_a_fresh_store() {
     assert_eq!(again.code, 64, "{}", again.stderr);
 
     // A server on that store.
-    let setup = ServerSetup::new(&d.join("cfg"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&d.join("cfg"), &pki, "node-a");
     setup.use_store(&store, &d.join("node/unseal.key"));
     let server = TestServer::start(&bin("sso-server"), &setup.config, &d.join("a.log"));
     let admin = pki.client("admin");
@@ -368,7 +368,7 @@ fn init_then_server_then_rotate_list_backup_and_restore_into_a_fresh_store() {
         &[],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let setup_b = ServerSetup::new(&d.join("cfg-b"), &pki, "node-b", "", "");
+    let setup_b = ServerSetup::standard(&d.join("cfg-b"), &pki, "node-b");
     setup_b.use_store(&store_b, &d.join("node-b/unseal.key"));
     let server_b = TestServer::start(&bin("sso-server"), &setup_b.config, &d.join("b.log"));
     let url_b = format!("https://localhost:{}", server_b.https.port());
@@ -457,7 +457,7 @@ fn audit_verify_finds_tampering_truncation_and_rewrites() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let pki = Pki::new(&d.join("pki"));
-    let setup = ServerSetup::new(&d.join("a"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&d.join("a"), &pki, "node-a");
     let server = TestServer::start(&bin("sso-server"), &setup.config, &d.join("a.log"));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -645,7 +645,7 @@ fn operator_messages_name_the_real_problem() {
 /// A started pair (tests::pair) whose periodic anti-entropy runs only every 30 s, so what
 /// status says right after a write cannot come from a round that happened to run.
 fn slow_sync_pair(d: &Path) -> tests::pair::Pair {
-    let mut pair = tests::pair::Pair::new(d, "");
+    let mut pair = tests::pair::Pair::new(d);
     for node in [&pair.a, &pair.b] {
         node.set_sync_interval_ms(30_000);
     }
@@ -822,7 +822,7 @@ fn doctor_checks_a_server_and_exits_by_the_worst_finding() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let pki = Pki::new(&d.join("pki"));
-    let setup = ServerSetup::new(&d.join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&d.join("node"), &pki, "node-a");
     let server = TestServer::start(&bin("sso-server"), &setup.config, &d.join("a.log"));
     let admin = pki.client("admin");
     let url = format!("https://localhost:{}", server.https.port());
@@ -936,7 +936,7 @@ fn doctor_checks_a_server_and_exits_by_the_worst_finding() {
 fn doctor_sees_a_stopped_peer() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut pair = tests::pair::Pair::new(d, "");
+    let mut pair = tests::pair::Pair::new(d);
     pair.a.start();
     pair.b.start();
     let (a, b) = (pair.a.url(), pair.b.url());

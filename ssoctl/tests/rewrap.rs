@@ -49,7 +49,7 @@ async fn rewrap_moves_a_tree_to_the_primary_and_survives_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let pki = Pki::new(&d.join("pki"));
-    let setup = ServerSetup::new(&d.join("a"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&d.join("a"), &pki, "node-a");
     let server = TestServer::start(&bin("sso-server"), &setup.config, &d.join("a.log"));
     let url = format!("https://localhost:{}", server.https.port());
     let cert = pki.client("client");

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 #![allow(missing_docs, clippy::missing_panics_doc)]
 
+pub mod in_process;
 pub mod pair;
 
 use std::io::{BufRead, BufReader};
@@ -128,7 +129,8 @@ impl Pki {
     }
 }
 
-/// Everything needed to start a server.
+/// Everything needed to start a server: a directory holding its store (one key), key file,
+/// audit log and config file, written through the config type ([`sso_server::Config`]).
 #[derive(Debug, Clone)]
 pub struct ServerSetup {
     pub dir: PathBuf,
@@ -139,62 +141,127 @@ pub struct ServerSetup {
     pub server_cert: CertFiles,
 }
 
-impl ServerSetup {
-    /// A store with one key, a key file, and a config with `extra` TOML appended (CRLs,
-    /// limits). Listens on 127.0.0.1:0.
-    pub fn new(dir: &Path, pki: &Pki, node: &str, tls_extra: &str, extra: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
+/// Builds a [`ServerSetup`]: [`ServerSetup::builder`], then changes to the config, then
+/// [`SetupBuilder::build`].
+#[must_use]
+pub struct SetupBuilder<'a> {
+    dir: PathBuf,
+    pki: &'a Pki,
+    node: String,
+    edits: Vec<ConfigEdit<'a>>,
+}
+
+/// One change to a config, applied when the setup is built.
+type ConfigEdit<'a> = Box<dyn FnOnce(&mut sso_server::Config) + 'a>;
+
+impl std::fmt::Debug for SetupBuilder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetupBuilder")
+            .field("dir", &self.dir)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> SetupBuilder<'a> {
+    /// Changes the config before it is written (applied in order).
+    pub fn config(mut self, edit: impl FnOnce(&mut sso_server::Config) + 'a) -> Self {
+        self.edits.push(Box::new(edit));
+        self
+    }
+
+    /// Changes `[limits]`.
+    pub fn limits(self, edit: impl FnOnce(&mut sso_server::config::Limits) + 'a) -> Self {
+        self.config(|c| edit(&mut c.limits))
+    }
+
+    /// Changes `[tls]`.
+    pub fn tls(self, edit: impl FnOnce(&mut sso_server::config::TlsConfig) + 'a) -> Self {
+        self.config(|c| edit(&mut c.tls))
+    }
+
+    /// Creates the directory, the server certificate (`NODE-server` from the PKI), a key
+    /// file, a store holding one primary key, and writes the config: listening on
+    /// 127.0.0.1:0 (metrics too), `cn:client` and `cn:client2` as clients, `cn:admin` as
+    /// admin, debug logging for the server, then the changes asked for.
+    pub fn build(self) -> ServerSetup {
+        use sso_server::config::{AuditConfig, Pattern, RolesConfig, StoreConfig, TlsConfig, UnsealSource};
+        let Self { dir, pki, node, edits } = self;
+        std::fs::create_dir_all(&dir).unwrap();
         let server_cert = pki.server(&format!("{node}-server"));
         let unseal_key = dir.join("unseal.key");
         let key = keystore::UnsealKey::generate_key_file(&unseal_key).unwrap();
         let store = dir.join("store.db");
-        let mut s = keystore::SealedStore::create(&store, &key, &keystore::CreateOptions::new(node)).unwrap();
+        let mut s = keystore::SealedStore::create(&store, &key, &keystore::CreateOptions::new(&node)).unwrap();
         s.rotate().unwrap();
         drop(s);
         let audit = dir.join("audit.log");
-        let config = dir.join("server.toml");
-        let toml = format!(
-            r#"node = "{node}"
-listen = "127.0.0.1:0"
-metrics_listen = "127.0.0.1:0"
-
-[tls]
-cert = "{cert}"
-key = "{key}"
-client_ca = "{ca}"
-{tls_extra}
-
-[store]
-path = "{store}"
-unseal = {{ key_file = "{unseal}" }}
-
-[audit]
-path = "{audit}"
-
-[roles]
-client = ["cn:client", "cn:client2"]
-admin = ["cn:admin"]
-
-[log]
-level = "sso_server=debug,info"
-{extra}
-"#,
-            cert = server_cert.cert.display(),
-            key = server_cert.key.display(),
-            ca = pki.ca_file.display(),
-            store = store.display(),
-            unseal = unseal_key.display(),
-            audit = audit.display(),
+        let cn = |name: &str| Pattern::Cn(name.into());
+        let mut config = sso_server::Config::new(
+            node,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            TlsConfig::new(&server_cert.cert, &server_cert.key, &pki.ca_file),
+            StoreConfig {
+                path: store.clone(),
+                unseal: UnsealSource::KeyFile(unseal_key.clone()),
+            },
+            AuditConfig::new(&audit),
+            RolesConfig {
+                client: vec![cn("client"), cn("client2")],
+                admin: vec![cn("admin")],
+                peer: Vec::new(),
+            },
         );
-        std::fs::write(&config, toml).unwrap();
-        Self {
-            dir: dir.to_path_buf(),
-            config,
+        config.metrics_listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.log.level = "sso_server=debug,info".into();
+        for edit in edits {
+            edit(&mut config);
+        }
+        let setup = ServerSetup {
+            config: dir.join("server.toml"),
+            dir,
             store,
             unseal_key,
             audit,
             server_cert,
+        };
+        setup.write(&config);
+        setup
+    }
+}
+
+impl ServerSetup {
+    /// A setup for `node` in `dir` with certificates from `pki`: see [`SetupBuilder::build`].
+    pub fn builder<'a>(dir: &Path, pki: &'a Pki, node: &str) -> SetupBuilder<'a> {
+        SetupBuilder {
+            dir: dir.to_path_buf(),
+            pki,
+            node: node.to_owned(),
+            edits: Vec::new(),
         }
+    }
+
+    /// The setup with every default: `builder(dir, pki, node).build()`.
+    pub fn standard(dir: &Path, pki: &Pki, node: &str) -> Self {
+        Self::builder(dir, pki, node).build()
+    }
+
+    /// The config as written (paths absolute).
+    pub fn read_config(&self) -> sso_server::Config {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        sso_server::Config::parse(&text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Writes `config` as this setup's config file, through the type.
+    pub fn write(&self, config: &sso_server::Config) {
+        std::fs::write(&self.config, config.to_toml()).unwrap();
+    }
+
+    /// Changes the config file through the type (read, change, write).
+    pub fn edit(&self, edit: impl FnOnce(&mut sso_server::Config)) {
+        let mut config = self.read_config();
+        edit(&mut config);
+        self.write(&config);
     }
 }
 
@@ -676,30 +743,20 @@ pub fn free_port() -> u16 {
 impl ServerSetup {
     /// Points the config at another store and key file (one made by `ssoctl init`, say).
     pub fn use_store(&self, store: &Path, key_file: &Path) {
-        let text = std::fs::read_to_string(&self.config)
-            .unwrap()
-            .replace(&self.store.display().to_string(), &store.display().to_string())
-            .replace(&self.unseal_key.display().to_string(), &key_file.display().to_string());
-        std::fs::write(&self.config, text).unwrap();
+        self.edit(|c| {
+            c.store.path = store.to_path_buf();
+            c.store.unseal = sso_server::config::UnsealSource::KeyFile(key_file.to_path_buf());
+        });
     }
 
     /// Pins the listen and metrics ports, so a restarted server comes back where clients
     /// expect it. Returns the HTTPS port.
     pub fn pin_ports(&self) -> u16 {
         let (https, metrics) = (free_port(), free_port());
-        let text = std::fs::read_to_string(&self.config).unwrap();
-        let text = text
-            .replacen(
-                "listen = \"127.0.0.1:0\"",
-                &format!("listen = \"127.0.0.1:{https}\""),
-                1,
-            )
-            .replacen(
-                "metrics_listen = \"127.0.0.1:0\"",
-                &format!("metrics_listen = \"127.0.0.1:{metrics}\""),
-                1,
-            );
-        std::fs::write(&self.config, text).unwrap();
+        self.edit(|c| {
+            c.listen.set_port(https);
+            c.metrics_listen.set_port(metrics);
+        });
         https
     }
 }

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use sso_server::config::{Pattern, PeerConfig};
+
 use crate::{Pki, ServerSetup, TestServer, bin};
 
 /// A TCP relay to `target`. `cut` drops every open connection and every new one until
@@ -220,12 +222,12 @@ impl Node {
     /// Tests that must know where a node learned something slow it to 30-60 s, so no
     /// periodic round can run in between.
     pub fn set_sync_interval_ms(&self, ms: u64) {
-        let text = std::fs::read_to_string(&self.setup.config).unwrap();
-        let (head, rest) = text
-            .split_once("sync_interval_ms = ")
-            .expect("a pair node's config sets sync_interval_ms");
-        let rest = rest.split_once('\n').map_or("", |(_, tail)| tail);
-        std::fs::write(&self.setup.config, format!("{head}sync_interval_ms = {ms}\n{rest}")).unwrap();
+        self.setup.edit(|c| {
+            c.peer
+                .as_mut()
+                .expect("a pair node's config has a peer")
+                .sync_interval_ms = ms;
+        });
     }
 
     /// SIGKILL.
@@ -265,12 +267,12 @@ pub struct Pair {
 
 impl Pair {
     /// Sets up (does not start) a pair in `dir`. Only node A starts with a key; B gets
-    /// it by replication. `extra` is appended to both configs.
-    pub fn new(dir: &Path, extra: &str) -> Self {
+    /// it by replication.
+    pub fn new(dir: &Path) -> Self {
         let pki = Pki::new(&dir.join("pki"));
         let mut nodes = Vec::new();
         for name in ["node-a", "node-b"] {
-            let setup = ServerSetup::new(&dir.join(name), &pki, name, "", extra);
+            let setup = ServerSetup::standard(&dir.join(name), &pki, name);
             let port = setup.pin_ports();
             nodes.push((name, setup, port));
         }
@@ -283,17 +285,14 @@ impl Pair {
             } else {
                 ("node-a", &relay_ba)
             };
-            let text = std::fs::read_to_string(&setup.config).unwrap();
-            let text = text.replacen(
-                "admin = [\"cn:admin\"]\n",
-                &format!("admin = [\"cn:admin\"]\npeer = [\"cn:{other}-server\"]\n"),
-                1,
-            );
-            let text = format!(
-                "{text}\n[peer]\nurl = \"https://localhost:{}\"\nidentity = \"cn:{other}-server\"\nsync_interval_ms = 200\ntimeout_ms = 1000\n",
-                relay.port
-            );
-            std::fs::write(&setup.config, text).unwrap();
+            setup.edit(|c| {
+                let identity = Pattern::Cn(format!("{other}-server"));
+                c.roles.peer = vec![identity.clone()];
+                let mut peer = PeerConfig::new(format!("https://localhost:{}", relay.port), identity);
+                peer.sync_interval_ms = 200;
+                peer.timeout_ms = 1000;
+                c.peer = Some(peer);
+            });
             let log = setup.dir.join("server.log");
             built.push(Node {
                 name: name.to_owned(),

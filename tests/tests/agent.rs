@@ -56,7 +56,7 @@ fn curl_seals_and_opens_through_the_agent_and_strangers_are_refused() {
     // allowlist, not the file system, that refuses it.
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("a"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
     let port = setup.pin_ports();
 
     // Fresh agent, server down: unavailable.
@@ -184,7 +184,7 @@ fn a_local_flood_cannot_exhaust_the_agent_and_allowed_seals_stay_fast() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("a"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
     let port = setup.pin_ports();
     let _server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("a.log"));
     // Root (this test) and uid 65533 may use the agent; 65534 may not.
@@ -305,7 +305,7 @@ fn a_local_flood_cannot_exhaust_the_agent_and_allowed_seals_stay_fast() {
 fn the_agent_keeps_serving_when_its_log_cannot_be_written() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("a"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
     let port = setup.pin_ports();
     let _server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("a.log"));
     let config = agent_config(dir.path(), &pki, port, &[own_uid()]);

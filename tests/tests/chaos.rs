@@ -254,7 +254,7 @@ async fn chaos() {
         .unwrap_or(60);
     let test_started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let mut pair = Pair::new(dir.path(), "");
+    let mut pair = Pair::new(dir.path());
     pair.a.start();
     pair.b.start();
     let rng = Rng(SystemRandom::new());

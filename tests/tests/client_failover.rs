@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use sso_client::{Client, Error, Freshness};
 use tests::pair::{Node, Pair};
 
-fn started_pair(extra: &str) -> (tempfile::TempDir, Pair) {
+fn started_pair() -> (tempfile::TempDir, Pair) {
     let dir = tempfile::tempdir().unwrap();
-    let mut pair = Pair::new(dir.path(), extra);
+    let mut pair = Pair::new(dir.path());
     pair.a.start();
     pair.b.start();
     (dir, pair)
@@ -69,7 +69,7 @@ fn signal(pid: u32, name: &str) {
 /// transport took B's 404 as the answer and the open failed with `UnknownKey`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_envelope_under_a_key_rotated_on_a_during_a_partition_opens_through_a_client_attached_to_b() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair).await;
     let on_b = client_of(&pair, &[&pair.b, &pair.a], true);
     on_b.refresh().await.unwrap();
@@ -121,7 +121,7 @@ async fn an_envelope_under_a_key_rotated_on_a_during_a_partition_opens_through_a
 /// whole grace period (5 s) because the watch held its connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_answers_open_watches_at_once_and_the_server_exits_within_a_second() {
-    let (_dir, mut pair) = started_pair("");
+    let (_dir, mut pair) = started_pair();
     wait_converged(&pair).await;
     let client = client_of(&pair, &[&pair.a, &pair.b], true);
     client.refresh().await.unwrap();
@@ -180,7 +180,7 @@ async fn sigterm_answers_open_watches_at_once_and_the_server_exits_within_a_seco
 async fn status_tells_the_truth_while_serving_from_cache_and_an_empty_client_notices_a_return() {
     let dir = tempfile::tempdir().unwrap();
     let pki = tests::Pki::new(&dir.path().join("pki"));
-    let setup = tests::ServerSetup::new(&dir.path().join("a"), &pki, "node-a", "", "");
+    let setup = tests::ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
     let port = setup.pin_ports();
     let url = format!("https://localhost:{port}");
     let log = dir.path().join("a.log");
@@ -269,7 +269,7 @@ async fn status_tells_the_truth_while_serving_from_cache_and_an_empty_client_not
 /// into service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_node_stalls_new_key_fetches_under_a_second_and_the_watch_moves_within_three() {
-    let (_dir, mut pair) = started_pair("");
+    let (_dir, mut pair) = started_pair();
     wait_converged(&pair).await;
     let watching = client_of(&pair, &[&pair.a, &pair.b], true);
     let lazy = client_of(&pair, &[&pair.a, &pair.b], false);

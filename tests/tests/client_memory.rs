@@ -233,7 +233,7 @@ async fn a_dropped_key_is_not_left_in_this_process_in_any_spelling() {
     scanner_finds_a_planted_key();
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("a"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
     let server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("a.log"));
     let cert = pki.client("client");
     let client = Client::builder()
@@ -314,7 +314,7 @@ async fn a_key_the_agent_dropped_is_not_left_in_its_memory_in_any_spelling() {
     scanner_finds_a_planted_key();
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("a"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
     let server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("a.log"));
     let cert = pki.client("client");
     let config = dir.path().join("agent.toml");

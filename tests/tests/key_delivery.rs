@@ -39,13 +39,9 @@ fn binding(k: &serde_json::Value) -> Binding {
 async fn a_server_that_refuses_plain_answers_curl_clearly_and_clients_still_get_keys() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(
-        &dir.path().join("a"),
-        &pki,
-        "node-a",
-        "",
-        "[delivery]\nallow_plain = false\n",
-    );
+    let setup = ServerSetup::builder(&dir.path().join("a"), &pki, "node-a")
+        .config(|c| c.delivery.allow_plain = false)
+        .build();
     let server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("a.log"));
     let cert = pki.client("client");
     let curl = tests::Client::new(server.https, &pki.ca_file, Some(&cert));
@@ -224,7 +220,7 @@ async fn a_server_that_refuses_plain_answers_curl_clearly_and_clients_still_get_
 async fn a_default_server_still_answers_curl_in_plain_and_counts_it() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("a"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
     let server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("a.log"));
     let cert = pki.client("client");
     let curl = tests::Client::new(server.https, &pki.ca_file, Some(&cert));

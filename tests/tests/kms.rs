@@ -22,13 +22,9 @@ struct Env {
 fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(
-        &dir.path().join("a"),
-        &pki,
-        "node-a",
-        "",
-        "[limits]\nwatch_max_wait_ms = 2000",
-    );
+    let setup = ServerSetup::builder(&dir.path().join("a"), &pki, "node-a")
+        .limits(|l| l.watch_max_wait_ms = 2000)
+        .build();
     let port = setup.pin_ports();
     Env { dir, pki, setup, port }
 }

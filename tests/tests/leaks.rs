@@ -69,12 +69,9 @@ fn all_files(dir: &Path, out: &mut Vec<PathBuf>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_key_material_in_logs_audit_or_store_files() {
     let dir = tempfile::tempdir().unwrap();
-    let mut pair = Pair::new(dir.path(), "");
+    let mut pair = Pair::new(dir.path());
     for node in [&pair.a, &pair.b] {
-        let text = std::fs::read_to_string(&node.setup.config)
-            .unwrap()
-            .replace("level = \"sso_server=debug,info\"", "level = \"debug\"");
-        std::fs::write(&node.setup.config, text).unwrap();
+        node.setup.edit(|c| c.log.level = "debug".into());
     }
     pair.a.start();
     pair.b.start();
@@ -217,7 +214,7 @@ async fn every_process_test_checks_its_server_log_for_keys() {
     // prove it would catch a key that got logged.
     let dir = tempfile::tempdir().unwrap();
     let pki = tests::Pki::new(&dir.path().join("pki"));
-    let setup = tests::ServerSetup::new(&dir.path().join("a"), &pki, "node-a", "", "");
+    let setup = tests::ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
     let mut server = tests::TestServer::start(&tests::bin("sso-server"), &setup.config, &dir.path().join("a.log"));
     let ring = tests::Client::new(server.https, &pki.ca_file, Some(&pki.client("client")))
         .get("/v1/keyring")

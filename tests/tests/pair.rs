@@ -55,9 +55,9 @@ fn client(pair: &Pair, nodes: &[&Node]) -> Client {
     b.build().unwrap()
 }
 
-fn started_pair(extra: &str) -> (tempfile::TempDir, Pair) {
+fn started_pair() -> (tempfile::TempDir, Pair) {
     let dir = tempfile::tempdir().unwrap();
-    let mut pair = Pair::new(dir.path(), extra);
+    let mut pair = Pair::new(dir.path());
     pair.a.start();
     pair.b.start();
     (dir, pair)
@@ -65,7 +65,7 @@ fn started_pair(extra: &str) -> (tempfile::TempDir, Pair) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_on_a_is_on_b_before_the_answer() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let r = rotate(&pair, &pair.a, false).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
@@ -82,7 +82,7 @@ async fn a_rotation_on_a_is_on_b_before_the_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_b_down_a_rotation_needs_degraded_and_b_catches_up() {
-    let (_dir, mut pair) = started_pair("");
+    let (_dir, mut pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let ring = |p: &Pair| {
         let c = tests::Client::new(p.a.server().https, &p.pki.ca_file, Some(&p.pki.client("client")));
@@ -115,7 +115,7 @@ async fn with_b_down_a_rotation_needs_degraded_and_b_catches_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_with_rotations_on_both_sides_heals() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let (ca, cb) = (client(&pair, &[&pair.a]), client(&pair, &[&pair.b]));
     ca.refresh().await.unwrap();
@@ -166,7 +166,7 @@ async fn a_partition_with_rotations_on_both_sides_heals() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_node_rebuilds_from_its_peer() {
-    let (_dir, mut pair) = started_pair("");
+    let (_dir, mut pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     for _ in 0..3 {
         assert_eq!(rotate(&pair, &pair.a, false).await.status, 200);
@@ -189,7 +189,7 @@ async fn a_wiped_node_rebuilds_from_its_peer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_with_both_endpoints_lose_nothing_while_each_node_restarts() {
-    let (_dir, mut pair) = started_pair("");
+    let (_dir, mut pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let c = client(&pair, &[&pair.a, &pair.b]);
     c.refresh().await.unwrap();
@@ -245,7 +245,7 @@ async fn clients_with_both_endpoints_lose_nothing_while_each_node_restarts() {
 /// every earlier one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_rotations_on_both_nodes_get_distinct_generations() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let mut calls = Vec::new();
     for i in 0..6 {
@@ -281,7 +281,7 @@ async fn parallel_rotations_on_both_nodes_get_distinct_generations() {
 /// once, without waiting for anti-entropy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_heal_the_next_rotation_supersedes_the_degraded_keys() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     pair.relay_ab.cut();
     pair.relay_ba.cut();
@@ -314,7 +314,7 @@ async fn after_a_heal_the_next_rotation_supersedes_the_degraded_keys() {
 /// answering and serve every key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pair_survives_200_rotations() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     for i in 0..200 {
         let node = if i % 2 == 0 { &pair.a } else { &pair.b };
@@ -352,7 +352,7 @@ fn files_holding(store: &std::path::Path, needle: &[u8]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replicated_destroy_wipes_the_material_from_both_nodes_files() {
     use base64::Engine;
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let (keys, old) = view(&pair, &pair.a).await.unwrap();
     let old = old.unwrap();
@@ -419,7 +419,7 @@ async fn a_replicated_destroy_wipes_the_material_from_both_nodes_files() {
 /// with another request is refused. Before the fix the repeat rotated again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_admin_writes_replay_the_first_answer_and_change_nothing() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let a = admin(&pair, &pair.a);
     let post = |path: String, key: &'static str, body: &'static str| {
@@ -498,7 +498,7 @@ async fn generations(pair: &Pair, node: &Node) -> Vec<u64> {
 /// re-sent the rotate to node B after A's connection failed, and B rotated again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssoctl_rotate_does_not_rotate_twice_when_the_first_node_hangs() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let before = generations(&pair, &pair.a).await;
     let top = *before.last().unwrap();
@@ -610,7 +610,7 @@ fn sighup_and_wait(node: &Node) {
 /// its rotation answered 503 `peer_unavailable` until a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_rotation_on_a_pair_needs_no_restart() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let first = rotate(&pair, &pair.a, false).await;
     assert_eq!(first.json()["replication"], "replicated", "{:?}", first.json());
@@ -629,11 +629,7 @@ async fn certificate_rotation_on_a_pair_needs_no_restart() {
     sighup_and_wait(&pair.a);
     // Revoke A's old certificate on B: add a CRL to B's [tls], SIGHUP.
     let crl = pair.pki.crl("node-a-old.crl", &[old_serial], 1);
-    let text = std::fs::read_to_string(&pair.b.setup.config).unwrap();
-    let ca_line = format!("client_ca = \"{}\"\n", pair.pki.ca_file.display());
-    assert!(text.contains(&ca_line));
-    let text = text.replacen(&ca_line, &format!("{ca_line}crls = [\"{}\"]\n", crl.display()), 1);
-    std::fs::write(&pair.b.setup.config, text).unwrap();
+    pair.b.setup.edit(|c| c.tls.crls = vec![crl.clone()]);
     sighup_and_wait(&pair.b);
     // Both directions replicate, each rotation primary on both.
     for node in [&pair.a, &pair.b] {
@@ -696,7 +692,7 @@ fn audit_alarms(node: &Node) -> usize {
 /// made every later full merge refuse everything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicting_material_alarms_once_and_the_other_keys_still_merge() {
-    let (_dir, mut pair) = started_pair("");
+    let (_dir, mut pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     pair.a.kill();
     pair.b.kill();
@@ -749,7 +745,7 @@ async fn conflicting_material_alarms_once_and_the_other_keys_still_merge() {
 /// show; the next successful rotation retires it on both (`orphans_retired`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_rotation_leaves_a_shown_orphan_that_the_next_rotation_retires() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let a = admin(&pair, &pair.a);
     pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
@@ -892,7 +888,7 @@ async fn seal_under(c: &Client, key: &str) -> Vec<u8> {
 /// created itself (only its own rotations can have been interrupted there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_degraded_rotation_never_retires_the_peers_promoted_key_as_an_orphan() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let ca = client(&pair, &[&pair.a]);
     ca.refresh().await.unwrap();
@@ -928,7 +924,7 @@ async fn a_degraded_rotation_never_retires_the_peers_promoted_key_as_an_orphan()
 /// already staged on both nodes and says so; nothing is retired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_promote_answer_never_makes_the_peers_primary_an_orphan() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let cb = client(&pair, &[&pair.b]);
     cb.refresh().await.unwrap();
@@ -955,7 +951,7 @@ async fn a_lost_promote_answer_never_makes_the_peers_primary_an_orphan() {
 /// runs the write, whether or not its client still waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_client_went_away_still_records_its_answer() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let a = admin(&pair, &pair.a);
     let post = |a: tests::Client| async move {
@@ -1007,7 +1003,7 @@ async fn a_write_whose_client_went_away_still_records_its_answer() {
 /// anti-entropy has pulled B's promotion. Failed before the fix (both variants): "B's
 /// primary ... was retired as an orphan".
 async fn a_coordinator_killed_between_the_two_promotes_keeps_the_key(degraded: bool) {
-    let (_dir, mut pair) = started_pair("");
+    let (_dir, mut pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let cb = client(&pair, &[&pair.b]);
     cb.refresh().await.unwrap();
@@ -1060,7 +1056,7 @@ async fn a_coordinator_killed_between_the_two_promotes_keeps_the_key_through_a_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_peer_lag_metric_is_updated_when_status_learns_the_lag() {
     let dir = tempfile::tempdir().unwrap();
-    let mut pair = Pair::new(dir.path(), "");
+    let mut pair = Pair::new(dir.path());
     for node in [&pair.a, &pair.b] {
         node.set_sync_interval_ms(30_000);
     }
@@ -1101,7 +1097,7 @@ async fn the_peer_lag_metric_is_updated_when_status_learns_the_lag() {
 /// the fix: "A retired B's degraded primary without asking B: 200".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_retire_of_a_staged_key_asks_the_peer_first() {
-    let (_dir, pair) = started_pair("");
+    let (_dir, pair) = started_pair();
     wait_converged(&pair, Duration::from_secs(5)).await;
     let cb = client(&pair, &[&pair.b]);
     cb.refresh().await.unwrap();

@@ -83,7 +83,7 @@ async fn a_store_that_cannot_be_written_is_store_unavailable_and_health_is_degra
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::new(&root.join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&root.join("node"), &pki, "node-a");
     // The server's stderr is a file on the same "disk", as under most service managers.
     let server = TestServer::start(&bin("sso-server"), &setup.config, &root.join("server.log"));
     let admin = Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
@@ -164,7 +164,7 @@ async fn a_server_past_its_file_size_limit_refuses_writes_and_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::new(&root.join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&root.join("node"), &pki, "node-a");
     let mut server = TestServer::start(&bin("sso-server"), &setup.config, &root.join("server.log"));
     let admin = Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
     let client = Client::new(server.https, &pki.ca_file, Some(&pki.client("client")));
@@ -204,7 +204,7 @@ async fn a_server_past_its_file_size_limit_refuses_writes_and_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_on_a_node_whose_store_cannot_be_written_leaves_the_peer_untouched() {
     let dir = tempfile::tempdir().unwrap();
-    let mut pair = Pair::new(dir.path(), "");
+    let mut pair = Pair::new(dir.path());
     pair.a.start();
     pair.b.start();
     let converged = async |pair: &Pair| {
@@ -274,7 +274,7 @@ async fn refused_admin_writes_leave_a_warning_naming_the_reason_in_the_server_lo
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::new(&root.join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&root.join("node"), &pki, "node-a");
     let server = TestServer::start(&bin("sso-server"), &setup.config, &root.join("server.log"));
     let admin = Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
     let status = admin.get("/v1/admin/status").await.unwrap().json();
@@ -369,7 +369,7 @@ async fn a_full_disk_is_named_disk_full_by_the_server_and_ssoctl() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::new(&root.join("node"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&root.join("node"), &pki, "node-a");
     let mnt = root.join("small-disk");
     setup.use_store(&mnt.join("store.db"), &setup.unseal_key);
     let wrapper = server_on_small_tmpfs(root, &mnt, &setup.store, "2m");

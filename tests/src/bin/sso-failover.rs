@@ -58,7 +58,7 @@ async fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut pair = Pair::new(dir.path(), "");
+    let mut pair = Pair::new(dir.path());
     pair.a.start();
     pair.b.start();
     let cert = pair.pki.client("client");

@@ -40,7 +40,7 @@ fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::new(&dir.path().join("a"), &pki, "node-a", "", "");
+    let setup = ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
     let port = setup.pin_ports();
     let _server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("a.log"));
     let cert = pki.client("client");

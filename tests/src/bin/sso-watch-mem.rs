@@ -138,13 +138,17 @@ async fn run(args: Args) {
     let pki = Pki::new(&dir.path().join("pki"));
     let connections = args.watches.div_ceil(args.per_connection);
     // Every cap the run needs, raised through the config; the rest stay the defaults.
-    let limits = format!(
-        "[limits]\nwatch_max_wait_ms = 600000\nmax_watches = {n}\nmax_watches_per_identity = {n}\n\
-         idle_timeout_ms = 600000\nmax_connections_per_identity = {c}\nmax_connections = {c}",
-        n = args.watches + 10,
-        c = (connections + 64).max(16_384)
-    );
-    let setup = ServerSetup::new(&dir.path().join("node"), &pki, "node-a", "", &limits);
+    let (n, c) = (args.watches + 10, (connections + 64).max(16_384));
+    let setup = ServerSetup::builder(&dir.path().join("node"), &pki, "node-a")
+        .limits(move |l| {
+            l.watch_max_wait_ms = 600_000;
+            l.max_watches = n;
+            l.max_watches_per_identity = n;
+            l.idle_timeout_ms = 600_000;
+            l.max_connections_per_identity = c;
+            l.max_connections = c;
+        })
+        .build();
     let server_bin = bin("sso-server");
     let mut server = TestServer::start(&server_bin, &setup.config, &dir.path().join("server.log"));
     let pid = server.pid();

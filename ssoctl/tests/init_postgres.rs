@@ -1,0 +1,99 @@
+//! `ssoctl init --store postgresql://...` against a real throwaway PostgreSQL: the schema,
+//! the first key and the mandatory first backup; a second node needs only the URL and the
+//! unseal secret; init never overwrites; `--join` is for a pair's SQLite store.
+
+use std::process::Command;
+
+use keystore::postgres::PgStore;
+use keystore::{Store, UnsealKey};
+use pg_throwaway::PgCluster;
+
+const SSOCTL: &str = env!("CARGO_BIN_EXE_ssoctl");
+
+fn ssoctl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(SSOCTL)
+        .args(args)
+        .env_remove("SSOCTL_SERVER")
+        .env_remove("SSOCTL_DEV")
+        .env_remove("SSOCTL_BACKUP_PASSWORD")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn init_with_a_postgresql_url_creates_the_schema_the_first_key_and_the_first_backup() {
+    let cluster = PgCluster::start();
+    let url = cluster.fresh_database();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let key_file = d.join("unseal.key").display().to_string();
+    let pw = d.join("backup.pw");
+    std::fs::write(&pw, "first backup password").unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let pw = pw.display().to_string();
+    let backup = d.join("first.ssob").display().to_string();
+
+    let (code, stdout, stderr) = ssoctl(&[
+        "init",
+        "--store",
+        &url,
+        "--node",
+        "node-1",
+        "--key-file",
+        &key_file,
+        "--backup-out",
+        &backup,
+        "--password-file",
+        &pw,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("postgresql://"), "{stdout}");
+    assert!(d.join("first.ssob").is_file(), "no first backup");
+
+    // Another node: the URL and the unseal secret, nothing else.
+    let key = UnsealKey::key_file(&d.join("unseal.key")).unwrap();
+    let store = PgStore::open(&url, &key, "node-2").unwrap();
+    let keyring = store.keyring().unwrap();
+    assert_eq!(keyring.keys.len(), 1);
+    assert_eq!(keyring.keys[0].meta.origin, "node-1");
+    assert!(
+        store.status().unwrap().not_backed_up.is_empty(),
+        "the first backup was not recorded"
+    );
+
+    // init never overwrites a store.
+    let (code, _, stderr) = ssoctl(&[
+        "init",
+        "--store",
+        &url,
+        "--node",
+        "node-1",
+        "--key-file",
+        &key_file,
+        "--backup-out",
+        &d.join("second.ssob").display().to_string(),
+        "--password-file",
+        &pw,
+    ]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("already exists"), "{stderr}");
+
+    // --join is the pair's second SQLite store; a cluster's nodes share the database.
+    let (code, _, stderr) = ssoctl(&[
+        "init",
+        "--store",
+        &cluster.fresh_database(),
+        "--node",
+        "node-2",
+        "--key-file",
+        &key_file,
+        "--join",
+    ]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("hint:"), "{stderr}");
+}
