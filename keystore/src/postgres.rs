@@ -40,9 +40,8 @@
 //! initialises it; sso-config links keystore only for the node-name rule and is itself
 //! linked only by those two).
 
-use std::cell::RefCell;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -540,7 +539,7 @@ pub struct PgStore {
     target: Target,
     options: PgOptions,
     /// The connection, `None` after a failure until the next call reconnects.
-    client: RefCell<Option<Client>>,
+    client: Mutex<Option<Client>>,
     kek: Kek,
     rng: SystemRandom,
     node: String,
@@ -561,7 +560,7 @@ impl Drop for PgStore {
     fn drop(&mut self) {
         // The connection's task lives on this runtime; dropping a runtime blocks, which
         // an async caller must not do, so shut it down in the background.
-        drop(self.client.get_mut().take());
+        drop(self.client.get_mut().unwrap_or_else(|p| p.into_inner()).take());
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -663,7 +662,7 @@ impl PgStore {
             runtime: Some(runtime),
             target,
             options,
-            client: RefCell::new(Some(client)),
+            client: Mutex::new(Some(client)),
             kek,
             rng,
             node: create.node.clone(),
@@ -769,7 +768,7 @@ impl PgStore {
             runtime: Some(runtime),
             target,
             options,
-            client: RefCell::new(Some(client)),
+            client: Mutex::new(Some(client)),
             kek,
             rng: SystemRandom::new(),
             node: node.to_owned(),
@@ -793,12 +792,30 @@ impl PgStore {
     /// Runs one attempt of `op` on the connection (reconnecting first when there is
     /// none), bounded by the statement timeout and a margin. A failure that leaves the
     /// connection in doubt drops it.
-    fn attempt<T>(
+    ///
+    /// Called from async code (a runtime worker must not block on another runtime), the
+    /// call runs on a thread of its own, which may: the server calls a few methods
+    /// directly while it starts.
+    fn attempt<T: Send>(
+        &self,
+        op: impl AsyncFnOnce(&mut Client) -> std::result::Result<T, Fail> + Send,
+    ) -> std::result::Result<T, Fail> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return std::thread::scope(|s| {
+                s.spawn(|| self.attempt_here(op))
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            });
+        }
+        self.attempt_here(op)
+    }
+
+    fn attempt_here<T>(
         &self,
         op: impl AsyncFnOnce(&mut Client) -> std::result::Result<T, Fail>,
     ) -> std::result::Result<T, Fail> {
         let runtime = self.runtime.as_ref().ok_or(Fail::Timeout("a store being dropped"))?;
-        let mut slot = self.client.borrow_mut();
+        let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
         let limit = self.options.statement_timeout + Duration::from_secs(2);
         runtime.block_on(async {
             // Let the connection's driver run first: a connection the server closed while
@@ -869,7 +886,7 @@ impl PgStore {
     }
 
     /// One statement outside a change (reads and bookkeeping that are not the key set).
-    fn simple<T>(&self, op: impl AsyncFnOnce(&mut Client) -> std::result::Result<T, Fail>) -> Result<T> {
+    fn simple<T: Send>(&self, op: impl AsyncFnOnce(&mut Client) -> std::result::Result<T, Fail> + Send) -> Result<T> {
         self.attempt(op).map_err(|f| f.into_error(&self.target.shown))
     }
 
@@ -878,7 +895,10 @@ impl PgStore {
     /// bumps the epoch, rewrites the manifest and notifies [`CHANNEL`], all committed
     /// together. Retried on a serialisation failure or deadlock. Returns `plan`'s answer,
     /// the epoch and the rows after the change.
-    fn change<T>(&self, mut plan: impl FnMut(&[Row], &mut Pending) -> Result<T>) -> Result<(T, u64, Vec<Row>)> {
+    fn change<T: Send>(
+        &self,
+        mut plan: impl FnMut(&[Row], &mut Pending) -> Result<T> + Send,
+    ) -> Result<(T, u64, Vec<Row>)> {
         let attempts = self.options.attempts.max(1);
         for attempt in 1..=attempts {
             let (kek, store_id) = (&self.kek, &self.store_id);

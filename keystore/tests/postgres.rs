@@ -349,3 +349,22 @@ fn an_edited_row_is_an_integrity_error() {
     let err = PgStore::open(&url, &key, "node-1").unwrap_err();
     assert!(matches!(err, Error::MissingKey { .. }), "{err}");
 }
+
+#[test]
+fn the_store_can_be_called_and_dropped_inside_async_code() {
+    // The server calls a few store methods directly in async code while it starts; a
+    // runtime worker must not block on the engine's own runtime (that panicked before).
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, mut store) = initialised(shared(), &dir);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        assert!(store.audit_anchor().unwrap().is_none());
+        store.rotate().unwrap();
+        assert_eq!(store.epoch().unwrap(), 2);
+        drop(store);
+    });
+}

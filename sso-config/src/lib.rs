@@ -213,10 +213,18 @@ fn default_handshake_timeout_ms() -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// The SQLite store file.
+    /// The SQLite store file, or a PostgreSQL database (`postgresql://USER@HOST/DB`,
+    /// optionally `?sslmode=require&sslrootcert=CA.pem`) that a cluster of nodes shares.
     pub path: PathBuf,
     /// The unseal secret's source.
     pub unseal: UnsealSource,
+}
+
+impl StoreConfig {
+    /// The PostgreSQL URL, when the store is a database rather than a file.
+    pub fn database_url(&self) -> Option<&str> {
+        self.path.to_str().filter(|p| keystore::postgres::is_database_url(p))
+    }
 }
 
 /// Where the unseal secret comes from: exactly one source. In the file it is a table with
@@ -546,7 +554,9 @@ impl Config {
         fix(&mut self.tls.client_ca);
         self.tls.crls.iter_mut().for_each(fix);
         self.tls.crl_issuers.as_mut().map(fix);
-        fix(&mut self.store.path);
+        if self.store.database_url().is_none() {
+            fix(&mut self.store.path);
+        }
         fix(&mut self.audit.path);
         if let UnsealSource::KeyFile(p) | UnsealSource::PassphraseFile(p) = &mut self.store.unseal {
             fix(p);
@@ -562,6 +572,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !keystore::validate::is_valid_node_name(&self.node) {
             return Err(err("node", format!("must be {}", keystore::validate::NODE_NAME_RULE)));
+        }
+        if self.store.database_url().is_some() && self.peer.is_some() {
+            return Err(err(
+                "peer",
+                "a node on a PostgreSQL store is one of a cluster that shares the database; [peer] is for a pair of SQLite stores: remove [peer], or set store.path to this node's own store file",
+            ));
         }
         if self.metrics_listen == self.listen && self.listen.port() != 0 {
             return Err(err("metrics_listen", "must differ from listen"));
@@ -594,7 +610,7 @@ impl Config {
         if !(100..=120_000).contains(&self.tls.handshake_timeout_ms) {
             return Err(err("tls.handshake_timeout_ms", "must be between 100 and 120000"));
         }
-        if !self.store.path.exists() {
+        if self.store.database_url().is_none() && !self.store.path.exists() {
             return Err(err(
                 "store.path",
                 format!(
@@ -824,5 +840,28 @@ mod tests {
         assert!(e.to_string().contains("line 2"), "{e}");
         let e = Config::parse("bogus = 1").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    /// `store.path` may name a PostgreSQL database (issue 14): it is not a file (never
+    /// resolved against the config's directory, never checked for existence), and it is
+    /// a cluster's store, so `[peer]` beside it is refused.
+    #[test]
+    fn a_postgresql_store_is_a_url_not_a_file_and_refuses_a_peer() {
+        let pair =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/pair/node-a.toml")).unwrap();
+        let mut config = Config::parse(&pair).unwrap();
+        let url = "postgresql://sso@db.example/sso?sslmode=require&sslrootcert=/etc/sso/db-ca.pem";
+        config.store.path = url.into();
+        config.resolve_paths(Path::new("/etc/sso"));
+        assert_eq!(config.store.path, PathBuf::from(url));
+        assert_eq!(config.store.database_url(), Some(url));
+        let e = config.validate().unwrap_err();
+        assert_eq!(e.field, "peer", "{e}");
+        assert!(e.to_string().contains("PostgreSQL"), "{e}");
+        config.peer = None;
+        // Past the peer check, whatever else fails, it is not the store's path.
+        if let Err(e) = config.validate() {
+            assert_ne!(e.field, "store.path", "{e}");
+        }
     }
 }

@@ -157,3 +157,42 @@ fn invalid_values_are_refused_when_read_naming_the_field_and_the_remedy() {
     let e = Config::parse(&format!("{base}\n[rotation]\nstaging_pause_msec = 1\n")).unwrap_err();
     assert!(e.field.starts_with("rotation.staging_pause_msec"), "{e}");
 }
+
+/// A directory with the files a config names (empty: `load` checks that they exist, the
+/// server checks what they hold), and a config in it with relative paths.
+fn config_dir(name: &str, extra: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("sso-config-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["server.pem", "server-key.pem", "ca.pem", "store.db", "passphrase"] {
+        std::fs::write(dir.join(file), b"").unwrap();
+    }
+    let text = format!(
+        "node = \"n\"\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [tls]\ncert = \"server.pem\"\nkey = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\
+         [store]\npath = \"store.db\"\nunseal = {{ passphrase_file = \"passphrase\" }}\n\
+         [audit]\npath = \"audit.log\"\n[roles]\nadmin = [\"cn:admin\"]\n{extra}"
+    );
+    let path = dir.join("server.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn load_resolves_the_unseal_file_beside_the_config_and_bounds_the_staging_pause() {
+    let (dir, path) = config_dir("ok", "[rotation]\nstaging_pause_ms = 30000\n");
+    let config = Config::load(&path).unwrap();
+    assert_eq!(
+        config.store.unseal,
+        UnsealSource::PassphraseFile(dir.join("passphrase"))
+    );
+    assert_eq!(config.store.unseal.file(), Some(dir.join("passphrase").as_path()));
+    assert_eq!(config.staging_pause(), std::time::Duration::from_secs(30));
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let (dir, path) = config_dir("long", "[rotation]\nstaging_pause_ms = 30001\n");
+    let e = Config::load(&path).unwrap_err();
+    assert_eq!(e.field, "rotation.staging_pause_ms", "{e}");
+    assert!(e.problem.contains("between 0 and 30000"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

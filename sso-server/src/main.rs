@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use sso_daemon::process::{fail, shutdown_signal};
 
 use clap::Parser;
-use keystore::{SealedStore, UnsealKey};
+use keystore::postgres::PgStore;
+use keystore::{SealedStore, Store, UnsealKey};
 use sso_server::Config;
 use sso_server::cli::Args;
 use sso_server::config::{LogFormat, UnsealSource};
@@ -58,6 +59,19 @@ fn main() -> ExitCode {
         Ok(k) => k,
         Err(e) => return fail(EX_DATAERR, &e, "check store.unseal in the config"),
     };
+    if let Some(url) = config.store.database_url() {
+        // A PostgreSQL store, shared by a cluster: this node's name comes from the config
+        // (keys made here carry it as their origin).
+        let store = match PgStore::open(url, &key, &config.node) {
+            Ok(s) => s,
+            Err(e) => return fail(EX_DATAERR, &e, ""),
+        };
+        drop(key);
+        if let Err(e) = store.verify() {
+            return fail(EX_DATAERR, &e, "");
+        }
+        return serve(&args, config, store);
+    }
     let store = match SealedStore::open(&config.store.path, &key) {
         Ok(s) => s,
         Err(e) => return fail(EX_DATAERR, &e, ""),
@@ -86,7 +100,11 @@ fn main() -> ExitCode {
             ),
         );
     }
+    serve(&args, config, store)
+}
 
+/// Binds, announces readiness and serves `store` until a signal.
+fn serve(args: &Args, config: Config, store: impl Store + 'static) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(EX_UNAVAILABLE, &e, ""),

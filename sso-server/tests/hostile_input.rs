@@ -2,46 +2,38 @@
 //! network against the real `sso-server`: a certificate holding the `peer` role posting to
 //! `/v1/peer/merge`, or an admin posting a crafted backup to `/v1/admin/restore`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine;
-use tests::{Client, Pki, ServerSetup, TestServer};
+use tests::{OneServer, Pki, ServerSetup, TestServer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sso-server");
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    pki: Pki,
-    setup: ServerSetup,
-    server: TestServer,
-}
-
 /// A standalone server whose config also gives the certificate `cn:peer` the peer role,
 /// as a pair's config does for the other node.
-fn start() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::builder(&root.join("node"), &pki, "node-a")
-        .config(|c| c.roles.peer = vec![sso_server::config::Pattern::Cn("peer".into())])
-        .build();
-    let server = TestServer::start(Path::new(BIN), &setup.config, &root.join("server.log"));
-    Fixture {
-        _dir: dir,
-        root,
-        pki,
-        setup,
-        server,
+struct Fixture(OneServer);
+
+impl std::ops::Deref for Fixture {
+    type Target = OneServer;
+    fn deref(&self) -> &OneServer {
+        &self.0
     }
+}
+
+impl std::ops::DerefMut for Fixture {
+    fn deref_mut(&mut self) -> &mut OneServer {
+        &mut self.0
+    }
+}
+
+fn start() -> Fixture {
+    Fixture(tests::one_server_with(Path::new(BIN), |c| {
+        c.roles.peer = vec![sso_server::config::Pattern::Cn("peer".into())];
+    }))
 }
 
 impl Fixture {
-    fn client(&self, name: &str) -> Client {
-        Client::new(self.server.https, &self.pki.ca_file, Some(&self.pki.client(name)))
-    }
-
     async fn status(&self) -> serde_json::Value {
         let r = self.client("admin").get("/v1/admin/status").await.unwrap();
         assert_eq!(r.status, 200, "{:?}", r.body);

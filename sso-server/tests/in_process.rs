@@ -47,6 +47,20 @@ impl Fixture {
             .unwrap_or_else(|| format!("absent from {ring}"))
     }
 
+    /// A watch on `epoch`, once the server holds it parked.
+    async fn parked_watch(&self, epoch: u64) -> tests::in_process::Request {
+        let watch = self.server.request(
+            &self.pki.client("client"),
+            "GET",
+            &format!("/v1/keyring/watch?after={epoch}"),
+            None,
+        );
+        self.server
+            .settle("the watch is parked", |m| m.lines().any(|l| l == "sso_watches_open 1"))
+            .await;
+        watch
+    }
+
     /// Waits (real time, clock still) until the keyring holds a key other than `old`, and
     /// returns its id.
     async fn staged_beside(&self, old: &str) -> String {
@@ -113,15 +127,7 @@ async fn a_watch_answers_204_exactly_at_its_deadline() {
     let f = start(|c| c.limits.watch_max_wait_ms = 2_000).await;
     let epoch = f.keyring().await["epoch"].as_u64().unwrap();
     let started = Instant::now();
-    let watch = f.server.request(
-        &f.pki.client("client"),
-        "GET",
-        &format!("/v1/keyring/watch?after={epoch}"),
-        None,
-    );
-    f.server
-        .settle("the watch is parked", |m| m.lines().any(|l| l == "sso_watches_open 1"))
-        .await;
+    let watch = f.parked_watch(epoch).await;
 
     advance(Duration::from_millis(1_999)).await;
     // A full round trip after the advance: the server has run every timer due by now.
@@ -138,6 +144,8 @@ async fn a_watch_answers_204_exactly_at_its_deadline() {
             m.lines().any(|l| l == "sso_watches_open 0")
         })
         .await;
+    // A graceful stop: `run` returns Ok once its shutdown future completes.
+    f.server.stop().await;
 }
 
 /// A parked watch answers at once (no time passes) when a rotation stages a key, with that
@@ -150,15 +158,7 @@ async fn a_watch_answers_at_once_when_a_rotation_stages_a_key() {
         before["epoch"].as_u64().unwrap(),
         before["primary"].as_str().unwrap().to_owned(),
     );
-    let watch = f.server.request(
-        &f.pki.client("client"),
-        "GET",
-        &format!("/v1/keyring/watch?after={epoch}"),
-        None,
-    );
-    f.server
-        .settle("the watch is parked", |m| m.lines().any(|l| l == "sso_watches_open 1"))
-        .await;
+    let watch = f.parked_watch(epoch).await;
 
     let started = Instant::now();
     let rotate = f

@@ -11,32 +11,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
-use tests::{CertFiles, Client, Pki, ServerSetup, TestServer};
+use tests::{CertFiles, Client, OneServer, Pki, TestServer};
 use tokio::io::AsyncReadExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sso-server");
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    pki: Pki,
-    setup: ServerSetup,
-    server: TestServer,
-}
-
-fn start(edit: impl FnOnce(&mut sso_server::Config) + 'static) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::builder(&root.join("node"), &pki, "node-a")
-        .config(edit)
-        .build();
-    let server = TestServer::start(Path::new(BIN), &setup.config, &root.join("server.log"));
-    Fixture {
-        _dir: dir,
-        pki,
-        setup,
-        server,
-    }
+fn start(edit: impl FnOnce(&mut sso_server::Config)) -> OneServer {
+    tests::one_server_with(Path::new(BIN), edit)
 }
 
 fn tls_config(pki: &Pki, cert: &CertFiles, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
@@ -303,14 +284,7 @@ async fn watches_are_capped_per_identity_and_in_total() {
 
     // A rotation answers every held watch, and their slots come back.
     let admin = Client::new(addr, &f.pki.ca_file, Some(&f.pki.client("admin")));
-    assert_eq!(
-        admin
-            .post("/v1/admin/rotate", &serde_json::json!({}))
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    admin.rotate().await;
     for w in waiting {
         assert_eq!(w.await.unwrap().unwrap().status, 200);
     }

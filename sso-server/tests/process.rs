@@ -1,45 +1,18 @@
 //! The real `sso-server` binary on loopback: fetch, rotate, watch, the negative matrix,
 //! SIGHUP reload, graceful shutdown, config errors, and no key bytes in the logs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use certs::LeafSpec;
-use tests::{Client, Pki, ServerSetup, TestServer};
+use tests::{Client, OneServer, Pki, ServerSetup, TestServer};
 use time::OffsetDateTime;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sso-server");
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    pki: Pki,
-    setup: ServerSetup,
-    server: TestServer,
-}
-
-fn start(edit: impl FnOnce(&mut sso_server::Config) + 'static) -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::builder(&root.join("node"), &pki, "node-a")
-        .config(edit)
-        .build();
-    let server = TestServer::start(Path::new(BIN), &setup.config, &root.join("server.log"));
-    Fixture {
-        _dir: dir,
-        root,
-        pki,
-        setup,
-        server,
-    }
-}
-
-impl Fixture {
-    fn client(&self, name: &str) -> Client {
-        Client::new(self.server.https, &self.pki.ca_file, Some(&self.pki.client(name)))
-    }
+fn start(edit: impl FnOnce(&mut sso_server::Config)) -> OneServer {
+    tests::one_server_with(Path::new(BIN), edit)
 }
 
 /// The log verifies under the store's audit key and reaches the anchor in the store.

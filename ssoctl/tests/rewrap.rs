@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sso_client::Client;
-use tests::{Pki, ServerSetup, TestServer, bin};
+use tests::OneServer;
 
 const SSOCTL: &str = env!("CARGO_BIN_EXE_ssoctl");
 const AAD: &[u8] = b"files/v1";
@@ -46,11 +46,14 @@ async fn check(client: &Client, dir: &Path, expected: &BTreeMap<PathBuf, Vec<u8>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rewrap_moves_a_tree_to_the_primary_and_survives_sigkill() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let pki = Pki::new(&d.join("pki"));
-    let setup = ServerSetup::standard(&d.join("a"), &pki, "node-a");
-    let server = TestServer::start(&bin("sso-server"), &setup.config, &d.join("a.log"));
+    let OneServer {
+        dir: _dir,
+        root,
+        pki,
+        server,
+        ..
+    } = tests::one_server();
+    let d = root.as_path();
     let url = format!("https://localhost:{}", server.https.port());
     let cert = pki.client("client");
     let client = Client::builder()
@@ -66,14 +69,7 @@ async fn rewrap_moves_a_tree_to_the_primary_and_survives_sigkill() {
     let mut expected = BTreeMap::new();
     for generation in 0..3 {
         if generation > 0 {
-            assert_eq!(
-                admin
-                    .post("/v1/admin/rotate", &serde_json::json!({}))
-                    .await
-                    .unwrap()
-                    .status,
-                200
-            );
+            admin.rotate().await;
         }
         client.refresh().await.unwrap();
         let sub = tree.join(format!("gen{generation}"));

@@ -5,8 +5,10 @@
 //! # Layout
 //! - [`Pki`]: a CA per test, with helpers for the certificates the negative matrix needs
 //!   (another CA, expired, not yet valid, revoked).
-//! - [`ServerSetup`] / [`TestServer`]: writes a config and store, starts the binary,
-//!   waits for its `listening` line, captures its log.
+//! - [`ServerSetup`] / [`TestServer`]: writes a store and a config (through the config
+//!   type: [`ServerSetup::builder`]), starts the binary, waits for its `listening` line,
+//!   captures its log; [`one_server`] does all of it for the common one-server test.
+//! - [`in_process`]: the server in the test's own runtime, under a clock the test moves.
 //! - [`Client`]: HTTPS requests with a chosen client certificate, one connection each.
 //! - [`assert_eventually!`]: poll a condition with a deadline.
 #![forbid(unsafe_code)]
@@ -262,6 +264,56 @@ impl ServerSetup {
         let mut config = self.read_config();
         edit(&mut config);
         self.write(&config);
+    }
+}
+
+/// One standalone server, started from a [`ServerSetup`] in a fresh temporary directory:
+/// the start most process tests share. `ROOT/pki` holds the PKI, `ROOT/node` the setup,
+/// `ROOT/server.log` the server's log.
+#[derive(Debug)]
+pub struct OneServer {
+    /// The running server. Declared first, so it is stopped (and its logs checked for
+    /// key material) before the directory goes.
+    pub server: TestServer,
+    pub setup: ServerSetup,
+    pub pki: Pki,
+    pub root: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts `binary` (`sso-server`, or a wrapper script around it) on a default setup for
+/// `node-a` changed by `edit`: see [`OneServer`].
+pub fn one_server_with(binary: &Path, edit: impl FnOnce(&mut sso_server::Config)) -> OneServer {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let pki = Pki::new(&root.join("pki"));
+    let setup = ServerSetup::builder(&root.join("node"), &pki, "node-a")
+        .config(edit)
+        .build();
+    let server = TestServer::start(binary, &setup.config, &root.join("server.log"));
+    OneServer {
+        server,
+        setup,
+        pki,
+        root,
+        dir,
+    }
+}
+
+/// [`one_server_with`] the workspace's `sso-server` and the default config.
+pub fn one_server() -> OneServer {
+    one_server_with(&bin("sso-server"), |_| {})
+}
+
+impl OneServer {
+    /// An mTLS client presenting the certificate with CN `name` (issued on first use).
+    pub fn client(&self, name: &str) -> Client {
+        Client::new(self.server.https, &self.pki.ca_file, Some(&self.pki.client(name)))
+    }
+
+    /// A client with the admin certificate.
+    pub fn admin(&self) -> Client {
+        self.client("admin")
     }
 }
 
@@ -529,6 +581,12 @@ impl Client {
     pub async fn post(&self, path: &str, body: &serde_json::Value) -> Result<Reply, String> {
         self.request("POST", path, Some(serde_json::to_vec(body).unwrap()))
             .await
+    }
+    /// `POST /v1/admin/rotate` with `{}` (as an admin), asserting it succeeded: the answer.
+    pub async fn rotate(&self) -> serde_json::Value {
+        let reply = self.post("/v1/admin/rotate", &serde_json::json!({})).await.unwrap();
+        assert_eq!(reply.status, 200, "rotate: {:?}", reply.body);
+        reply.json()
     }
 }
 

@@ -90,14 +90,7 @@ async fn no_key_material_in_logs_audit_or_store_files() {
     }
     let admin = pair.admin(&pair.a);
     for _ in 0..3 {
-        assert_eq!(
-            admin
-                .post("/v1/admin/rotate", &serde_json::json!({}))
-                .await
-                .unwrap()
-                .status,
-            200
-        );
+        admin.rotate().await;
     }
     let backup = admin
         .post(
@@ -212,10 +205,12 @@ async fn no_key_material_in_logs_audit_or_store_files() {
 async fn every_process_test_checks_its_server_log_for_keys() {
     // TestServer's drop scans the server's log and audit log for every key in its store;
     // prove it would catch a key that got logged.
-    let dir = tempfile::tempdir().unwrap();
-    let pki = tests::Pki::new(&dir.path().join("pki"));
-    let setup = tests::ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
-    let mut server = tests::TestServer::start(&tests::bin("sso-server"), &setup.config, &dir.path().join("a.log"));
+    let tests::OneServer {
+        dir: _dir,
+        pki,
+        mut server,
+        ..
+    } = tests::one_server();
     let ring = tests::Client::new(server.https, &pki.ca_file, Some(&pki.client("client")))
         .get("/v1/keyring")
         .await

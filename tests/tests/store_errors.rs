@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tests::pair::{Node, Pair};
-use tests::{Client, Pki, ServerSetup, TestServer, bin};
+use tests::{Client, OneServer, Pki, ServerSetup, TestServer, bin};
 
 /// Sets the soft file-size limit of `pid` (`"1"` byte: nothing can be written;
 /// `"unlimited"`: the disk has room again).
@@ -80,24 +80,15 @@ fn ssoctl_rotate(server: &TestServer, pki: &Pki) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_that_cannot_be_written_is_store_unavailable_and_health_is_degraded_until_it_can() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::standard(&root.join("node"), &pki, "node-a");
     // The server's stderr is a file on the same "disk", as under most service managers.
-    let server = TestServer::start(&bin("sso-server"), &setup.config, &root.join("server.log"));
+    let OneServer {
+        dir: _dir, pki, server, ..
+    } = tests::one_server();
     let admin = Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
     let client = Client::new(server.https, &pki.ca_file, Some(&pki.client("client")));
     let health = admin.get("/v1/health").await.unwrap().json();
     assert_eq!(health["status"], "ok", "{health}");
-    assert_eq!(
-        admin
-            .post("/v1/admin/rotate", &serde_json::json!({}))
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    admin.rotate().await;
 
     file_size_limit(server.pid(), "1");
     let mut faults = 0;
@@ -161,21 +152,15 @@ async fn a_store_that_cannot_be_written_is_store_unavailable_and_health_is_degra
 /// action is to terminate), taking every client's key service down with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_past_its_file_size_limit_refuses_writes_and_keeps_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::standard(&root.join("node"), &pki, "node-a");
-    let mut server = TestServer::start(&bin("sso-server"), &setup.config, &root.join("server.log"));
+    let OneServer {
+        dir: _dir,
+        pki,
+        mut server,
+        ..
+    } = tests::one_server();
     let admin = Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
     let client = Client::new(server.https, &pki.ca_file, Some(&pki.client("client")));
-    assert_eq!(
-        admin
-            .post("/v1/admin/rotate", &serde_json::json!({}))
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    admin.rotate().await;
 
     file_size_limit(server.pid(), "1");
     // The fault really happened: the write was refused, not answered from memory.
@@ -271,11 +256,9 @@ async fn wait_for(node: &Node, op: &str, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_admin_writes_leave_a_warning_naming_the_reason_in_the_server_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let pki = Pki::new(&root.join("pki"));
-    let setup = ServerSetup::standard(&root.join("node"), &pki, "node-a");
-    let server = TestServer::start(&bin("sso-server"), &setup.config, &root.join("server.log"));
+    let OneServer {
+        dir: _dir, pki, server, ..
+    } = tests::one_server();
     let admin = Client::new(server.https, &pki.ca_file, Some(&pki.client("admin")));
     let status = admin.get("/v1/admin/status").await.unwrap().json();
     let primary = status["primary"].as_str().unwrap().to_owned();
