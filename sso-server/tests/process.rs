@@ -15,21 +15,6 @@ fn start(edit: impl FnOnce(&mut sso_server::Config)) -> OneServer {
     tests::one_server_with(Path::new(BIN), edit)
 }
 
-/// The log verifies under the store's audit key and reaches the anchor in the store.
-fn verify_audit(setup: &ServerSetup) {
-    let key = keystore::UnsealKey::key_file(&setup.unseal_key).unwrap();
-    let store = keystore::SealedStore::open(&setup.store, &key).unwrap();
-    let anchor = store.audit_anchor().unwrap();
-    assert!(anchor.is_some(), "no audit anchor in the store");
-    keystore::audit::verify(
-        std::slice::from_ref(&setup.audit),
-        &store.audit_key(),
-        keystore::audit::Start::Genesis,
-        anchor.as_ref(),
-    )
-    .unwrap();
-}
-
 fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -164,7 +149,7 @@ async fn client_fetches_admin_rotates_and_watch_returns_at_once() {
         |e| e["op"] == "keyring.fetch" && e["identity"] == "client",
         "fetch",
     );
-    verify_audit(&f.setup);
+    f.setup.verify_audit();
     let v = f.client("admin").get("/v1/admin/audit/verify").await.unwrap().json();
     assert_eq!(v["intact"], true, "{v}");
 
@@ -323,7 +308,7 @@ async fn negative_matrix_is_refused_audited_and_the_server_keeps_serving() {
 
     assert_eq!(good.get("/v1/keyring").await.unwrap().status, 200);
     assert!(server.metric("sso_denials_total") >= 1.0);
-    verify_audit(&setup);
+    setup.verify_audit();
 }
 
 /// Sends half a request's headers over mTLS and reports whether the server hangs up

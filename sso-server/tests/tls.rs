@@ -11,7 +11,7 @@ use bytes::Bytes;
 use certs::{CertificateAuthority, LeafSpec};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use tests::{CertFiles, Client, Pki, ServerSetup, TestServer};
+use tests::{CertFiles, Client, OneServer, Pki, ServerSetup, TestServer};
 use time::OffsetDateTime;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sso-server");
@@ -226,29 +226,26 @@ async fn audit_entries_tell_apart_certificates_with_the_same_name() {
     assert_ne!(sha256_of(&first), sha256_of(&second));
     drop(server);
     // The new fields are inside the keyed chain: the log still verifies.
-    let key = keystore::UnsealKey::key_file(&setup.unseal_key).unwrap();
-    let store = keystore::SealedStore::open(&setup.store, &key).unwrap();
-    let anchor = store.audit_anchor().unwrap();
-    keystore::audit::verify(
-        std::slice::from_ref(&setup.audit),
-        &store.audit_key(),
-        keystore::audit::Start::Genesis,
-        anchor.as_ref(),
-    )
-    .unwrap();
+    setup.verify_audit();
+}
+
+/// A server whose connections live one second, with watches shorter than that.
+fn short_lived_connections() -> OneServer {
+    tests::one_server_with(Path::new(BIN), |c| {
+        c.limits.max_connection_age_ms = 1000;
+        c.limits.watch_max_wait_ms = 700;
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_end_gracefully_at_their_maximum_age_and_clients_never_notice() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::builder(&dir.path().join("node"), &pki, "node-a")
-        .limits(|l| {
-            l.max_connection_age_ms = 1000;
-            l.watch_max_wait_ms = 700;
-        })
-        .build();
-    let server = TestServer::start(Path::new(BIN), &setup.config, &dir.path().join("server.log"));
+    let OneServer {
+        dir: _dir,
+        pki,
+        setup,
+        server,
+        ..
+    } = short_lived_connections();
     let cert = pki.client("client");
     let client = sso_client::Client::builder()
         .endpoint(format!("https://localhost:{}", server.https.port()))
@@ -296,15 +293,7 @@ async fn connections_end_gracefully_at_their_maximum_age_and_clients_never_notic
 
 #[test]
 fn the_agent_rides_through_maximum_connection_age() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::builder(&dir.path().join("node"), &pki, "node-a")
-        .limits(|l| {
-            l.max_connection_age_ms = 1000;
-            l.watch_max_wait_ms = 700;
-        })
-        .build();
-    let server = TestServer::start(Path::new(BIN), &setup.config, &dir.path().join("server.log"));
+    let OneServer { dir, pki, server, .. } = short_lived_connections();
     let cert = pki.client("client");
     let config = dir.path().join("agent.toml");
     std::fs::write(

@@ -259,6 +259,22 @@ impl ServerSetup {
         std::fs::write(&self.config, config.to_toml()).unwrap();
     }
 
+    /// Verifies the (stopped or running) server's audit log under its store's audit key,
+    /// from the first entry to the anchor in the store, which must exist.
+    pub fn verify_audit(&self) {
+        let key = keystore::UnsealKey::key_file(&self.unseal_key).unwrap();
+        let store = keystore::SealedStore::open(&self.store, &key).unwrap();
+        let anchor = store.audit_anchor().unwrap();
+        assert!(anchor.is_some(), "no audit anchor in the store");
+        keystore::audit::verify(
+            std::slice::from_ref(&self.audit),
+            &store.audit_key(),
+            keystore::audit::Start::Genesis,
+            anchor.as_ref(),
+        )
+        .unwrap();
+    }
+
     /// Changes the config file through the type (read, change, write).
     pub fn edit(&self, edit: impl FnOnce(&mut sso_server::Config)) {
         let mut config = self.read_config();
