@@ -208,7 +208,10 @@ async fn run_checks(g: &Global, config: Option<&Path>) -> Vec<Check> {
         cert_files.push(("client certificate".into(), cert.clone()));
     }
     if let Some(c) = &server_config {
-        private.push(("store".into(), c.store.path.clone()));
+        // A PostgreSQL store is a URL, not a file of this host.
+        if c.store.database_url().is_none() {
+            private.push(("store".into(), c.store.path.clone()));
+        }
         match &c.store.unseal {
             sso_config::UnsealSource::KeyFile(p) => private.push(("unseal key file".into(), p.clone())),
             sso_config::UnsealSource::PassphraseFile(p) => private.push(("passphrase file".into(), p.clone())),
@@ -317,7 +320,7 @@ async fn run_checks(g: &Global, config: Option<&Path>) -> Vec<Check> {
     if let Some(c) = clock_skew(&nodes) {
         checks.push(c);
     }
-    if let Some(c) = &server_config {
+    if let Some(c) = server_config.as_ref().filter(|c| c.store.database_url().is_none()) {
         checks.push(disk_space(&c.store.path));
     }
     checks
