@@ -47,10 +47,11 @@ impl JsonError {
 
     /// The answer: `{"error": CODE, "message": …}` with the status.
     pub fn response(&self) -> Response<Body> {
-        reply_value(
-            self.status,
-            &serde_json::json!({ "error": self.code, "message": self.message }),
-        )
+        let body = sso_proto::wire::ErrorBody {
+            error: self.code.into(),
+            message: self.message.clone(),
+        };
+        reply(self.status, Bytes::from(serde_json::to_vec(&body).unwrap_or_default()))
     }
 }
 

@@ -73,8 +73,8 @@ pub fn key_delivery(data: &[u8]) {
 }
 
 /// The wire readers of `crate::wire` that take a server's or a peer's answer: a one-key
-/// answer (opened as plain material), a keyring, peer records, and the small answers and
-/// error bodies every client reads through its type.
+/// answer (opened as plain material), a keyring, peer records, the small peer answers,
+/// error bodies, and the admin answers ssoctl reads through their types.
 pub fn wire_answers(data: &[u8]) {
     use crate::wire;
     if let Ok(key) = wire::parse_key(data) {
@@ -92,4 +92,11 @@ pub fn wire_answers(data: &[u8]) {
     let _ = serde_json::from_slice::<wire::peer::LeaseAnswer>(data);
     let _ = serde_json::from_slice::<wire::peer::LeaseRequest>(data);
     let _ = serde_json::from_slice::<wire::ErrorBody>(data);
+    let _ = serde_json::from_slice::<wire::answers::StatusAnswer>(data);
+    let _ = serde_json::from_slice::<wire::answers::HealthAnswer>(data);
+    let _ = serde_json::from_slice::<wire::answers::RotateAnswer>(data);
+    let _ = serde_json::from_slice::<wire::answers::KeyChanged>(data);
+    let _ = serde_json::from_slice::<wire::answers::RestoreDryRun>(data);
+    let _ = serde_json::from_slice::<wire::answers::Restored>(data);
+    let _ = serde_json::from_slice::<wire::answers::AuditVerifyAnswer>(data);
 }

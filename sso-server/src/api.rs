@@ -12,9 +12,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
-use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use secrecy::ExposeSecret;
 use sso_proto::delivery::{RecipientKey, Sealer};
+use sso_proto::wire::answers::{BackupRequest, RestoreRequest, RetireRequest, RotateRequest};
 use sso_proto::{KeyId, KeyState};
 use zeroize::Zeroizing;
 
@@ -227,10 +227,10 @@ pub async fn handle(req: Box<Request<Incoming>>, conn: Arc<Conn>) -> Result<Resp
 
 /// The answer to every request on a connection whose identity is over its connection cap.
 fn too_many_connections(cap: &'static str) -> Response<Body> {
-    let body = serde_json::json!({
-        "error": "too_many_connections",
-        "message": format!("this certificate identity holds too many connections ({cap} cap); close some and retry"),
-    });
+    let body = sso_proto::wire::ErrorBody {
+        error: "too_many_connections".into(),
+        message: format!("this certificate identity holds too many connections ({cap} cap); close some and retry"),
+    };
     let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap_or_default())));
     *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
     let headers = resp.headers_mut();
@@ -488,8 +488,11 @@ async fn admin_write(
                     let stored = keep(e.0.status, e.0.code).then(|| Stored {
                         status: e.0.status.as_u16(),
                         body: Bytes::from(
-                            serde_json::to_vec(&serde_json::json!({ "error": e.0.code, "message": e.0.message }))
-                                .unwrap_or_default(),
+                            serde_json::to_vec(&sso_proto::wire::ErrorBody {
+                                error: e.0.code.into(),
+                                message: e.0.message.clone(),
+                            })
+                            .unwrap_or_default(),
                         ),
                     });
                     state.idempotency.finish(&who, &key, fingerprint, stored);
@@ -545,8 +548,10 @@ async fn run_admin_write(
             })
             .await?;
             let replication = replicate_key(state, id).await;
-            let mut answer = meta_json(&meta);
-            answer["replication"] = replication.into();
+            let answer = sso_proto::wire::answers::KeyChanged {
+                key: (&meta).into(),
+                replication: replication.into(),
+            };
             let detail = if force {
                 tracing::warn!(key_id = %id, ?primary, "operator override: forced retirement of a primary");
                 format!(
@@ -556,7 +561,7 @@ async fn run_admin_write(
             } else {
                 format!("replication {replication}")
             };
-            Ok(audited(json_value(StatusCode::OK, &answer), Some(detail)))
+            Ok(audited(json_answer(StatusCode::OK, &answer), Some(detail)))
         }
     }
 }
@@ -613,12 +618,14 @@ async fn dispatch_other(route: &Route, req: Request<Incoming>, state: &Arc<AppSt
 /// on `status` (or on `sso_store_writable` / `sso_audit_writable`).
 fn health(state: &AppState) -> Response<Body> {
     let (status, problems) = state.metrics.health.report();
-    let mut body =
-        serde_json::json!({"status": status, "node": state.node, "sealed": false, "peer": peer_state(state)});
-    if !problems.is_empty() {
-        body["problems"] = serde_json::json!(problems);
-    }
-    json_value(StatusCode::OK, &body)
+    let body = sso_proto::wire::answers::HealthAnswer {
+        node: state.node.clone(),
+        peer: peer_state(state).into(),
+        problems,
+        sealed: false,
+        status: status.into(),
+    };
+    json_answer(StatusCode::OK, &body)
 }
 
 /// `up`, `down`, or `none` without a configured peer.
@@ -870,23 +877,6 @@ async fn with_store<T: Send + 'static>(
     .map_err(|_| ApiError::internal())?
 }
 
-/// Body of `POST /v1/admin/keys/{id}/retire` (optional).
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RetireRequest {
-    /// Retire the key even if it is the primary (an operator's audited override for a
-    /// primary of unknown origin); the next promoted key becomes the primary.
-    #[serde(default)]
-    force_retire_primary: bool,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RotateRequest {
-    #[serde(default)]
-    allow_degraded: bool,
-}
-
 async fn rotate(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
     use crate::rotation::{self, RotateError};
     let request: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
@@ -949,14 +939,14 @@ async fn rotate(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> 
 fn rotated(done: &crate::rotation::Rotated) -> Answer {
     let (promoted, replication) = (&done.meta, done.replication.as_str());
     tracing::info!(key_id = %promoted.key_id, generation = promoted.generation, replication, "rotated");
-    let answer = serde_json::json!({
-        "key_id": promoted.key_id,
-        "generation": promoted.generation,
-        "replication": replication,
-        "orphans_retired": done.orphans_retired,
-    });
+    let answer = sso_proto::wire::answers::RotateAnswer {
+        generation: promoted.generation,
+        key_id: promoted.key_id,
+        orphans_retired: done.orphans_retired,
+        replication: replication.into(),
+    };
     audited(
-        json_value(StatusCode::OK, &answer),
+        json_answer(StatusCode::OK, &answer),
         Some(format!(
             "new primary {} (generation {}), {replication}",
             promoted.key_id, promoted.generation
@@ -1125,16 +1115,6 @@ async fn peer_rotation_step(op: &str, query: &str, body: &[u8], state: &Arc<AppS
     ))
 }
 
-fn meta_json(meta: &sso_proto::KeyMeta) -> serde_json::Value {
-    serde_json::json!({
-        "key_id": meta.key_id,
-        "generation": meta.generation,
-        "state": meta.state,
-        "created_at": meta.created_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-        "origin": meta.origin,
-    })
-}
-
 /// The peer's side of pair-wide backup coverage: which keys this node's backups cover.
 async fn peer_coverage(state: &Arc<AppState>) -> Result<Answer, ApiError> {
     let status = with_store(state, |store| store.status()).await?;
@@ -1175,38 +1155,41 @@ async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
     };
     let head = state.audit.head();
     let (health_status, problems) = state.metrics.health.report();
-    let rfc = |t: time::OffsetDateTime| {
-        t.format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default()
-    };
-    let answer = serde_json::json!({
-        "node": status.node,
-        "epoch": status.epoch,
-        "primary": status.primary,
-        "peer": state.peer.as_ref().map(|p| {
-            let ps = p.status();
-            serde_json::json!({
-                "url": p.url,
-                "node": ps.node,
-                "state": if ps.up { "up" } else { "down" },
-                "last_contact": ps.last_contact.map(rfc),
-                "peer_epoch": ps.peer_epoch,
-                "lag_epochs": ps.synced_local_epoch.map(|e| status.epoch.saturating_sub(e)),
-                "last_error": ps.last_error,
-                "integrity_alarm": ps.alarm,
-            })
-        }),
-        "keys": status.keys.iter().map(meta_json).collect::<Vec<_>>(),
-        "backup": {
-            "last_backup_at": status.last_backup_at.map(rfc),
-            "not_backed_up": status.not_backed_up,
-            "coverage": coverage,
+    let rfc = sso_proto::wire::answers::rfc3339;
+    let answer = sso_proto::wire::answers::StatusAnswer {
+        audit: sso_proto::wire::answers::AuditHeadView {
+            head: head.hash,
+            seq: head.seq,
         },
-        "time": rfc(time::OffsetDateTime::now_utc()),
-        "audit": { "seq": head.seq, "head": head.hash },
-        "health": { "status": health_status, "problems": problems },
-    });
-    Ok(audited(json_value(StatusCode::OK, &answer), None))
+        backup: sso_proto::wire::answers::BackupView {
+            coverage: coverage.into(),
+            last_backup_at: status.last_backup_at.map(rfc),
+            not_backed_up: status.not_backed_up,
+        },
+        epoch: status.epoch,
+        health: sso_proto::wire::answers::HealthView {
+            problems,
+            status: health_status.into(),
+        },
+        keys: status.keys.iter().map(Into::into).collect(),
+        node: status.node,
+        peer: state.peer.as_ref().map(|p| {
+            let ps = p.status();
+            sso_proto::wire::answers::PeerView {
+                integrity_alarm: ps.alarm,
+                lag_epochs: ps.synced_local_epoch.map(|e| status.epoch.saturating_sub(e)),
+                last_contact: ps.last_contact.map(rfc),
+                last_error: ps.last_error,
+                node: ps.node,
+                peer_epoch: ps.peer_epoch,
+                state: if ps.up { "up" } else { "down" }.into(),
+                url: p.url.clone(),
+            }
+        }),
+        primary: status.primary,
+        time: rfc(time::OffsetDateTime::now_utc()),
+    };
+    Ok(audited(json_answer(StatusCode::OK, &answer), None))
 }
 
 /// The server checks its own audit log (rotated files in its directory, then the current
@@ -1242,33 +1225,35 @@ async fn audit_verify(query: Option<&str>, state: &Arc<AppState>) -> Result<Answ
     let result = tokio::task::spawn_blocking(move || audit.verify_own(extra.as_ref()))
         .await
         .map_err(|_| ApiError::internal())?;
+    use sso_proto::wire::answers::{AuditVerifyAnswer, GapView};
     let answer = match result {
-        Ok(r) => serde_json::json!({
-            "intact": true,
-            "entries": r.entries,
-            "first_seq": r.first_seq,
-            "last_seq": r.last_seq,
-            "head": r.head,
-            "gaps": r.gaps.iter().map(|g| serde_json::json!({"seq": g.seq, "lost": g.lost, "detail": g.detail})).collect::<Vec<_>>(),
-        }),
-        Err(e) => serde_json::json!({
-            "intact": false,
-            "file": e.file,
-            "line": e.line,
-            "problem": e.problem,
-            "truncated": e.truncated,
-        }),
+        Ok(r) => AuditVerifyAnswer::Intact {
+            anchored: None,
+            entries: r.entries,
+            first_seq: r.first_seq,
+            gaps: r
+                .gaps
+                .into_iter()
+                .map(|g| GapView {
+                    detail: g.detail,
+                    lost: g.lost,
+                    seq: g.seq,
+                })
+                .collect(),
+            head: r.head,
+            intact: true,
+            last_seq: r.last_seq,
+        },
+        Err(e) => AuditVerifyAnswer::Broken {
+            file: e.file.display().to_string(),
+            intact: false,
+            line: e.line,
+            problem: e.problem,
+            truncated: e.truncated,
+        },
     };
-    let detail = Some(format!("intact {}", answer["intact"]));
-    Ok(audited(json_value(StatusCode::OK, &answer), detail))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BackupRequest {
-    password: SecretString,
-    #[serde(default)]
-    hint: String,
+    let detail = Some(format!("intact {}", matches!(answer, AuditVerifyAnswer::Intact { .. })));
+    Ok(audited(json_answer(StatusCode::OK, &answer), detail))
 }
 
 async fn backup(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
@@ -1304,20 +1289,6 @@ async fn backup(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> 
     Ok(audited(resp, None))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RestoreRequest {
-    password: SecretString,
-    /// The backup file, standard base64.
-    backup: String,
-    /// Only work out what the restore would do (`plan`); change nothing.
-    #[serde(default)]
-    dry_run: bool,
-    /// Restore although the peer could not be asked first (see `restore`).
-    #[serde(default)]
-    force: bool,
-}
-
 async fn restore(body: &[u8], _caller: &Caller, state: &Arc<AppState>) -> Result<Answer, ApiError> {
     use base64::Engine;
     let request: RestoreRequest = parse_json(body)?;
@@ -1339,22 +1310,21 @@ async fn restore(body: &[u8], _caller: &Caller, state: &Arc<AppState>) -> Result
         .map_err(|_| ApiError::internal())??;
     let created_at = opened.created_at();
     let (plan, opened) = with_store(state, move |store| Ok((store.restore_plan(&opened)?, opened))).await?;
-    let rfc = |t: time::OffsetDateTime| {
-        t.format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default()
+    let plan_view = sso_proto::wire::answers::RestorePlanView {
+        backup_created_at: sso_proto::wire::answers::rfc3339(created_at),
+        destroyed: plan.destroyed.clone(),
+        known: plan.known,
+        peer_checked,
+        unknown: plan.unknown.clone(),
     };
-    let plan_json = serde_json::json!({
-        "backup_created_at": rfc(created_at),
-        "peer_checked": peer_checked,
-        "destroyed": plan.destroyed,
-        "unknown": plan.unknown,
-        "known": plan.known,
-    });
     if dry_run {
         return Ok(audited(
-            json_value(
+            json_answer(
                 StatusCode::OK,
-                &serde_json::json!({ "dry_run": true, "plan": plan_json }),
+                &sso_proto::wire::answers::RestoreDryRun {
+                    dry_run: true,
+                    plan: plan_view,
+                },
             ),
             Some("dry run".into()),
         ));
@@ -1370,12 +1340,15 @@ async fn restore(body: &[u8], _caller: &Caller, state: &Arc<AppState>) -> Result
         ));
     }
     let report = with_store(state, move |store| store.restore_opened(&opened)).await?;
-    let answer = serde_json::json!({
-        "added": report.added, "advanced": report.advanced, "unchanged": report.unchanged, "epoch": report.epoch,
-        "plan": plan_json,
-    });
+    let answer = sso_proto::wire::answers::Restored {
+        added: report.added,
+        advanced: report.advanced,
+        epoch: report.epoch,
+        plan: plan_view,
+        unchanged: report.unchanged,
+    };
     Ok(audited(
-        json_value(StatusCode::OK, &answer),
+        json_answer(StatusCode::OK, &answer),
         Some(format!(
             "added {}, advanced {}, kept destroyed {}{}",
             report.added,

@@ -12,6 +12,11 @@ use secrecy::{ExposeSecret, SecretString};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use sso_proto::wire::answers::{
+    AuditVerifyAnswer, BackupRequest, GapView, KeyChanged, KeyView, RestoreDryRun, RestorePlanView, RestoreRequest,
+    Restored, RotateAnswer, RotateRequest, StatusAnswer,
+};
+
 use crate::cli::{Audit, AuditVerify, Certs, Cli, Command, Global, Init, Keys};
 use crate::online::Online;
 use crate::{EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_SOFTWARE, EX_USAGE, Failure};
@@ -48,8 +53,8 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
     let conn = Online::connect(g)?;
     match command {
         Command::Rotate { allow_degraded } => {
-            let body = serde_json::json!({ "allow_degraded": allow_degraded }).to_string();
-            let v = json(
+            let body = serde_json::to_string(&RotateRequest { allow_degraded }).unwrap_or_default();
+            let v: RotateAnswer = json(
                 &conn
                     .write(
                         "rotate",
@@ -62,21 +67,20 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
             emit(g, out, &v, || {
                 format!(
                     "rotated: new primary {} (generation {}), replication {}\n{}",
-                    v["key_id"].as_str().unwrap_or("?"),
-                    v["generation"],
-                    v["replication"].as_str().unwrap_or("?"),
+                    v.key_id,
+                    v.generation,
+                    v.replication,
                     "reminder: take a backup now (ssoctl backup --out FILE); the new key is in no backup yet"
                 )
             })
         }
         Command::Status => {
-            let v = json(&conn.call(Method::GET, "/v1/admin/status", Bytes::new()).await?)?;
+            let v: StatusAnswer = json(&conn.call(Method::GET, "/v1/admin/status", Bytes::new()).await?)?;
             emit(g, out, &v, || status_text(&v))
         }
         Command::Keys(Keys::List) => {
-            let v = json(&conn.call(Method::GET, "/v1/admin/status", Bytes::new()).await?)?;
-            let keys = v["keys"].clone();
-            emit(g, out, &keys, || keys_table(&keys))
+            let v: StatusAnswer = json(&conn.call(Method::GET, "/v1/admin/status", Bytes::new()).await?)?;
+            emit(g, out, &v.keys, || keys_table(&v.keys))
         }
         Command::Keys(Keys::Retire {
             key_id,
@@ -88,7 +92,7 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
             } else {
                 Bytes::new()
             };
-            let v = json(
+            let v: KeyChanged = json(
                 &conn
                     .write(
                         "retire",
@@ -98,12 +102,7 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
                     )
                     .await?,
             )?;
-            emit(g, out, &v, || {
-                format!(
-                    "retired {id} (replication {})",
-                    v["replication"].as_str().unwrap_or("?")
-                )
-            })
+            emit(g, out, &v, || format!("retired {id} (replication {})", v.replication))
         }
         Command::Keys(Keys::Destroy { key_id, yes }) => {
             let id = parse_key_id(&key_id)?;
@@ -115,7 +114,7 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
                     &id.to_string()[..8],
                 )?;
             }
-            let v = json(
+            let v: KeyChanged = json(
                 &conn
                     .write(
                         "destroy",
@@ -125,12 +124,7 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
                     )
                     .await?,
             )?;
-            emit(g, out, &v, || {
-                format!(
-                    "destroyed {id} (replication {})",
-                    v["replication"].as_str().unwrap_or("?")
-                )
-            })
+            emit(g, out, &v, || format!("destroyed {id} (replication {})", v.replication))
         }
         Command::Backup { out: path, hint } => {
             if path.exists() {
@@ -141,9 +135,9 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
                 ));
             }
             let password = password(g, "SSOCTL_BACKUP_PASSWORD", "backup password: ", true)?;
-            let body = secret_body(&BackupBody {
+            let body = secret_body(&BackupRequest {
                 password: password.expose_secret(),
-                hint: &hint,
+                hint: hint.clone(),
             });
             let bytes = conn.call(Method::POST, "/v1/admin/backup", body).await?;
             keystore::fsutil::write_private_new(&path, &bytes)?;
@@ -166,30 +160,30 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
             let password = password(g, "SSOCTL_BACKUP_PASSWORD", "backup password: ", false)?;
             let backup = base64::engine::general_purpose::STANDARD.encode(&file);
             // What the backup would bring back, before anything is written.
-            let dry = json(
+            let dry: RestoreDryRun = json(
                 &conn
                     .call(
                         Method::POST,
                         "/v1/admin/restore",
-                        secret_body(&RestoreBody {
+                        secret_body(&RestoreRequest {
                             password: password.expose_secret(),
-                            backup: &backup,
+                            backup: backup.clone(),
                             dry_run: true,
                             force: false,
                         }),
                     )
                     .await?,
             )?;
-            let plan = &dry["plan"];
+            let plan = &dry.plan;
             let warning = restore_warning(plan, &info);
-            let unknown = plan["unknown"].as_array().map_or(0, Vec::len);
-            let unchecked = plan["peer_checked"] == false;
+            let unknown = plan.unknown.len();
+            let unchecked = plan.peer_checked == Some(false);
             if !g.json && !warning.is_empty() {
                 writeln!(out, "{warning}").map_err(|e| Failure::new(EX_SOFTWARE, e, ""))?;
             }
             if unknown > 0 && !force {
                 if g.json {
-                    let _ = writeln!(out, "{}", serde_json::to_string_pretty(&dry).unwrap_or_default());
+                    let _ = writeln!(out, "{}", pretty(&dry));
                 }
                 return Err(Failure::new(
                     EX_USAGE,
@@ -205,13 +199,13 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
                     "check the change records and audit log that none of them was destroyed after the backup was taken; then repeat with --force",
                 ));
             }
-            let body = secret_body(&RestoreBody {
+            let body = secret_body(&RestoreRequest {
                 password: password.expose_secret(),
-                backup: &backup,
+                backup,
                 dry_run: false,
                 force,
             });
-            let v = json(
+            let v: Restored = json(
                 &conn
                     .write("restore", "/v1/admin/restore", body, g.idempotency_key.as_deref())
                     .await?,
@@ -219,9 +213,9 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
             emit(g, out, &v, || {
                 format!(
                     "restored: {}, {} advanced, {} unchanged",
-                    count(v["added"].as_u64().unwrap_or(0), "key added", "keys added"),
-                    v["advanced"],
-                    v["unchanged"]
+                    count(v.added as u64, "key added", "keys added"),
+                    v.advanced,
+                    v.unchanged
                 )
             })
         }
@@ -251,33 +245,14 @@ async fn run_online(g: &Global, command: Command, out: &mut dyn Write) -> Result
     }
 }
 
-#[derive(serde::Serialize)]
-struct BackupBody<'a> {
-    password: &'a str,
-    hint: &'a str,
-}
-
-#[derive(serde::Serialize)]
-struct RestoreBody<'a> {
-    password: &'a str,
-    backup: &'a str,
-    dry_run: bool,
-    force: bool,
-}
-
 /// What an operator must read before a restore: the backup's age, the keys in it that the
 /// pair destroyed since (they stay destroyed), the keys the pair does not know, and
 /// whether the node could ask its peer. Empty when the backup holds nothing surprising.
-fn restore_warning(plan: &serde_json::Value, info: &keystore::BackupInfo) -> String {
-    let ids = |field: &str| -> Vec<String> {
-        plan[field]
-            .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
-            .unwrap_or_default()
-    };
-    let (destroyed, unknown) = (ids("destroyed"), ids("unknown"));
+fn restore_warning(plan: &RestorePlanView, info: &keystore::BackupInfo) -> String {
+    let (destroyed, unknown) = (&plan.destroyed, &plan.unknown);
+    let unchecked = plan.peer_checked == Some(false);
     let mut lines = Vec::new();
-    if !destroyed.is_empty() || !unknown.is_empty() || plan["peer_checked"] == false {
+    if !destroyed.is_empty() || !unknown.is_empty() || unchecked {
         let created = info.created_at.format(&Rfc3339).unwrap_or_default();
         lines.push(format!(
             "backup from node {}, written {}, {} ago",
@@ -286,7 +261,7 @@ fn restore_warning(plan: &serde_json::Value, info: &keystore::BackupInfo) -> Str
             age(&created)
         ));
     }
-    if plan["peer_checked"] == false {
+    if unchecked {
         lines.push(
             "warning: the node cannot reach its peer: it knows only its own keys, not what the pair destroyed"
                 .to_owned(),
@@ -333,14 +308,25 @@ fn secret_body<T: serde::Serialize>(value: &T) -> Bytes {
     Bytes::from_owner(buf)
 }
 
-fn json(body: &[u8]) -> Result<serde_json::Value, Failure> {
+/// A server's answer through its wire type (`sso_proto::wire`).
+fn json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Failure> {
     serde_json::from_slice(body).map_err(|e| {
         Failure::new(
             EX_SOFTWARE,
-            format!("unexpected answer from the server: {e}"),
+            format!(
+                "unexpected answer from the server: {}",
+                sso_proto::json::describe_error(&e)
+            ),
             "are client and server the same release?",
         )
     })
+}
+
+/// `--json` output: an answer's fields in sorted order (as the server's own bodies), pretty.
+fn pretty<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    serde_json::to_value(value)
+        .and_then(|v| serde_json::to_string_pretty(&v))
+        .unwrap_or_default()
 }
 
 /// "1 key added", "2 keys added".
@@ -351,14 +337,10 @@ fn count(n: u64, one: &str, many: &str) -> String {
 fn emit(
     g: &Global,
     out: &mut dyn Write,
-    value: &serde_json::Value,
+    value: &(impl serde::Serialize + ?Sized),
     human: impl FnOnce() -> String,
 ) -> Result<(), Failure> {
-    let text = if g.json {
-        serde_json::to_string_pretty(value).unwrap_or_default()
-    } else {
-        human()
-    };
+    let text = if g.json { pretty(value) } else { human() };
     writeln!(out, "{text}").map_err(|e| Failure::new(EX_SOFTWARE, e, ""))
 }
 
@@ -385,23 +367,19 @@ fn age(rfc: &str) -> String {
     }
 }
 
-fn keys_table(keys: &serde_json::Value) -> String {
+fn keys_table(keys: &[KeyView]) -> String {
     let rows: Vec<[String; 5]> = keys
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|k| {
-                    [
-                        k["key_id"].as_str().unwrap_or("").to_owned(),
-                        k["generation"].to_string(),
-                        k["state"].as_str().unwrap_or("").to_owned(),
-                        age(k["created_at"].as_str().unwrap_or("")),
-                        k["origin"].as_str().unwrap_or("").to_owned(),
-                    ]
-                })
-                .collect()
+        .iter()
+        .map(|k| {
+            [
+                k.key_id.to_string(),
+                k.generation.to_string(),
+                k.state.to_string(),
+                age(&k.created_at),
+                k.origin.clone(),
+            ]
         })
-        .unwrap_or_default();
+        .collect();
     let header = ["KEY ID", "GEN", "STATE", "AGE", "ORIGIN"];
     let mut widths = header.map(str::len);
     for r in &rows {
@@ -424,36 +402,37 @@ fn keys_table(keys: &serde_json::Value) -> String {
     out.join("\n")
 }
 
-fn status_text(v: &serde_json::Value) -> String {
+fn status_text(v: &StatusAnswer) -> String {
     let mut s = format!(
         "node      {}\nepoch     {}\nprimary   {}\n",
-        v["node"].as_str().unwrap_or("?"),
-        v["epoch"],
-        v["primary"].as_str().unwrap_or("(none)")
+        v.node,
+        v.epoch,
+        v.primary.map_or_else(|| "(none)".to_owned(), |p| p.to_string())
     );
-    match v["peer"].as_object() {
+    match &v.peer {
         None => s.push_str("peer      none (standalone)\n"),
         Some(p) => s.push_str(&format!(
             "peer      {} {} ({}), lag {}, last contact {}\n",
-            p.get("node").and_then(|n| n.as_str()).unwrap_or("?"),
-            p.get("state").and_then(|n| n.as_str()).unwrap_or("?"),
-            p.get("url").and_then(|n| n.as_str()).unwrap_or("?"),
-            crate::answers::lag_text(p.get("lag_epochs")),
-            p.get("last_contact")
-                .and_then(|t| t.as_str())
+            p.node.as_deref().unwrap_or("?"),
+            p.state,
+            p.url,
+            crate::answers::lag_text(p.lag_epochs),
+            p.last_contact
+                .as_deref()
                 .map_or("never".into(), |t| format!("{} ago", age(t))),
         )),
     }
-    let uncovered = v["backup"]["not_backed_up"].as_array().map_or(0, Vec::len);
-    let scope = match v["backup"]["coverage"].as_str() {
-        Some("pair") => " (backups through either node)",
-        Some("node_only_peer_unreachable") => " (this node's backups only: the peer did not answer)",
+    let uncovered = v.backup.not_backed_up.len();
+    let scope = match v.backup.coverage.as_str() {
+        "pair" => " (backups through either node)",
+        "node_only_peer_unreachable" => " (this node's backups only: the peer did not answer)",
         _ => "",
     };
     s.push_str(&format!(
         "backup    last {}; {}{scope}\n",
-        v["backup"]["last_backup_at"]
-            .as_str()
+        v.backup
+            .last_backup_at
+            .as_deref()
             .map_or("never".into(), |t| format!("{} ago", age(t))),
         if uncovered == 0 {
             "every key is covered".to_owned()
@@ -464,12 +443,8 @@ fn status_text(v: &serde_json::Value) -> String {
             )
         }
     ));
-    s.push_str(&format!(
-        "audit     {} entries, head {}\n\n",
-        v["audit"]["seq"],
-        v["audit"]["head"].as_str().unwrap_or("?")
-    ));
-    s.push_str(&keys_table(&v["keys"]));
+    s.push_str(&format!("audit     {} entries, head {}\n\n", v.audit.seq, v.audit.head));
+    s.push_str(&keys_table(&v.keys));
     s
 }
 
@@ -783,32 +758,35 @@ fn audit_verify(g: &Global, v: &AuditVerify, out: &mut dyn Write) -> Result<(), 
             Some(a) => format!("/v1/admin/audit/verify?head={}&count={}", a.head, a.count),
             None => "/v1/admin/audit/verify".to_owned(),
         };
-        let answer = runtime()?.block_on(async {
+        let answer: AuditVerifyAnswer = runtime()?.block_on(async {
             let conn = Online::connect(g)?;
             json(&conn.call(Method::GET, &path, Bytes::new()).await?)
         })?;
-        if answer["intact"] != true {
-            let problem = format!(
-                "{} line {}: {}",
-                answer["file"].as_str().unwrap_or("?"),
-                answer["line"],
-                answer["problem"].as_str().unwrap_or("?")
-            );
-            return Err(verify_failure(problem, answer["truncated"] == true, g, out, &answer));
-        }
-        let gaps: Vec<(u64, u64)> = answer["gaps"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|x| (x["seq"].as_u64().unwrap_or(0), x["lost"].as_u64().unwrap_or(0)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let (entries, first_seq, head, gaps) = match &answer {
+            AuditVerifyAnswer::Broken {
+                file,
+                line,
+                problem,
+                truncated,
+                ..
+            } => {
+                let problem = format!("{file} line {line}: {problem}");
+                return Err(verify_failure(problem, *truncated, g, out, &answer));
+            }
+            AuditVerifyAnswer::Intact {
+                entries,
+                first_seq,
+                head,
+                gaps,
+                ..
+            } => (*entries, *first_seq, head, gaps),
+        };
+        let gaps: Vec<(u64, u64)> = gaps.iter().map(|x| (x.seq, x.lost)).collect();
         return emit(g, out, &answer, || {
             intact_text(
-                answer["entries"].as_u64().unwrap_or(0),
-                answer["first_seq"].as_u64().unwrap_or(0),
-                answer["head"].as_str().unwrap_or("?"),
+                entries,
+                first_seq,
+                head,
                 &gaps,
                 "checked by the server against its live head",
             )
@@ -837,13 +815,13 @@ fn audit_verify(g: &Global, v: &AuditVerify, out: &mut dyn Write) -> Result<(), 
     let (anchor, source) = match given {
         Some(a) => (Some(a), "the --head/--count given"),
         None if online => {
-            let status = runtime()?.block_on(async {
+            let status: StatusAnswer = runtime()?.block_on(async {
                 let conn = Online::connect(g)?;
                 json(&conn.call(Method::GET, "/v1/admin/status", Bytes::new()).await?)
             })?;
             let a = keystore::AuditAnchor {
-                count: status["audit"]["seq"].as_u64().unwrap_or(0),
-                head: status["audit"]["head"].as_str().unwrap_or_default().to_owned(),
+                count: status.audit.seq,
+                head: status.audit.head,
             };
             (Some(a), "the head the server reports")
         }
@@ -858,11 +836,23 @@ fn audit_verify(g: &Global, v: &AuditVerify, out: &mut dyn Write) -> Result<(), 
     match keystore::audit::verify(&v.files, &key, start, anchor.as_ref()) {
         Ok(r) => {
             let gaps: Vec<(u64, u64)> = r.gaps.iter().map(|x| (x.seq, x.lost)).collect();
-            let value = serde_json::json!({
-                "intact": true, "entries": r.entries, "first_seq": r.first_seq, "last_seq": r.last_seq,
-                "head": r.head, "anchored": r.anchored,
-                "gaps": r.gaps.iter().map(|x| serde_json::json!({"seq": x.seq, "lost": x.lost, "detail": x.detail})).collect::<Vec<_>>(),
-            });
+            let value = AuditVerifyAnswer::Intact {
+                anchored: Some(r.anchored),
+                entries: r.entries,
+                first_seq: r.first_seq,
+                gaps: r
+                    .gaps
+                    .iter()
+                    .map(|x| GapView {
+                        detail: x.detail.clone(),
+                        lost: x.lost,
+                        seq: x.seq,
+                    })
+                    .collect(),
+                head: r.head.clone(),
+                intact: true,
+                last_seq: r.last_seq,
+            };
             let against = if anchor.is_some() {
                 format!("reaches {source}")
             } else {
@@ -876,7 +866,13 @@ fn audit_verify(g: &Global, v: &AuditVerify, out: &mut dyn Write) -> Result<(), 
             Err(Failure::new(EX_NOINPUT, e, "check the path"))
         }
         Err(e) => {
-            let value = serde_json::json!({"intact": false, "file": e.file, "line": e.line, "problem": e.problem, "truncated": e.truncated});
+            let value = AuditVerifyAnswer::Broken {
+                file: e.file.display().to_string(),
+                intact: false,
+                line: e.line,
+                problem: e.problem.clone(),
+                truncated: e.truncated,
+            };
             Err(verify_failure(e.to_string(), e.truncated, g, out, &value))
         }
     }
@@ -900,10 +896,11 @@ fn verify_failure(
     truncated: bool,
     g: &Global,
     out: &mut dyn Write,
-    value: &serde_json::Value,
+    value: &AuditVerifyAnswer,
 ) -> Failure {
     if g.json {
-        let _ = writeln!(out, "{value}");
+        // One line, sorted keys, as before.
+        let _ = writeln!(out, "{}", serde_json::to_value(value).unwrap_or_default());
     }
     Failure::new(
         EX_DATAERR,

@@ -208,7 +208,10 @@ async fn run_checks(g: &Global, config: Option<&Path>) -> Vec<Check> {
         cert_files.push(("client certificate".into(), cert.clone()));
     }
     if let Some(c) = &server_config {
-        private.push(("store".into(), c.store.path.clone()));
+        // A PostgreSQL store is a URL, not a file of this host.
+        if c.store.database_url().is_none() {
+            private.push(("store".into(), c.store.path.clone()));
+        }
         match &c.store.unseal {
             sso_config::UnsealSource::KeyFile(p) => private.push(("unseal key file".into(), p.clone())),
             sso_config::UnsealSource::PassphraseFile(p) => private.push(("passphrase file".into(), p.clone())),
@@ -317,7 +320,7 @@ async fn run_checks(g: &Global, config: Option<&Path>) -> Vec<Check> {
     if let Some(c) = clock_skew(&nodes) {
         checks.push(c);
     }
-    if let Some(c) = &server_config {
+    if let Some(c) = server_config.as_ref().filter(|c| c.store.database_url().is_none()) {
         checks.push(disk_space(&c.store.path));
     }
     checks
@@ -547,8 +550,8 @@ async fn ask_all(conn: &Online, nodes: &mut Vec<NodeStatus>, checks: &mut Vec<Ch
                 continue;
             }
             Ok(r) if r.status != 200 => {
-                let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
-                let message = v["message"].as_str().unwrap_or("").to_owned();
+                let refusal: sso_proto::wire::ErrorBody = serde_json::from_slice(&r.body).unwrap_or_default();
+                let message = refusal.message;
                 let remedy = if r.status == 403 {
                     "use a certificate that holds the admin role (roles.admin in the server config)"
                 } else {
@@ -677,7 +680,7 @@ fn peer(n: &NodeStatus) -> Check {
                 "{name} sees peer {} up ({}), lag {}",
                 field("node"),
                 field("url"),
-                crate::answers::lag_text(p.get("lag_epochs"))
+                crate::answers::lag_text(p.get("lag_epochs").and_then(serde_json::Value::as_u64))
             ),
             "",
         );

@@ -5,6 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use sso_proto::wire::ErrorBody;
+use sso_proto::wire::answers::StatusAnswer;
+use sso_proto::{KeyId, KeyState};
 use sso_transport::Transport;
 use zeroize::Zeroizing;
 
@@ -242,10 +245,10 @@ impl Online {
                 .get_on(other, "/v1/admin/status", Duration::from_secs(5))
                 .await
             {
-                Ok(r) if r.status == 200 => {
-                    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
-                    describe_keys(&v)
-                }
+                Ok(r) if r.status == 200 => match serde_json::from_slice::<StatusAnswer>(&r.body) {
+                    Ok(v) => describe_keys(&v),
+                    Err(_) => "an answer that is not a status".to_owned(),
+                },
                 Ok(r) => format!("answered status {} to a status request", r.status),
                 Err(e) => format!("did not answer a status request either ({e})"),
             };
@@ -324,27 +327,22 @@ fn new_idempotency_key() -> Result<String, Failure> {
 }
 
 /// "primary K (generation G)", plus staged keys, from an admin status.
-fn describe_keys(v: &serde_json::Value) -> String {
-    let keys = v["keys"].as_array().cloned().unwrap_or_default();
-    let generation_of = |id: &str| {
-        keys.iter()
-            .find(|k| k["key_id"].as_str() == Some(id))
-            .map_or_else(|| "?".to_owned(), |k| k["generation"].to_string())
+fn describe_keys(v: &StatusAnswer) -> String {
+    let generation_of = |id: KeyId| {
+        v.keys
+            .iter()
+            .find(|k| k.key_id == id)
+            .map_or_else(|| "?".to_owned(), |k| k.generation.to_string())
     };
-    let mut text = match v["primary"].as_str() {
+    let mut text = match v.primary {
         Some(p) => format!("primary {p} (generation {})", generation_of(p)),
         None => "no primary".to_owned(),
     };
-    let staged: Vec<String> = keys
+    let staged: Vec<String> = v
+        .keys
         .iter()
-        .filter(|k| k["state"].as_str() == Some("staged"))
-        .map(|k| {
-            format!(
-                "{} (generation {})",
-                k["key_id"].as_str().unwrap_or("?"),
-                k["generation"]
-            )
-        })
+        .filter(|k| k.state == KeyState::Staged)
+        .map(|k| format!("{} (generation {})", k.key_id, k.generation))
         .collect();
     if !staged.is_empty() {
         text.push_str(&format!(", staged {}", staged.join(", ")));
@@ -357,11 +355,12 @@ fn answer(status: u16, body: Zeroizing<Vec<u8>>) -> Result<Zeroizing<Vec<u8>>, F
     if (200..300).contains(&status) {
         return Ok(body);
     }
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    let code = v["error"].as_str().unwrap_or("");
-    let message = v["message"]
-        .as_str()
-        .map_or_else(|| format!("the server answered {status}"), str::to_owned);
+    let refusal: Option<ErrorBody> = serde_json::from_slice(&body).ok();
+    let code = refusal.as_ref().map_or("", |e| e.error.as_str());
+    let message = refusal
+        .as_ref()
+        .filter(|e| !e.message.is_empty())
+        .map_or_else(|| format!("the server answered {status}"), |e| e.message.clone());
     Err(match (status, code) {
         (403, "wrong_password") => Failure::new(
             EX_NOPERM,

@@ -97,3 +97,24 @@ fn init_with_a_postgresql_url_creates_the_schema_the_first_key_and_the_first_bac
     assert_eq!(code, 64, "{stderr}");
     assert!(stderr.contains("hint:"), "{stderr}");
 }
+
+#[test]
+fn doctor_does_not_check_a_postgresql_store_as_a_local_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = tests::Pki::new(&d.join("pki"));
+    let setup = tests::ServerSetup::standard(&d.join("node"), &pki, "node-1");
+    let key_file = d.join("unseal.key");
+    UnsealKey::generate_key_file(&key_file).unwrap();
+    let url = "postgresql://sso@127.0.0.1:9/sso";
+    setup.use_store(std::path::Path::new(url), &key_file);
+    let (_, stdout, stderr) = ssoctl(&["doctor", "--config", &setup.config.display().to_string()]);
+    let text = format!("{stdout}{stderr}");
+    assert!(text.contains("loads and validates"), "{text}");
+    for line in text.lines().filter(|l| l.contains("postgresql://")) {
+        assert!(
+            !line.starts_with("fail") && !line.starts_with("warn"),
+            "doctor checked the database URL as a file: {line}"
+        );
+    }
+}

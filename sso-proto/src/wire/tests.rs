@@ -310,3 +310,207 @@ fn small_peer_answers_round_trip() {
     assert_eq!(parse_coverage(&serde_json::to_vec(&coverage).unwrap()), Some(coverage));
     assert_eq!(parse_coverage(b"[]"), None);
 }
+
+/// Each answer type serialises to what the server's `json!` bodies held before the types
+/// existed (the same keys, values and sorted order: the literals below are the old
+/// server's `json!` calls with fixed values), and reads back.
+#[test]
+fn the_answer_types_write_what_the_old_json_bodies_held() {
+    use answers::*;
+    use serde_json::json;
+    fn same<T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+        typed: &T,
+        old: serde_json::Value,
+    ) {
+        let value = serde_json::to_value(typed).unwrap();
+        assert_eq!(value.to_string(), old.to_string());
+        assert_eq!(&serde_json::from_value::<T>(value).unwrap(), typed);
+    }
+    let recs = fixture_records();
+    let (id, meta) = (recs[1].meta.key_id, &recs[1].meta);
+    let old_meta = json!({
+        "key_id": meta.key_id, "generation": meta.generation, "state": meta.state,
+        "created_at": rfc3339(meta.created_at), "origin": meta.origin,
+    });
+    same(&KeyView::from(meta), old_meta.clone());
+    let mut changed = old_meta.clone();
+    changed["replication"] = "pending".into();
+    same(
+        &KeyChanged {
+            key: meta.into(),
+            replication: "pending".into(),
+        },
+        changed,
+    );
+    same(
+        &RotateAnswer {
+            generation: 4,
+            key_id: id,
+            orphans_retired: 1,
+            replication: "degraded".into(),
+        },
+        json!({"key_id": id, "generation": 4, "replication": "degraded", "orphans_retired": 1}),
+    );
+    let peer = PeerView {
+        integrity_alarm: None,
+        lag_epochs: Some(2),
+        last_contact: Some("t".into()),
+        last_error: Some("e".into()),
+        node: Some("b".into()),
+        peer_epoch: None,
+        state: "up".into(),
+        url: "https://b".into(),
+    };
+    same(
+        &StatusAnswer {
+            audit: AuditHeadView {
+                head: "h".into(),
+                seq: 9,
+            },
+            backup: BackupView {
+                coverage: "pair".into(),
+                last_backup_at: None,
+                not_backed_up: vec![id],
+            },
+            epoch: 3,
+            health: HealthView {
+                problems: vec!["store: x".into()],
+                status: "degraded".into(),
+            },
+            keys: vec![meta.into()],
+            node: "a".into(),
+            peer: Some(peer),
+            primary: Some(id),
+            time: "now".into(),
+        },
+        json!({
+            "node": "a", "epoch": 3, "primary": id,
+            "peer": {
+                "url": "https://b", "node": "b", "state": "up", "last_contact": "t", "peer_epoch": null,
+                "lag_epochs": 2, "last_error": "e", "integrity_alarm": null,
+            },
+            "keys": [old_meta],
+            "backup": {"last_backup_at": null, "not_backed_up": [id], "coverage": "pair"},
+            "time": "now",
+            "audit": {"seq": 9, "head": "h"},
+            "health": {"status": "degraded", "problems": ["store: x"]},
+        }),
+    );
+    same(
+        &HealthAnswer {
+            node: "a".into(),
+            peer: "none".into(),
+            problems: vec![],
+            sealed: false,
+            status: "ok".into(),
+        },
+        json!({"status": "ok", "node": "a", "sealed": false, "peer": "none"}),
+    );
+    let plan = RestorePlanView {
+        backup_created_at: "t".into(),
+        destroyed: vec![id],
+        known: 2,
+        peer_checked: Some(false),
+        unknown: vec![],
+    };
+    let old_plan =
+        json!({"backup_created_at": "t", "peer_checked": false, "destroyed": [id], "unknown": [], "known": 2});
+    same(
+        &RestoreDryRun {
+            dry_run: true,
+            plan: plan.clone(),
+        },
+        json!({"dry_run": true, "plan": old_plan.clone()}),
+    );
+    same(
+        &Restored {
+            added: 1,
+            advanced: 0,
+            epoch: 5,
+            plan,
+            unchanged: 3,
+        },
+        json!({"added": 1, "advanced": 0, "unchanged": 3, "epoch": 5, "plan": old_plan}),
+    );
+    same(
+        &AuditVerifyAnswer::Intact {
+            anchored: None,
+            entries: 3,
+            first_seq: 1,
+            gaps: vec![GapView {
+                detail: "d".into(),
+                lost: 2,
+                seq: 2,
+            }],
+            head: "h".into(),
+            intact: true,
+            last_seq: 3,
+        },
+        json!({"intact": true, "entries": 3, "first_seq": 1, "last_seq": 3, "head": "h",
+               "gaps": [{"seq": 2, "lost": 2, "detail": "d"}]}),
+    );
+    same(
+        &AuditVerifyAnswer::Broken {
+            file: "audit.log".into(),
+            intact: false,
+            line: 4,
+            problem: "p".into(),
+            truncated: true,
+        },
+        json!({"intact": false, "file": "audit.log", "line": 4, "problem": "p", "truncated": true}),
+    );
+    same(
+        &ErrorBody {
+            error: "busy".into(),
+            message: "m".into(),
+        },
+        json!({"error": "busy", "message": "m"}),
+    );
+    same(
+        &MergeAnswer {
+            added: 1,
+            advanced: 2,
+            digest: "d".into(),
+            epoch: 3,
+        },
+        json!({"epoch": 3, "digest": "d", "added": 1, "advanced": 2}),
+    );
+    same(
+        &PromoteAnswer {
+            kept: vec![id],
+            primary: None,
+        },
+        json!({"primary": null, "kept": [id]}),
+    );
+    same(&peer::LeaseAnswer { max_generation: 7 }, json!({"max_generation": 7}));
+    same(&peer::StageAnswer { staged: id }, json!({"staged": id}));
+}
+
+/// The admin request bodies: ssoctl writes them from a borrowed password, the server reads
+/// the password into a `SecretString`; unknown fields are refused.
+#[test]
+fn admin_requests_write_borrowed_and_read_secret() {
+    use answers::{BackupRequest, RestoreRequest};
+    use secrecy::ExposeSecret;
+    let body = serde_json::to_vec(&RestoreRequest {
+        password: "correct horse",
+        backup: "QUJD".into(),
+        dry_run: true,
+        force: false,
+    })
+    .unwrap();
+    let back: RestoreRequest = serde_json::from_slice(&body).unwrap();
+    assert_eq!(back.password.expose_secret(), "correct horse");
+    assert!((back.dry_run, back.force) == (true, false));
+    let body = serde_json::to_vec(&BackupRequest {
+        password: "correct horse",
+        hint: "h".into(),
+    })
+    .unwrap();
+    let back: BackupRequest = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (back.password.expose_secret(), back.hint.as_str()),
+        ("correct horse", "h")
+    );
+    assert!(serde_json::from_slice::<BackupRequest>(br#"{"password":"x","other":1}"#).is_err());
+}
