@@ -12,9 +12,10 @@ use tests::{Pki, ServerSetup};
 use tokio::time::{Instant, advance};
 
 struct Fixture {
-    _dir: tempfile::TempDir,
-    pki: Pki,
+    /// First, so the server's task ends before its store's directory goes.
     server: InProcessServer,
+    pki: Pki,
+    _dir: tempfile::TempDir,
 }
 
 async fn start(edit: impl FnOnce(&mut sso_server::Config) + 'static) -> Fixture {

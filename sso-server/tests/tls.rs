@@ -369,12 +369,14 @@ fn agent_status(socket: &Path) -> serde_json::Value {
 
 /// Starts a server whose `[tls]` section lists `crl`, with a valid client and an admin.
 struct CrlFixture {
-    _dir: tempfile::TempDir,
+    /// First, so the server stops (and its logs are checked for key material) before
+    /// the directory goes.
+    server: TestServer,
     root: PathBuf,
     pki: Pki,
     crl: PathBuf,
     setup: ServerSetup,
-    server: TestServer,
+    _dir: tempfile::TempDir,
 }
 
 fn crl_fixture() -> CrlFixture {

@@ -8,11 +8,13 @@ use sso_client::{Client, Error, Freshness};
 use tests::{Pki, ServerSetup, TestServer, bin};
 
 struct Env {
-    _dir: tempfile::TempDir,
+    /// First, so the server stops (and its logs are checked for key material) before
+    /// the directory goes.
+    server: TestServer,
     pki: Pki,
     setup: ServerSetup,
-    server: TestServer,
     port: u16,
+    _dir: tempfile::TempDir,
 }
 
 fn env() -> Env {
