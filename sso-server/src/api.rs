@@ -534,7 +534,18 @@ async fn run_admin_write(
                 return Err(ApiError::bad_request("force_retire_primary applies to retire only"));
             }
             if !destroy {
-                ask_the_peer_before_retiring_a_staged_key(state, id).await?;
+                crate::replication::ask_the_peer_before_retiring(state, id)
+                    .await
+                    .map_err(|e| match e {
+                        crate::replication::RetireCheck::Store(e) => ApiError::from(e),
+                        crate::replication::RetireCheck::PeerUnreachable(e) => ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "peer_unavailable",
+                            format!(
+                                "key {id} is staged here and the peer could not be asked whether it promoted it ({e}); a degraded rotation there may have made it the peer's primary; nothing was changed; retry when the peer answers"
+                            ),
+                        ),
+                    })?;
             }
             let (meta, primary) = with_store(state, move |store| {
                 let meta = if destroy {
@@ -547,7 +558,7 @@ async fn run_admin_write(
                 Ok((meta, store.primary()?.map(|p| p.key_id)))
             })
             .await?;
-            let replication = replicate_key(state, id).await;
+            let replication = crate::replication::push_key(state, id).await.as_str();
             let answer = sso_proto::wire::answers::KeyChanged {
                 key: (&meta).into(),
                 replication: replication.into(),
@@ -563,30 +574,6 @@ async fn run_admin_write(
             };
             Ok(audited(json_answer(StatusCode::OK, &answer), Some(detail)))
         }
-    }
-}
-
-/// A key staged here may be the peer's primary: a degraded rotation there whose stage
-/// arrived and whose promote did not, with clients sealing under it. Retiring it here would
-/// reach the peer by replication and strand them (docs/pair.md, invariant O). So before an
-/// operator's retire of a staged key, one anti-entropy round brings the peer's state of it
-/// (a promotion moves it forward here, and the retire then applies to what it really is);
-/// a peer out of reach refuses the retire with nothing changed.
-async fn ask_the_peer_before_retiring_a_staged_key(state: &Arc<AppState>, id: KeyId) -> Result<(), ApiError> {
-    let Some(peer) = &state.peer else { return Ok(()) };
-    let staged = with_store(state, move |store| Ok(store.key_meta(id)?.state == KeyState::Staged)).await?;
-    if !staged {
-        return Ok(());
-    }
-    match crate::replication::sync_now(state, peer).await {
-        Ok(()) | Err(crate::replication::SyncError::Alarm(_)) => Ok(()),
-        Err(crate::replication::SyncError::Other(e)) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "peer_unavailable",
-            format!(
-                "key {id} is staged here and the peer could not be asked whether it promoted it ({e}); a degraded rotation there may have made it the peer's primary; nothing was changed; retry when the peer answers"
-            ),
-        )),
     }
 }
 
@@ -848,6 +835,15 @@ impl Parked {
 }
 
 /// Runs `f` on the store on a blocking thread, then republishes the snapshot.
+///
+/// Not unified with `LocalNode::with_store` (state.rs), on purpose: this one republishes
+/// after every successful call, whether or not the epoch moved, because a backup's
+/// `confirm_backup` changes what the snapshot's refresh publishes (the last-backup time
+/// in the metrics) without moving the epoch; it counts integrity errors as alarms; and a
+/// panicked task is a plain 500 `internal`. The domain modules' one (rotation,
+/// replication) republishes only when the epoch moved: they run on every anti-entropy
+/// round, twice a second, and must not rebuild the snapshot for nothing. Making them one
+/// would change either the backup metric or the cost of every round.
 async fn with_store<T: Send + 'static>(
     state: &Arc<AppState>,
     f: impl FnOnce(&mut dyn keystore::Store) -> keystore::Result<T> + Send + 'static,
@@ -952,32 +948,6 @@ fn rotated(done: &crate::rotation::Rotated) -> Answer {
             promoted.key_id, promoted.generation
         )),
     )
-}
-
-/// Pushes one key's current record to the peer; `standalone`, `replicated`, or `pending`
-/// (the peer is unreachable; anti-entropy will carry the change).
-async fn replicate_key(state: &Arc<AppState>, id: KeyId) -> &'static str {
-    let Some(peer) = state.peer.clone() else {
-        return "standalone";
-    };
-    let st = state.clone();
-    let record = tokio::task::spawn_blocking(move || {
-        let store = st.store.lock().unwrap_or_else(|p| p.into_inner());
-        store.export().map(|all| all.into_iter().find(|r| r.meta.key_id == id))
-    })
-    .await;
-    let Ok(Ok(Some(record))) = record else { return "pending" };
-    match peer.push(&state.node, state.snapshot.load().epoch, &[record]).await {
-        Ok(_) => "replicated",
-        Err(e) => {
-            state
-                .metrics
-                .replication_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(error = %e, "state change not replicated yet; anti-entropy will retry");
-            "pending"
-        }
-    }
 }
 
 async fn peer_keys(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer, ApiError> {

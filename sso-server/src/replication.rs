@@ -6,6 +6,10 @@
 //! local node and a [`KeySource`], so the simulation in `sso-server/tests/sim.rs` runs it
 //! too.
 //!
+//! Also the pushes of one key's change after an operator's retire or destroy
+//! ([`push_key`]) and the check that a staged key is not the peer's primary before it is
+//! retired ([`ask_the_peer_before_retiring`]): domain results that `api` maps to HTTP.
+//!
 //! Imports `state`, `peer`, `rotation` and `audit`; nothing imports it but `api` and
 //! `server`.
 
@@ -37,6 +41,86 @@ pub fn keys_answer(
         &digest,
         &records,
     )))
+}
+
+/// Where one key's change stands after [`push_key`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// No peer is configured.
+    Standalone,
+    /// The peer merged it durably.
+    Replicated,
+    /// The peer did not take it now; anti-entropy will carry it.
+    Pending,
+}
+
+impl Pushed {
+    /// The answer's `replication` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Standalone => "standalone",
+            Self::Replicated => "replicated",
+            Self::Pending => "pending",
+        }
+    }
+}
+
+/// Pushes one key's current record to the peer (after an operator's retire or destroy),
+/// so the change reaches it now rather than at the next anti-entropy round.
+pub async fn push_key(state: &Arc<AppState>, id: sso_proto::KeyId) -> Pushed {
+    let Some(peer) = state.peer.clone() else {
+        return Pushed::Standalone;
+    };
+    let st = state.clone();
+    let record = tokio::task::spawn_blocking(move || {
+        let store = st.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.export().map(|all| all.into_iter().find(|r| r.meta.key_id == id))
+    })
+    .await;
+    let Ok(Ok(Some(record))) = record else {
+        return Pushed::Pending;
+    };
+    match peer.push(&state.node, state.snapshot.load().epoch, &[record]).await {
+        Ok(_) => Pushed::Replicated,
+        Err(e) => {
+            state
+                .metrics
+                .replication_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(error = %e, "state change not replicated yet; anti-entropy will retry");
+            Pushed::Pending
+        }
+    }
+}
+
+/// Why an operator's retire of a staged key was refused before anything changed.
+#[derive(Debug)]
+pub enum RetireCheck {
+    /// The store could not say what the key is.
+    Store(keystore::Error),
+    /// The key is staged here and the peer could not be asked about it.
+    PeerUnreachable(String),
+}
+
+/// A key staged here may be the peer's primary: a degraded rotation there whose stage
+/// arrived and whose promote did not, with clients sealing under it. Retiring it here would
+/// reach the peer by replication and strand them (docs/pair.md, invariant O). So before an
+/// operator's retire of a staged key, one anti-entropy round brings the peer's state of it
+/// (a promotion moves it forward here, and the retire then applies to what it really is);
+/// a peer out of reach refuses the retire with nothing changed.
+pub async fn ask_the_peer_before_retiring(state: &Arc<AppState>, id: sso_proto::KeyId) -> Result<(), RetireCheck> {
+    let Some(peer) = &state.peer else { return Ok(()) };
+    let staged = state
+        .with_store(move |store| Ok(store.key_meta(id)?.state == sso_proto::KeyState::Staged))
+        .await
+        .map_err(RetireCheck::Store)?;
+    if !staged {
+        return Ok(());
+    }
+    match sync_now(state, peer).await {
+        Ok(()) | Err(SyncError::Alarm(_)) => Ok(()),
+        Err(SyncError::Other(e)) => Err(RetireCheck::PeerUnreachable(e)),
+    }
 }
 
 /// Anti-entropy: pull the peer's key set every interval and merge it. Both nodes run

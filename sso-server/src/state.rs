@@ -98,6 +98,8 @@ impl crate::rotation::LocalNode for Arc<AppState> {
         &self.rotations
     }
 
+    /// Republishes the snapshot only when the epoch moved (anti-entropy calls this twice a
+    /// second); `api::with_store` says why the admin handlers' helper differs.
     async fn with_store<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn Store) -> keystore::Result<T> + Send + 'static,
