@@ -49,4 +49,4 @@ pub mod state;
 pub mod tls;
 
 pub use config::Config;
-pub use server::{ServerError, run};
+pub use server::{ServerError, run, run_with_feed};

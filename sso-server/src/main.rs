@@ -70,7 +70,8 @@ fn main() -> ExitCode {
         if let Err(e) = store.verify() {
             return fail(EX_DATAERR, &e, "");
         }
-        return serve(&args, config, store);
+        let url = url.to_owned();
+        return serve(&args, config, store, Some(url));
     }
     let store = match SealedStore::open(&config.store.path, &key) {
         Ok(s) => s,
@@ -100,11 +101,12 @@ fn main() -> ExitCode {
             ),
         );
     }
-    serve(&args, config, store)
+    serve(&args, config, store, None)
 }
 
-/// Binds, announces readiness and serves `store` until a signal.
-fn serve(args: &Args, config: Config, store: impl Store + 'static) -> ExitCode {
+/// Binds, announces readiness and serves `store` until a signal; with `feed_url` (a store
+/// shared by a cluster), follows the database's change feed.
+fn serve(args: &Args, config: Config, store: impl Store + 'static, feed_url: Option<String>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(EX_UNAVAILABLE, &e, ""),
@@ -148,8 +150,17 @@ fn serve(args: &Args, config: Config, store: impl Store + 'static) -> ExitCode {
         }
         let _ = out.flush();
         drop(out);
+        // The feed connects by itself (and keeps trying while the database is down).
+        let feed = match feed_url
+            .as_deref()
+            .map(keystore::postgres::ChangeFeed::start)
+            .transpose()
+        {
+            Ok(f) => f,
+            Err(e) => return fail(EX_DATAERR, &e, ""),
+        };
         sso_daemon::process::notify_ready();
-        match sso_server::run(config, store, https, metrics, shutdown).await {
+        match sso_server::run_with_feed(config, store, feed, https, metrics, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EX_UNAVAILABLE, &e, ""),
         }

@@ -14,6 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use keystore::Store;
+use keystore::postgres::ChangeFeed;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -51,6 +52,20 @@ pub enum ServerError {
 pub async fn run(
     config: Config,
     store: impl Store + 'static,
+    https: TcpListener,
+    metrics_listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    run_with_feed(config, store, None, https, metrics_listener, shutdown).await
+}
+
+/// [`run`] for a node of a cluster (a store shared with other nodes): `feed` tells it when
+/// another node changed the store, and it rebuilds its snapshot and wakes its watchers
+/// ([`follow_changes`]; issue 14).
+pub async fn run_with_feed(
+    config: Config,
+    store: impl Store + 'static,
+    feed: Option<ChangeFeed>,
     https: TcpListener,
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
@@ -142,6 +157,7 @@ pub async fn run(
     let metrics_task = tokio::spawn(serve_metrics(metrics_listener, metrics.clone()));
     let sync_task = tokio::spawn(crate::replication::sync_loop(state.clone()));
     let store_check_task = tokio::spawn(store_write_check_loop(Arc::downgrade(&state)));
+    let feed_task = feed.map(|feed| tokio::spawn(follow_changes(Arc::downgrade(&state), feed, EPOCH_CHECK)));
     // Registered here, not inside the task, so a SIGHUP right after start is not fatal.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     // Requests in flight at a graceful end get as long as a watch may wait, and a little.
@@ -240,7 +256,66 @@ pub async fn run(
     reload_task.abort();
     sync_task.abort();
     store_check_task.abort();
+    if let Some(task) = feed_task {
+        task.abort();
+    }
     Ok(())
+}
+
+/// How often a cluster node reads the store's epoch whatever its change feed says:
+/// notifications sent while the feed was reconnecting, or lost in a database restart,
+/// are caught by this.
+pub const EPOCH_CHECK: Duration = Duration::from_secs(2);
+
+/// Keeps a cluster node's snapshot current: on a feed state with an epoch above the
+/// snapshot's, on a resync (the feed reconnected and may have missed notifications), and
+/// every `every` in any case, re-reads the store's epoch on the blocking pool and, when it
+/// moved, rebuilds the snapshot through [`AppState::refresh`] (which wakes the watchers).
+/// While the store cannot be read the last snapshot stays served and health says the store
+/// is down (`store_write_check_loop` clears that once the store can be written again).
+async fn follow_changes(state: std::sync::Weak<AppState>, mut feed: ChangeFeed, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut resyncs = 0;
+    loop {
+        let due = tokio::select! {
+            s = feed.next() => match s {
+                None => return,
+                Some(s) => {
+                    let Some(st) = state.upgrade() else { return };
+                    let resynced = s.resyncs != resyncs;
+                    resyncs = s.resyncs;
+                    // A lost connection is worth a look at once: health then says the
+                    // store is down without waiting for a write to fail.
+                    resynced || !s.connected || s.epoch > st.snapshot.load().epoch
+                }
+            },
+            _ = tick.tick() => true,
+        };
+        if !due {
+            continue;
+        }
+        let Some(st) = state.upgrade() else { return };
+        let _ = tokio::task::spawn_blocking(move || refresh_if_moved(&st)).await;
+    }
+}
+
+/// Re-reads the store's epoch and rebuilds the snapshot if it differs from the served one.
+fn refresh_if_moved(state: &AppState) {
+    let store = state.store.lock().unwrap_or_else(|p| p.into_inner());
+    let read = store.epoch().and_then(|epoch| {
+        if epoch == state.snapshot.load().epoch {
+            Ok(())
+        } else {
+            state.refresh(&**store)
+        }
+    });
+    if let Err(e) = read {
+        if let Some(fault) = e.store_fault() {
+            state.metrics.health.store_failed(fault.to_string());
+        }
+        tracing::warn!(error = %e, "cannot re-read the shared store; serving the last snapshot");
+    }
 }
 
 /// Time an idle connection gets to finish its graceful close (HTTP/2 GOAWAY) before it
