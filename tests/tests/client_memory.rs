@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use sso_client::Client;
-use tests::{Pki, ServerSetup, TestAgent, TestServer, bin};
+use tests::TestAgent;
 use zeroize::Zeroizing;
 
 /// Needles are kept XOR-masked, so the scanning process never holds them in the clear
@@ -231,10 +231,9 @@ fn scanner_finds_a_planted_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_key_is_not_left_in_this_process_in_any_spelling() {
     scanner_finds_a_planted_key();
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
-    let server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("a.log"));
+    let tests::OneServer {
+        dir: _dir, pki, server, ..
+    } = tests::one_server();
     let cert = pki.client("client");
     let client = Client::builder()
         .endpoint(format!("https://localhost:{}", server.https.port()))
@@ -312,10 +311,7 @@ fn curl(socket: &Path, args: &[&str]) -> (u16, serde_json::Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_the_agent_dropped_is_not_left_in_its_memory_in_any_spelling() {
     scanner_finds_a_planted_key();
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
-    let server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("a.log"));
+    let tests::OneServer { dir, pki, server, .. } = tests::one_server();
     let cert = pki.client("client");
     let config = dir.path().join("agent.toml");
     std::fs::write(

@@ -218,10 +218,9 @@ async fn a_server_that_refuses_plain_answers_curl_clearly_and_clients_still_get_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_default_server_still_answers_curl_in_plain_and_counts_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&dir.path().join("pki"));
-    let setup = ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
-    let server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("a.log"));
+    let tests::OneServer {
+        dir: _dir, pki, server, ..
+    } = tests::one_server();
     let cert = pki.client("client");
     let curl = tests::Client::new(server.https, &pki.ca_file, Some(&cert));
     let reply = curl.get("/v1/keyring").await.unwrap();
