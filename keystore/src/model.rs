@@ -293,6 +293,26 @@ impl Default for KeySetDigest {
     }
 }
 
+/// What a merge changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MergeReport {
+    /// Keys that were not stored before.
+    pub added: usize,
+    /// Keys whose state moved forward.
+    pub advanced: usize,
+    /// Keys already stored in the same or a later state.
+    pub unchanged: usize,
+    /// The epoch after the merge.
+    pub epoch: u64,
+}
+
+impl MergeReport {
+    /// Whether the merge changed anything.
+    pub fn changed(&self) -> bool {
+        self.added + self.advanced > 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Lifecycle::{Destroyed, Promoted, Retired, Staged};

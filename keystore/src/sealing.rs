@@ -12,8 +12,8 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use crate::manifest::{MAX_KEYS, Manifest, ManifestEntry};
+use crate::model::MergeReport;
 use crate::model::{self, KeyFacts, KeyRecord, Lifecycle, MergeAction, Move};
-use crate::store::MergeReport;
 use crate::unseal::{KEK_LEN, KdfParams, UnsealKey};
 use crate::wrap::{self, Kek, RowIdentity};
 use crate::{Error, Result, validate};

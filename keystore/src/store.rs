@@ -31,8 +31,8 @@ use sso_proto::{KeyId, KeyMeta, KeyState};
 use time::OffsetDateTime;
 
 use crate::manifest::Manifest;
-pub use crate::model::KeyRecord;
 use crate::model::Lifecycle;
+pub use crate::model::{KeyRecord, MergeReport};
 use crate::sealing::{
     self, KEK_CHECK_AAD_V1, KdfHeader, NewKey, Row, RowWriter, SALT_LEN, derive_kek, derive_primary, kek_check_aad,
     parse_key_id, parse_store_id,
@@ -87,26 +87,6 @@ pub struct Keyring {
     pub primary: Option<KeyId>,
     /// Served keys, oldest generation first; each has `secret: Some`.
     pub keys: Vec<KeyRecord>,
-}
-
-/// What a merge changed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MergeReport {
-    /// Keys that were not stored before.
-    pub added: usize,
-    /// Keys whose state moved forward.
-    pub advanced: usize,
-    /// Keys already stored in the same or a later state.
-    pub unchanged: usize,
-    /// The epoch after the merge.
-    pub epoch: u64,
-}
-
-impl MergeReport {
-    /// Whether the merge changed anything.
-    pub fn changed(&self) -> bool {
-        self.added + self.advanced > 0
-    }
 }
 
 /// A summary for operators: no material.

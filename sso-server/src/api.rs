@@ -981,26 +981,12 @@ async fn peer_keys(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer,
 
 async fn peer_merge(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
     let incoming = sso_proto::wire::parse_records(body).map_err(ApiError::bad_request)?;
-    let from = incoming.node.clone();
-    let records = incoming.records;
-    let (report, digest) = with_store(state, move |store| {
-        let report = store.merge(&records)?;
-        Ok((report, store.digest()?))
-    })
-    .await?;
-    let answer = sso_proto::wire::MergeAnswer {
-        added: report.added,
-        advanced: report.advanced,
-        digest,
-        epoch: report.epoch,
-    };
-    Ok(audited(
-        json_answer(StatusCode::OK, &answer),
-        Some(format!(
-            "from {from}: added {}, advanced {}",
-            report.added, report.advanced
-        )),
-    ))
+    let merged = crate::replication::merge_pushed(state, incoming).await?;
+    let detail = format!(
+        "from {}: added {}, advanced {}",
+        merged.from, merged.answer.added, merged.answer.advanced
+    );
+    Ok(audited(json_answer(StatusCode::OK, &merged.answer), Some(detail)))
 }
 
 fn parse_token(text: &str) -> Result<u128, ApiError> {

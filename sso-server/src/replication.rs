@@ -6,7 +6,7 @@
 //! local node and a [`KeySource`], so the simulation in `sso-server/tests/sim.rs` runs it
 //! too.
 //!
-//! Also the pushes of one key's change after an operator's retire or destroy
+//! Also the merge of a key set the peer pushed ([`merge_pushed`]), the pushes of one key's change after an operator's retire or destroy
 //! ([`push_key`]) and the check that a staged key is not the peer's primary before it is
 //! retired ([`ask_the_peer_before_retiring`]): domain results that `api` maps to HTTP.
 //!
@@ -121,6 +121,46 @@ pub async fn ask_the_peer_before_retiring(state: &Arc<AppState>, id: sso_proto::
         Ok(()) | Err(SyncError::Alarm(_)) => Ok(()),
         Err(SyncError::Other(e)) => Err(RetireCheck::PeerUnreachable(e)),
     }
+}
+
+/// What a key set the peer pushed (`POST /v1/peer/merge`) did here.
+#[derive(Debug)]
+pub struct Merged {
+    /// The pushing node.
+    pub from: String,
+    /// The answer: what changed, and this node's epoch and digest afterwards.
+    pub answer: sso_proto::wire::MergeAnswer,
+}
+
+/// Merges a key set the peer pushed (union by key id, states forward only), durably,
+/// before the peer is answered. A key id that arrives with other material is an
+/// integrity alarm, counted here; nothing of that key is written.
+pub async fn merge_pushed(state: &Arc<AppState>, incoming: PeerKeys) -> keystore::Result<Merged> {
+    let records = incoming.records;
+    let result = state
+        .with_store(move |store| {
+            let report = store.merge(&records)?;
+            Ok((report, store.digest()?))
+        })
+        .await;
+    if let Err(e) = &result
+        && e.is_integrity()
+    {
+        state
+            .metrics
+            .integrity_alarms
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let (report, digest) = result?;
+    Ok(Merged {
+        from: incoming.node,
+        answer: sso_proto::wire::MergeAnswer {
+            added: report.added,
+            advanced: report.advanced,
+            digest,
+            epoch: report.epoch,
+        },
+    })
 }
 
 /// Anti-entropy: pull the peer's key set every interval and merge it. Both nodes run
