@@ -174,7 +174,7 @@ pub enum Revocation {
 
 /// `tls.min_version` as its two spellings, `"1.3"` and `"1.2"` (sso-tls owns the policy).
 mod min_version {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserializer, Serializer};
     use sso_tls::MinVersion;
 
     pub(super) fn serialize<S: Serializer>(v: &MinVersion, s: S) -> Result<S::Ok, S::Error> {
@@ -182,9 +182,23 @@ mod min_version {
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<MinVersion, D::Error> {
-        let text = String::deserialize(d)?;
-        MinVersion::parse(&text)
-            .ok_or_else(|| serde::de::Error::custom(format!("{text:?}: must be \"1.3\" or \"1.2\"")))
+        d.deserialize_str(Version)
+    }
+
+    /// Reads the version as a string, and names the two spellings (quoted: TOML reads an
+    /// unquoted `1.2` as a number) whatever else the file holds.
+    struct Version;
+
+    impl serde::de::Visitor<'_> for Version {
+        type Value = MinVersion;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("\"1.3\" or \"1.2\", quoted")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<MinVersion, E> {
+            MinVersion::parse(text).ok_or_else(|| E::custom(format!("{text:?}: must be \"1.3\" or \"1.2\"")))
+        }
     }
 }
 impl TlsConfig {
@@ -256,7 +270,10 @@ impl UnsealSource {
 
 /// The unseal table as the file spells it: five optional keys, of which exactly one is set.
 #[derive(Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a table with exactly one of key_file, key_env, passphrase_file, passphrase_env, prompt = true, such as { key_file = \"unseal.key\" }"
+)]
 struct UnsealFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     key_file: Option<PathBuf>,
@@ -473,7 +490,37 @@ pub struct RotationConfig {
     /// The pause between staging a new key and promoting it to primary, so that clients
     /// watching the keyring hold the key before anything is sealed with it
     /// (`STAGING_PAUSE_MS` bounds it).
+    #[serde(deserialize_with = "pause_ms")]
     pub staging_pause_ms: u64,
+}
+
+/// `rotation.staging_pause_ms` as a whole number of milliseconds; the range is checked
+/// by [`Config::validate`]. A negative, fractional or quoted value is refused saying what
+/// the value must be, not which Rust type holds it.
+fn pause_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    struct Millis;
+
+    impl serde::de::Visitor<'_> for Millis {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "a whole number of milliseconds from {} to {}, unquoted",
+                STAGING_PAUSE_MS.start(),
+                STAGING_PAUSE_MS.end()
+            )
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
+    }
+    d.deserialize_u64(Millis)
 }
 
 impl Default for RotationConfig {

@@ -196,3 +196,41 @@ fn load_resolves_the_unseal_file_beside_the_config_and_bounds_the_staging_pause(
     assert!(e.problem.contains("between 0 and 30000"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// What an operator plausibly mistypes (an unseal path given as a bare string, an unquoted
+/// TLS version, a negative or quoted pause) is refused naming the field and saying what
+/// the value must be, in the file's own terms: no Rust type names (`UnsealFields`, `u64`).
+#[test]
+fn mistyped_values_are_refused_with_the_remedy_and_no_rust_type_names() {
+    let base = read("deploy/config/server.toml");
+    let cases = [
+        (
+            with_line(&base, "unseal", "unseal = \"/etc/sso/unseal.key\""),
+            "store.unseal",
+            "a table with exactly one of key_file",
+        ),
+        (
+            base.replace("[tls]\n", "[tls]\nmin_version = 1.2\n"),
+            "tls.min_version",
+            "\"1.3\" or \"1.2\", quoted",
+        ),
+        (
+            format!("{base}\n[rotation]\nstaging_pause_ms = -1\n"),
+            "rotation.staging_pause_ms",
+            "milliseconds from 0 to 30000",
+        ),
+        (
+            format!("{base}\n[rotation]\nstaging_pause_ms = \"250\"\n"),
+            "rotation.staging_pause_ms",
+            "milliseconds from 0 to 30000",
+        ),
+    ];
+    for (text, field, remedy) in cases {
+        let e = Config::parse(&text).unwrap_err();
+        assert!(e.field.starts_with(field), "field {:?} in {e}", e.field);
+        assert!(e.problem.contains(remedy), "{e}");
+        for rust in ["UnsealFields", "u64", "struct"] {
+            assert!(!e.problem.contains(rust), "{rust:?} in {e}");
+        }
+    }
+}

@@ -27,6 +27,8 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use sso_proto::wire::answers::StatusAnswer;
+
 use crate::cli::Global;
 use crate::online::Online;
 use crate::{EX_DOCTOR_FAIL, EX_DOCTOR_WARN, EX_SOFTWARE, Failure};
@@ -92,7 +94,7 @@ fn check(status: Level, check: &'static str, detail: impl Into<String>, remedy: 
 /// What one node said.
 struct NodeStatus {
     url: String,
-    value: serde_json::Value,
+    status: StatusAnswer,
     /// The node's clock minus ours, in seconds (ours taken mid-request).
     offset: f64,
     /// The request's round trip, in seconds: the offset's uncertainty is half of it.
@@ -273,24 +275,21 @@ async fn run_checks(g: &Global, config: Option<&Path>) -> Vec<Check> {
     if let Some(conn) = &online {
         ask_all(conn, &mut nodes, &mut checks, "").await;
         // Peers the given servers name but that were not given: ask them too.
-        let known: Vec<String> = nodes
-            .iter()
-            .filter_map(|n| n.value["node"].as_str().map(str::to_owned))
-            .collect();
+        let known: Vec<String> = nodes.iter().map(|n| n.status.node.clone()).collect();
         let asked: Vec<String> = conn.servers().to_vec();
         let mut extra: Vec<(String, String)> = Vec::new();
         for n in &nodes {
-            let peer = &n.value["peer"];
-            let (Some(url), name) = (peer["url"].as_str(), peer["node"].as_str()) else {
+            let Some(peer) = &n.status.peer else {
                 continue;
             };
+            let (url, name) = (peer.url.as_str(), peer.node.as_deref());
             if name.is_some_and(|name| known.iter().any(|k| k == name))
                 || asked.iter().any(|a| a == url)
                 || extra.iter().any(|(u, _)| u == url)
             {
                 continue;
             }
-            extra.push((url.to_owned(), n.value["node"].as_str().unwrap_or("?").to_owned()));
+            extra.push((url.to_owned(), n.status.node.clone()));
         }
         for (url, of) in extra {
             let peer_global = Global {
@@ -565,7 +564,7 @@ async fn ask_all(conn: &Online, nodes: &mut Vec<NodeStatus>, checks: &mut Vec<Ch
                 ));
                 continue;
             }
-            Ok(r) => match serde_json::from_slice::<serde_json::Value>(&r.body) {
+            Ok(r) => match serde_json::from_slice::<StatusAnswer>(&r.body) {
                 Ok(v) => v,
                 Err(e) => {
                     checks.push(check(
@@ -579,17 +578,13 @@ async fn ask_all(conn: &Online, nodes: &mut Vec<NodeStatus>, checks: &mut Vec<Ch
             },
         };
         // The same node reached by another URL (a peer URL through a proxy): said once.
-        if nodes.iter().any(|n| n.value["node"] == value["node"]) {
+        if nodes.iter().any(|n| n.status.node == value.node) {
             continue;
         }
         checks.push(check(
             Level::Ok,
             "server",
-            format!(
-                "{url}{label} answered: node {}, epoch {}",
-                value["node"].as_str().unwrap_or("?"),
-                value["epoch"]
-            ),
+            format!("{url}{label} answered: node {}, epoch {}", value.node, value.epoch),
             "",
         ));
         match conn.server_certificate(idx).await {
@@ -613,16 +608,15 @@ async fn ask_all(conn: &Online, nodes: &mut Vec<NodeStatus>, checks: &mut Vec<Ch
         }
         let trip: time::Duration = received - sent;
         let middle: OffsetDateTime = sent + trip / 2_i32;
-        let offset = value["time"]
-            .as_str()
-            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+        let offset = OffsetDateTime::parse(&value.time, &Rfc3339)
+            .ok()
             .map_or(f64::NAN, |t: OffsetDateTime| {
                 let d: time::Duration = t - middle;
                 d.as_seconds_f64()
             });
         nodes.push(NodeStatus {
             url: url.clone(),
-            value,
+            status: value,
             offset,
             round_trip: trip.as_seconds_f64(),
         });
@@ -630,24 +624,17 @@ async fn ask_all(conn: &Online, nodes: &mut Vec<NodeStatus>, checks: &mut Vec<Ch
 }
 
 fn node_name(n: &NodeStatus) -> &str {
-    n.value["node"].as_str().unwrap_or("?")
+    &n.status.node
 }
 
 fn health(n: &NodeStatus) -> Check {
-    let h = &n.value["health"];
-    match h["status"].as_str() {
-        Some("ok") | None => check(Level::Ok, "health", format!("{} ok", node_name(n)), ""),
-        Some(other) => check(
+    let h = &n.status.health;
+    match h.status.as_str() {
+        "ok" => check(Level::Ok, "health", format!("{} ok", node_name(n)), ""),
+        other => check(
             Level::Fail,
             "health",
-            format!(
-                "{} is {other}: {}",
-                node_name(n),
-                h["problems"]
-                    .as_array()
-                    .map(|p| p.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join("; "))
-                    .unwrap_or_default()
-            ),
+            format!("{} is {other}: {}", node_name(n), h.problems.join("; ")),
             "fix the disk as the problem says (free space, remount read-write); health returns to ok by itself",
         ),
     }
@@ -655,7 +642,7 @@ fn health(n: &NodeStatus) -> Check {
 
 fn peer(n: &NodeStatus) -> Check {
     let name = node_name(n);
-    let Some(p) = n.value["peer"].as_object() else {
+    let Some(p) = &n.status.peer else {
         return check(
             Level::Ok,
             "peer",
@@ -663,41 +650,36 @@ fn peer(n: &NodeStatus) -> Check {
             "",
         );
     };
-    let field = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_owned();
-    if let Some(alarm) = p.get("integrity_alarm").and_then(|v| v.as_str()) {
+    let peer_node = p.node.as_deref().unwrap_or("?");
+    if let Some(alarm) = &p.integrity_alarm {
         return check(
             Level::Fail,
             "peer",
-            format!("{name}: integrity alarm with peer {}: {alarm}", field("node")),
+            format!("{name}: integrity alarm with peer {peer_node}: {alarm}"),
             "stop rotating; compare both nodes' keys (docs/operations.md §4)",
         );
     }
-    if p.get("state").and_then(|v| v.as_str()) == Some("up") {
+    if p.state == "up" {
         return check(
             Level::Ok,
             "peer",
             format!(
-                "{name} sees peer {} up ({}), lag {}",
-                field("node"),
-                field("url"),
-                crate::answers::lag_text(p.get("lag_epochs").and_then(serde_json::Value::as_u64))
+                "{name} sees peer {peer_node} up ({}), lag {}",
+                p.url,
+                crate::answers::lag_text(p.lag_epochs)
             ),
             "",
         );
     }
-    let last = p
-        .get("last_contact")
-        .and_then(|v| v.as_str())
-        .map_or("never".to_owned(), str::to_owned);
+    let last = p.last_contact.as_deref().unwrap_or("never");
     check(
         Level::Fail,
         "peer",
         format!(
-            "{name} cannot reach its peer {} ({}): last contact {last}{}",
-            field("node"),
-            field("url"),
-            p.get("last_error")
-                .and_then(|v| v.as_str())
+            "{name} cannot reach its peer {peer_node} ({}): last contact {last}{}",
+            p.url,
+            p.last_error
+                .as_deref()
                 .map_or(String::new(), |e| format!(", last error: {e}"))
         ),
         "bring the peer back (start it, check the network and its certificate); meanwhile rotations need --allow-degraded",
@@ -708,14 +690,14 @@ fn backup(nodes: &[NodeStatus]) -> Option<Check> {
     // The pair's view when one node has it, else the first node's own.
     let n = nodes
         .iter()
-        .find(|n| n.value["backup"]["coverage"] == "pair")
+        .find(|n| n.status.backup.coverage == "pair")
         .or_else(|| nodes.first())?;
-    let b = &n.value["backup"];
-    let uncovered = b["not_backed_up"].as_array().map_or(0, Vec::len);
-    let last = b["last_backup_at"].as_str().map_or("never".to_owned(), str::to_owned);
-    let scope = match b["coverage"].as_str() {
-        Some("pair") => "backups through either node",
-        Some("node_only_peer_unreachable") => "this node's backups only: the peer did not answer",
+    let b = &n.status.backup;
+    let uncovered = b.not_backed_up.len();
+    let last = b.last_backup_at.as_deref().unwrap_or("never");
+    let scope = match b.coverage.as_str() {
+        "pair" => "backups through either node",
+        "node_only_peer_unreachable" => "this node's backups only: the peer did not answer",
         _ => "this node's backups",
     };
     Some(if uncovered == 0 {
@@ -743,7 +725,7 @@ fn backup(nodes: &[NodeStatus]) -> Option<Check> {
 
 fn clock_skew(nodes: &[NodeStatus]) -> Option<Check> {
     let timed: Vec<&NodeStatus> = nodes.iter().filter(|n| n.offset.is_finite()).collect();
-    let paired = nodes.iter().any(|n| n.value["peer"].is_object());
+    let paired = nodes.iter().any(|n| n.status.peer.is_some());
     if timed.len() < 2 {
         return paired.then(|| {
             check(
@@ -862,10 +844,22 @@ mod tests {
 
     use super::*;
 
+    /// A node's status answer as the server writes it, with or without a peer.
+    fn status(name: &str, paired: bool) -> StatusAnswer {
+        let peer = paired.then(|| serde_json::json!({"url": "x", "state": "up"}));
+        serde_json::from_value(serde_json::json!({
+            "node": name, "epoch": 1, "time": "", "keys": [], "primary": null, "peer": peer,
+            "audit": {"head": "", "seq": 0},
+            "backup": {"coverage": "node", "last_backup_at": null, "not_backed_up": []},
+            "health": {"problems": [], "status": "ok"},
+        }))
+        .unwrap()
+    }
+
     fn node(name: &str, offset: f64) -> NodeStatus {
         NodeStatus {
             url: format!("https://{name}:7443"),
-            value: serde_json::json!({"node": name, "peer": {"url": "x"}}),
+            status: status(name, true),
             offset,
             round_trip: 0.2,
         }
@@ -885,7 +879,7 @@ mod tests {
         // One node of a pair: not measured is a warning; a standalone node has no line.
         assert_eq!(clock_skew(&[node("a", 0.0)]).unwrap().status, Level::Warn);
         let mut alone = node("a", 0.0);
-        alone.value = serde_json::json!({"node": "a", "peer": null});
+        alone.status = status("a", false);
         assert!(clock_skew(&[alone]).is_none());
     }
 
