@@ -1100,8 +1100,32 @@ impl Store for PgStore {
         self.merge_checked(std::slice::from_ref(record), true, None)
     }
 
+    /// Refuses (`InvalidTransition`, in the same serialisable transaction) to promote a
+    /// staged key below a promoted higher generation: another node's rotation overtook
+    /// this one during its staging pause, and the key would never be the primary (issue
+    /// 14: tests/tests/cluster.rs
+    /// `a_rotation_is_never_acknowledged_for_a_key_promoted_under_a_higher_one`).
     fn promote(&mut self, key_id: KeyId) -> Result<KeyMeta> {
-        self.transition(key_id, Lifecycle::Promoted, false)
+        let (kek, rng) = (&self.kek, &self.rng);
+        let (_, _, rows) = self.change(|rows, w| {
+            if let Some(me) = rows.iter().find(|r| r.key_id == key_id)
+                && me.lifecycle == Lifecycle::Staged
+                && rows
+                    .iter()
+                    .any(|r| r.lifecycle == Lifecycle::Promoted && r.generation > me.generation)
+            {
+                return Err(Error::InvalidTransition {
+                    key_id,
+                    from: sso_proto::KeyState::Staged,
+                    to: sso_proto::KeyState::Active,
+                });
+            }
+            sealing::transition(kek, rng, rows, key_id, Lifecycle::Promoted, false, w)
+        })?;
+        rows.iter()
+            .find(|r| r.key_id == key_id)
+            .map(|r| r.meta(derive_primary(&rows)))
+            .ok_or(Error::KeyNotFound(key_id))
     }
 
     fn retire(&mut self, key_id: KeyId) -> Result<KeyMeta> {

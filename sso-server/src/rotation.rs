@@ -285,7 +285,7 @@ async fn promote_locally<N: LocalNode>(
         Err(keystore::Error::InvalidTransition { key_id, .. }) if key_id == id => Err(RotateError::Superseded {
             key_id: id,
             where_: format!(
-                "this node ({}), where a later rotation retired it as an orphan while this one was stalled past its lease,",
+                "this node ({}), where a later rotation retired it as an orphan while this one was stalled past its lease (or, on a shared database, another node promoted a higher generation during this one's staging pause),",
                 local.node()
             ),
         }),
