@@ -18,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -327,6 +328,12 @@ impl PgCluster {
 
     /// A shell that waits for this process to end, then stops the cluster and removes its
     /// directory. Killed on drop (it is our own child, by its PID).
+    ///
+    /// - It learns of the end through its stdin, a pipe only this process holds open:
+    ///   the kernel closes it however the process ends. (Polling `kill -0 PID` never ends
+    ///   where nothing reaps the dead process: a zombie still answers.)
+    /// - It runs in its own process group, so a kill aimed at the test's group (a
+    ///   `timeout`, a cancelled job) does not take it down with the test.
     fn spawn_watchdog(&self) {
         let stop: Vec<String> = {
             let c = self.server_command("pg_ctl");
@@ -336,14 +343,14 @@ impl PgCluster {
         };
         let quoted: Vec<String> = stop.iter().map(|a| shell_quote(a)).collect();
         let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; cd {dir} && {stop} stop -D data -m immediate >/dev/null 2>&1; rm -rf {dir}",
-            pid = std::process::id(),
+            "read _; cd {dir} && {stop} stop -D data -m immediate >/dev/null 2>&1; rm -rf {dir}",
             dir = shell_quote(&self.dir.to_string_lossy()),
             stop = quoted.join(" "),
         );
         let child = Command::new("sh")
             .args(["-c", &script])
-            .stdin(Stdio::null())
+            .process_group(0)
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
