@@ -857,13 +857,8 @@ async fn with_store<T: Send + 'static>(
         {
             state.metrics.health.store_failed(fault.to_string());
         }
-        if let Err(e) = &result
-            && e.is_integrity()
-        {
-            state
-                .metrics
-                .integrity_alarms
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = &result {
+            state.metrics.count_if_integrity(e);
         }
         let out = result?;
         state.refresh(&**store)?;

@@ -212,6 +212,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts an integrity alarm when a store call failed on one (an edited row, a
+    /// conflicting key); other failures are not alarms.
+    pub fn count_if_integrity(&self, error: &keystore::Error) {
+        if error.is_integrity() {
+            self.integrity_alarms.fetch_add(1, Relaxed);
+        }
+    }
+
     /// Counts one answered request.
     pub fn request(&self, endpoint: Endpoint, status: u16) {
         let e = Endpoint::ALL

@@ -143,13 +143,8 @@ pub async fn merge_pushed(state: &Arc<AppState>, incoming: PeerKeys) -> keystore
             Ok((report, store.digest()?))
         })
         .await;
-    if let Err(e) = &result
-        && e.is_integrity()
-    {
-        state
-            .metrics
-            .integrity_alarms
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Err(e) = &result {
+        state.metrics.count_if_integrity(e);
     }
     let (report, digest) = result?;
     Ok(Merged {
