@@ -1048,3 +1048,54 @@ fn certs_issue_again_renews_both_halves_and_a_failed_issue_changes_neither() {
         .collect();
     assert!(left.is_empty(), "a failed issue left {left:?}");
 }
+
+/// `ssoctl doctor` compares the primaries of the nodes it reached: two nodes that answer
+/// but name different primaries (here a degraded rotation on A while the pair is cut) are a
+/// warning naming both, and once the pair has healed and converged the line is ok. Before,
+/// doctor checked each node on its own and said nothing about the disagreement.
+#[test]
+fn doctor_warns_when_the_nodes_disagree_on_the_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pair = tests::pair::Pair::new(dir.path());
+    pair.a.start();
+    pair.b.start();
+    let (a, b) = (pair.a.url(), pair.b.url());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status_json(&pair, &b)["primary"].is_null() {
+        assert!(std::time::Instant::now() < deadline, "B never got A's key");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    pair.relay_ab.cut();
+    pair.relay_ba.cut();
+    let r = on(&pair, &a, &["rotate", "--allow-degraded"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (on_a, on_b) = (
+        status_json(&pair, &a)["primary"].clone(),
+        status_json(&pair, &b)["primary"].clone(),
+    );
+    assert_ne!(on_a, on_b, "the cut did not split the primaries");
+    let r = on(&pair, &a, &["--server", &b, "doctor"]);
+    let l = doctor_line(&r, "primary", "disagree");
+    assert!(l.starts_with("warn"), "{l}");
+    for (node, id) in [("node-a", &on_a), ("node-b", &on_b)] {
+        let id = id.as_str().unwrap();
+        assert!(
+            l.contains(&format!("{node} {id}")),
+            "{node}'s primary {id} is not named: {l}"
+        );
+    }
+
+    pair.relay_ab.heal();
+    pair.relay_ba.heal();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status_json(&pair, &b)["primary"] != on_a {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pair never converged after the heal"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let r = on(&pair, &a, &["--server", &b, "doctor"]);
+    let l = doctor_line(&r, "primary", "agree");
+    assert!(l.starts_with("ok") && l.contains(on_a.as_str().unwrap()), "{l}");
+}
