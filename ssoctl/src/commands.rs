@@ -709,8 +709,22 @@ fn certs_cmd(g: &Global, certs: Certs, out: &mut dyn Write) -> Result<(), Failur
             };
             spec.common_name = name.clone();
             let leaf = ca.issue(&spec).map_err(gen_err)?;
-            write_pki_file(&dir, &format!("{name}.pem"), &leaf.cert_pem, false)?;
-            write_pki_file(&dir, &format!("{name}-key.pem"), &leaf.key_pem, true)?;
+            // Both halves or neither: issuing again for a name renews its pair (doctor's
+            // remedy for an expiring certificate), and a failed write must not leave a
+            // new certificate beside the old key.
+            let (cert, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}-key.pem")));
+            keystore::fsutil::replace_together(&[
+                keystore::fsutil::Replacement {
+                    path: &key,
+                    bytes: leaf.key_pem.as_bytes(),
+                    private: true,
+                },
+                keystore::fsutil::Replacement {
+                    path: &cert,
+                    bytes: leaf.cert_pem.as_bytes(),
+                    private: false,
+                },
+            ])?;
             let v = serde_json::json!({"cert": dir.join(format!("{name}.pem")), "key": dir.join(format!("{name}-key.pem")), "role": role});
             emit(g, out, &v, || {
                 format!(

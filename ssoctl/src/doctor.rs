@@ -316,6 +316,9 @@ async fn run_checks(g: &Global, config: Option<&Path>) -> Vec<Check> {
     if let Some(c) = backup(&nodes) {
         checks.push(c);
     }
+    if let Some(c) = primaries(&nodes) {
+        checks.push(c);
+    }
     if let Some(c) = clock_skew(&nodes) {
         checks.push(c);
     }
@@ -719,6 +722,40 @@ fn backup(nodes: &[NodeStatus]) -> Option<Check> {
                 node_name(n)
             ),
             "run ssoctl backup --out FILE and store it off the host",
+        )
+    })
+}
+
+/// Whether the nodes that answered name the same primary. Each node's own checks cannot
+/// see this: two healthy nodes with different primaries seal under different keys, and a
+/// client of one cannot open what the other's clients sealed until they converge.
+fn primaries(nodes: &[NodeStatus]) -> Option<Check> {
+    if nodes.len() < 2 {
+        return None;
+    }
+    let named = |n: &NodeStatus| {
+        let id = n.status.primary.map_or_else(|| "none".to_owned(), |k| k.to_string());
+        format!("{} {id}", node_name(n))
+    };
+    let first = nodes[0].status.primary;
+    Some(if nodes.iter().all(|n| n.status.primary == first) {
+        let names: Vec<&str> = nodes.iter().map(node_name).collect();
+        let id = first.map_or_else(|| "none".to_owned(), |k| k.to_string());
+        check(
+            Level::Ok,
+            "primary",
+            format!("{} agree: primary {id}", names.join(", ")),
+            "",
+        )
+    } else {
+        let all: Vec<String> = nodes.iter().map(named).collect();
+        check(
+            Level::Warn,
+            "primary",
+            format!("the nodes disagree on the primary: {}", all.join(", ")),
+            "a rotation or a catch-up may be under way: run doctor again in a few seconds; if it stays, \
+             mend what the peer line says (a pair converges by itself once its nodes reach each other; \
+             the next rotation supersedes keys made apart, docs/pair.md)",
         )
     })
 }

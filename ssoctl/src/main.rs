@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // ssoctl holds passphrases, unseal keys and backup passwords: no core dumps, not
+    // attachable, and a write past the file-size limit fails as an error (cleaned up and
+    // reported) instead of killing the process half-way through.
+    let _ = sso_os::hardening::harden_process();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = match ssoctl::cli::Cli::try_parse() {
         Ok(cli) => cli,

@@ -976,3 +976,126 @@ fn doctor_sees_a_stopped_peer() {
         r.stderr
     );
 }
+
+/// Whether the private key in `key` belongs to the certificate in `cert` (rustls's own
+/// check, the one the server's preflight makes).
+fn cert_and_key_match(cert: &Path, key: &Path) -> bool {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = vec![CertificateDer::from_pem_file(cert).unwrap()];
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let signer = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key)
+        .unwrap();
+    rustls::sign::CertifiedKey::new(chain, signer).keys_match().is_ok()
+}
+
+/// `certs issue` for a name that already has a certificate renews both halves (doctor's
+/// remedy for an expiring certificate says to run it), and an issue that fails half-way
+/// leaves the old pair exactly as it was. Before: the second issue overwrote the
+/// certificate in place, then refused the key ("exists"): a certificate and a key that do
+/// not belong together, and a server that no longer starts on them.
+#[test]
+fn certs_issue_again_renews_both_halves_and_a_failed_issue_changes_neither() {
+    let d = tempfile::tempdir().unwrap();
+    let pki = d.path().join("pki");
+    let dir = pki.to_str().unwrap();
+    let r = ssoctl(&["certs", "init", "--dir", dir], &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let issue = ["certs", "issue", "--dir", dir, "--role", "server", "--name", "node-x"];
+    let r = ssoctl(&issue, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (cert, key) = (pki.join("node-x.pem"), pki.join("node-x-key.pem"));
+    assert!(cert_and_key_match(&cert, &key));
+    let first = (std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap());
+
+    let r = ssoctl(&issue, &[]);
+    assert_eq!(r.code, 0, "issuing again must renew: {}", r.stderr);
+    assert!(
+        cert_and_key_match(&cert, &key),
+        "after a renewal the certificate and key do not match"
+    );
+    let renewed = (std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap());
+    assert_ne!(renewed.0, first.0, "the certificate was not renewed");
+    assert_ne!(renewed.1, first.1, "the key was not renewed");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the renewed key is {mode:o}");
+
+    // A write that fails half-way: under a 200-byte file-size limit no PEM file fits.
+    let out = Command::new("prlimit")
+        .arg("--fsize=200")
+        .arg(SSOCTL)
+        .args(issue)
+        .output()
+        .expect("prlimit (util-linux) runs");
+    assert!(!out.status.success(), "the issue under a 200-byte limit succeeded");
+    assert_eq!(
+        std::fs::read(&cert).unwrap(),
+        renewed.0,
+        "a failed issue changed the certificate"
+    );
+    assert_eq!(
+        std::fs::read(&key).unwrap(),
+        renewed.1,
+        "a failed issue changed the key"
+    );
+    let left: Vec<_> = std::fs::read_dir(&pki)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "a failed issue left {left:?}");
+}
+
+/// `ssoctl doctor` compares the primaries of the nodes it reached: two nodes that answer
+/// but name different primaries (here a degraded rotation on A while the pair is cut) are a
+/// warning naming both, and once the pair has healed and converged the line is ok. Before,
+/// doctor checked each node on its own and said nothing about the disagreement.
+#[test]
+fn doctor_warns_when_the_nodes_disagree_on_the_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pair = tests::pair::Pair::new(dir.path());
+    pair.a.start();
+    pair.b.start();
+    let (a, b) = (pair.a.url(), pair.b.url());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status_json(&pair, &b)["primary"].is_null() {
+        assert!(std::time::Instant::now() < deadline, "B never got A's key");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    pair.relay_ab.cut();
+    pair.relay_ba.cut();
+    let r = on(&pair, &a, &["rotate", "--allow-degraded"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (on_a, on_b) = (
+        status_json(&pair, &a)["primary"].clone(),
+        status_json(&pair, &b)["primary"].clone(),
+    );
+    assert_ne!(on_a, on_b, "the cut did not split the primaries");
+    let r = on(&pair, &a, &["--server", &b, "doctor"]);
+    let l = doctor_line(&r, "primary", "disagree");
+    assert!(l.starts_with("warn"), "{l}");
+    for (node, id) in [("node-a", &on_a), ("node-b", &on_b)] {
+        let id = id.as_str().unwrap();
+        assert!(
+            l.contains(&format!("{node} {id}")),
+            "{node}'s primary {id} is not named: {l}"
+        );
+    }
+
+    pair.relay_ab.heal();
+    pair.relay_ba.heal();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status_json(&pair, &b)["primary"] != on_a {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pair never converged after the heal"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let r = on(&pair, &a, &["--server", &b, "doctor"]);
+    let l = doctor_line(&r, "primary", "agree");
+    assert!(l.starts_with("ok") && l.contains(on_a.as_str().unwrap()), "{l}");
+}

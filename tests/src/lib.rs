@@ -8,12 +8,15 @@
 //! - [`ServerSetup`] / [`TestServer`]: writes a store and a config (through the config
 //!   type: [`ServerSetup::builder`]), starts the binary, waits for its `listening` line,
 //!   captures its log; [`one_server`] does all of it for the common one-server test.
+//! - [`cluster`]: nodes on one PostgreSQL database, ports pinned so that a SIGKILLed node
+//!   comes back where its clients expect it (the fault tests, `tests/cluster_faults.rs`).
 //! - [`in_process`]: the server in the test's own runtime, under a clock the test moves.
 //! - [`Client`]: HTTPS requests with a chosen client certificate, one connection each.
 //! - [`assert_eventually!`]: poll a condition with a deadline.
 #![forbid(unsafe_code)]
 #![allow(missing_docs, clippy::missing_panics_doc)]
 
+pub mod cluster;
 pub mod in_process;
 pub mod pair;
 
