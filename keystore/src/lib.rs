@@ -176,6 +176,23 @@ pub enum Error {
         /// The state asked for.
         to: sso_proto::KeyState,
     },
+    /// A staged key was not promoted: on a store shared by several nodes, another node
+    /// promoted a key of a higher generation while this one waited (its staging pause).
+    /// Promoting it would make an acknowledged key that is never the primary. Nothing was
+    /// changed; the staged key is an orphan its node's next rotation retires.
+    #[error(
+        "key {key_id} (generation {generation}) was not promoted: another node promoted the newer key {by} (generation {by_generation}) while it was staged; nothing was changed"
+    )]
+    Overtaken {
+        /// The staged key that was not promoted.
+        key_id: KeyId,
+        /// Its generation.
+        generation: u64,
+        /// The promoted key above it (the highest).
+        by: KeyId,
+        /// That key's generation.
+        by_generation: u64,
+    },
     /// Retiring the key that currently encrypts would leave clients sealing with an older one.
     #[error("key {0} is the primary: rotate first, then retire it")]
     RetirePrimary(KeyId),

@@ -1100,7 +1100,7 @@ impl Store for PgStore {
         self.merge_checked(std::slice::from_ref(record), true, None)
     }
 
-    /// Refuses (`InvalidTransition`, in the same serialisable transaction) to promote a
+    /// Refuses ([`Error::Overtaken`], in the same serialisable transaction) to promote a
     /// staged key below a promoted higher generation: another node's rotation overtook
     /// this one during its staging pause, and the key would never be the primary (issue
     /// 14: tests/tests/cluster.rs
@@ -1110,14 +1110,16 @@ impl Store for PgStore {
         let (_, _, rows) = self.change(|rows, w| {
             if let Some(me) = rows.iter().find(|r| r.key_id == key_id)
                 && me.lifecycle == Lifecycle::Staged
-                && rows
+                && let Some(above) = rows
                     .iter()
-                    .any(|r| r.lifecycle == Lifecycle::Promoted && r.generation > me.generation)
+                    .filter(|r| r.lifecycle == Lifecycle::Promoted && r.generation > me.generation)
+                    .max_by_key(|r| (r.generation, r.key_id))
             {
-                return Err(Error::InvalidTransition {
+                return Err(Error::Overtaken {
                     key_id,
-                    from: sso_proto::KeyState::Staged,
-                    to: sso_proto::KeyState::Active,
+                    generation: me.generation,
+                    by: above.key_id,
+                    by_generation: above.generation,
                 });
             }
             sealing::transition(kek, rng, rows, key_id, Lifecycle::Promoted, false, w)

@@ -91,7 +91,9 @@ pub trait Store: Send + std::fmt::Debug {
     /// stored generation ([`Error::StaleGeneration`] otherwise, nothing written).
     fn accept_staged(&mut self, record: &KeyRecord) -> Result<MergeReport>;
 
-    /// Promotes a staged key; promoting a promoted key changes nothing.
+    /// Promotes a staged key; promoting a promoted key changes nothing. An engine shared
+    /// by several nodes refuses a staged key below a key another node promoted meanwhile
+    /// ([`Error::Overtaken`], nothing written).
     fn promote(&mut self, key_id: KeyId) -> Result<KeyMeta>;
 
     /// Retires a key; the primary cannot be retired.

@@ -84,6 +84,44 @@ fn concurrent_rotations_on_many_handles_never_share_a_generation() {
     }
 }
 
+/// Two nodes' handles: node-1 stages a key, node-2 rotates above it meanwhile (a staging
+/// pause overtaken), and node-1's promotion is refused as `Overtaken`, naming node-2's key,
+/// with nothing written. (It was `InvalidTransition` before, which the server worded as
+/// "key ... was promoted but ...".)
+#[test]
+fn a_staged_key_overtaken_by_another_nodes_promotion_is_refused_and_nothing_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, key, mut one) = initialised(shared(), &dir);
+    let mut two = PgStore::open(&url, &key, "node-2").unwrap();
+    let staged = one.stage_new_above(0).unwrap();
+    let newer = two.rotate().unwrap();
+    assert!(newer.generation > staged.generation);
+    let epoch = one.epoch().unwrap();
+    let refused = one.promote(staged.key_id).unwrap_err();
+    match &refused {
+        Error::Overtaken {
+            key_id,
+            generation,
+            by,
+            by_generation,
+        } => assert_eq!(
+            (*key_id, *generation, *by, *by_generation),
+            (staged.key_id, staged.generation, newer.key_id, newer.generation)
+        ),
+        other => panic!("expected Overtaken, got {other:?}"),
+    }
+    let text = refused.to_string();
+    assert!(
+        text.contains("was not promoted") && text.contains(&newer.key_id.to_string()),
+        "{text}"
+    );
+    assert_eq!(one.epoch().unwrap(), epoch, "the refused promotion wrote something");
+    assert_eq!(one.primary().unwrap().map(|m| m.key_id), Some(newer.key_id));
+    let records = one.export().unwrap();
+    let mine = records.iter().find(|r| r.meta.key_id == staged.key_id).unwrap();
+    assert_eq!(mine.meta.state, KeyState::Staged);
+}
+
 #[test]
 fn the_database_holds_no_key_material() {
     let dir = tempfile::tempdir().unwrap();

@@ -936,7 +936,7 @@ async fn rotate(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> 
                 format!("the peer {url} refused the rotation ({error}); {changed}; rotate again"),
             ))
         }
-        Err(e @ (RotateError::Busy(_) | RotateError::Superseded { .. })) => {
+        Err(e @ (RotateError::Busy(_) | RotateError::Superseded { .. } | RotateError::Overtaken { .. })) => {
             Err(ApiError::new(StatusCode::CONFLICT, "rotation_busy", e.to_string()))
         }
         Err(RotateError::Store(e)) => Err(e.into()),

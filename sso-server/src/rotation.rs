@@ -216,6 +216,19 @@ pub enum RotateError {
         /// Which node disagrees.
         where_: String,
     },
+    /// The key was not promoted: on a database shared by several nodes, another node
+    /// promoted a newer key while this rotation's key was staged (its staging pause).
+    #[error(
+        "this rotation's key {key_id} was not promoted: another node promoted the newer key {by} (generation {by_generation}) during this rotation's staging pause, so the cluster has a new primary already; nothing else was changed; rotate again only if you need a key newer than {by}"
+    )]
+    Overtaken {
+        /// This rotation's key (left staged; this node's next rotation retires it).
+        key_id: KeyId,
+        /// The newer key another node promoted.
+        by: KeyId,
+        /// Its generation.
+        by_generation: u64,
+    },
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] keystore::Error),
@@ -285,9 +298,19 @@ async fn promote_locally<N: LocalNode>(
         Err(keystore::Error::InvalidTransition { key_id, .. }) if key_id == id => Err(RotateError::Superseded {
             key_id: id,
             where_: format!(
-                "this node ({}), where a later rotation retired it as an orphan while this one was stalled past its lease (or, on a shared database, another node promoted a higher generation during this one's staging pause),",
+                "this node ({}), where a later rotation retired it as an orphan while this one was stalled past its lease,",
                 local.node()
             ),
+        }),
+        Err(keystore::Error::Overtaken {
+            key_id,
+            by,
+            by_generation,
+            ..
+        }) if key_id == id => Err(RotateError::Overtaken {
+            key_id,
+            by,
+            by_generation,
         }),
         Err(e) => Err(e.into()),
     }

@@ -693,6 +693,12 @@ fn record_answer(node: &Node, outcome: &Result<rotation::Rotated, RotateError>) 
                     log.counts.refused += 1;
                     "refused"
                 }
+                RotateError::Overtaken { .. } => {
+                    // Only a store shared by several nodes refuses so; a pair never does.
+                    log.problems
+                        .push(format!("a rotation on {name} of a pair was overtaken: {e}"));
+                    "overtaken"
+                }
                 RotateError::Store(e) => {
                     log.counts.store_errors += 1;
                     log.problems

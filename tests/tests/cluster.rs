@@ -242,5 +242,23 @@ async fn a_rotation_is_never_acknowledged_for_a_key_promoted_under_a_higher_one(
             slow["generation"].as_u64().unwrap() > fast["generation"].as_u64().unwrap() || slow_at < fast_at,
             "node 1 acknowledged {slow} after node 2 had acknowledged the higher {fast}: node 1's key was promoted under it and never primary"
         );
+    } else {
+        // Refused: the answer says what happened. It was not promoted (the message once
+        // began "key ... was promoted but ...", wrong for this case); another node promoted
+        // a newer key, named, during this rotation's staging pause.
+        assert_eq!(slow.status, 409, "{:?}", slow.body);
+        let body = slow.json();
+        assert_eq!(body["error"], "rotation_busy", "{body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(!message.contains("was promoted but"), "{message}");
+        for words in [
+            "was not promoted",
+            "another node promoted",
+            fast["key_id"].as_str().unwrap(),
+            "staging pause",
+            "rotate again",
+        ] {
+            assert!(message.contains(words), "the refusal does not say {words:?}: {message}");
+        }
     }
 }
