@@ -642,28 +642,27 @@ impl SealedStore {
         Ok(report)
     }
 
+    /// The ids of the keys that match `condition` (an SQL condition on `keys`, never outside
+    /// input), by generation.
+    fn key_ids_where(&self, condition: &str) -> Result<Vec<KeyId>> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT key_id FROM keys WHERE {condition} ORDER BY generation"
+            ))
+            .map_err(sql)?;
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .map_err(sql)?
+            .map(|id| parse_key_id(&id.map_err(sql)?))
+            .collect()
+    }
+
     /// A summary for operators and status endpoints.
     pub fn status(&self) -> Result<StoreStatus> {
         let rows = load_rows(&self.conn)?;
         let primary = derive_primary(&rows);
-        let mut stmt = self
-            .conn
-            .prepare("SELECT key_id FROM keys WHERE backed_up = 0 AND material IS NOT NULL ORDER BY generation")
-            .map_err(sql)?;
-        let not_backed_up = stmt
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(sql)?
-            .map(|id| parse_key_id(&id.map_err(sql)?))
-            .collect::<Result<Vec<_>>>()?;
-        let mut stmt = self
-            .conn
-            .prepare("SELECT key_id FROM keys WHERE backed_up = 1 ORDER BY generation")
-            .map_err(sql)?;
-        let backed_up = stmt
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(sql)?
-            .map(|id| parse_key_id(&id.map_err(sql)?))
-            .collect::<Result<Vec<_>>>()?;
+        let not_backed_up = self.key_ids_where("backed_up = 0 AND material IS NOT NULL")?;
+        let backed_up = self.key_ids_where("backed_up = 1")?;
         let last_backup_at =
             meta_opt::<i64>(&self.conn, "last_backup_at")?.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok());
         let kind_text: String = meta_value(&self.conn, "unseal_kind")?;
