@@ -87,6 +87,8 @@ pub fn wire_answers(data: &[u8]) {
     }
     let _ = wire::parse_records(data);
     let _ = wire::peer::parse_promote_answer(data);
+    let split = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
+    let _ = wire::peer::parse_contact(Some(&data[..split]), data.get(split + 1..));
     let _ = wire::parse_coverage(data);
     let _ = serde_json::from_slice::<wire::MergeAnswer>(data);
     let _ = serde_json::from_slice::<wire::peer::LeaseAnswer>(data);

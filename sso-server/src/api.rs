@@ -286,12 +286,28 @@ fn start(req: Request<Incoming>, conn: &Arc<Conn>) -> Handling {
                 let conn = conn.clone();
                 return Handling::Rare(Box::pin(async move {
                     let result = dispatch_rare(&route, req, &conn.caller, &conn.state).await;
-                    finish(route.endpoint, route.op, route.key_id, result, &conn)
+                    let mut response = finish(route.endpoint, route.op, route.key_id, result, &conn);
+                    if route.endpoint == Endpoint::Peer {
+                        name_this_node(&mut response, &conn.state);
+                    }
+                    response
                 }));
             }
         },
     };
     Handling::Ready(finish(endpoint, op, key_id, result, conn))
+}
+
+/// Every answer to the peer (whatever its status) says which node answered and at which
+/// epoch (`sso_proto::wire::peer::NODE_HEADER`, `EPOCH_HEADER`): a `204` from
+/// `/v1/peer/keys` has no body to say it in.
+fn name_this_node(response: &mut Response<Body>, state: &AppState) {
+    use sso_proto::wire::peer::{EPOCH_HEADER, NODE_HEADER};
+    let headers = response.headers_mut();
+    if let Ok(node) = header::HeaderValue::from_str(&state.node) {
+        headers.insert(NODE_HEADER, node);
+    }
+    headers.insert(EPOCH_HEADER, header::HeaderValue::from(state.snapshot.load().epoch));
 }
 
 /// Counts the answer and audits it (unless it is a quiet success).

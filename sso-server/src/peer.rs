@@ -11,6 +11,10 @@
 //! | `GET /v1/peer/keys?digest=D` | 204 when the node's key-set digest equals `D`; else 200 with every key (retired ones with material, destroyed ones without) |
 //! | `POST /v1/peer/merge` (same body) | merged durably (union by key id, states forward only), then 200 `{"epoch","digest","added","advanced"}`; 409 `integrity` when a key id arrives with other material |
 //!
+//! Every answer of a `/v1/peer/…` route names the answering node and its epoch in the
+//! headers `sso-node` and `sso-epoch` (`sso_proto::wire::peer::NODE_HEADER`), which is
+//! how a node whose pair is in sync (every pull a bodiless 204) learns who its peer is.
+//!
 //! Body: see `sso_proto::wire::peer` (`records_json`, `parse_records`).
 //!
 //! Rotation is add → distribute → promote across the pair (see `api::rotate`). Each node
@@ -207,14 +211,31 @@ impl Peer {
         f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
-    fn contact(&self, node: &str, epoch: u64) {
+    /// Records an answer from the peer: it is up, and, when known, its name and epoch
+    /// (`None` keeps what an earlier answer said).
+    fn contact(&self, node: Option<&str>, epoch: Option<u64>) {
         self.update(|s| {
             s.up = true;
-            s.node = Some(node.to_owned());
-            s.peer_epoch = Some(epoch);
+            if let Some(node) = node {
+                s.node = Some(node.to_owned());
+            }
+            if epoch.is_some() {
+                s.peer_epoch = epoch;
+            }
             s.last_contact = Some(OffsetDateTime::now_utc());
             s.last_error = None;
         });
+    }
+
+    /// Records an answer whose body names nobody (a `204`, a rotation step): who answered
+    /// is in its headers (a peer that predates them leaves what we knew).
+    fn contact_from(&self, reply: &sso_transport::Reply) {
+        let header = |name: &str| reply.headers.get(name).map(|v| v.as_bytes());
+        let who = sso_proto::wire::peer::parse_contact(
+            header(sso_proto::wire::peer::NODE_HEADER),
+            header(sso_proto::wire::peer::EPOCH_HEADER),
+        );
+        self.contact(who.as_ref().map(|c| c.node.as_str()), who.as_ref().map(|c| c.epoch));
     }
 
     fn failed(&self, error: &str) {
@@ -259,7 +280,8 @@ impl Peer {
             200 => {
                 let answer: MergeAnswer =
                     serde_json::from_slice(&reply.body).map_err(|e| PeerError::Protocol(e.to_string()))?;
-                self.contact(self.status().node.as_deref().unwrap_or("peer"), answer.epoch);
+                self.contact_from(&reply);
+                self.contact(None, Some(answer.epoch));
                 Ok(answer)
             }
             409 => Err(PeerError::Conflict(String::from_utf8_lossy(&reply.body).into_owned())),
@@ -285,13 +307,12 @@ impl Peer {
             })?;
         match reply.status {
             204 => {
-                let epoch = self.status().peer_epoch.unwrap_or(0);
-                self.contact(self.status().node.as_deref().unwrap_or("peer"), epoch);
+                self.contact_from(&reply);
                 Ok(None)
             }
             200 => {
                 let keys = sso_proto::wire::parse_records(&reply.body).map_err(PeerError::Protocol)?;
-                self.contact(&keys.node, keys.epoch);
+                self.contact(Some(&keys.node), Some(keys.epoch));
                 Ok(Some(keys))
             }
             other => {
@@ -333,8 +354,7 @@ impl Peer {
                 LinkError::Unreachable(e)
             })?;
         if reply.status == 200 {
-            let epoch = self.status().peer_epoch.unwrap_or(0);
-            self.contact(self.status().node.as_deref().unwrap_or("peer"), epoch);
+            self.contact_from(&reply);
         }
         Ok((reply.status, reply.body))
     }

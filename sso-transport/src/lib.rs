@@ -43,6 +43,8 @@ pub struct WriteFailure {
 pub struct Reply {
     /// HTTP status.
     pub status: u16,
+    /// The answer's headers (the pair's peer link reads who answered from them).
+    pub headers: hyper::HeaderMap,
     /// The whole body.
     pub body: Zeroizing<Vec<u8>>,
 }
@@ -361,6 +363,7 @@ impl Transport {
                     .await
                     .map_err(|e| (never_processed(&e), e.to_string()))?;
                 let status = resp.status().as_u16();
+                let headers = resp.headers().clone();
                 let mut body = Zeroizing::new(Vec::new());
                 let mut incoming = resp.into_body();
                 while let Some(frame) = incoming.frame().await {
@@ -376,7 +379,7 @@ impl Transport {
                         body.extend_from_slice(data);
                     }
                 }
-                Ok::<_, (bool, String)>(Reply { status, body })
+                Ok::<_, (bool, String)>(Reply { status, headers, body })
             })
             .await;
             match result {

@@ -1146,3 +1146,52 @@ async fn an_operator_retire_of_a_staged_key_asks_the_peer_first() {
     wait_converged(&pair, Duration::from_secs(10)).await;
     assert_kept_in_use(&pair, &k, &sealed, "B's degraded primary").await;
 }
+
+/// Found by an outside attacker: on a pair whose key sets are already equal when a node
+/// starts (a restart after convergence, two nodes restored from one backup), every
+/// anti-entropy pull is answered 204 and carries nothing, so the node never learned its
+/// peer's name or epoch: `/v1/admin/status` said `"node": "peer"`, `"peer_epoch": 0`
+/// until the key sets first differed, and `ssoctl status` printed "peer peer up". Failed
+/// before the fix: "A names its in-sync peer "peer"".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_that_starts_in_sync_names_its_peer_and_its_epoch() {
+    let (_dir, mut pair) = started_pair();
+    wait_converged(&pair, Duration::from_secs(5)).await;
+    pair.a.kill();
+    pair.a.start();
+    let b_epoch = admin(&pair, &pair.b).get("/v1/admin/status").await.unwrap().json()["epoch"].clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = admin(&pair, &pair.a).get("/v1/admin/status").await.unwrap().json();
+        if status["peer"]["state"] == "up" {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "A never reached B: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        status["peer"]["node"], "node-b",
+        "A names its in-sync peer {}",
+        status["peer"]["node"]
+    );
+    assert_eq!(status["peer"]["peer_epoch"], b_epoch, "{status}");
+    assert_eq!(status["peer"]["lag_epochs"], 0, "{status}");
+
+    let admin_cert = pair.pki.client("admin");
+    let out = std::process::Command::new(tests::bin("ssoctl"))
+        .args(["--server", &pair.a.url(), "--ca"])
+        .arg(&pair.pki.ca_file)
+        .arg("--cert")
+        .arg(&admin_cert.cert)
+        .arg("--key")
+        .arg(&admin_cert.key)
+        .arg("status")
+        .env_remove("SSOCTL_SERVER")
+        .env_remove("SSOCTL_DEV")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let line = stdout.lines().find(|l| l.starts_with("peer ")).unwrap_or_default();
+    assert!(line.contains("node-b up"), "ssoctl status: {stdout}");
+}

@@ -152,6 +152,40 @@ pub fn parse_records(body: &[u8]) -> Result<PeerKeys, String> {
     })
 }
 
+/// The header every answer of a `/v1/peer/…` route carries: the answering node's name.
+/// A `204` to `GET /v1/peer/keys` (the key sets are equal) has no body, so without it a
+/// node whose pair started in sync never learned its peer's name or epoch.
+pub const NODE_HEADER: &str = "sso-node";
+
+/// The header beside [`NODE_HEADER`]: the answering node's keyring epoch, in decimal.
+pub const EPOCH_HEADER: &str = "sso-epoch";
+
+/// Who answered a peer request, from [`NODE_HEADER`] and [`EPOCH_HEADER`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerContact {
+    /// The peer's node name.
+    pub node: String,
+    /// The peer's keyring epoch when it answered.
+    pub epoch: u64,
+}
+
+/// Reads the two contact headers (outside input: fuzzed by `wire_answers`); `None` when
+/// either is missing (a peer that predates them) or malformed. A node name is 1-64
+/// letters, digits, `-`, `_` or `.`, as keystore's `NODE_NAME_RULE` says.
+pub fn parse_contact(node: Option<&[u8]>, epoch: Option<&[u8]>) -> Option<PeerContact> {
+    let node = std::str::from_utf8(node?).ok()?;
+    let valid =
+        !node.is_empty() && node.len() <= 64 && node.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let epoch = std::str::from_utf8(epoch?).ok()?;
+    if !valid || epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(PeerContact {
+        node: node.to_owned(),
+        epoch: epoch.parse().ok()?,
+    })
+}
+
 /// The answer to `POST /v1/peer/merge`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MergeAnswer {

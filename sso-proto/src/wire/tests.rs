@@ -514,3 +514,29 @@ fn admin_requests_write_borrowed_and_read_secret() {
     );
     assert!(serde_json::from_slice::<BackupRequest>(br#"{"password":"x","other":1}"#).is_err());
 }
+
+#[test]
+fn the_peer_contact_headers_name_a_valid_node_and_a_decimal_epoch() {
+    use super::peer::{PeerContact, parse_contact};
+    assert_eq!(
+        parse_contact(Some(b"node-b"), Some(b"42")),
+        Some(PeerContact {
+            node: "node-b".into(),
+            epoch: 42
+        })
+    );
+    // A peer that predates the headers, or sends something else: nothing learned.
+    for (node, epoch) in [
+        (None, Some(&b"1"[..])),
+        (Some(&b"node-b"[..]), None),
+        (Some(b""), Some(b"1")),
+        (Some(b"peer b"), Some(b"1")),
+        (Some(&[b'a'; 65][..]), Some(b"1")),
+        (Some(b"node-b"), Some(b"")),
+        (Some(b"node-b"), Some(b"+1")),
+        (Some(b"node-b"), Some(b"-1")),
+        (Some(b"node-b"), Some(b"18446744073709551616")),
+    ] {
+        assert_eq!(parse_contact(node, epoch), None, "{node:?} {epoch:?}");
+    }
+}
