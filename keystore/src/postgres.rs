@@ -24,9 +24,11 @@
 //!   then shows the store down and writes answer 503 `store_unavailable`, as for a full
 //!   disk under SQLite). The connection is dropped on failure and the next call
 //!   reconnects by itself.
-//! - **TLS to the database** when the URL asks for it (`sslmode=require`, or `prefer` with
-//!   a CA): rustls with the ring provider, trusting the CA in `sslrootcert=PATH` (a PEM
-//!   file; this engine reads the parameter itself, libpq-style).
+//! - **TLS to the database** when the URL asks for it (`sslmode=verify-full` or `require`,
+//!   or `prefer` with a CA): rustls with the ring provider, trusting the CA in
+//!   `sslrootcert=PATH` (a PEM file; this engine reads the parameter itself, libpq-style)
+//!   and checking the host name, so `require` verifies as libpq's `verify-full` does;
+//!   `verify-ca` is refused.
 //!
 //! The engine is synchronous like the trait: it owns a small current-thread tokio runtime
 //! and blocks on it. Call it from a plain thread or a blocking-pool thread
@@ -147,6 +149,7 @@ struct Target {
 impl Target {
     fn parse(url: &str, options: &PgOptions) -> Result<Self> {
         let (url, rootcert) = take_param(url, "sslrootcert");
+        let url = libpq_sslmode(url)?;
         let mut config: Config = url.parse().map_err(|e| {
             Error::Storage(StorageError::new(
                 format!("not a PostgreSQL URL: {e}"),
@@ -202,6 +205,28 @@ impl std::fmt::Debug for Target {
             .field("tls", &self.tls.is_some())
             .finish()
     }
+}
+
+/// Accepts libpq's `sslmode=verify-full`, which tokio-postgres does not know, as
+/// `require`: with a CA (`sslrootcert`) this engine always verifies the server's chain and
+/// host name (rustls), which is what `verify-full` means. `verify-ca` (chain only) is
+/// refused rather than silently made stricter.
+fn libpq_sslmode(url: String) -> Result<String> {
+    let (rest, mode) = take_param(&url, "sslmode");
+    let mode = match mode.as_deref() {
+        None => return Ok(url),
+        Some("verify-full") => "require",
+        Some("verify-ca") => {
+            return Err(Error::Storage(StorageError::new(
+                "sslmode=verify-ca: this engine always checks the database server's host name as well as its certificate chain",
+                "write sslmode=verify-full (or require, which verifies the same here) with sslrootcert, and give the database a certificate for the host in the URL",
+                None,
+            )));
+        }
+        Some(other) => other,
+    };
+    let joint = if rest.contains('?') { '&' } else { '?' };
+    Ok(format!("{rest}{joint}sslmode={mode}"))
 }
 
 /// `url` without its `name=value` query parameter, and the value.
@@ -464,17 +489,27 @@ async fn load_snapshot(tx: &Transaction<'_>) -> std::result::Result<Snapshot, Fa
 }
 
 /// Brings the schema to the current version, under an advisory lock; refuses a newer one.
+///
+/// Creates nothing when nothing is pending: the nodes' role may hold row privileges only
+/// (docs/cluster.md, "Privileges"), and PostgreSQL refuses even `CREATE TABLE IF NOT
+/// EXISTS` on an existing table to a role without `CREATE` on the schema.
 async fn migrate(client: &mut Client) -> std::result::Result<(), Fail> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS sso_schema (
-             version    INTEGER PRIMARY KEY,
-             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
-         )",
-    )
-    .await?;
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('sso_schema') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        tx.batch_execute(
+            "CREATE TABLE sso_schema (
+                 version    INTEGER PRIMARY KEY,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+             )",
+        )
+        .await?;
+    }
     let version = schema_version(&tx).await?;
     for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         tx.batch_execute(step).await?;

@@ -379,6 +379,69 @@ fn a_second_node_opens_with_the_url_and_secret_and_a_wrong_secret_changes_nothin
     assert!(!format!("{second:?}").contains("key"), "{second:?}");
 }
 
+/// docs/cluster.md, "Privileges": the nodes' role needs only SELECT, INSERT, UPDATE and
+/// DELETE on the store's tables once `ssoctl init` (as the owner) has created them; it
+/// opens, rotates, retires, destroys, records a backup and an audit anchor and follows the
+/// change feed without any CREATE privilege.
+#[test]
+fn a_node_role_with_only_row_privileges_opens_writes_and_follows_the_feed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = shared();
+    let (url, key, owner) = initialised(cluster, &dir);
+    let first = owner.primary().unwrap().unwrap().key_id;
+    drop(owner);
+    let db = database_name(&url);
+    let role = format!("node_{db}");
+    cluster.psql(db, &format!("CREATE ROLE {role} LOGIN"));
+    cluster.psql(
+        db,
+        &format!("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"),
+    );
+    // PostgreSQL 15 and later grant PUBLIC no CREATE on `public`; older ones do.
+    cluster.psql(db, "REVOKE CREATE ON SCHEMA public FROM PUBLIC");
+    assert_eq!(
+        cluster
+            .psql(
+                db,
+                &format!("SELECT has_schema_privilege('{role}', 'public', 'CREATE')")
+            )
+            .trim(),
+        "f"
+    );
+    let node_url = url.replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(node_url, url);
+
+    let mut store = PgStore::open(&node_url, &key, "node-2")
+        .unwrap_or_else(|e| panic!("a node role with row privileges only cannot open the store: {e}"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut feed = runtime.block_on(async { store.change_feed() }).unwrap();
+    let next = store.rotate().unwrap();
+    store.retire(first).unwrap();
+    store.destroy(first).unwrap();
+    store.check_writable().unwrap();
+    store
+        .record_backup(&[next.key_id], time::OffsetDateTime::now_utc())
+        .unwrap();
+    store
+        .set_audit_anchor(&keystore::audit::AuditAnchor::genesis())
+        .unwrap();
+    let epoch = store.epoch().unwrap();
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while feed.current().epoch < epoch {
+                feed.next().await.expect("the feed ended");
+            }
+        })
+        .await
+        .expect("the node role's change feed never saw its own writes");
+    });
+    assert_eq!(store.primary().unwrap().unwrap().key_id, next.key_id);
+}
+
 #[test]
 fn an_edited_row_is_an_integrity_error() {
     let dir = tempfile::tempdir().unwrap();

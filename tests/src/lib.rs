@@ -17,6 +17,7 @@
 #![allow(missing_docs, clippy::missing_panics_doc)]
 
 pub mod cluster;
+pub mod cluster_example;
 pub mod in_process;
 pub mod pair;
 
