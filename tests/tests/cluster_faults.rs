@@ -163,6 +163,37 @@ async fn a_database_outage_under_three_nodes_serves_reads_refuses_writes_and_hea
             started.elapsed()
         );
     }
+    // ssoctl: the database is down, so unavailable (69, as for a server that is down:
+    // retrying once it is back helps), not 74 (a disk to fix) as before.
+    let admin = nodes.pki.client("admin");
+    let out = std::process::Command::new(tests::bin("ssoctl"))
+        .arg("--server")
+        .arg(nodes.nodes[1].url())
+        .arg("--ca")
+        .arg(&nodes.pki.ca_file)
+        .arg("--cert")
+        .arg(&admin.cert)
+        .arg("--key")
+        .arg(&admin.key)
+        .arg("rotate")
+        .env_remove("SSOCTL_SERVER")
+        .env_remove("SSOCTL_DEV")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "ssoctl rotate with the database down: {stderr}"
+    );
+    assert!(
+        stderr.contains("error: the store could not be written: database unreachable"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("hint: ") && stderr.contains("database is back") && !stderr.contains("disk"),
+        "{stderr}"
+    );
     for (i, w) in watches.iter().enumerate() {
         assert!(
             !w.is_finished(),
