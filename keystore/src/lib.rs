@@ -367,15 +367,69 @@ pub struct StoreFault {
     pub remedy: &'static str,
 }
 
+/// How a [`StoreFault`] begins when displayed.
+const FAULT_PREFIX: &str = "the store could not be written: ";
+
+/// How the `what` of every database-server fault begins (`database unreachable`,
+/// `database refused`): see [`StoreFault::is_database_outage`].
+pub const DATABASE_FAULT: &str = "database ";
+
+impl StoreFault {
+    /// Whether the store's database server is down, unreachable or refusing for now (a
+    /// PostgreSQL outage): nothing on this host needs fixing and the call works again once
+    /// the database is back, so it is "unavailable", not a disk to fix. `false` for a file
+    /// system that refused (disk full, read-only, I/O error).
+    pub fn is_database_outage(&self) -> bool {
+        self.what.starts_with(DATABASE_FAULT)
+    }
+
+    /// [`Self::is_database_outage`] read back from a fault as displayed: the `message` of
+    /// a server's 503 `store_unavailable`, which is how ssoctl tells a database that is
+    /// down from a disk to fix.
+    pub fn message_is_database_outage(message: &str) -> bool {
+        message
+            .strip_prefix(FAULT_PREFIX)
+            .is_some_and(|rest| rest.starts_with(DATABASE_FAULT))
+    }
+}
+
 impl std::fmt::Display for StoreFault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the store could not be written: {} ({}); {}",
-            self.what, self.detail, self.remedy
-        )
+        write!(f, "{FAULT_PREFIX}{} ({}); {}", self.what, self.detail, self.remedy)
     }
 }
 
 /// Shorthand for results in this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod fault_tests {
+    use super::StoreFault;
+
+    fn fault(what: &'static str) -> StoreFault {
+        StoreFault {
+            what,
+            detail: "detail".into(),
+            remedy: "remedy",
+        }
+    }
+
+    #[test]
+    fn a_database_fault_is_an_outage_as_itself_and_as_displayed_and_a_disk_fault_is_not() {
+        for what in ["database unreachable", "database refused"] {
+            assert!(fault(what).is_database_outage(), "{what}");
+            assert!(
+                StoreFault::message_is_database_outage(&fault(what).to_string()),
+                "{what}"
+            );
+        }
+        for what in ["disk full", "read-only", "I/O error"] {
+            assert!(!fault(what).is_database_outage(), "{what}");
+            assert!(
+                !StoreFault::message_is_database_outage(&fault(what).to_string()),
+                "{what}"
+            );
+        }
+        assert!(!StoreFault::message_is_database_outage("database unreachable"));
+    }
+}

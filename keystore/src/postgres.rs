@@ -904,8 +904,18 @@ impl PgStore {
     /// One read-only, repeatable-read transaction over the epoch and every row, checked
     /// against the manifest.
     fn read_checked(&self) -> Result<(u64, Vec<Row>)> {
+        let (epoch, rows, ()) = self.read_checked_with(async |_: &Transaction<'_>| Ok(()))?;
+        Ok((epoch, rows))
+    }
+
+    /// [`PgStore::read_checked`], and whatever `more` reads in the same snapshot (the
+    /// bookkeeping `status` reports beside the key set).
+    fn read_checked_with<T: Send>(
+        &self,
+        more: impl AsyncFnOnce(&Transaction<'_>) -> std::result::Result<T, Fail> + Send,
+    ) -> Result<(u64, Vec<Row>, T)> {
         let (kek, store_id) = (&self.kek, &self.store_id);
-        self.attempt(async |client: &mut Client| {
+        self.simple(async |client: &mut Client| {
             let tx = client
                 .build_transaction()
                 .isolation_level(IsolationLevel::RepeatableRead)
@@ -913,11 +923,11 @@ impl PgStore {
                 .start()
                 .await?;
             let snap = load_snapshot(&tx).await?;
-            tx.commit().await?;
             let manifest = sealing::check_manifest(Some(&snap.manifest), || Ok(snap.epoch), kek, store_id, &snap.rows)?;
-            Ok((manifest.epoch, snap.rows))
+            let extra = more(&tx).await?;
+            tx.commit().await?;
+            Ok((manifest.epoch, snap.rows, extra))
         })
-        .map_err(|f| f.into_error(&self.target.shown))
     }
 
     /// One statement outside a change (reads and bookkeeping that are not the key set).
@@ -1057,38 +1067,27 @@ impl Store for PgStore {
     }
 
     fn status(&self) -> Result<StoreStatus> {
-        let (kek, store_id) = (&self.kek, &self.store_id);
-        let (epoch, rows, store_id_text, kind, last_backup_at, backed) = self.simple(async |client: &mut Client| {
-            let tx = client
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await?;
-            let snap = load_snapshot(&tx).await?;
-            let manifest = sealing::check_manifest(Some(&snap.manifest), || Ok(snap.epoch), kek, store_id, &snap.rows)?;
-            let meta = tx
-                .query_one("SELECT store_id, unseal_kind, last_backup_at FROM sso_store", &[])
-                .await?;
-            let backed: Vec<(String, bool)> = tx
-                .query(
-                    "SELECT key_id, backed_up FROM sso_keys WHERE backed_up OR material IS NOT NULL ORDER BY generation, key_id",
-                    &[],
-                )
-                .await?
-                .iter()
-                .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, bool>(1)?)))
-                .collect::<std::result::Result<_, tokio_postgres::Error>>()?;
-            tx.commit().await?;
-            Ok((
-                manifest.epoch,
-                snap.rows,
-                meta.try_get::<_, String>(0)?,
-                meta.try_get::<_, String>(1)?,
-                meta.try_get::<_, Option<i64>>(2)?,
-                backed,
-            ))
-        })?;
+        let (epoch, rows, (store_id_text, kind, last_backup_at, backed)) =
+            self.read_checked_with(async |tx: &Transaction<'_>| {
+                let meta = tx
+                    .query_one("SELECT store_id, unseal_kind, last_backup_at FROM sso_store", &[])
+                    .await?;
+                let backed: Vec<(String, bool)> = tx
+                    .query(
+                        "SELECT key_id, backed_up FROM sso_keys WHERE backed_up OR material IS NOT NULL ORDER BY generation, key_id",
+                        &[],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, bool>(1)?)))
+                    .collect::<std::result::Result<_, tokio_postgres::Error>>()?;
+                Ok((
+                    meta.try_get::<_, String>(0)?,
+                    meta.try_get::<_, String>(1)?,
+                    meta.try_get::<_, Option<i64>>(2)?,
+                    backed,
+                ))
+            })?;
         let mut not_backed_up = Vec::new();
         let mut backed_up = Vec::new();
         for (id, is_backed) in backed {

@@ -498,12 +498,7 @@ impl SealedStore {
 
     fn insert_new(&mut self, lifecycle: Lifecycle, floor: u64) -> Result<KeyMeta> {
         let key = NewKey::generate(&self.rng, &self.node)?;
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
-        let before = load_rows(&tx)?;
-        check_manifest(&tx, &self.kek, &self.store_id, &before)?;
+        let (tx, before) = begin_change(&mut self.conn, &self.kek, &self.store_id)?;
         // The generation is chosen here, from the rows read inside this write
         // transaction: a concurrent writer waits for the lock and then sees this key.
         let row = sealing::insert_new(
@@ -555,12 +550,7 @@ impl SealedStore {
     }
 
     fn transition_with(&mut self, key_id: KeyId, to: Lifecycle, force_primary: bool) -> Result<KeyMeta> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
-        let rows = load_rows(&tx)?;
-        check_manifest(&tx, &self.kek, &self.store_id, &rows)?;
+        let (tx, rows) = begin_change(&mut self.conn, &self.kek, &self.store_id)?;
         if !sealing::transition(
             &self.kek,
             &self.rng,
@@ -610,12 +600,7 @@ impl SealedStore {
         above_all: bool,
         conflicts: Option<&mut Vec<KeyId>>,
     ) -> Result<MergeReport> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql)?;
-        let rows = load_rows(&tx)?;
-        check_manifest(&tx, &self.kek, &self.store_id, &rows)?;
+        let (tx, rows) = begin_change(&mut self.conn, &self.kek, &self.store_id)?;
         let (mut report, wiped) = sealing::merge(
             &self.kek,
             &self.rng,
@@ -642,28 +627,27 @@ impl SealedStore {
         Ok(report)
     }
 
+    /// The ids of the keys that match `condition` (an SQL condition on `keys`, never outside
+    /// input), by generation.
+    fn key_ids_where(&self, condition: &str) -> Result<Vec<KeyId>> {
+        let mut stmt = self
+            .conn
+            .prepare(&format!(
+                "SELECT key_id FROM keys WHERE {condition} ORDER BY generation"
+            ))
+            .map_err(sql)?;
+        stmt.query_map([], |r| r.get::<_, String>(0))
+            .map_err(sql)?
+            .map(|id| parse_key_id(&id.map_err(sql)?))
+            .collect()
+    }
+
     /// A summary for operators and status endpoints.
     pub fn status(&self) -> Result<StoreStatus> {
         let rows = load_rows(&self.conn)?;
         let primary = derive_primary(&rows);
-        let mut stmt = self
-            .conn
-            .prepare("SELECT key_id FROM keys WHERE backed_up = 0 AND material IS NOT NULL ORDER BY generation")
-            .map_err(sql)?;
-        let not_backed_up = stmt
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(sql)?
-            .map(|id| parse_key_id(&id.map_err(sql)?))
-            .collect::<Result<Vec<_>>>()?;
-        let mut stmt = self
-            .conn
-            .prepare("SELECT key_id FROM keys WHERE backed_up = 1 ORDER BY generation")
-            .map_err(sql)?;
-        let backed_up = stmt
-            .query_map([], |r| r.get::<_, String>(0))
-            .map_err(sql)?
-            .map(|id| parse_key_id(&id.map_err(sql)?))
-            .collect::<Result<Vec<_>>>()?;
+        let not_backed_up = self.key_ids_where("backed_up = 0 AND material IS NOT NULL")?;
+        let backed_up = self.key_ids_where("backed_up = 1")?;
         let last_backup_at =
             meta_opt::<i64>(&self.conn, "last_backup_at")?.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok());
         let kind_text: String = meta_value(&self.conn, "unseal_kind")?;
@@ -948,6 +932,17 @@ fn write_manifest(tx: &Transaction<'_>, kek: &Kek, store_id: &[u8; 16], epoch: u
 /// Checks the manifest against the epoch and `rows` (read in the same transaction):
 /// [`sealing::check_manifest`]. Any type is read as bytes: an edit that turned the blob
 /// into text or a number is then refused by the tag, like any other edit.
+/// How every change to the key set starts: an immediate (write-locking) transaction and
+/// every row read inside it, checked against the manifest.
+fn begin_change<'c>(conn: &'c mut Connection, kek: &Kek, store_id: &[u8; 16]) -> Result<(Transaction<'c>, Vec<Row>)> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql)?;
+    let rows = load_rows(&tx)?;
+    check_manifest(&tx, kek, store_id, &rows)?;
+    Ok((tx, rows))
+}
+
 fn check_manifest(conn: &Connection, kek: &Kek, store_id: &[u8; 16], rows: &[Row]) -> Result<Manifest> {
     let bytes = meta_bytes(conn, "manifest")?;
     sealing::check_manifest(bytes.as_deref(), || read_epoch(conn), kek, store_id, rows)

@@ -31,6 +31,7 @@ use tokio::net::UnixListener;
 use zeroize::Zeroizing;
 
 use sso_client::{Client, ClientBuilder, Error, Freshness};
+use sso_proto::wire::agent::{AgentStatus, OpenRequest, SealAnswer, SealRequest};
 
 const MAX_BODY: usize = 8 << 20;
 
@@ -446,20 +447,11 @@ fn refusal(e: Error) -> Refusal {
         _ => Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SealRequest {
-    plaintext: String,
-    #[serde(default)]
-    aad: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OpenRequest {
-    envelope: String,
-    #[serde(default)]
-    aad: Option<String>,
+/// A JSON answer from its wire type (`sso_proto::wire::agent`), through a
+/// `serde_json::Value`, so its keys come out sorted as the agent's `json!` bodies' always
+/// did (`the_agent_answers_are_the_bytes_it_wrote_before` pins them).
+fn answer<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    reply(status, &serde_json::to_value(body).unwrap_or_default())
 }
 
 fn b64(s: &str, field: &str) -> Result<Vec<u8>, Refusal> {
@@ -490,15 +482,18 @@ async fn route(req: Request<Incoming>, client: &Client) -> Result<Response<Full<
         (Method::POST, "/v1/seal") => {
             let body = read_body(req).await?;
             let request: SealRequest = sso_daemon::json::parse(&body)?;
-            let plaintext = Zeroizing::new(b64(&request.plaintext, "plaintext")?);
+            let plaintext = Zeroizing::new(b64(request.plaintext_base64(), "plaintext")?);
             let aad = aad(request.aad.as_deref())?;
             let envelope = client.seal(&aad, &plaintext).await.map_err(refusal)?;
             let key_id = sso_proto::EnvelopeRef::parse(&envelope)
                 .map(|e| e.key_id.to_string())
                 .unwrap_or_default();
-            Ok(reply(
+            Ok(answer(
                 StatusCode::OK,
-                &serde_json::json!({"envelope": b64_encode(&envelope), "key_id": key_id}),
+                &SealAnswer {
+                    envelope: b64_encode(&envelope),
+                    key_id,
+                },
             ))
         }
         (Method::POST, "/v1/open") => {
@@ -510,9 +505,9 @@ async fn route(req: Request<Incoming>, client: &Client) -> Result<Response<Full<
             let key_id = sso_proto::EnvelopeRef::parse(&envelope)
                 .map(|e| e.key_id.to_string())
                 .unwrap_or_default();
-            Ok(reply(
+            Ok(sso_daemon::json::reply(
                 StatusCode::OK,
-                &serde_json::json!({"plaintext": b64_encode(&plaintext), "key_id": key_id}),
+                Bytes::from_owner(sso_proto::wire::agent::opened_json(&key_id, &plaintext)),
             ))
         }
         (_, "/v1/status" | "/v1/seal" | "/v1/open") => Err(Refusal::new(
@@ -541,18 +536,18 @@ fn status(client: &Client) -> Response<Full<Bytes>> {
         (Freshness::Stale { .. }, Some(t)) => format!("serving from cache since {t}"),
         _ => "nothing cached: no server has answered yet".to_owned(),
     };
-    reply(
+    answer(
         StatusCode::OK,
-        &serde_json::json!({
-            "status": freshness,
-            "detail": detail,
-            "stale_since": since,
-            "primary": s.primary.map(|k| k.to_string()),
-            "keys": s.keys,
-            "epoch": s.epoch,
-            "endpoint": s.endpoint,
-            "last_error": s.last_error,
-        }),
+        &AgentStatus {
+            detail,
+            endpoint: s.endpoint,
+            epoch: s.epoch,
+            keys: s.keys,
+            last_error: s.last_error,
+            primary: s.primary.map(|k| k.to_string()),
+            stale_since: since,
+            status: freshness.into(),
+        },
     )
 }
 
@@ -569,7 +564,7 @@ async fn read_body(req: Request<Incoming>) -> Result<Zeroizing<Vec<u8>>, Refusal
 #[cfg(feature = "fuzzing")]
 pub(crate) fn fuzz_bodies(data: &[u8]) {
     if let Ok(r) = serde_json::from_slice::<SealRequest>(data) {
-        let _ = b64(&r.plaintext, "plaintext");
+        let _ = b64(r.plaintext_base64(), "plaintext");
         let _ = aad(r.aad.as_deref());
     }
     if let Ok(r) = serde_json::from_slice::<OpenRequest>(data) {
@@ -579,6 +574,82 @@ pub(crate) fn fuzz_bodies(data: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::BodyExt;
+
+    async fn body_of(resp: hyper::Response<http_body_util::Full<bytes::Bytes>>) -> Vec<u8> {
+        resp.into_body().collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    /// The answers moved to `sso_proto::wire::agent`: each must be the bytes the agent
+    /// wrote before, when it built them with `json!` (the expressions below are the old
+    /// code's, fixture and pin at once; the literal strings are what they wrote).
+    #[tokio::test]
+    async fn the_agent_answers_are_the_bytes_it_wrote_before() {
+        let key_id = "0123456789abcdef0123456789abcdef".to_owned();
+        let (envelope, plaintext) = ("U1NPMQ==".to_owned(), b"hello".to_vec());
+        let old_seal = serde_json::json!({"envelope": envelope, "key_id": key_id});
+        let new_seal = body_of(super::answer(
+            hyper::StatusCode::OK,
+            &sso_proto::wire::agent::SealAnswer {
+                envelope: envelope.clone(),
+                key_id: key_id.clone(),
+            },
+        ))
+        .await;
+        assert_eq!(new_seal, serde_json::to_vec(&old_seal).unwrap());
+        assert_eq!(
+            new_seal,
+            br#"{"envelope":"U1NPMQ==","key_id":"0123456789abcdef0123456789abcdef"}"#
+        );
+
+        let old_open = serde_json::json!({"plaintext": super::b64_encode(&plaintext), "key_id": key_id});
+        let new_open = sso_proto::wire::agent::opened_json(&key_id, &plaintext);
+        assert_eq!(*new_open, serde_json::to_vec(&old_open).unwrap());
+        assert_eq!(
+            &new_open[..],
+            br#"{"key_id":"0123456789abcdef0123456789abcdef","plaintext":"aGVsbG8="}"#
+        );
+        let read: sso_proto::wire::agent::OpenAnswer = serde_json::from_slice(&new_open).unwrap();
+        assert_eq!(read.key_id, key_id);
+
+        for (freshness, since, endpoint, error) in [
+            ("fresh", None, Some("https://a:8443".to_owned()), None),
+            (
+                "stale",
+                Some("2026-01-02T03:04:05Z".to_owned()),
+                None,
+                Some("refused".to_owned()),
+            ),
+        ] {
+            let primary = Some(key_id.clone());
+            let old_status = serde_json::json!({
+                "status": freshness,
+                "detail": "d",
+                "stale_since": since,
+                "primary": primary,
+                "keys": 3usize,
+                "epoch": 7u64,
+                "endpoint": endpoint,
+                "last_error": error,
+            });
+            let new_status = body_of(super::answer(
+                hyper::StatusCode::OK,
+                &sso_proto::wire::agent::AgentStatus {
+                    detail: "d".into(),
+                    endpoint: endpoint.clone(),
+                    epoch: 7,
+                    keys: 3,
+                    last_error: error.clone(),
+                    primary: primary.clone(),
+                    stale_since: since.clone(),
+                    status: freshness.into(),
+                },
+            ))
+            .await;
+            assert_eq!(new_status, serde_json::to_vec(&old_status).unwrap(), "{freshness}");
+        }
+    }
+
     #[test]
     fn canned_refusals_are_well_formed_http() {
         for answer in [super::FORBIDDEN, super::TOO_MANY] {

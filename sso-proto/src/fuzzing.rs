@@ -94,6 +94,13 @@ pub fn wire_answers(data: &[u8]) {
     let _ = serde_json::from_slice::<wire::peer::LeaseAnswer>(data);
     let _ = serde_json::from_slice::<wire::peer::LeaseRequest>(data);
     let _ = serde_json::from_slice::<wire::ErrorBody>(data);
+    if let Ok(r) = serde_json::from_slice::<wire::agent::SealRequest>(data) {
+        let _ = r.plaintext_base64();
+    }
+    let _ = serde_json::from_slice::<wire::agent::OpenRequest>(data);
+    let _ = serde_json::from_slice::<wire::agent::OpenAnswer>(data);
+    let _ = serde_json::from_slice::<wire::agent::SealAnswer>(data);
+    let _ = serde_json::from_slice::<wire::agent::AgentStatus>(data);
     let _ = serde_json::from_slice::<wire::answers::StatusAnswer>(data);
     let _ = serde_json::from_slice::<wire::answers::HealthAnswer>(data);
     let _ = serde_json::from_slice::<wire::answers::RotateAnswer>(data);

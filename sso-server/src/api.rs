@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
-use secrecy::ExposeSecret;
 use sso_proto::delivery::{RecipientKey, Sealer};
 use sso_proto::wire::answers::{BackupRequest, RestoreRequest, RetireRequest, RotateRequest};
 use sso_proto::{KeyId, KeyState};
@@ -431,10 +430,10 @@ async fn admin_write(
     };
     let body = read_body(req, state).await?;
     let body_copy = Zeroizing::new(body.to_vec());
-    let (endpoint, key_id, runner) = (route.endpoint, route.key_id, caller.clone());
+    let (endpoint, key_id) = (route.endpoint, route.key_id);
     let run = {
         let state = state.clone();
-        move || async move { run_admin_write(endpoint, key_id, &body, &runner, &state).await }
+        move || async move { run_admin_write(endpoint, key_id, &body, &state).await }
     };
     let Some(key) = key else { return run().await };
     let target = key_id.map(|k| k.to_string()).unwrap_or_default();
@@ -531,12 +530,11 @@ async fn run_admin_write(
     endpoint: Endpoint,
     key_id: Option<KeyId>,
     body: &[u8],
-    caller: &Caller,
     state: &Arc<AppState>,
 ) -> Result<Answer, ApiError> {
     match endpoint {
         Endpoint::Rotate => rotate(body, state).await,
-        Endpoint::Restore => restore(body, caller, state).await,
+        Endpoint::Restore => restore(body, state).await,
         _ => {
             let id = key_id.ok_or_else(|| ApiError::bad_request("missing key id"))?;
             let destroy = endpoint == Endpoint::Destroy;
@@ -850,38 +848,13 @@ impl Parked {
     }
 }
 
-/// Runs `f` on the store on a blocking thread, then republishes the snapshot.
-///
-/// Not unified with `LocalNode::with_store` (state.rs), on purpose: this one republishes
-/// after every successful call, whether or not the epoch moved, because a backup's
-/// `confirm_backup` changes what the snapshot's refresh publishes (the last-backup time
-/// in the metrics) without moving the epoch; it counts integrity errors as alarms; and a
-/// panicked task is a plain 500 `internal`. The domain modules' one (rotation,
-/// replication) republishes only when the epoch moved: they run on every anti-entropy
-/// round, twice a second, and must not rebuild the snapshot for nothing. Making them one
-/// would change either the backup metric or the cost of every round.
+/// [`AppState::publishing`] (which says why there are two `with_store`s), its errors as
+/// the client sees them and a panicked task as a plain 500 `internal`.
 async fn with_store<T: Send + 'static>(
     state: &Arc<AppState>,
     f: impl FnOnce(&mut dyn keystore::Store) -> keystore::Result<T> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
-        let result = f(&mut **store);
-        if let Err(e) = &result
-            && let Some(fault) = e.store_fault()
-        {
-            state.metrics.health.store_failed(fault.to_string());
-        }
-        if let Err(e) = &result {
-            state.metrics.count_if_integrity(e);
-        }
-        let out = result?;
-        state.refresh(&**store)?;
-        Ok(out)
-    })
-    .await
-    .map_err(|_| ApiError::internal())?
+    Ok(state.publishing(f).await.ok_or_else(ApiError::internal)??)
 }
 
 async fn rotate(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
@@ -1225,30 +1198,10 @@ async fn audit_verify(query: Option<&str>, state: &Arc<AppState>) -> Result<Answ
 
 async fn backup(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
     let request: BackupRequest = parse_json(body)?;
-    if request.password.expose_secret().len() < 8 {
-        return Err(ApiError::bad_request(
-            "the backup password must be at least 8 characters",
-        ));
-    }
-    // Export under the store lock, run the KDF and seal without it, confirm under it.
-    let (records, node) = with_store(state, |store| Ok((store.export()?, store.node().to_owned()))).await?;
-    let pending = tokio::task::spawn_blocking(move || {
-        keystore::backup::seal_pending(
-            &records,
-            &request.password,
-            &request.hint,
-            &node,
-            keystore::KdfParams::default(),
-        )
-    })
-    .await
-    .map_err(|_| ApiError::internal())??;
-    let bytes = with_store(state, move |store| {
-        store.confirm_backup(&pending)?;
-        Ok(pending.bytes)
-    })
-    .await?;
-    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    let backed_up = crate::backup::back_up(state, request.password, request.hint)
+        .await
+        .map_err(backup_refusal)?;
+    let mut resp = Response::new(Full::new(Bytes::from(backed_up.bytes)));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/octet-stream"),
@@ -1256,74 +1209,78 @@ async fn backup(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> 
     Ok(audited(resp, None))
 }
 
-async fn restore(body: &[u8], _caller: &Caller, state: &Arc<AppState>) -> Result<Answer, ApiError> {
+async fn restore(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
+    use crate::backup::{RestoreMode, Restored};
     use base64::Engine;
     let request: RestoreRequest = parse_json(body)?;
     let file = base64::engine::general_purpose::STANDARD
         .decode(request.backup.as_bytes())
         .map_err(|_| ApiError::bad_request("backup must be standard base64"))?;
-    // First learn what the pair knows: a node that does not yet know of a destruction
-    // (a fresh node, say) would otherwise take the key's material back from an older
-    // backup. The forward-only merge keeps a known destruction.
-    let peer_checked = match &state.peer {
-        Some(peer) => Some(crate::replication::sync_now(state, peer).await.is_ok()),
-        None => None,
+    let mode = RestoreMode {
+        dry_run: request.dry_run,
+        force: request.force,
     };
-    let dry_run = request.dry_run;
-    let force = request.force;
-    // The KDF runs here, without the store lock; only the merge takes it.
-    let opened = tokio::task::spawn_blocking(move || keystore::backup::open_file(&file, &request.password))
+    let plan_view = |planned: &crate::backup::Planned| sso_proto::wire::answers::RestorePlanView {
+        backup_created_at: sso_proto::wire::answers::rfc3339(planned.backup_created_at),
+        destroyed: planned.plan.destroyed.clone(),
+        known: planned.plan.known,
+        peer_checked: planned.peer_checked,
+        unknown: planned.plan.unknown.clone(),
+    };
+    match crate::backup::restore(state, file, request.password, mode)
         .await
-        .map_err(|_| ApiError::internal())??;
-    let created_at = opened.created_at();
-    let (plan, opened) = with_store(state, move |store| Ok((store.restore_plan(&opened)?, opened))).await?;
-    let plan_view = sso_proto::wire::answers::RestorePlanView {
-        backup_created_at: sso_proto::wire::answers::rfc3339(created_at),
-        destroyed: plan.destroyed.clone(),
-        known: plan.known,
-        peer_checked,
-        unknown: plan.unknown.clone(),
-    };
-    if dry_run {
-        return Ok(audited(
+        .map_err(backup_refusal)?
+    {
+        Restored::DryRun(planned) => Ok(audited(
             json_answer(
                 StatusCode::OK,
                 &sso_proto::wire::answers::RestoreDryRun {
                     dry_run: true,
-                    plan: plan_view,
+                    plan: plan_view(&planned),
                 },
             ),
             Some("dry run".into()),
-        ));
+        )),
+        Restored::Merged { planned, report } => {
+            let answer = sso_proto::wire::answers::Restored {
+                added: report.added,
+                advanced: report.advanced,
+                epoch: report.epoch,
+                plan: plan_view(&planned),
+                unchanged: report.unchanged,
+            };
+            Ok(audited(
+                json_answer(StatusCode::OK, &answer),
+                Some(format!(
+                    "added {}, advanced {}, kept destroyed {}{}",
+                    report.added,
+                    report.advanced,
+                    planned.plan.destroyed.len(),
+                    if mode.force { " (forced)" } else { "" }
+                )),
+            ))
+        }
     }
-    if peer_checked == Some(false) && !plan.unknown.is_empty() && !force {
-        return Err(ApiError::new(
+}
+
+/// A backup's or a restore's refusal, as the client sees it.
+fn backup_refusal(e: crate::backup::BackupError) -> ApiError {
+    use crate::backup::BackupError as E;
+    match e {
+        E::ShortPassword => ApiError::bad_request(format!(
+            "the backup password must be at least {} characters",
+            crate::backup::MIN_PASSWORD_LEN
+        )),
+        E::Store(e) => e.into(),
+        E::Unconfirmed { unknown } => ApiError::new(
             StatusCode::CONFLICT,
             "restore_unconfirmed",
             format!(
-                "the peer could not be reached, so this node cannot know whether the pair destroyed any of the {} key(s) the backup would add; nothing was restored (restore once the peer answers, or with force)",
-                plan.unknown.len()
+                "the peer could not be reached, so this node cannot know whether the pair destroyed any of the {unknown} key(s) the backup would add; nothing was restored (restore once the peer answers, or with force)"
             ),
-        ));
+        ),
+        E::Internal => ApiError::internal(),
     }
-    let report = with_store(state, move |store| store.restore_opened(&opened)).await?;
-    let answer = sso_proto::wire::answers::Restored {
-        added: report.added,
-        advanced: report.advanced,
-        epoch: report.epoch,
-        plan: plan_view,
-        unchanged: report.unchanged,
-    };
-    Ok(audited(
-        json_answer(StatusCode::OK, &answer),
-        Some(format!(
-            "added {}, advanced {}, kept destroyed {}{}",
-            report.added,
-            report.advanced,
-            plan.destroyed.len(),
-            if force { " (forced)" } else { "" }
-        )),
-    ))
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {

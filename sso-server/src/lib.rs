@@ -20,6 +20,7 @@
 //! - [`replication`]: anti-entropy as domain logic (the round, its server side, the
 //!   periodic and on-demand rounds with their metrics and alarms).
 //! - [`rotation`]: rotation serialised across the pair (domain logic, no HTTP).
+//! - [`backup`]: backup and restore (domain logic, no HTTP).
 //! - [`dev`]: `--dev`, the embedded default.
 //!
 //! A request flows: TCP accept (connection cap) → TLS handshake (timeout, client
@@ -31,6 +32,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod connections;

@@ -89,6 +89,43 @@ pub struct AppState {
     pub idempotency_secret: ring::hmac::Key,
 }
 
+impl AppState {
+    /// Runs `f` on the store on a blocking thread, then republishes the snapshot; `None`
+    /// when the task panicked. The admin handlers and `backup` use it.
+    ///
+    /// Not unified with `LocalNode::with_store` (below), on purpose: this one republishes
+    /// after every successful call, whether or not the epoch moved, because a backup's
+    /// `confirm_backup` changes what the snapshot's refresh publishes (the last-backup time
+    /// in the metrics) without moving the epoch; and it counts integrity errors as alarms.
+    /// The domain modules' one (rotation, replication) republishes only when the epoch
+    /// moved: they run on every anti-entropy round, twice a second, and must not rebuild
+    /// the snapshot for nothing. Making them one would change either the backup metric or
+    /// the cost of every round.
+    pub async fn publishing<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut dyn Store) -> keystore::Result<T> + Send + 'static,
+    ) -> Option<keystore::Result<T>> {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
+            let result = f(&mut **store);
+            if let Err(e) = &result
+                && let Some(fault) = e.store_fault()
+            {
+                state.metrics.health.store_failed(fault.to_string());
+            }
+            if let Err(e) = &result {
+                state.metrics.count_if_integrity(e);
+            }
+            let out = result?;
+            state.refresh(&**store)?;
+            Ok(out)
+        })
+        .await
+        .ok()
+    }
+}
+
 impl crate::rotation::LocalNode for Arc<AppState> {
     fn node(&self) -> &str {
         &self.node
@@ -99,7 +136,7 @@ impl crate::rotation::LocalNode for Arc<AppState> {
     }
 
     /// Republishes the snapshot only when the epoch moved (anti-entropy calls this twice a
-    /// second); `api::with_store` says why the admin handlers' helper differs.
+    /// second); [`AppState::publishing`] says why the admin handlers' helper differs.
     async fn with_store<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn Store) -> keystore::Result<T> + Send + 'static,

@@ -12,8 +12,9 @@
 //! - `answers`: the servers' answers read for people (shared by `commands` and `doctor`).
 //!
 //! Exit codes: 0 success, 1 and 2 `ssoctl doctor` found warnings only / a failure,
-//! 64 usage, 65 integrity or damaged data, 66 not found, 69 unavailable, 70 internal, 74 the server's store cannot be written (disk full,
-//! read-only, I/O error), 77 authentication or permission denied. docs/operations.md has
+//! 64 usage, 65 integrity or damaged data, 66 not found, 69 unavailable (a server, the
+//! peer, or the store's database down), 70 internal, 74 the server's store cannot be
+//! written (disk full, read-only, I/O error), 77 authentication or permission denied. docs/operations.md has
 //! the table with remedies.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -39,13 +40,15 @@ pub const EX_USAGE: u8 = 64;
 pub const EX_DATAERR: u8 = 65;
 /// Exit code: something named does not exist (key, file, store).
 pub const EX_NOINPUT: u8 = 66;
-/// Exit code: no server could be reached.
+/// Exit code: no server could be reached, or the store's database is down (PostgreSQL:
+/// waiting, or bringing it back, helps).
 pub const EX_UNAVAILABLE: u8 = 69;
 /// Exit code: internal error.
 pub const EX_SOFTWARE: u8 = 70;
 /// Exit code: the server's store cannot be written (disk full, read-only, I/O error;
 /// error code `store_unavailable`). Distinct from 69: waiting does not help, someone must
-/// fix the disk.
+/// fix the disk. A `store_unavailable` whose cause is the database server (down,
+/// unreachable) is 69 instead.
 pub const EX_IOERR: u8 = 74;
 /// Exit code: authentication or permission denied (wrong password, certificate refused,
 /// 403).
@@ -121,6 +124,19 @@ impl From<keystore::Error> for Failure {
                 "pass the secret with --password-file, the environment variable, or at the prompt",
             ),
             E::Io { .. } => (EX_NOINPUT, "check the path and its permissions"),
+            // The store's database is down or unreachable: unavailable, as a server that is
+            // down (SPEC 8); waiting helps. A disk that refused needs fixing (74).
+            E::Storage(_) => match e.store_fault() {
+                Some(fault) if fault.is_database_outage() => (
+                    EX_UNAVAILABLE,
+                    "nothing was changed; start the database or fix the way to it as the message says, then run the command again",
+                ),
+                Some(_) => (
+                    EX_IOERR,
+                    "nothing was changed; fix the store's filesystem as the message says, then run the command again",
+                ),
+                None => (EX_SOFTWARE, "see the message above"),
+            },
             _ => (EX_SOFTWARE, "see the message above"),
         };
         Self::new(code, e, hint)

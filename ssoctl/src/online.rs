@@ -384,6 +384,11 @@ fn answer(status: u16, body: Zeroizing<Vec<u8>>) -> Result<Zeroizing<Vec<u8>>, F
             message,
             "the backup is damaged or not a backup: use another copy",
         ),
+        (503, "store_unavailable") if keystore::StoreFault::message_is_database_outage(&message) => Failure::new(
+            EX_UNAVAILABLE,
+            message,
+            "nothing was changed; the server's database is down or unreachable from it: retry once the database is back (the nodes reconnect by themselves; /v1/health says `ok` again)",
+        ),
         (503, "store_unavailable") => Failure::new(
             EX_IOERR,
             message,

@@ -654,6 +654,16 @@ fn slow_sync_pair(d: &Path) -> tests::pair::Pair {
     pair
 }
 
+/// Waits (up to 20 s) until B, which starts empty, has pulled A's first key.
+fn wait_until_b_holds_a_primary(pair: &tests::pair::Pair) {
+    let b = pair.b.url();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while status_json(pair, &b)["primary"].is_null() {
+        assert!(std::time::Instant::now() < deadline, "B never got A's key");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// `ssoctl --server URL` with the pair's admin certificate.
 fn on(pair: &tests::pair::Pair, url: &str, args: &[&str]) -> Run {
     let admin = pair.pki.client("admin");
@@ -688,11 +698,7 @@ fn pair_status_shows_no_lag_after_a_rotation_and_pair_wide_backup_coverage() {
     let pair = slow_sync_pair(d);
     let (a, b) = (pair.a.url(), pair.b.url());
     // B starts empty and pulls A's first key in its first round.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while status_json(&pair, &b)["primary"].is_null() {
-        assert!(std::time::Instant::now() < deadline, "B never got A's key");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until_b_holds_a_primary(&pair);
     let r = on(&pair, &a, &["rotate"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("replication replicated"), "{}", r.stdout);
@@ -726,11 +732,7 @@ fn restoring_an_old_backup_never_brings_back_a_destroyed_key_silently() {
     let d = dir.path();
     let mut pair = slow_sync_pair(d);
     let (a, b) = (pair.a.url(), pair.b.url());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while status_json(&pair, &b)["primary"].is_null() {
-        assert!(std::time::Instant::now() < deadline, "B never got A's key");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until_b_holds_a_primary(&pair);
     let old = status_json(&pair, &a)["primary"].as_str().unwrap().to_owned();
     assert_eq!(on(&pair, &a, &["rotate"]).code, 0);
     let pw = pw_file(d, "b.pw", "a good backup password");
@@ -940,11 +942,7 @@ fn doctor_sees_a_stopped_peer() {
     pair.a.start();
     pair.b.start();
     let (a, b) = (pair.a.url(), pair.b.url());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while status_json(&pair, &b)["primary"].is_null() {
-        assert!(std::time::Instant::now() < deadline, "B never got A's key");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until_b_holds_a_primary(&pair);
     let pw = pw_file(d, "b.pw", "a good backup password");
     let out = d.join("pair.ssob");
     let r = on(
@@ -1060,11 +1058,7 @@ fn doctor_warns_when_the_nodes_disagree_on_the_primary() {
     pair.a.start();
     pair.b.start();
     let (a, b) = (pair.a.url(), pair.b.url());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while status_json(&pair, &b)["primary"].is_null() {
-        assert!(std::time::Instant::now() < deadline, "B never got A's key");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_until_b_holds_a_primary(&pair);
     pair.relay_ab.cut();
     pair.relay_ba.cut();
     let r = on(&pair, &a, &["rotate", "--allow-degraded"]);

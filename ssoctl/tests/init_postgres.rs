@@ -98,6 +98,44 @@ fn init_with_a_postgresql_url_creates_the_schema_the_first_key_and_the_first_bac
     assert!(stderr.contains("hint:"), "{stderr}");
 }
 
+/// A database that is down is unavailable (69, EX_UNAVAILABLE: SPEC 8's "unavailable";
+/// retrying once it is up helps), not an internal error (70, before) nor a disk to fix (74).
+#[test]
+fn init_against_a_database_that_is_down_exits_unavailable_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Nothing listens on a port just released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgresql://postgres@127.0.0.1:{port}/sso");
+    let pw = d.join("backup.pw");
+    std::fs::write(&pw, "first backup password").unwrap();
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (code, _, stderr) = ssoctl(&[
+        "init",
+        "--store",
+        &url,
+        "--node",
+        "node-1",
+        "--key-file",
+        &d.join("unseal.key").display().to_string(),
+        "--backup-out",
+        &d.join("first.ssob").display().to_string(),
+        "--password-file",
+        &pw.display().to_string(),
+    ]);
+    assert_eq!(code, 69, "{stderr}");
+    assert!(stderr.contains("error: ") && stderr.contains("PostgreSQL"), "{stderr}");
+    assert!(
+        stderr.contains("hint: ") && stderr.contains("database"),
+        "the hint does not say what to do about the database: {stderr}"
+    );
+    assert!(!d.join("first.ssob").exists(), "a backup was written");
+}
+
 #[test]
 fn doctor_does_not_check_a_postgresql_store_as_a_local_file() {
     let dir = tempfile::tempdir().unwrap();

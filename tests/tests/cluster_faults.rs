@@ -1,6 +1,7 @@
 //! Issue 14's faults on a cluster: three real sso-server nodes on one throwaway PostgreSQL
 //! (no mocks). The database stopped and started again; a node SIGKILLed under a client
-//! holding all three endpoints; a bounded chaos run of both with rotations throughout.
+//! holding all three endpoints; one node cut from the database alone; a bounded chaos run
+//! of restarts and SIGKILLs with rotations throughout.
 //!
 //! One PostgreSQL serves the whole binary (each test takes a fresh database); the tests
 //! run one at a time (`SERIAL`), because the outage test stops that PostgreSQL.
@@ -163,6 +164,37 @@ async fn a_database_outage_under_three_nodes_serves_reads_refuses_writes_and_hea
             started.elapsed()
         );
     }
+    // ssoctl: the database is down, so unavailable (69, as for a server that is down:
+    // retrying once it is back helps), not 74 (a disk to fix) as before.
+    let admin = nodes.pki.client("admin");
+    let out = std::process::Command::new(tests::bin("ssoctl"))
+        .arg("--server")
+        .arg(nodes.nodes[1].url())
+        .arg("--ca")
+        .arg(&nodes.pki.ca_file)
+        .arg("--cert")
+        .arg(&admin.cert)
+        .arg("--key")
+        .arg(&admin.key)
+        .arg("rotate")
+        .env_remove("SSOCTL_SERVER")
+        .env_remove("SSOCTL_DEV")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "ssoctl rotate with the database down: {stderr}"
+    );
+    assert!(
+        stderr.contains("error: the store could not be written: database unreachable"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("hint: ") && stderr.contains("database is back") && !stderr.contains("disk"),
+        "{stderr}"
+    );
     for (i, w) in watches.iter().enumerate() {
         assert!(
             !w.is_finished(),
@@ -655,4 +687,72 @@ async fn chaos_three_nodes_with_database_restarts_and_sigkills() {
     ] {
         assert!(n > 0, "no {what} in this run: it proves nothing about them");
     }
+}
+
+/// Node 3 alone cut from the database (its URL goes through a relay the test cuts): it
+/// serves its last snapshot, refuses writes (503 `store_unavailable`) and says degraded,
+/// while nodes 1 and 2 stay healthy and rotate; healed, node 3 catches up with their
+/// rotation (the feed's resync or the 2 s epoch check) and writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_from_the_database_alone_serves_its_snapshot_and_catches_up_when_healed() {
+    let _serial = SERIAL.lock().await;
+    let url = pg().fresh_database();
+    let mut nodes = PgNodes::start(url.clone(), &[100, 100, 100]).await;
+    let relay = tests::pair::Relay::start(std::net::SocketAddr::from(([127, 0, 0, 1], pg().port())));
+    let via_relay = url.replacen(&format!(":{}/", pg().port()), &format!(":{}/", relay.port), 1);
+    assert_ne!(via_relay, url);
+    nodes.nodes[2].kill();
+    nodes.nodes[2]
+        .setup
+        .edit(|c| c.store.path = std::path::PathBuf::from(&via_relay));
+    tokio::task::block_in_place(|| nodes.nodes[2].start());
+    let before = nodes.keyring(2).await.unwrap();
+
+    relay.cut();
+    let health = health_until(&nodes, 2, "degraded", Duration::from_secs(8)).await;
+    assert!(health["problems"].to_string().contains("store"), "{health}");
+    assert_store_unavailable(&rotate(&nodes, 2).await, "rotate on the cut node-3");
+    for i in 0..2 {
+        health_until(&nodes, i, "ok", Duration::from_secs(1)).await;
+    }
+    let new = nodes.admin(0).rotate().await["key_id"].as_str().unwrap().to_owned();
+    // Nodes 1 and 2 have it; node 3 serves what it had.
+    for i in 0..2 {
+        let ring = nodes.keyring(i).await.unwrap();
+        let ok = ring["primary"] == new.as_str() || {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            nodes.keyring(i).await.unwrap()["primary"] == new.as_str()
+        };
+        assert!(ok, "node-{} did not take node-1's rotation", i + 1);
+    }
+    let cut_off = nodes.keyring(2).await.unwrap();
+    assert_eq!(cut_off, before, "the cut node-3 served another keyring");
+
+    relay.heal();
+    let healed = Instant::now();
+    loop {
+        if nodes.keyring(2).await.is_some_and(|r| r["primary"] == new.as_str()) {
+            break;
+        }
+        assert!(
+            healed.elapsed() < Duration::from_secs(4),
+            "node-3 did not catch up with node-1's rotation within 4 s of the heal"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let caught_up = healed.elapsed();
+    let rotated = loop {
+        let reply = rotate(&nodes, 2).await;
+        if reply.status == 200 {
+            break healed.elapsed();
+        }
+        assert!(
+            healed.elapsed() < Duration::from_secs(4),
+            "node-3 could not rotate within 4 s of the heal: {:?}",
+            reply.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    health_until(&nodes, 2, "ok", Duration::from_secs(3)).await;
+    eprintln!("node-3 cut alone: caught up {caught_up:?} after the heal, rotated {rotated:?} after it");
 }

@@ -15,6 +15,7 @@
 //! leave unwiped copies); every other body is a serde type here, written by the server
 //! with `serde_json` and read by its clients with the same type.
 
+pub mod agent;
 pub mod answers;
 pub mod exact;
 pub mod keyring;
