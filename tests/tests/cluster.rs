@@ -1,23 +1,18 @@
 //! Issue 14: three real sso-server processes on one throwaway PostgreSQL (no mocks). A
 //! rotation made on one node reaches the watchers of another through the change feed.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use keystore::postgres::PgStore;
-use keystore::{CreateOptions, UnsealKey};
 use pg_throwaway::PgCluster;
-use tests::{Client, Pki, ServerSetup, TestServer, bin};
+use tests::Client;
+use tests::cluster::PgNodes;
 
-/// Three nodes sharing one database (`node-1`..`node-3`), and their clients.
+/// Three nodes sharing one database (`node-1`..`node-3`), and a client and an admin
+/// client of each.
 struct Cluster {
-    // Declared first: the servers stop before the database and the directory go.
-    nodes: Vec<TestServer>,
     admins: Vec<Client>,
     clients: Vec<Client>,
-    #[allow(dead_code)]
-    pki: Pki,
-    _dir: tempfile::TempDir,
+    nodes: PgNodes,
 }
 
 async fn three_nodes(pg: &PgCluster) -> Cluster {
@@ -26,36 +21,11 @@ async fn three_nodes(pg: &PgCluster) -> Cluster {
 
 /// [`three_nodes`] with each node's staging pause (ms).
 async fn three_nodes_with(pg: &PgCluster, pauses: [u64; 3]) -> Cluster {
-    let url = pg.fresh_database();
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().to_path_buf();
-    let key_file = root.join("unseal.key");
-    let (u, k) = (url.clone(), key_file.clone());
-    tokio::task::spawn_blocking(move || {
-        let key = UnsealKey::generate_key_file(&k).unwrap();
-        PgStore::init(&u, &key, &CreateOptions::new("node-1")).unwrap();
-    })
-    .await
-    .unwrap();
-    let pki = Pki::new(&root.join("pki"));
-    let mut nodes = Vec::new();
-    let (mut admins, mut clients) = (Vec::new(), Vec::new());
-    for i in 1..=3 {
-        let name = format!("node-{i}");
-        let setup = ServerSetup::standard(&root.join(&name), &pki, &name);
-        setup.use_store(Path::new(&url), &key_file);
-        setup.edit(|c| c.rotation.staging_pause_ms = pauses[i - 1]);
-        let server = TestServer::start(&bin("sso-server"), &setup.config, &root.join(format!("{name}.log")));
-        admins.push(Client::new(server.https, &pki.ca_file, Some(&pki.client("admin"))));
-        clients.push(Client::new(server.https, &pki.ca_file, Some(&pki.client("client"))));
-        nodes.push(server);
-    }
+    let nodes = PgNodes::start(pg.fresh_database(), &pauses).await;
     Cluster {
+        admins: (0..3).map(|i| nodes.admin(i)).collect(),
+        clients: (0..3).map(|i| nodes.client(i)).collect(),
         nodes,
-        admins,
-        clients,
-        pki,
-        _dir: dir,
     }
 }
 
@@ -91,11 +61,7 @@ async fn a_watcher_on_node_3_sees_a_rotation_made_on_node_1_in_under_a_second() 
     let after = before["epoch"].as_u64().unwrap();
     // The watch is open on node 3 before the rotation starts on node 1.
     let watcher = {
-        let client = Client::new(
-            cluster.nodes[2].https,
-            &cluster.pki.ca_file,
-            Some(&cluster.pki.client("client")),
-        );
+        let client = cluster.nodes.client(2);
         tokio::spawn(async move {
             // The key id is not known yet: watch for any change, then for the primary.
             let first = client.get(&format!("/v1/keyring/watch?after={after}")).await.unwrap();
@@ -142,11 +108,7 @@ async fn concurrent_rotations_on_three_nodes_never_share_a_generation_and_the_hi
     let mut tasks = Vec::new();
     for round in 0..2 {
         for node in 0..3 {
-            let admin = Client::new(
-                cluster.nodes[node].https,
-                &cluster.pki.ca_file,
-                Some(&cluster.pki.client("admin")),
-            );
+            let admin = cluster.nodes.admin(node);
             tasks.push(tokio::spawn(async move {
                 let reply = admin.post("/v1/admin/rotate", &serde_json::json!({})).await.unwrap();
                 (round, node, reply, started.elapsed())
@@ -217,11 +179,7 @@ async fn a_rotation_is_never_acknowledged_for_a_key_promoted_under_a_higher_one(
     let cluster = three_nodes_with(&pg, [1500, 50, 250]).await;
     let started = Instant::now();
     let slow = {
-        let admin = Client::new(
-            cluster.nodes[0].https,
-            &cluster.pki.ca_file,
-            Some(&cluster.pki.client("admin")),
-        );
+        let admin = cluster.nodes.admin(0);
         tokio::spawn(async move {
             let r = admin.post("/v1/admin/rotate", &serde_json::json!({})).await.unwrap();
             (r, started.elapsed())
