@@ -67,14 +67,10 @@ pub fn normalise_time(key_id: KeyId, t: OffsetDateTime) -> Result<OffsetDateTime
         .map_err(|_| malformed(key_id, "creation time out of range"))
 }
 
-/// What a node name may be: it names keys' origin, audit entries and health answers.
-pub const NODE_NAME_RULE: &str = "1-64 characters of letters, digits, '-', '_' or '.'";
-
-/// Whether `name` is a valid node name ([`NODE_NAME_RULE`]); the server's config and
-/// `ssoctl init` both ask here, so a store is never made for a name the server refuses.
-pub fn is_valid_node_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-}
+/// The node-name rule lives in sso-proto (the peer's contact headers read node names
+/// too); the server's config and `ssoctl init` ask here, so a store is never made for a
+/// name the server refuses.
+pub use sso_proto::key::{NODE_NAME_RULE, is_valid_node_name};
 
 /// Checks an origin's length and characters.
 pub fn check_origin(key_id: KeyId, origin: &str) -> Result<()> {

@@ -274,6 +274,15 @@ impl fmt::Debug for KeyRecord {
     }
 }
 
+/// What a node name may be: it names keys' origin, audit entries, health answers and the
+/// peer's contact headers.
+pub const NODE_NAME_RULE: &str = "1-64 characters of letters, digits, '-', '_' or '.'";
+
+/// Whether `name` is a valid node name ([`NODE_NAME_RULE`]).
+pub fn is_valid_node_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

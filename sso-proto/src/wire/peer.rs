@@ -171,13 +171,11 @@ pub struct PeerContact {
 
 /// Reads the two contact headers (outside input: fuzzed by `wire_answers`); `None` when
 /// either is missing (a peer that predates them) or malformed. A node name is 1-64
-/// letters, digits, `-`, `_` or `.`, as keystore's `NODE_NAME_RULE` says.
+/// letters, digits, `-`, `_` or `.` ([`crate::key::NODE_NAME_RULE`]).
 pub fn parse_contact(node: Option<&[u8]>, epoch: Option<&[u8]>) -> Option<PeerContact> {
     let node = std::str::from_utf8(node?).ok()?;
-    let valid =
-        !node.is_empty() && node.len() <= 64 && node.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     let epoch = std::str::from_utf8(epoch?).ok()?;
-    if !valid || epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_digit()) {
+    if !crate::key::is_valid_node_name(node) || epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     Some(PeerContact {
