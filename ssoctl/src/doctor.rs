@@ -733,14 +733,11 @@ fn primaries(nodes: &[NodeStatus]) -> Option<Check> {
     if nodes.len() < 2 {
         return None;
     }
-    let named = |n: &NodeStatus| {
-        let id = n.status.primary.map_or_else(|| "none".to_owned(), |k| k.to_string());
-        format!("{} {id}", node_name(n))
-    };
+    let shown = |primary: Option<sso_proto::KeyId>| primary.map_or_else(|| "none".to_owned(), |k| k.to_string());
     let first = nodes[0].status.primary;
     Some(if nodes.iter().all(|n| n.status.primary == first) {
         let names: Vec<&str> = nodes.iter().map(node_name).collect();
-        let id = first.map_or_else(|| "none".to_owned(), |k| k.to_string());
+        let id = shown(first);
         check(
             Level::Ok,
             "primary",
@@ -748,7 +745,10 @@ fn primaries(nodes: &[NodeStatus]) -> Option<Check> {
             "",
         )
     } else {
-        let all: Vec<String> = nodes.iter().map(named).collect();
+        let all: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("{} {}", node_name(n), shown(n.status.primary)))
+            .collect();
         check(
             Level::Warn,
             "primary",
