@@ -20,18 +20,11 @@ pub(crate) fn create_private(path: &Path) -> Result<File, Error> {
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one:
 /// a private temporary file beside it, fsync, rename, fsync of the directory.
 pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let tmp = temp_sibling(path);
-    let result = (|| {
-        let mut file = create_private(&tmp)?;
-        file.write_all(bytes).map_err(|source| Error::io(&tmp, source))?;
-        file.sync_all().map_err(|source| Error::io(&tmp, source))?;
-        fs::rename(&tmp, path).map_err(|source| Error::io(path, source))?;
-        sync_parent(path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    replace_together(&[Replacement {
+        path,
+        bytes,
+        private: true,
+    }])
 }
 
 /// One file of [`replace_together`].
