@@ -480,8 +480,25 @@ impl TestServer {
             return None;
         };
         let key = keystore::UnsealKey::key_file(&resolve(key_file)).ok()?;
-        let store = keystore::SealedStore::open(&resolve(&config.store.path), &key).ok()?;
-        let records = store.export().ok()?;
+        let records = match config.store.database_url() {
+            // A cluster node's store (tests/tests/cluster_attack.rs
+            // `the_leak_check_covers_nodes_on_postgresql`). PgStore blocks on a runtime of its
+            // own, so it is opened on a thread outside the test's runtime.
+            Some(url) => {
+                let (url, node) = (url.to_owned(), config.node.clone());
+                std::thread::spawn(move || {
+                    keystore::postgres::PgStore::open(&url, &key, &node)
+                        .and_then(|store| keystore::Store::export(&store))
+                        .ok()
+                })
+                .join()
+                .ok()??
+            }
+            None => keystore::SealedStore::open(&resolve(&config.store.path), &key)
+                .ok()?
+                .export()
+                .ok()?,
+        };
         let b64 = base64::engine::general_purpose::STANDARD;
         let files = [self.log.clone(), resolve(&config.audit.path)];
         for record in records {

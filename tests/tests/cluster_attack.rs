@@ -296,3 +296,44 @@ async fn a_node_whose_name_is_taken_while_it_runs_says_so_and_takes_it_back() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Every process test's leak check (`TestServer`'s drop) covers nodes on PostgreSQL too: a
+/// key's bytes planted in a node's log are found. Before, the check opened only SQLite
+/// stores and silently passed every cluster node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leak_check_covers_nodes_on_postgresql() {
+    use keystore::Store as _;
+    let pg = PgCluster::start();
+    let mut nodes = PgNodes::start(pg.fresh_database(), &[250]).await;
+    let mut server = nodes.nodes[0].server.take().unwrap();
+    server.kill();
+    assert_eq!(
+        server.key_material_in_logs(),
+        None,
+        "a leak before anything was planted"
+    );
+    let key = keystore::UnsealKey::key_file(&nodes.root.join("unseal.key")).unwrap();
+    let url = nodes.url.clone();
+    let (primary, record) = tokio::task::spawn_blocking(move || {
+        let store = keystore::postgres::PgStore::open(&url, &key, "node-1").unwrap();
+        let primary = store.primary().unwrap().unwrap().key_id;
+        (primary, store.export_key(primary).unwrap())
+    })
+    .await
+    .unwrap();
+    let secret = record.secret.as_ref().unwrap();
+    let planted = format!("\nplanted {}\n", hex::encode(secret.expose_secret()));
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&nodes.nodes[0].log)
+        .unwrap();
+    std::io::Write::write_all(&mut log, planted.as_bytes()).unwrap();
+    let found = server.key_material_in_logs();
+    // Disarm the drop's own check: the plant is this test's doing.
+    std::fs::write(&nodes.nodes[0].log, "").unwrap();
+    drop(server);
+    assert!(
+        found.as_deref().is_some_and(|f| f.contains(&primary.to_string())),
+        "the planted key was not found: {found:?}"
+    );
+}
