@@ -37,33 +37,6 @@ use sso_proto::wire::agent::{AgentStatus, OpenRequest, SealAnswer, SealRequest};
 
 const MAX_BODY: usize = 8 << 20;
 
-/// The port `sso-server --dev` serves on unless its `server.toml` says otherwise.
-pub const DEV_PORT: u16 = 7443;
-
-/// The URL of the dev server whose files are in `dir`: the port of `listen` in
-/// `DIR/server.toml` (an operator may have moved it), or [`DEV_PORT`] before the dev
-/// server has written that file. Used by `sso-agent --dev` and `ssoctl --dev`.
-pub fn dev_endpoint(dir: &Path) -> Result<String, String> {
-    #[derive(Deserialize)]
-    struct Listen {
-        listen: String,
-    }
-    let path = dir.join("server.toml");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(format!("https://localhost:{DEV_PORT}")),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    let listen: Listen = toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
-    let port = listen
-        .listen
-        .parse::<std::net::SocketAddr>()
-        .map_err(|e| format!("{}: listen = {:?}: {e}", path.display(), listen.listen))?
-        .port();
-    // The dev server certificate names localhost, not the address.
-    Ok(format!("https://localhost:{port}"))
-}
-
 /// The agent's TOML configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,11 +119,11 @@ impl AgentConfig {
     }
 
     /// The config `sso-agent --dev DIR` uses: the dev server at the address its
-    /// `DIR/server.toml` names ([`dev_endpoint`]), the dev client certificate,
+    /// `DIR/server.toml` names ([`sso_devdir::dev_endpoint`]), the dev client certificate,
     /// `DIR/agent.sock` with mode 0600 for this uid only.
     pub fn dev(dir: &Path) -> Result<Self, String> {
         Ok(Self {
-            endpoints: vec![dev_endpoint(dir)?],
+            endpoints: vec![sso_devdir::dev_endpoint(dir)?],
             ca: dir.join("ca.pem"),
             cert: dir.join("client.pem"),
             key: dir.join("client-key.pem"),
