@@ -58,35 +58,35 @@ fn tls_when_the_url_asks_for_it_verified_against_the_named_ca() {
     let tls = format!("{url}?sslmode=require&sslrootcert={}", ca_file.display());
     // A database that speaks TLS 1.3 is spoken to in 1.3.
     assert_eq!(db.init_over(&tls), "TLSv1.3");
-    assert_eq!(PgStore::open(&tls, &key, "node-2").unwrap().list().unwrap().len(), 1);
+    assert_eq!(PgStore::open(&tls, key, "node-2").unwrap().list().unwrap().len(), 1);
 
     // libpq's spelling of the same check (chain and host name) is accepted too: operators
     // write `verify-full` (docs/cluster.md); `verify-ca` (chain only) is refused, saying
     // that the host name is always checked.
     let full = format!("{url}?sslmode=verify-full&sslrootcert={}", ca_file.display());
-    assert_eq!(PgStore::open(&full, &key, "node-2").unwrap().list().unwrap().len(), 1);
+    assert_eq!(PgStore::open(&full, key, "node-2").unwrap().list().unwrap().len(), 1);
     let wrong_full = format!("{url}?sslmode=verify-full&sslrootcert={}", other_file.display());
     assert!(matches!(
-        PgStore::open(&wrong_full, &key, "node-2"),
+        PgStore::open(&wrong_full, key, "node-2"),
         Err(Error::Storage(_))
     ));
     let err = PgStore::open(
         &format!("{url}?sslmode=verify-ca&sslrootcert={}", ca_file.display()),
-        &key,
+        key,
         "node-2",
     )
     .unwrap_err();
     assert!(err.to_string().contains("verify-full"), "{err}");
 
     // Without TLS the server refuses (hostnossl reject): a storage error with a remedy.
-    let err = PgStore::open(&format!("{url}?sslmode=disable"), &key, "node-2").unwrap_err();
+    let err = PgStore::open(&format!("{url}?sslmode=disable"), key, "node-2").unwrap_err();
     assert!(matches!(err, Error::Storage(_)), "{err}");
     // A certificate from another CA fails verification.
     let wrong = format!("{url}?sslmode=require&sslrootcert={}", other_file.display());
-    let err = PgStore::open(&wrong, &key, "node-2").unwrap_err();
+    let err = PgStore::open(&wrong, key, "node-2").unwrap_err();
     assert!(matches!(err, Error::Storage(_)), "{err}");
     // sslmode=require without a CA is refused before connecting, saying what to add.
-    let err = PgStore::open(&format!("{url}?sslmode=require"), &key, "node-2").unwrap_err();
+    let err = PgStore::open(&format!("{url}?sslmode=require"), key, "node-2").unwrap_err();
     assert!(err.to_string().contains("sslrootcert"), "{err}");
 }
 
