@@ -821,7 +821,7 @@ impl PgStore {
     /// Opens the change feed of the database this store lives in (see [`ChangeFeed`]).
     /// Must be called inside a tokio runtime with time and I/O enabled.
     pub fn change_feed(&self) -> Result<ChangeFeed> {
-        ChangeFeed::start_target(self.target.clone(), self.options)
+        ChangeFeed::start_target(self.target.clone(), self.options, None)
     }
 
     /// Runs one attempt of `op` on the connection (reconnecting first when there is
@@ -1315,6 +1315,68 @@ pub struct FeedState {
     pub resyncs: u64,
     /// Whether the feed is listening now.
     pub connected: bool,
+    /// Whether this feed holds its node's name (only a feed started with
+    /// [`ChangeFeed::start_for_node`] claims one).
+    pub name: NameClaim,
+}
+
+/// Whether a node holds its name in the database. Two processes with one node name on one
+/// database would overwrite each other's audit anchor (kept per node name) and stamp their
+/// keys with one origin (attack14, tests/tests/cluster_attack.rs
+/// `a_second_node_with_a_running_nodes_name_is_refused`), so a node's change feed takes a
+/// session advisory lock keyed by the name on every connection it opens, and the server
+/// refuses to start without it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NameClaim {
+    /// Not connected, or the feed claims no name.
+    #[default]
+    Unknown,
+    /// The feed's connection holds the name.
+    Held,
+    /// Another live connection holds it: another process runs with this node name (or
+    /// one that died has not yet been noticed by PostgreSQL; see [`NAME_RELEASE`]). The
+    /// feed keeps listening and tries again every [`CLAIM_RETRY`].
+    HeldElsewhere,
+}
+
+/// How long PostgreSQL may take to free the name of a node that died without closing its
+/// connection: the feed's connection asks for TCP keepalives after 5 s idle, every 2 s, 3
+/// probes (about 11 s), instead of the operating system's default of over two hours.
+/// A process that exits, even by SIGKILL, closes its connections at once.
+pub const NAME_RELEASE: Duration = Duration::from_secs(15);
+
+/// How often a feed whose name is held elsewhere tries to claim it again.
+pub const CLAIM_RETRY: Duration = Duration::from_secs(1);
+
+/// The server-side keepalive of a claiming connection (see [`NAME_RELEASE`]). These
+/// settings may be changed by any role; on a Unix socket they do nothing, and need not.
+const CLAIM_KEEPALIVE: &str =
+    "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3";
+
+/// The advisory lock key of node name `node`: the first 8 bytes of
+/// SHA-256("sso-node-name\0" || name), so distinct names practically never share one (and
+/// never the migration lock's small constant).
+fn node_lock_key(node: &str) -> i64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"sso-node-name\0");
+    ctx.update(node.as_bytes());
+    let digest = ctx.finish();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    i64::from_be_bytes(first)
+}
+
+/// Takes the session advisory lock `key` if no other session holds it.
+async fn try_claim(client: &Client, key: i64) -> std::result::Result<NameClaim, tokio_postgres::Error> {
+    let held: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+        .await?
+        .try_get(0)?;
+    Ok(if held {
+        NameClaim::Held
+    } else {
+        NameClaim::HeldElsewhere
+    })
 }
 
 /// The cluster's change feed: a dedicated `LISTEN sso_keystore` connection, driven by a
@@ -1339,10 +1401,26 @@ impl ChangeFeed {
     /// called inside a tokio runtime with time and I/O enabled.
     pub fn start(url: &str) -> Result<Self> {
         let options = PgOptions::default();
-        Self::start_target(Target::parse(url, &options)?, options)
+        Self::start_target(Target::parse(url, &options)?, options, None)
     }
 
-    fn start_target(target: Target, options: PgOptions) -> Result<Self> {
+    /// [`ChangeFeed::start`] for the node named `node`, which the feed claims on every
+    /// connection it opens ([`NameClaim`], [`FeedState::name`]).
+    pub fn start_for_node(url: &str, node: &str) -> Result<Self> {
+        let options = PgOptions::default();
+        Self::start_target(Target::parse(url, &options)?, options, Some(node_lock_key(node)))
+    }
+
+    /// Waits up to `limit` for the feed to hold its node's name, and returns the claim as
+    /// it then stands: [`NameClaim::Held`], [`NameClaim::HeldElsewhere`] (another process
+    /// has the name), or [`NameClaim::Unknown`] (the database could not be reached).
+    pub async fn claimed(&self, limit: Duration) -> NameClaim {
+        let mut state = self.state.clone();
+        let _ = tokio::time::timeout(limit, state.wait_for(|s| s.name == NameClaim::Held)).await;
+        self.current().name
+    }
+
+    fn start_target(target: Target, options: PgOptions, claim: Option<i64>) -> Result<Self> {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| {
             storage(
                 "the change feed needs a tokio runtime: start it from async code".into(),
@@ -1350,7 +1428,7 @@ impl ChangeFeed {
             )
         })?;
         let (tx, rx) = watch::channel(FeedState::default());
-        let task = handle.spawn(feed_loop(target, options, tx));
+        let task = handle.spawn(feed_loop(target, options, claim, tx));
         Ok(Self { state: rx, task })
     }
 
@@ -1372,28 +1450,52 @@ impl ChangeFeed {
     }
 }
 
-async fn feed_loop(target: Target, options: PgOptions, tx: watch::Sender<FeedState>) {
+async fn feed_loop(target: Target, options: PgOptions, claim: Option<i64>, tx: watch::Sender<FeedState>) {
     let mut pause = Duration::from_millis(100);
     loop {
         if let Ok(Ok(((client, conn), notes))) =
             tokio::time::timeout(options.connect_timeout + Duration::from_secs(1), feed_connect(&target)).await
         {
             let listened = tokio::time::timeout(options.statement_timeout, async {
+                let name = match claim {
+                    None => NameClaim::Unknown,
+                    Some(key) => {
+                        client.batch_execute(CLAIM_KEEPALIVE).await?;
+                        try_claim(&client, key).await?
+                    }
+                };
                 client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
                 let epoch: i64 = client.query_one("SELECT epoch FROM sso_store", &[]).await?.try_get(0)?;
-                Ok::<_, tokio_postgres::Error>(epoch)
+                Ok::<_, tokio_postgres::Error>((epoch, name))
             })
             .await;
-            if let Ok(Ok(epoch)) = listened {
+            if let Ok(Ok((epoch, mut name))) = listened {
                 pause = Duration::from_millis(100);
                 tx.send_modify(|s| {
                     s.epoch = u64::try_from(epoch).unwrap_or(0);
                     s.resyncs += 1;
                     s.connected = true;
+                    s.name = name;
                 });
                 let mut notes = notes;
+                let mut retry = tokio::time::interval(CLAIM_RETRY);
+                retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                retry.reset();
                 loop {
                     tokio::select! {
+                        _ = retry.tick(), if name == NameClaim::HeldElsewhere => {
+                            let Some(key) = claim else { continue };
+                            match tokio::time::timeout(options.statement_timeout, try_claim(&client, key)).await {
+                                Ok(Ok(now)) => {
+                                    if now != name {
+                                        name = now;
+                                        tx.send_modify(|s| s.name = now);
+                                    }
+                                }
+                                // The connection is in trouble: start again.
+                                _ => break,
+                            }
+                        }
                         note = notes.recv() => match note {
                             Some(payload) => {
                                 if let Ok(epoch) = payload.parse::<u64>() {
@@ -1411,7 +1513,10 @@ async fn feed_loop(target: Target, options: PgOptions, tx: watch::Sender<FeedSta
                         () = tx.closed() => return,
                     }
                 }
-                tx.send_modify(|s| s.connected = false);
+                tx.send_modify(|s| {
+                    s.connected = false;
+                    s.name = NameClaim::Unknown;
+                });
             }
             drop(client);
             conn.abort();

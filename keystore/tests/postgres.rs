@@ -474,3 +474,44 @@ fn the_store_can_be_called_and_dropped_inside_async_code() {
         drop(store);
     });
 }
+
+/// Attack14: two processes configured with one node name on one database overwrite each
+/// other's audit anchor. A node's feed claims its name: the second feed for the name sees
+/// it held elsewhere (failed before `ChangeFeed::start_for_node` existed), another name is
+/// not affected, and when the first lets go the second takes the name within a retry.
+#[test]
+fn a_node_name_is_held_by_one_feed_at_a_time() {
+    use keystore::postgres::{CLAIM_RETRY, NameClaim};
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _, _) = initialised(shared(), &dir);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let limit = Duration::from_secs(10);
+        let first = ChangeFeed::start_for_node(&url, "node-1").unwrap();
+        assert_eq!(first.claimed(limit).await, NameClaim::Held);
+        let second = ChangeFeed::start_for_node(&url, "node-1").unwrap();
+        // Not held within three retries: its state says another connection has it.
+        assert_eq!(second.claimed(CLAIM_RETRY * 3).await, NameClaim::HeldElsewhere);
+        assert!(second.current().connected, "the second feed still listens");
+        let other = ChangeFeed::start_for_node(&url, "node-2").unwrap();
+        assert_eq!(other.claimed(limit).await, NameClaim::Held);
+        // A feed that claims no name is not in the way.
+        let plain = ChangeFeed::start(&url).unwrap();
+        let mut state = plain.subscribe();
+        let plain_state = *state.wait_for(|s| s.connected).await.unwrap();
+        assert_eq!(plain_state.name, NameClaim::Unknown);
+
+        drop(first);
+        let freed = Instant::now();
+        assert_eq!(second.claimed(limit).await, NameClaim::Held);
+        assert!(
+            freed.elapsed() <= CLAIM_RETRY * 3,
+            "the freed name took {:?} to be claimed",
+            freed.elapsed()
+        );
+    });
+}

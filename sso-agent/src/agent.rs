@@ -26,7 +26,9 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
-use sso_daemon::json::{JsonError as Refusal, reply_value as reply};
+// `answer`: a wire type (`sso_proto::wire::agent`) with its keys sorted, as the agent's
+// `json!` bodies always were (`the_agent_answers_are_the_bytes_it_wrote_before` pins them).
+use sso_daemon::json::{JsonError as Refusal, reply_answer as answer};
 use tokio::net::UnixListener;
 use zeroize::Zeroizing;
 
@@ -446,12 +448,6 @@ fn refusal(e: Error) -> Refusal {
         Error::Envelope(_) => Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_envelope", e.to_string()),
         _ => Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
-}
-/// A JSON answer from its wire type (`sso_proto::wire::agent`), through a
-/// `serde_json::Value`, so its keys come out sorted as the agent's `json!` bodies' always
-/// did (`the_agent_answers_are_the_bytes_it_wrote_before` pins them).
-fn answer<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
-    reply(status, &serde_json::to_value(body).unwrap_or_default())
 }
 
 fn b64(s: &str, field: &str) -> Result<Vec<u8>, Refusal> {

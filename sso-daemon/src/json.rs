@@ -2,8 +2,9 @@
 //! `sso-agent`'s socket.
 //!
 //! - [`JsonError`]: a refused request, answered as `{"error": CODE, "message": …}`.
-//! - [`reply`] / [`reply_value`]: a JSON answer (`Content-Type: application/json`,
-//!   `Cache-Control: no-store`).
+//! - [`reply`] / [`reply_value`] / [`reply_answer`]: a JSON answer (`Content-Type:
+//!   application/json`, `Cache-Control: no-store`); [`reply_answer`] writes a wire type
+//!   (`sso_proto::wire`) with its keys sorted, as both daemons always have.
 //! - [`parse`]: a request body into a type; a refused value is never repeated (it may be
 //!   a password or a plaintext: [`sso_proto::json::describe_error`]).
 //! - [`read_body`]: the request body within a size and a time limit, into a
@@ -45,13 +46,28 @@ impl JsonError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    /// The answer: `{"error": CODE, "message": …}` with the status.
-    pub fn response(&self) -> Response<Body> {
+    /// A 500 `internal`: the details are in the log, never in the answer.
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
+    }
+
+    /// The body alone: `{"error": CODE, "message": …}` (kept as is for a replay, or sent
+    /// with other headers).
+    pub fn body(&self) -> Bytes {
         let body = sso_proto::wire::ErrorBody {
             error: self.code.into(),
             message: self.message.clone(),
         };
-        reply(self.status, Bytes::from(serde_json::to_vec(&body).unwrap_or_default()))
+        Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+    }
+
+    /// The answer: `{"error": CODE, "message": …}` with the status.
+    pub fn response(&self) -> Response<Body> {
+        reply(self.status, self.body())
     }
 }
 
@@ -71,6 +87,21 @@ pub fn reply(status: StatusCode, body: Bytes) -> Response<Body> {
 /// A JSON answer serialised from `value`.
 pub fn reply_value(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     reply(status, Bytes::from(serde_json::to_vec(value).unwrap_or_default()))
+}
+
+/// A JSON answer from its wire type (`sso_proto::wire`): through a `serde_json::Value`, so
+/// its keys come out sorted, as every `json!` body of both daemons' did (the server's
+/// answers are pinned by `sso-proto/src/wire/tests.rs`, the agent's by
+/// `the_agent_answers_are_the_bytes_it_wrote_before`). A value that cannot be written is
+/// logged and answered 500 `internal`.
+pub fn reply_answer<T: serde::Serialize>(status: StatusCode, answer: &T) -> Response<Body> {
+    match serde_json::to_value(answer) {
+        Ok(value) => reply_value(status, &value),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serialise an answer");
+            JsonError::internal().response()
+        }
+    }
 }
 
 /// Parses a request body; a refusal names the field and position, never the value.
@@ -233,6 +264,51 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
         assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
         assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store");
+    }
+
+    async fn body_of(resp: Response<Body>) -> String {
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    /// Both daemons' answers come out with sorted keys, whatever the type's field order.
+    #[tokio::test]
+    async fn an_answer_is_written_with_sorted_keys() {
+        #[derive(serde::Serialize)]
+        struct Out {
+            zulu: u8,
+            alpha: &'static str,
+            mike: Option<u8>,
+        }
+        let resp = reply_answer(
+            StatusCode::CREATED,
+            &Out {
+                zulu: 1,
+                alpha: "a",
+                mike: None,
+            },
+        );
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        assert_eq!(resp.headers()[header::CACHE_CONTROL], "no-store");
+        assert_eq!(body_of(resp).await, r#"{"alpha":"a","mike":null,"zulu":1}"#);
+    }
+
+    /// An answer that cannot be written is a 500 `internal`, not an empty 200.
+    #[tokio::test]
+    async fn an_answer_that_cannot_be_written_is_an_internal_error() {
+        struct Broken;
+        impl serde::Serialize for Broken {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("no"))
+            }
+        }
+        let resp = reply_answer(StatusCode::OK, &Broken);
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            body_of(resp).await,
+            r#"{"error":"internal","message":"internal error; see the server log"}"#
+        );
     }
 
     #[test]

@@ -40,11 +40,7 @@ impl ApiError {
     }
 
     fn internal() -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; see the server log",
-        )
+        Self(sso_daemon::json::JsonError::internal())
     }
 
     fn outcome(&self) -> &'static str {
@@ -91,20 +87,10 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
     sso_daemon::json::reply(status, body)
 }
 
-fn json_value(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    sso_daemon::json::reply_value(status, value)
-}
-
-/// A JSON answer from its wire type (`sso_proto::wire`): through a `serde_json::Value`, so
-/// its keys come out sorted as every `json!` body's did.
+/// A JSON answer from its wire type (`sso_proto::wire`), keys sorted: the daemons' shared
+/// [`sso_daemon::json::reply_answer`].
 fn json_answer<T: serde::Serialize>(status: StatusCode, answer: &T) -> Response<Body> {
-    match serde_json::to_value(answer) {
-        Ok(value) => json_value(status, &value),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot serialise an answer");
-            error_response(&ApiError::internal())
-        }
-    }
+    sso_daemon::json::reply_answer(status, answer)
 }
 
 fn error_response(e: &ApiError) -> Response<Body> {
@@ -226,11 +212,13 @@ pub async fn handle(req: Box<Request<Incoming>>, conn: Arc<Conn>) -> Result<Resp
 
 /// The answer to every request on a connection whose identity is over its connection cap.
 fn too_many_connections(cap: &'static str) -> Response<Body> {
-    let body = sso_proto::wire::ErrorBody {
-        error: "too_many_connections".into(),
-        message: format!("this certificate identity holds too many connections ({cap} cap); close some and retry"),
-    };
-    let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap_or_default())));
+    let refusal = sso_daemon::json::JsonError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_connections",
+        format!("this certificate identity holds too many connections ({cap} cap); close some and retry"),
+    );
+    // Not `refusal.response()`: this answer has always gone without `Cache-Control`.
+    let mut resp = Response::new(Full::new(refusal.body()));
     *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
     let headers = resp.headers_mut();
     headers.insert(
@@ -502,13 +490,7 @@ async fn admin_write(
                 Err(e) => {
                     let stored = keep(e.0.status, e.0.code).then(|| Stored {
                         status: e.0.status.as_u16(),
-                        body: Bytes::from(
-                            serde_json::to_vec(&sso_proto::wire::ErrorBody {
-                                error: e.0.code.into(),
-                                message: e.0.message.clone(),
-                            })
-                            .unwrap_or_default(),
-                        ),
+                        body: e.0.body(),
                     });
                     state.idempotency.finish(&who, &key, fingerprint, stored);
                     Err(e)
@@ -1049,10 +1031,13 @@ async fn peer_rotation_step(op: &str, query: &str, body: &[u8], state: &Arc<AppS
             kept.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
         ),
     };
-    Ok(audited(
-        json_value(StatusCode::OK, &crate::peer::promoted_json(&promoted)),
-        Some(detail),
-    ))
+    Ok(audited(promote_answer(&promoted), Some(detail)))
+}
+
+/// The answer to `POST /v1/peer/promote`: the wire type the peer reads back with
+/// `peer::promoted_answer`.
+fn promote_answer(promoted: &crate::rotation::Promoted) -> Response<Body> {
+    json_answer(StatusCode::OK, &sso_proto::wire::PromoteAnswer::from(promoted))
 }
 
 /// The peer's side of pair-wide backup coverage: which keys this node's backups cover.
@@ -1334,6 +1319,24 @@ mod tests {
         );
         let r = route(&Method::POST, &format!("/v1/admin/keys/{}/retire", "ab".repeat(16))).unwrap();
         assert_eq!(r.needs, Some(Role::Admin));
+    }
+
+    /// The promote answer this node writes is what the coordinating peer reads back: one
+    /// wire type (`sso_proto::wire::PromoteAnswer`) for both, bytes pinned in sso-proto.
+    #[tokio::test]
+    async fn the_promote_answer_written_is_the_one_the_peer_reads() {
+        let promoted = crate::rotation::Promoted {
+            primary: Some(KeyId::from_bytes([2; 16])),
+            kept: vec![KeyId::from_bytes([1; 16]), KeyId::from_bytes([3; 16])],
+        };
+        let response = promote_answer(&promoted);
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(crate::peer::promoted_answer(&body).unwrap(), promoted);
+        let nothing = crate::rotation::Promoted::default();
+        let body = promote_answer(&nothing).into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], br#"{"kept":[],"primary":null}"#);
+        assert_eq!(crate::peer::promoted_answer(&body).unwrap(), nothing);
     }
 }
 #[cfg(test)]

@@ -3,11 +3,12 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use sso_daemon::process::{fail, shutdown_signal};
 
 use clap::Parser;
-use keystore::postgres::PgStore;
+use keystore::postgres::{ChangeFeed, NAME_RELEASE, NameClaim, PgStore};
 use keystore::{SealedStore, Store, UnsealKey};
 use sso_server::Config;
 use sso_server::cli::Args;
@@ -70,8 +71,11 @@ fn main() -> ExitCode {
         if let Err(e) = store.verify() {
             return fail(EX_DATAERR, &e, "");
         }
-        let url = url.to_owned();
-        return serve(&args, config, store, Some(url));
+        let cluster = Cluster {
+            url: url.to_owned(),
+            shown: store.database().to_owned(),
+        };
+        return serve(&args, config, store, Some(cluster));
     }
     let store = match SealedStore::open(&config.store.path, &key) {
         Ok(s) => s,
@@ -104,14 +108,33 @@ fn main() -> ExitCode {
     serve(&args, config, store, None)
 }
 
-/// Binds, announces readiness and serves `store` until a signal; with `feed_url` (a store
-/// shared by a cluster), follows the database's change feed.
-fn serve(args: &Args, config: Config, store: impl Store + 'static, feed_url: Option<String>) -> ExitCode {
+/// The database a cluster node shares with the others.
+struct Cluster {
+    /// The store's URL, as configured (it may hold a password: never shown).
+    url: String,
+    /// The database, without a password, for messages.
+    shown: String,
+}
+
+/// Binds, announces readiness and serves `store` until a signal; with `cluster` (a store
+/// shared by a cluster), first claims the node's name in the database and then follows the
+/// database's change feed.
+fn serve(args: &Args, config: Config, store: impl Store + 'static, cluster: Option<Cluster>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(EX_UNAVAILABLE, &e, ""),
     };
     runtime.block_on(async move {
+        // The feed connects by itself (and keeps trying while the database is down). On a
+        // cluster, one process per node name: its feed's connection holds the name, and
+        // nothing is bound or announced until it does.
+        let feed = match cluster {
+            None => None,
+            Some(cluster) => match claim_node_name(&cluster, &config.node).await {
+                Ok(feed) => Some(feed),
+                Err(code) => return code,
+            },
+        };
         let https = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -150,21 +173,43 @@ fn serve(args: &Args, config: Config, store: impl Store + 'static, feed_url: Opt
         }
         let _ = out.flush();
         drop(out);
-        // The feed connects by itself (and keeps trying while the database is down).
-        let feed = match feed_url
-            .as_deref()
-            .map(keystore::postgres::ChangeFeed::start)
-            .transpose()
-        {
-            Ok(f) => f,
-            Err(e) => return fail(EX_DATAERR, &e, ""),
-        };
         sso_daemon::process::notify_ready();
         match sso_server::run_with_feed(config, store, feed, https, metrics, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EX_UNAVAILABLE, &e, ""),
         }
     })
+}
+
+/// Starts the change feed of node `node` and waits for it to hold the node's name (see
+/// `keystore::postgres::NameClaim`); the exit code of the refusal otherwise.
+async fn claim_node_name(cluster: &Cluster, node: &str) -> Result<ChangeFeed, ExitCode> {
+    let feed = ChangeFeed::start_for_node(&cluster.url, node).map_err(|e| fail(EX_DATAERR, &e, ""))?;
+    // Usually at once; a node that just died may hold the name for up to NAME_RELEASE.
+    if feed.claimed(Duration::from_secs(2)).await == NameClaim::Held {
+        return Ok(feed);
+    }
+    tracing::warn!(
+        node,
+        "another connection holds this node's name in the database; waiting up to {} s for it to be released (a node that just stopped)",
+        NAME_RELEASE.as_secs()
+    );
+    match feed.claimed(NAME_RELEASE).await {
+        NameClaim::Held => Ok(feed),
+        NameClaim::HeldElsewhere => Err(fail(
+            EX_USAGE,
+            &format!(
+                "another process runs as node {node:?} on {}: the audit anchor and the keys' origin are kept per node name",
+                cluster.shown
+            ),
+            "give every node of the cluster its own `node` name in its config, or stop the other process first",
+        )),
+        NameClaim::Unknown => Err(fail(
+            EX_UNAVAILABLE,
+            &format!("cannot reach {} to claim the node name {node:?}", cluster.shown),
+            "check that the PostgreSQL server is running and reachable from this node, then start again",
+        )),
+    }
 }
 
 fn unseal_key(source: &UnsealSource) -> keystore::Result<UnsealKey> {

@@ -393,6 +393,12 @@ impl Metrics {
             "1 while the audit log can be written, 0 after a write failed until a write succeeds again.",
             if audit.is_some() { 0.0 } else { 1.0 },
         );
+        gauge(
+            &mut out,
+            "sso_node_name_held_elsewhere",
+            "1 while another process holds this cluster node's name in the database (two processes configured with one node name), 0 otherwise.",
+            if self.health.name_lost() { 1.0 } else { 0.0 },
+        );
         let peer_up = self.peer_up.load(Relaxed);
         // Only a node with a peer has these (-1: no round has run yet on a standalone node).
         if peer_up >= 0 {
@@ -436,6 +442,7 @@ impl Metrics {
 pub struct Health {
     store: Mutex<Option<String>>,
     audit: Mutex<Option<String>>,
+    name: Mutex<Option<String>>,
 }
 
 impl Health {
@@ -468,6 +475,30 @@ impl Health {
         }
     }
 
+    /// A cluster node's change feed reconnected and found its node name held by another
+    /// connection (another process with this name started while the database was away):
+    /// `problem` says so. The feed keeps trying to take the name back.
+    pub fn name_held_elsewhere(&self, problem: impl Into<String>) {
+        let problem = problem.into();
+        let mut slot = self.name.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            tracing::error!(problem = %problem, "this node's name is held by another process: health is degraded");
+        }
+        *slot = Some(problem);
+    }
+
+    /// The node's change feed holds its name (again).
+    pub fn name_held(&self) {
+        if self.name.lock().unwrap_or_else(|p| p.into_inner()).take().is_some() {
+            tracing::info!("this node holds its name in the database again");
+        }
+    }
+
+    /// Whether another process holds this node's name.
+    pub fn name_lost(&self) -> bool {
+        self.name.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     /// Whether the store is failing now.
     pub fn store_failing(&self) -> bool {
         self.store.lock().unwrap_or_else(|p| p.into_inner()).is_some()
@@ -488,6 +519,13 @@ impl Health {
             .map(|p| format!("store: {p}"))
             .into_iter()
             .chain(audit.map(|p| format!("audit log: {p}")))
+            .chain(
+                self.name
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .map(|p| format!("node name: {p}")),
+            )
             .collect();
         (if problems.is_empty() { "ok" } else { "degraded" }, problems)
     }

@@ -430,21 +430,28 @@ pub enum PeerError {
     Protocol(String),
 }
 
-/// The body of this node's answer to `POST /v1/peer/promote`.
-pub fn promoted_json(promoted: &Promoted) -> serde_json::Value {
-    let answer = sso_proto::wire::PromoteAnswer {
-        kept: promoted.kept.clone(),
-        primary: promoted.primary,
-    };
-    serde_json::to_value(answer).unwrap_or_default()
+/// This node's answer to `POST /v1/peer/promote`, as the wire type the peer reads back
+/// with [`promoted_answer`] (one type for the writer and the reader).
+impl From<&Promoted> for sso_proto::wire::PromoteAnswer {
+    fn from(promoted: &Promoted) -> Self {
+        Self {
+            kept: promoted.kept.clone(),
+            primary: promoted.primary,
+        }
+    }
+}
+
+impl From<sso_proto::wire::PromoteAnswer> for Promoted {
+    fn from(answer: sso_proto::wire::PromoteAnswer) -> Self {
+        Self {
+            primary: answer.primary,
+            kept: answer.kept,
+        }
+    }
 }
 
 /// Reads the peer's answer to `POST /v1/peer/promote` (outside input: fuzzed by
 /// `peer_records`).
 pub fn promoted_answer(body: &[u8]) -> Result<Promoted, String> {
-    let answer = sso_proto::wire::peer::parse_promote_answer(body)?;
-    Ok(Promoted {
-        primary: answer.primary,
-        kept: answer.kept,
-    })
+    sso_proto::wire::peer::parse_promote_answer(body).map(Promoted::from)
 }

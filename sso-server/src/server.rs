@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use keystore::Store;
-use keystore::postgres::ChangeFeed;
+use keystore::postgres::{ChangeFeed, NameClaim};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -295,6 +295,14 @@ async fn follow_changes(state: std::sync::Weak<AppState>, mut feed: ChangeFeed, 
                 None => return,
                 Some(s) => {
                     let Some(st) = state.upgrade() else { return };
+                    match s.name {
+                        NameClaim::Held => st.metrics.health.name_held(),
+                        NameClaim::HeldElsewhere => st.metrics.health.name_held_elsewhere(format!(
+                            "another process holds node name {:?} in the shared database; give every node its own name, or stop the other process",
+                            st.node
+                        )),
+                        NameClaim::Unknown => {}
+                    }
                     let resynced = s.resyncs != resyncs;
                     resyncs = s.resyncs;
                     // A lost connection is worth a look at once: health then says the

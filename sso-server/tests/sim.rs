@@ -609,7 +609,9 @@ async fn handle(node: Arc<Node>, link: Arc<Link>, mut s: TcpStream) -> std::io::
                     Ok(serde_json::json!({"primary": first}))
                 } else {
                     let promoted = rotation::accept_promote(&*node, token, incoming.records).await?;
-                    Ok(peer::promoted_json(&promoted))
+                    // The server's own answer type, read back by `peer::promoted_answer`.
+                    serde_json::to_value(sso_proto::wire::PromoteAnswer::from(&promoted))
+                        .map_err(|e| LinkError::Protocol(e.to_string()))
                 }
             }
             .await;

@@ -146,13 +146,11 @@ async fn a_hung_database_does_not_hang_reads_and_writes_answer_503_in_bounded_ti
     }
 }
 
-/// FAILS on today's code (attack14, 2026-11-29): the second `node-1` starts and serves
-/// ("sso-server listening ...") next to the first; both then overwrite one audit anchor
-/// row. Ignored because the fix (a session advisory lock on the node name, held while
-/// the server runs; /work/wt/attack14-node-claim.patch) could not be built and verified
-/// before the landing deadline.
+/// Failed before the fix (attack14): the second `node-1` started and served next to the
+/// first. Now the node's change feed holds its name (a session advisory lock,
+/// `keystore::postgres::NameClaim`): the second waits `NAME_RELEASE` for it (a node that
+/// just died) and exits 64 without ever listening.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails on today's code: two nodes with one name both run (attack14); fix not landed"]
 async fn a_second_node_with_a_running_nodes_name_is_refused() {
     let pg = PgCluster::start();
     let nodes = PgNodes::start(pg.fresh_database(), &[250]).await;
@@ -172,7 +170,7 @@ async fn a_second_node_with_a_running_nodes_name_is_refused() {
         .unwrap();
     let started = Instant::now();
     while twin_server.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(20) {
+        if started.elapsed() > keystore::postgres::NAME_RELEASE + Duration::from_secs(25) {
             let _ = twin_server.kill();
             let out = twin_server.wait_with_output().unwrap();
             panic!(
@@ -188,9 +186,113 @@ async fn a_second_node_with_a_running_nodes_name_is_refused() {
     assert!(stderr.contains("node-1"), "{stderr}");
     // The first node-1 is unaffected.
     assert_eq!(nodes.client(0).get("/v1/keyring").await.unwrap().status, 200);
-    // Once the first has stopped, the name is free again (a restart is not refused).
+    assert!(stderr.contains("another process runs as node"), "{stderr}");
+    // It never bound or announced anything, not even while it waited for the name.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("listening"), "{stdout}");
+    // The first node-1 knows of no conflict.
+    let metrics = nodes.nodes[0].server().metrics_text();
+    assert!(metrics.contains("sso_node_name_held_elsewhere 0"), "{metrics}");
+    // Once the first has been SIGKILLed, the name is free at once (its connections closed
+    // with the process): a restart under that name is not refused and does not wait.
     let mut nodes = nodes;
-    nodes.nodes[0].kill();
-    let again = TestServer::start(&bin("sso-server"), &setup.config, &twin.join("server.log"));
+    let killed = nodes.nodes[0].kill();
+    assert!(killed.is_some(), "node-1 was not running");
+    let log = twin.join("server.log");
+    let again = TestServer::start(&bin("sso-server"), &setup.config, &log);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !logged.contains("waiting up to"),
+        "the restart waited for the name: {logged}"
+    );
     drop(again);
+}
+
+/// The name while a node runs: its feed connection is cut (`pg_terminate_backend`, as a
+/// database failover or an administrator would) while another session waits for the
+/// name's lock, so the other takes the name before the node's feed reconnects. The node
+/// must say so (health `degraded` naming the node name, `sso_node_name_held_elsewhere` 1)
+/// rather than run on as if it held it, and must take the name back and say `ok` once the
+/// other lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_name_is_taken_while_it_runs_says_so_and_takes_it_back() {
+    let pg = std::sync::Arc::new(PgCluster::start());
+    let nodes = PgNodes::start(pg.fresh_database(), &[250]).await;
+    let database = nodes.url.rsplit('/').next().unwrap().to_owned();
+    let health = |nodes: &PgNodes| {
+        let client = nodes.admin(0);
+        async move { client.get("/v1/health").await.unwrap().json() }
+    };
+    assert_eq!(health(&nodes).await["status"], "ok");
+    // The one session advisory lock held: node-1's name, on its feed's connection.
+    let held = "SELECT (classid::bigint << 32) | objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND granted";
+    let key = pg.psql(&database, held).trim().to_owned();
+    assert!(
+        !key.is_empty() && !key.contains('\n'),
+        "one advisory lock expected: {key:?}"
+    );
+    // Another session queues for it and holds it for 6 s once granted.
+    let taker = {
+        let (pg, database, key) = (pg.clone(), database.clone(), key.clone());
+        std::thread::spawn(move || {
+            pg.psql(
+                &database,
+                &format!("SELECT pg_advisory_lock({key}); SELECT pg_sleep(6)"),
+            )
+        })
+    };
+    let queued = Instant::now();
+    while pg
+        .psql(
+            &database,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .trim()
+        != "1"
+    {
+        assert!(
+            queued.elapsed() < Duration::from_secs(10),
+            "the second session never queued"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let terminated = pg.psql(
+        &database,
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+    );
+    assert_eq!(terminated.trim(), "t", "node-1's feed connection was not terminated");
+    let cut = Instant::now();
+    loop {
+        let h = health(&nodes).await;
+        let metrics = nodes.nodes[0].server().metrics_text();
+        if h["status"] == "degraded" && metrics.contains("sso_node_name_held_elsewhere 1") {
+            assert!(h["problems"].to_string().contains("node name"), "{h}");
+            break;
+        }
+        assert!(
+            cut.elapsed() < Duration::from_secs(5),
+            "node-1 does not say its name is taken: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Reads still work meanwhile.
+    assert_eq!(nodes.client(0).get("/v1/keyring").await.unwrap().status, 200);
+    taker.join().unwrap();
+    let released = Instant::now();
+    loop {
+        let h = health(&nodes).await;
+        if h["status"] == "ok"
+            && nodes.nodes[0]
+                .server()
+                .metrics_text()
+                .contains("sso_node_name_held_elsewhere 0")
+        {
+            break;
+        }
+        assert!(
+            released.elapsed() < Duration::from_secs(5),
+            "node-1 did not take its name back: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
