@@ -91,7 +91,8 @@ pub struct AppState {
 
 impl AppState {
     /// Runs `f` on the store on a blocking thread, then republishes the snapshot; `None`
-    /// when the task panicked. The admin handlers and `backup` use it.
+    /// when the task panicked. The admin writes (`lifecycle`, `backup`) and
+    /// `status::own_coverage` use it.
     ///
     /// Not unified with `LocalNode::with_store` (below), on purpose: this one republishes
     /// after every successful call, whether or not the epoch moved, because a backup's
@@ -126,6 +127,38 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// Runs `f` on the store on a blocking thread for a read that changes nothing: no
+    /// republish and no health mark (a failure is only the asker's), no epoch read around
+    /// it. `status`, the peer's key-set pull (`replication::serve_keys`, twice a second per
+    /// peer) and the push of one key (`replication::push_key`) use it, so that neither `api`
+    /// nor a domain module locks the store itself (only `server`'s start, anchor and change
+    /// feed do, and this module).
+    pub async fn reading<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&dyn Store) -> keystore::Result<T> + Send + 'static,
+    ) -> Result<T, ReadError> {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = state.store.lock().unwrap_or_else(|p| p.into_inner());
+            f(&**store)
+        })
+        .await
+        .map_err(|_| ReadError::Panicked)?
+        .map_err(ReadError::Store)
+    }
+}
+
+/// Why a store call on the blocking pool ([`AppState::reading`], or
+/// [`AppState::publishing`] where a domain module maps its `None`) has no result.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The store could not be read.
+    Store(keystore::Error),
+    /// The blocking task ended without an answer (it panicked).
+    Panicked,
+}
+
 impl crate::rotation::LocalNode for Arc<AppState> {
     fn node(&self) -> &str {
         &self.node
@@ -136,7 +169,7 @@ impl crate::rotation::LocalNode for Arc<AppState> {
     }
 
     /// Republishes the snapshot only when the epoch moved (anti-entropy calls this twice a
-    /// second); [`AppState::publishing`] says why the admin handlers' helper differs.
+    /// second); [`AppState::publishing`] says why the admin writes' helper differs.
     async fn with_store<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn Store) -> keystore::Result<T> + Send + 'static,
