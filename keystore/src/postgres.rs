@@ -347,6 +347,9 @@ fn storage(detail: String, fault: Option<StoreFault>) -> Error {
     Error::Storage(StorageError::new(detail, REMEDY, fault))
 }
 
+/// The remedy for a role that lacks a privilege (SQLSTATE 42501): no reconnection cures it.
+const PRIVILEGE_REMEDY: &str = "GRANT the node's role SELECT, INSERT, UPDATE and DELETE on the sso_* tables (docs/cluster.md, \"Privileges\"); `ssoctl init` and schema upgrades need a role that may CREATE in the schema";
+
 /// PostgreSQL's error as the public [`Error::Storage`]: its words (the server's message,
 /// never a parameter), the remedy, and a fault unless it is a mistake in a statement or
 /// in the data (classes 22, 23, 42), which no waiting cures.
@@ -355,6 +358,9 @@ fn pg_error(e: &tokio_postgres::Error, shown: &str) -> Error {
         Some(db) => format!("{shown}: {} ({}): {}", db.severity(), db.code().code(), db.message()),
         None => format!("{shown}: {e}"),
     };
+    if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+        return Error::Storage(StorageError::new(detail, PRIVILEGE_REMEDY, None));
+    }
     let class = e.code().map(|c| &c.code()[..2]);
     let fault = match class {
         Some("22" | "23" | "42") => None,

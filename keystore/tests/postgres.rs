@@ -516,6 +516,29 @@ fn a_node_name_is_held_by_one_feed_at_a_time() {
     });
 }
 
+/// A node role missing a privilege (SQLSTATE 42501) gets a remedy about privileges, not
+/// "check that the PostgreSQL server is running" (what it said before: every database error
+/// had the connection remedy), and nothing is changed.
+#[test]
+fn a_role_without_privileges_is_told_to_grant_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = shared();
+    let (url, key, owner) = initialised(cluster, &dir);
+    let before = owner.keyring().unwrap().keys.len();
+    drop(owner);
+    let db = database_name(&url);
+    let role = format!("bare_{db}");
+    cluster.psql(db, &format!("CREATE ROLE {role} LOGIN"));
+    let err = PgStore::open(&url.replacen("postgres@", &format!("{role}@"), 1), &key, "node-2")
+        .map(|_| ())
+        .expect_err("a role without privileges opened the store");
+    let text = err.to_string();
+    assert!(text.contains("42501"), "{text}");
+    assert!(text.contains("GRANT") && text.contains("docs/cluster.md"), "{text}");
+    assert!(!text.contains("is running"), "{text}");
+    let owner = PgStore::open(&url, &key, "node-1").unwrap();
+    assert_eq!(owner.keyring().unwrap().keys.len(), before);
+}
 /// SECURITY.md, "What destroyed means there" (attack14b): a destroyed key's wrapped
 /// material stays in the table's file (a dead tuple) and in the WAL after the destroy;
 /// `VACUUM FULL sso_keys` and `CHECKPOINT` rewrite the table without it, but the WAL

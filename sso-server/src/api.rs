@@ -19,6 +19,7 @@ use zeroize::Zeroizing;
 
 use crate::audit::AuditEvent;
 use crate::identity::{Caller, Role};
+use crate::lifecycle::{Change, LifecycleError};
 use crate::metrics::Endpoint;
 use crate::state::AppState;
 
@@ -95,6 +96,15 @@ fn json_answer<T: serde::Serialize>(status: StatusCode, answer: &T) -> Response<
 
 fn error_response(e: &ApiError) -> Response<Body> {
     e.0.response()
+}
+
+impl From<crate::state::ReadError> for ApiError {
+    fn from(e: crate::state::ReadError) -> Self {
+        match e {
+            crate::state::ReadError::Store(e) => e.into(),
+            crate::state::ReadError::Panicked => Self::internal(),
+        }
+    }
 }
 
 impl From<sso_daemon::json::JsonError> for ApiError {
@@ -525,51 +535,48 @@ async fn run_admin_write(
             } else {
                 parse_json(body)?
             };
-            let force = request.force_retire_primary;
-            if force && destroy {
-                return Err(ApiError::bad_request("force_retire_primary applies to retire only"));
-            }
-            if !destroy {
-                crate::replication::ask_the_peer_before_retiring(state, id)
-                    .await
-                    .map_err(|e| match e {
-                        crate::replication::RetireCheck::Store(e) => ApiError::from(e),
-                        crate::replication::RetireCheck::PeerUnreachable(e) => ApiError::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "peer_unavailable",
-                            format!(
-                                "key {id} is staged here and the peer could not be asked whether it promoted it ({e}); a degraded rotation there may have made it the peer's primary; nothing was changed; retry when the peer answers"
-                            ),
-                        ),
-                    })?;
-            }
-            let (meta, primary) = with_store(state, move |store| {
-                let meta = if destroy {
-                    store.destroy(id)?
-                } else if force {
-                    store.force_retire(id)?
-                } else {
-                    store.retire(id)?
-                };
-                Ok((meta, store.primary()?.map(|p| p.key_id)))
-            })
-            .await?;
-            let replication = crate::replication::push_key(state, id).await.as_str();
+            let change = match (destroy, request.force_retire_primary) {
+                (true, true) => return Err(ApiError::bad_request("force_retire_primary applies to retire only")),
+                (true, false) => Change::Destroy,
+                (false, true) => Change::ForceRetire,
+                (false, false) => Change::Retire,
+            };
+            let changed = crate::lifecycle::change(state, id, change)
+                .await
+                .map_err(|e| lifecycle_refusal(e, id))?;
+            let replication = changed.replication.as_str();
             let answer = sso_proto::wire::answers::KeyChanged {
-                key: (&meta).into(),
+                key: (&changed.applied.meta).into(),
                 replication: replication.into(),
             };
-            let detail = if force {
-                tracing::warn!(key_id = %id, ?primary, "operator override: forced retirement of a primary");
+            let detail = if change == Change::ForceRetire {
                 format!(
                     "forced retirement of the primary (override); new primary {}; replication {replication}",
-                    primary.map_or_else(|| "none".to_owned(), |p| p.to_string())
+                    changed
+                        .applied
+                        .primary
+                        .map_or_else(|| "none".to_owned(), |p| p.to_string())
                 )
             } else {
                 format!("replication {replication}")
             };
             Ok(audited(json_answer(StatusCode::OK, &answer), Some(detail)))
         }
+    }
+}
+
+/// A retire's, forced retire's or destroy's refusal, as the client sees it.
+fn lifecycle_refusal(e: LifecycleError, id: KeyId) -> ApiError {
+    match e {
+        LifecycleError::Store(e) => e.into(),
+        LifecycleError::PeerUnreachable(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "peer_unavailable",
+            format!(
+                "key {id} is staged here and the peer could not be asked whether it promoted it ({e}); a degraded rotation there may have made it the peer's primary; nothing was changed; retry when the peer answers"
+            ),
+        ),
+        LifecycleError::Internal => ApiError::internal(),
     }
 }
 
@@ -923,13 +930,7 @@ async fn peer_keys(query: Option<&str>, state: &Arc<AppState>) -> Result<Answer,
         .find_map(|kv| kv.strip_prefix("digest="))
         .unwrap_or("")
         .to_owned();
-    let st = state.clone();
-    let body = tokio::task::spawn_blocking(move || -> keystore::Result<Option<Zeroizing<Vec<u8>>>> {
-        let store = st.store.lock().unwrap_or_else(|p| p.into_inner());
-        crate::replication::keys_answer(&**store, &st.node, &theirs)
-    })
-    .await
-    .map_err(|_| ApiError::internal())??;
+    let body = crate::replication::serve_keys(state, theirs).await?;
     match body {
         // In sync: nothing to send, nothing worth an audit entry (this runs twice a second).
         None => Ok(quiet(
@@ -1051,33 +1052,10 @@ async fn peer_coverage(state: &Arc<AppState>) -> Result<Answer, ApiError> {
 }
 
 async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
-    // Ask the peer now (one bounded anti-entropy round, and its backup coverage), so the
-    // answer describes the pair as it is, not as the last periodic round saw it.
-    let peer_coverage = match &state.peer {
-        // A peer that did not answer the round is not asked again (status stays fast).
-        Some(peer) => match crate::replication::sync_now(state, peer).await {
-            Err(crate::replication::SyncError::Other(_)) => None,
-            _ => peer.coverage().await,
-        },
-        None => None,
-    };
-    let st = state.clone();
-    let mut status = tokio::task::spawn_blocking(move || st.store.lock().unwrap_or_else(|p| p.into_inner()).status())
-        .await
-        .map_err(|_| ApiError::internal())??;
-    // Backup coverage is the pair's: a key backed up through either node is in a backup.
-    let coverage = match (&state.peer, peer_coverage) {
-        (None, _) => "node",
-        (Some(_), None) => "node_only_peer_unreachable",
-        (Some(_), Some(theirs)) => {
-            status.not_backed_up.retain(|id| !theirs.backed_up.contains(id));
-            let their_last = theirs
-                .last_backup_unix
-                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok());
-            status.last_backup_at = status.last_backup_at.max(their_last);
-            "pair"
-        }
-    };
+    let crate::status::NodeStatus {
+        store: status,
+        coverage,
+    } = crate::status::node_status(state).await?;
     let head = state.audit.head();
     let (health_status, problems) = state.metrics.health.report();
     let rfc = sso_proto::wire::answers::rfc3339;
@@ -1087,7 +1065,7 @@ async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
             seq: head.seq,
         },
         backup: sso_proto::wire::answers::BackupView {
-            coverage: coverage.into(),
+            coverage: coverage.as_str().into(),
             last_backup_at: status.last_backup_at.map(rfc),
             not_backed_up: status.not_backed_up,
         },

@@ -22,17 +22,24 @@ pub fn peer_records(data: &[u8]) {
 }
 
 /// A peer's backup coverage answer (`GET /v1/peer/coverage`), through the reader status
-/// uses, then what status does with it: the backup time as a date, and the keys it covers
-/// taken out of a list of this node's keys.
+/// uses, then what status does with it (`status::merge_coverage`): the backup time as a
+/// date, and the keys it covers taken out of a list of this node's keys.
 pub fn peer_coverage(data: &[u8]) {
     let Some(coverage) = sso_proto::wire::parse_coverage(data) else {
         return;
     };
-    let _ = coverage
-        .last_backup_unix
-        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok());
-    let mut ours: Vec<sso_proto::KeyId> = coverage.backed_up.iter().rev().copied().collect();
-    ours.retain(|id| !coverage.backed_up.contains(id));
+    let mut ours = keystore::StoreStatus {
+        node: "fuzz".into(),
+        store_id: String::new(),
+        epoch: 0,
+        primary: None,
+        keys: Vec::new(),
+        not_backed_up: coverage.backed_up.iter().rev().copied().collect(),
+        backed_up: Vec::new(),
+        last_backup_at: None,
+        unseal_kind: keystore::UnsealKind::KeyFile,
+    };
+    crate::status::merge_coverage(&mut ours, &coverage);
 }
 
 /// A configuration file.

@@ -21,6 +21,10 @@
 //!   periodic and on-demand rounds with their metrics and alarms).
 //! - [`rotation`]: rotation serialised across the pair (domain logic, no HTTP).
 //! - [`backup`]: backup and restore (domain logic, no HTTP).
+//! - [`lifecycle`]: an operator's retire, forced retire and destroy of a key (domain
+//!   logic, no HTTP).
+//! - [`status`]: what the admin status says of the node and the pair: an anti-entropy
+//!   round first, the store's status, the pair's backup coverage (domain logic, no HTTP).
 //! - [`dev`]: `--dev`, the embedded default.
 //!
 //! A request flows: TCP accept (connection cap) → TLS handshake (timeout, client
@@ -41,6 +45,7 @@ pub mod dev;
 pub mod fuzzing;
 pub mod idempotency;
 pub mod identity;
+pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod peer;
@@ -48,6 +53,7 @@ pub mod replication;
 pub mod rotation;
 pub mod server;
 pub mod state;
+pub mod status;
 pub mod tls;
 
 pub use config::Config;

@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::peer::{Peer, PeerError, PeerKeys};
 use crate::rotation::LocalNode;
-use crate::state::AppState;
+use crate::state::{AppState, ReadError};
 
 /// The server side of `GET /v1/peer/keys?digest=D`: `None` when `their_digest` equals this
 /// store's digest (in sync), else every key, serialised (the HTTP handler in the server, a
@@ -41,6 +41,15 @@ pub fn keys_answer(
         &digest,
         &records,
     )))
+}
+
+/// This node's side of the peer's pull (`GET /v1/peer/keys?digest=D`): [`keys_answer`]
+/// on the store, read without republishing anything.
+pub async fn serve_keys(state: &Arc<AppState>, their_digest: String) -> Result<Option<Zeroizing<Vec<u8>>>, ReadError> {
+    let node = state.node.clone();
+    state
+        .reading(move |store| keys_answer(store, &node, &their_digest))
+        .await
 }
 
 /// Where one key's change stands after [`push_key`].
@@ -71,13 +80,10 @@ pub async fn push_key(state: &Arc<AppState>, id: sso_proto::KeyId) -> Pushed {
     let Some(peer) = state.peer.clone() else {
         return Pushed::Standalone;
     };
-    let st = state.clone();
-    let record = tokio::task::spawn_blocking(move || {
-        let store = st.store.lock().unwrap_or_else(|p| p.into_inner());
-        store.export().map(|all| all.into_iter().find(|r| r.meta.key_id == id))
-    })
-    .await;
-    let Ok(Ok(Some(record))) = record else {
+    let record = state
+        .reading(move |store| store.export().map(|all| all.into_iter().find(|r| r.meta.key_id == id)))
+        .await;
+    let Ok(Some(record)) = record else {
         return Pushed::Pending;
     };
     match peer.push(&state.node, state.snapshot.load().epoch, &[record]).await {

@@ -126,6 +126,37 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// Runs `f` on the store on a blocking thread for a read that changes nothing: no
+    /// republish and no health mark (a failure is only the asker's), no epoch read around
+    /// it. `status`, the peer's key-set pull (`replication::serve_keys`, twice a second per
+    /// peer) and the push of one key (`replication::push_key`) use it, so that neither `api`
+    /// nor a domain module locks the store itself (only `server`'s start, anchor and change
+    /// feed do, and this module).
+    pub async fn reading<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&dyn Store) -> keystore::Result<T> + Send + 'static,
+    ) -> Result<T, ReadError> {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let store = state.store.lock().unwrap_or_else(|p| p.into_inner());
+            f(&**store)
+        })
+        .await
+        .map_err(|_| ReadError::Panicked)?
+        .map_err(ReadError::Store)
+    }
+}
+
+/// Why [`AppState::reading`] has no result.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The store could not be read.
+    Store(keystore::Error),
+    /// The blocking task ended without an answer (it panicked).
+    Panicked,
+}
+
 impl crate::rotation::LocalNode for Arc<AppState> {
     fn node(&self) -> &str {
         &self.node

@@ -50,6 +50,10 @@ pub const EX_SOFTWARE: u8 = 70;
 /// fix the disk. A `store_unavailable` whose cause is the database server (down,
 /// unreachable) is 69 instead.
 pub const EX_IOERR: u8 = 74;
+/// Exit code: a temporary refusal (EX_TEMPFAIL): the rotation was overtaken or held off by
+/// another one (409 `rotation_busy`, `rotation_refused`), or the same request is still
+/// running (409 `in_progress`). Nothing was acknowledged; running it again is the remedy.
+pub const EX_TEMPFAIL: u8 = 75;
 /// Exit code: authentication or permission denied (wrong password, certificate refused,
 /// 403).
 pub const EX_NOPERM: u8 = 77;

@@ -12,7 +12,7 @@ use sso_transport::Transport;
 use zeroize::Zeroizing;
 
 use crate::cli::Global;
-use crate::{EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE, Failure};
+use crate::{EX_DATAERR, EX_IOERR, EX_NOINPUT, EX_NOPERM, EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, Failure};
 
 /// The connection settings as `(servers, ca, cert, key)`, from flags or `--dev DIR`.
 pub(crate) fn settings(global: &Global) -> Result<(Vec<String>, PathBuf, PathBuf, PathBuf), Failure> {
@@ -377,6 +377,16 @@ fn answer(status: u16, body: Zeroizing<Vec<u8>>) -> Result<Zeroizing<Vec<u8>>, F
             EX_DATAERR,
             message,
             "an integrity alarm: compare both nodes' keys before anything else",
+        ),
+        (409, "rotation_busy" | "rotation_refused") => Failure::new(
+            EX_TEMPFAIL,
+            message,
+            "nothing was acknowledged: run the rotation again (when the message names a newer key another node promoted, that key is the primary already)",
+        ),
+        (409, "in_progress") => Failure::new(
+            EX_TEMPFAIL,
+            message,
+            "the same request is still running: wait, then repeat it",
         ),
         (409, _) => Failure::new(EX_USAGE, message, "see the message: states only move forward"),
         (422, _) => Failure::new(

@@ -220,3 +220,49 @@ async fn a_rotation_is_never_acknowledged_for_a_key_promoted_under_a_higher_one(
         }
     }
 }
+
+/// `ssoctl rotate` overtaken by another node's rotation (409 `rotation_busy`) exits 75
+/// (EX_TEMPFAIL) with a hint to rotate again. Before, it exited 64 (usage) with the hint
+/// "states only move forward", which is wrong for a refusal that running it again cures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssoctl_rotate_overtaken_by_another_node_exits_tempfail_with_a_retry_hint() {
+    let pg = PgCluster::start();
+    let nodes = PgNodes::start(pg.fresh_database(), &[2500, 50]).await;
+    let admin = nodes.pki.client("admin");
+    let slow = std::process::Command::new(tests::bin("ssoctl"))
+        .arg("--server")
+        .arg(nodes.nodes[0].url())
+        .arg("--ca")
+        .arg(&nodes.pki.ca_file)
+        .arg("--cert")
+        .arg(&admin.cert)
+        .arg("--key")
+        .arg(&admin.key)
+        .arg("rotate")
+        .env_remove("SSOCTL_SERVER")
+        .env_remove("SSOCTL_DEV")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Node 1 has staged its key and waits 2.5 s; node 2 rotates past it meanwhile.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let fast = nodes
+        .admin(1)
+        .post("/v1/admin/rotate", &serde_json::json!({}))
+        .await
+        .unwrap();
+    assert_eq!(fast.status, 200, "{:?}", String::from_utf8_lossy(&fast.body));
+    let out = tokio::task::spawn_blocking(move || slow.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("was not promoted"), "not overtaken: {stderr}");
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(
+        stderr.contains("hint: nothing was acknowledged: run the rotation again"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("only move forward"), "{stderr}");
+}
