@@ -14,6 +14,7 @@
 #
 #   bash bench/vs-nginx.sh            # both modes, 10 s per case, 32 connections
 #   MODES=pinned DURATION=5 CONNECTIONS=16 bash bench/vs-nginx.sh
+#   SSO_SERVER_BIN=/tmp/old-sso-server MODES=pinned bash bench/vs-nginx.sh   # another build
 set -euo pipefail
 # Where cargo puts binaries: honours CARGO_TARGET_DIR and .cargo/config.toml.
 target_dir() { cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'; }
@@ -33,6 +34,9 @@ if [[ "$MODES" == *pinned* ]] && [ "$(nproc)" -lt 2 ]; then
 fi
 cargo build --release -q -p sso-server -p tests --bin sso-server --bin sso-bench
 BIN="$(realpath "$(target_dir)")/release"
+# The sso-server under test: this tree's release build, or SSO_SERVER_BIN (for example a
+# copy of the binary from before a change, to measure before and after back to back).
+SSO_BIN="${SSO_SERVER_BIN:-$BIN/sso-server}"
 
 work=$(mktemp -d)
 sso_pid=""
@@ -70,7 +74,7 @@ run_mode() { # shared | pinned
     local out="$work/$mode"
     mkdir -p "$out"
     # The server, in dev mode in its scratch directory (PKI, store and audit log on).
-    (cd "$out" && exec $server_cpus "$BIN/sso-server" --dev sso-dev >"$out/sso.out" 2>"$out/sso.log") &
+    (cd "$out" && exec $server_cpus "$SSO_BIN" --dev sso-dev >"$out/sso.out" 2>"$out/sso.log") &
     sso_pid=$!
     for _ in $(seq 100); do grep -q "listening" "$out/sso.out" 2>/dev/null && break; sleep 0.1; done
     grep -q "listening" "$out/sso.out" || { echo "sso-server did not start"; cat "$out/sso.log"; exit 1; }

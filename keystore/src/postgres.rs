@@ -42,9 +42,9 @@
 //! initialises it; sso-config links keystore only for the node-name rule and is itself
 //! linked only by those two).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -269,9 +269,14 @@ fn show(config: &Config) -> String {
     )
 }
 
+/// TLS to the database through the one policy (`sso_tls`): the server's chain and host name
+/// verified against `sslrootcert`, no client certificate, and TLS 1.3 or 1.2, since the
+/// database is not ours and PostgreSQL may speak only 1.2 (`sso_tls::ClientTls::third_party`).
 fn tls_connector(path: &str) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(path)?))
+}
+
+fn tls_config(path: &str) -> Result<rustls::ClientConfig> {
     let bad = |detail: String| {
         Error::Storage(StorageError::new(
             detail,
@@ -279,22 +284,15 @@ fn tls_connector(path: &str) -> Result<tokio_postgres_rustls::MakeRustlsConnect>
             None,
         ))
     };
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(path).map_err(|e| bad(format!("sslrootcert {path}: {e}")))?;
-    for cert in certs {
-        let cert = cert.map_err(|e| bad(format!("sslrootcert {path}: {e}")))?;
-        roots.add(cert).map_err(|e| bad(format!("sslrootcert {path}: {e}")))?;
-    }
+    // `TlsError` names the file: "sslrootcert PATH: why".
+    let roots = sso_tls::load_roots(Path::new(path)).map_err(|e| bad(format!("sslrootcert {e}")))?;
     if roots.is_empty() {
         return Err(bad(format!("sslrootcert {path} holds no certificate")));
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| bad(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+    sso_tls::ClientTls::trusting(roots)
+        .third_party()
+        .build()
+        .map_err(|e| bad(format!("TLS: {e}")))
 }
 
 /// Why one attempt failed: the database, a time limit, or the store's own rules.
@@ -1638,5 +1636,29 @@ mod tests {
         .unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
         assert!(err.to_string().contains("sslrootcert"), "{err}");
+    }
+
+    #[test]
+    fn tls_to_the_database_presents_no_certificate_and_names_a_bad_ca_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let authority = certs::CertificateAuthority::generate("database ca", 1).unwrap();
+        std::fs::write(&ca, authority.cert_pem()).unwrap();
+        // (The versions themselves: keystore/tests/postgres_tls.rs, against real servers.)
+        let config = tls_config(ca.to_str().unwrap()).unwrap();
+        assert!(config.alpn_protocols.is_empty());
+        assert!(!config.client_auth_cert_resolver.has_certs());
+        // A missing or empty CA file is a storage error naming sslrootcert and the file.
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        for path in [dir.path().join("missing.pem"), empty] {
+            let err = tls_config(path.to_str().unwrap()).unwrap_err();
+            assert!(matches!(err, Error::Storage(_)), "{err}");
+            let text = err.to_string();
+            assert!(
+                text.contains("sslrootcert") && text.contains(path.to_str().unwrap()),
+                "{text}"
+            );
+        }
     }
 }

@@ -53,7 +53,7 @@ impl PgCluster {
     /// Initialises and starts a cluster; panics with a clear message when PostgreSQL is
     /// missing or does not start (its log's tail is in the message).
     pub fn start() -> Self {
-        Self::start_inner(None)
+        Self::start_inner(None, false)
     }
 
     /// [`PgCluster::start`] with TLS required: the server presents `cert_pem` (with
@@ -61,10 +61,17 @@ impl PgCluster {
     /// that connects at all spoke TLS. (The helpers' own psql and pg_dump negotiate TLS by
     /// themselves, without verifying.)
     pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Self {
-        Self::start_inner(Some((cert_pem, key_pem)))
+        Self::start_inner(Some((cert_pem, key_pem)), false)
     }
 
-    fn start_inner(tls: Option<(&str, &str)>) -> Self {
+    /// [`PgCluster::start_with_tls`] with a server that speaks TLS 1.2 and nothing newer
+    /// (`ssl_max_protocol_version = 'TLSv1.2'`), as a PostgreSQL built against an old
+    /// OpenSSL or configured so does.
+    pub fn start_with_tls12_only(cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_inner(Some((cert_pem, key_pem)), true)
+    }
+
+    fn start_inner(tls: Option<(&str, &str)>, tls12_only: bool) -> Self {
         let bin = server_bin().unwrap_or_else(|| panic!("{MISSING}"));
         let run_as = if effective_uid() == Some(0) {
             Some(user_ids("postgres").unwrap_or_else(|| {
@@ -114,7 +121,7 @@ impl PgCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         if let Some((cert, key)) = tls {
-            cluster.require_tls(cert, key);
+            cluster.require_tls(cert, key, tls12_only);
         }
         // A port that was free a moment ago may be taken by the time the server binds it:
         // try a few.
@@ -256,8 +263,8 @@ impl PgCluster {
     }
 
     /// Writes the server's certificate and key (0600, the server's user) and a
-    /// `pg_hba.conf` that admits TLS connections only.
-    fn require_tls(&self, cert: &str, key: &str) {
+    /// `pg_hba.conf` that admits TLS connections only; with `tls12_only`, no TLS above 1.2.
+    fn require_tls(&self, cert: &str, key: &str, tls12_only: bool) {
         use std::os::unix::fs::PermissionsExt;
         let data = self.dir.join("data");
         for (name, contents) in [("server.crt", cert), ("server.key", key)] {
@@ -279,6 +286,9 @@ impl PgCluster {
         let conf = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf).unwrap_or_else(|e| panic!("cannot read {}: {e}", conf.display()));
         text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        if tls12_only {
+            text.push_str("ssl_min_protocol_version = 'TLSv1.2'\nssl_max_protocol_version = 'TLSv1.2'\n");
+        }
         std::fs::write(&conf, text).unwrap_or_else(|e| panic!("cannot write {}: {e}", conf.display()));
     }
 

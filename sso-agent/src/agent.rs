@@ -25,7 +25,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 // `answer`: a wire type (`sso_proto::wire::agent`) with its keys sorted, as the agent's
 // `json!` bodies always were (`the_agent_answers_are_the_bytes_it_wrote_before` pins them).
 use sso_daemon::json::{JsonError as Refusal, reply_answer as answer};
@@ -37,35 +37,10 @@ use sso_proto::wire::agent::{AgentStatus, OpenRequest, SealAnswer, SealRequest};
 
 const MAX_BODY: usize = 8 << 20;
 
-/// The port `sso-server --dev` serves on unless its `server.toml` says otherwise.
-pub const DEV_PORT: u16 = 7443;
-
-/// The URL of the dev server whose files are in `dir`: the port of `listen` in
-/// `DIR/server.toml` (an operator may have moved it), or [`DEV_PORT`] before the dev
-/// server has written that file. Used by `sso-agent --dev` and `ssoctl --dev`.
-pub fn dev_endpoint(dir: &Path) -> Result<String, String> {
-    #[derive(Deserialize)]
-    struct Listen {
-        listen: String,
-    }
-    let path = dir.join("server.toml");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(format!("https://localhost:{DEV_PORT}")),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
-    };
-    let listen: Listen = toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
-    let port = listen
-        .listen
-        .parse::<std::net::SocketAddr>()
-        .map_err(|e| format!("{}: listen = {:?}: {e}", path.display(), listen.listen))?
-        .port();
-    // The dev server certificate names localhost, not the address.
-    Ok(format!("https://localhost:{port}"))
-}
-
-/// The agent's TOML configuration.
-#[derive(Debug, Clone, Deserialize)]
+/// The agent's TOML configuration. `Serialize`, so that the tests (and any tool) write it
+/// through this type ([`AgentConfig::new`], [`AgentConfig::to_toml`]) and
+/// [`AgentConfig::load`] reads back what was written.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Servers, `https://host:port`, tried in order.
@@ -82,20 +57,20 @@ pub struct AgentConfig {
     #[serde(default = "default_mode")]
     pub socket_mode: String,
     /// Uids allowed to connect; empty means only the agent's own uid.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_uids: Vec<u32>,
     /// Backup poll interval in seconds (default 30).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll_interval_secs: Option<u64>,
     /// Refuse to serve once no server was reached for this long (default: never).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_stale_secs: Option<u64>,
     /// Connections one allowed uid may hold open at once (default 64); past it, new ones
     /// are answered 503 and closed.
     #[serde(default = "default_max_connections_per_uid")]
     pub max_connections_per_uid: usize,
     /// Kubernetes KMS v2 on its own socket (`[kms]`, see [`crate::kms`]).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kms: Option<KmsConfig>,
 }
 
@@ -118,6 +93,38 @@ fn default_mode() -> String {
 }
 
 impl AgentConfig {
+    /// A config with the required settings and every other one at its default (as a file
+    /// that names only these reads): change the public fields, then write it with
+    /// [`AgentConfig::to_toml`].
+    pub fn new(
+        endpoints: impl IntoIterator<Item = impl Into<String>>,
+        ca: impl Into<PathBuf>,
+        cert: impl Into<PathBuf>,
+        key: impl Into<PathBuf>,
+        socket: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            ca: ca.into(),
+            cert: cert.into(),
+            key: key.into(),
+            socket: socket.into(),
+            socket_mode: default_mode(),
+            allowed_uids: Vec::new(),
+            poll_interval_secs: None,
+            max_stale_secs: None,
+            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
+            kms: None,
+        }
+    }
+
+    /// The config as a TOML file that [`AgentConfig::load`] reads back (relative paths
+    /// stay relative: to the file's directory once loaded). Panics only on a path that is
+    /// not UTF-8, which TOML cannot hold.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("an agent config with UTF-8 paths always serialises")
+    }
+
     /// Reads a config file; relative paths are relative to its directory.
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -146,22 +153,19 @@ impl AgentConfig {
     }
 
     /// The config `sso-agent --dev DIR` uses: the dev server at the address its
-    /// `DIR/server.toml` names ([`dev_endpoint`]), the dev client certificate,
+    /// `DIR/server.toml` names ([`sso_devdir::dev_endpoint`]), the dev client certificate,
     /// `DIR/agent.sock` with mode 0600 for this uid only.
     pub fn dev(dir: &Path) -> Result<Self, String> {
-        Ok(Self {
-            endpoints: vec![dev_endpoint(dir)?],
-            ca: dir.join("ca.pem"),
-            cert: dir.join("client.pem"),
-            key: dir.join("client-key.pem"),
-            socket: dir.join("agent.sock"),
-            socket_mode: "0600".into(),
-            allowed_uids: Vec::new(),
-            poll_interval_secs: None,
-            max_stale_secs: None,
-            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
-            kms: Some(KmsConfig::dev(dir)),
-        })
+        let mut config = Self::new(
+            [sso_devdir::dev_endpoint(dir)?],
+            dir.join("ca.pem"),
+            dir.join("client.pem"),
+            dir.join("client-key.pem"),
+            dir.join("agent.sock"),
+        );
+        config.socket_mode = "0600".into();
+        config.kms = Some(KmsConfig::dev(dir));
+        Ok(config)
     }
 
     /// The socket mode as a number.
@@ -187,7 +191,7 @@ impl AgentConfig {
 
 /// `[kms]` in the agent's config (served by [`crate::kms`]; kept here with the rest of
 /// the config so the agent does not import the service).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KmsConfig {
     /// Where to serve KMS v2 (kube-apiserver's `endpoint: unix://…`).
@@ -196,7 +200,7 @@ pub struct KmsConfig {
     #[serde(default = "default_kms_mode")]
     pub socket_mode: String,
     /// Uids allowed to connect; unset means the agent's top-level `allowed_uids`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_uids: Option<Vec<u32>>,
 }
 
@@ -205,13 +209,19 @@ fn default_kms_mode() -> String {
 }
 
 impl KmsConfig {
-    /// The config `sso-agent --dev DIR` uses: `DIR/kms.sock`, mode 0600, this uid only.
-    pub fn dev(dir: &std::path::Path) -> Self {
+    /// `[kms]` serving on `socket`, every other setting at its default (mode 0600, the
+    /// agent's `allowed_uids`).
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
         Self {
-            socket: dir.join("kms.sock"),
+            socket: socket.into(),
             socket_mode: default_kms_mode(),
             allowed_uids: None,
         }
+    }
+
+    /// The config `sso-agent --dev DIR` uses: `DIR/kms.sock`, mode 0600, this uid only.
+    pub fn dev(dir: &std::path::Path) -> Self {
+        Self::new(dir.join("kms.sock"))
     }
 
     /// The socket mode as a number.
@@ -571,6 +581,58 @@ pub(crate) fn fuzz_bodies(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use http_body_util::BodyExt;
+
+    use super::{AgentConfig, KmsConfig};
+
+    /// A config built through the type, written with `to_toml`, is read back by the
+    /// agent's own loader as the same config: every field, set and unset.
+    #[test]
+    fn a_built_config_round_trips_through_the_loader() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let minimal = AgentConfig::new(
+            ["https://localhost:7443"],
+            d.join("ca.pem"),
+            d.join("c.pem"),
+            d.join("k.pem"),
+            d.join("a.sock"),
+        );
+        let mut full = AgentConfig::new(
+            ["https://a:1", "https://b:2"],
+            d.join("ca.pem"),
+            d.join("c.pem"),
+            d.join("k.pem"),
+            d.join("a.sock"),
+        );
+        full.socket_mode = "0640".into();
+        full.allowed_uids = vec![0, 1000];
+        full.poll_interval_secs = Some(5);
+        full.max_stale_secs = Some(60);
+        full.max_connections_per_uid = 3;
+        let mut kms = KmsConfig::new(d.join("kms.sock"));
+        kms.socket_mode = "0660".into();
+        kms.allowed_uids = Some(vec![1001]);
+        full.kms = Some(kms);
+        let dev = AgentConfig::dev(d).unwrap();
+        let path = d.join("agent.toml");
+        for config in [minimal, full, dev] {
+            std::fs::write(&path, config.to_toml()).unwrap();
+            assert_eq!(AgentConfig::load(&path).unwrap(), config, "{}", config.to_toml());
+        }
+        // A minimal config writes only what it sets (the defaults stay the loader's).
+        let text = AgentConfig::new(["https://h:1"], "ca.pem", "c.pem", "k.pem", "a.sock").to_toml();
+        for absent in ["allowed_uids", "poll_interval_secs", "max_stale_secs", "[kms]"] {
+            assert!(!text.contains(absent), "{absent} in:\n{text}");
+        }
+        // Relative paths stay relative in the file and are read relative to it.
+        let mut relative = AgentConfig::new(["https://h:1"], "ca.pem", "c.pem", "k.pem", "a.sock");
+        relative.kms = Some(KmsConfig::new("kms.sock"));
+        std::fs::write(&path, relative.to_toml()).unwrap();
+        let loaded = AgentConfig::load(&path).unwrap();
+        assert_eq!(loaded.socket, d.join("a.sock"));
+        assert_eq!(loaded.kms.unwrap().socket, d.join("kms.sock"));
+        assert_eq!(loaded.ca, d.join("ca.pem"));
+    }
 
     async fn body_of(resp: hyper::Response<http_body_util::Full<bytes::Bytes>>) -> Vec<u8> {
         resp.into_body().collect().await.unwrap().to_bytes().to_vec()

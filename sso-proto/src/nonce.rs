@@ -1,7 +1,15 @@
-//! Envelope nonces: 96 random bits each, drawn from a per-thread buffer that is filled
-//! from the operating system's CSPRNG 256 nonces at a time, so a seal does not pay for a
-//! `getrandom` system call (about 300 ns on the development machine, three times the
-//! AEAD itself for a small message).
+//! Envelope nonces: 96 random bits each, drawn from a per-thread buffer of 256, so a seal
+//! does not pay for a `getrandom` system call (about 300 ns on the development machine,
+//! three times the AEAD itself for a small message).
+//!
+//! A refill reads a fresh 256-bit seed from the operating system's CSPRNG and expands it to
+//! the buffer's 3 KiB with AES-256 in counter mode (graviola's AES-GCM over zeros, the tag
+//! discarded): a CTR_DRBG (NIST SP 800-90A) reseeded from the OS for every refill, so no
+//! generator state outlives one buffer, and the seed and its key schedule are wiped
+//! before the refill returns. Reading all 3 KiB from the kernel instead cost about 45 ns
+//! per nonce (the kernel's ChaCha20 runs without vector instructions), 14% of a 64-byte
+//! seal (docs/benchmarks.md, issue 16). On a CPU graviola does not support the buffer is
+//! read from the OS whole, as before.
 //!
 //! A buffer of future nonces must never be used by two processes: after `fork` the child
 //! holds a copy of the parent's buffer, and both would seal with the same nonces. Each
@@ -85,6 +93,29 @@ fn system_random() -> &'static SystemRandom {
     RNG.get_or_init(SystemRandom::new)
 }
 
+/// Whether refills expand an OS seed with graviola's AES (else the OS fills the buffer).
+fn expands() -> bool {
+    static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SUPPORTED.get_or_init(graviola::util::is_cpu_supported)
+}
+
+/// Fills `buf` with fresh randomness: AES-256-CTR under a key read from the OS for this
+/// refill alone, or the OS's own bytes where graviola cannot run.
+fn refill(buf: &mut [u8; BUF_LEN]) -> Result<(), Error> {
+    if !expands() {
+        return system_random().fill(buf).map_err(|_| Error::Randomness);
+    }
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    system_random().fill(&mut seed[..]).map_err(|_| Error::Randomness)?;
+    // graviola wipes the expanded key when `ctr` is dropped; the key is used for this one
+    // keystream, so the all-zero nonce never repeats under it.
+    let ctr = graviola::aead::AesGcm::new(&seed[..]);
+    buf.fill(0);
+    let mut tag = [0u8; 16];
+    ctr.encrypt(&[0u8; NONCE_LEN], &[], buf, &mut tag);
+    Ok(())
+}
+
 /// Fills `out` with a fresh random nonce from this thread's buffer, refilling it from the
 /// OS when it is empty or was filled in another process.
 pub fn fill(out: &mut [u8; NONCE_LEN]) -> Result<(), Error> {
@@ -92,7 +123,7 @@ pub fn fill(out: &mut [u8; NONCE_LEN]) -> Result<(), Error> {
         let mut pool = pool.borrow_mut();
         let owner = current_owner();
         if pool.next == BUF_LEN || pool.owner != owner {
-            system_random().fill(&mut pool.buf).map_err(|_| Error::Randomness)?;
+            refill(&mut pool.buf)?;
             pool.owner = owner;
             pool.next = 0;
         }
@@ -128,5 +159,28 @@ mod tests {
         let distinct: HashSet<_> = all.iter().collect();
         assert_eq!(distinct.len(), all.len(), "a nonce repeated");
         assert!(all.iter().all(|n| *n != [0; NONCE_LEN]));
+    }
+
+    /// A refill is random-looking and never the same twice: the bytes of two refills
+    /// differ, and each refill's bytes are balanced (a stuck or unexpanded buffer, such as
+    /// all zeros or the seed repeated, fails).
+    #[test]
+    fn refills_differ_and_look_random() {
+        let mut a = [0u8; BUF_LEN];
+        let mut b = [0u8; BUF_LEN];
+        refill(&mut a).unwrap();
+        refill(&mut b).unwrap();
+        assert_ne!(a[..], b[..]);
+        for buf in [&a, &b] {
+            let ones: u32 = buf.iter().map(|x| x.count_ones()).sum();
+            let bits = (BUF_LEN * 8) as f64;
+            // 24,576 bits: the count of ones is within 5 standard deviations (392) of half.
+            assert!(
+                (f64::from(ones) - bits / 2.0).abs() < 5.0 * (bits / 4.0).sqrt(),
+                "{ones} ones"
+            );
+            let distinct: HashSet<_> = buf.chunks(16).collect();
+            assert_eq!(distinct.len(), BUF_LEN / 16, "a 16-byte block repeated within a refill");
+        }
     }
 }

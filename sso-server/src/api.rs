@@ -837,15 +837,6 @@ impl Parked {
     }
 }
 
-/// [`AppState::publishing`] (which says why there are two `with_store`s), its errors as
-/// the client sees them and a panicked task as a plain 500 `internal`.
-async fn with_store<T: Send + 'static>(
-    state: &Arc<AppState>,
-    f: impl FnOnce(&mut dyn keystore::Store) -> keystore::Result<T> + Send + 'static,
-) -> Result<T, ApiError> {
-    Ok(state.publishing(f).await.ok_or_else(ApiError::internal)??)
-}
-
 async fn rotate(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> {
     use crate::rotation::{self, RotateError};
     let request: RotateRequest = if body.iter().all(u8::is_ascii_whitespace) {
@@ -1043,10 +1034,10 @@ fn promote_answer(promoted: &crate::rotation::Promoted) -> Response<Body> {
 
 /// The peer's side of pair-wide backup coverage: which keys this node's backups cover.
 async fn peer_coverage(state: &Arc<AppState>) -> Result<Answer, ApiError> {
-    let status = with_store(state, |store| store.status()).await?;
+    let own = crate::status::own_coverage(state).await?;
     let coverage = sso_proto::wire::Coverage {
-        backed_up: status.backed_up,
-        last_backup_unix: status.last_backup_at.map(time::OffsetDateTime::unix_timestamp),
+        backed_up: own.backed_up,
+        last_backup_unix: own.last_backup_at.map(time::OffsetDateTime::unix_timestamp),
     };
     Ok(quiet(json_answer(StatusCode::OK, &coverage)))
 }

@@ -9,9 +9,12 @@
 //! failing disk is logged and counted. Neither stalls a request. When writing resumes, a
 //! gap record (`"op":"audit.gap"`, `detail` "lost N entries: …") says how many were lost.
 //!
-//! After each batch the writer records the head (entry count and MAC) in the store's
-//! `meta` table (the anchor). At start, a log that ends before the anchor was cut short:
-//! the server writes an `audit.truncated` record that `verify` reports as tampering.
+//! The writer records the head (entry count and MAC) in the store's `meta` table (the
+//! anchor) whenever it runs out of entries to write, and under continuous load at least
+//! every [`ANCHOR_EVERY`], always after the batch's `fdatasync` (so the anchor never runs
+//! ahead of the file), and once more when the server shuts down ([`Audit::close`]). At
+//! start, a log that ends before the anchor was cut short: the server writes an
+//! `audit.truncated` record that `verify` reports as tampering.
 //!
 //! Rotation: with `rotate_bytes` set, a full file is renamed to `NAME.<last seq, 20
 //! digits>` and a new one started; SIGHUP reopens the path (for external logrotate). The
@@ -46,6 +49,13 @@ const MAX_DETAIL: usize = 512;
 const MAX_BATCH: usize = 16_384;
 /// Shortest interval between two fdatasyncs of the audit log.
 const LINGER: Duration = Duration::from_millis(5);
+/// Under continuous load, the longest the store's anchor lags the file (an idle writer
+/// anchors at once). Each anchor is a store transaction with its own fsync and half a
+/// dozen lock calls; written after every 5 ms batch it was most of the audit's system
+/// time (docs/benchmarks.md, issue 16). The price: after an unclean stop under load
+/// (SIGKILL, crash, power loss) a cut of at most this much of the log's tail is not
+/// found against the anchor (SECURITY.md, "The audit log").
+pub const ANCHOR_EVERY: Duration = Duration::from_millis(100);
 /// `op` of the first record of a file opened by rotation or SIGHUP.
 const REOPENED_OP: &str = "audit.reopened";
 
@@ -141,7 +151,7 @@ pub struct AuditOptions {
 /// The handle request handlers record through.
 #[derive(Clone)]
 pub struct Audit {
-    tx: SyncSender<AuditEvent>,
+    tx: SyncSender<Msg>,
     metrics: Arc<Metrics>,
     head: Arc<Mutex<AuditHead>>,
     shared: Arc<Shared>,
@@ -162,6 +172,17 @@ struct Shared {
     dropped_unrecorded: AtomicU64,
     reopen: AtomicBool,
     sink: OnceLock<AnchorSink>,
+    /// [`Audit::close`] asked the writer to finish.
+    closing: AtomicBool,
+    /// Set by the writer when it has finished (queue drained, synced, anchored).
+    closed: (Mutex<bool>, std::sync::Condvar),
+}
+
+/// What travels on the writer's queue.
+enum Msg {
+    Event(AuditEvent),
+    /// Wakes an idle writer to see [`Shared::closing`].
+    Close,
 }
 
 /// Opening the audit log failed.
@@ -244,6 +265,8 @@ impl Audit {
             dropped_unrecorded: AtomicU64::new(0),
             reopen: AtomicBool::new(false),
             sink: OnceLock::new(),
+            closing: AtomicBool::new(false),
+            closed: (Mutex::new(false), std::sync::Condvar::new()),
         });
         let writer = Writer {
             file,
@@ -261,6 +284,7 @@ impl Audit {
             pending_first: first,
             anchor_failing: false,
             anchor_pending: None,
+            anchored_at: None,
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -278,13 +302,17 @@ impl Audit {
 
     /// Queues an entry. Never blocks: a full queue drops the entry and counts it.
     pub fn record(&self, event: AuditEvent) {
-        match self.tx.try_send(event) {
+        match self.tx.try_send(Msg::Event(event)) {
             Ok(()) => {}
-            Err(TrySendError::Full(ev)) => {
+            Err(TrySendError::Full(msg)) => {
                 self.shared.dropped_unrecorded.fetch_add(1, Relaxed);
                 let dropped = self.metrics.audit_dropped.fetch_add(1, Relaxed) + 1;
                 if dropped.is_power_of_two() {
-                    tracing::error!(dropped, op = ev.op, "audit queue full: entries are being dropped");
+                    let op = match &msg {
+                        Msg::Event(ev) => ev.op,
+                        Msg::Close => "",
+                    };
+                    tracing::error!(dropped, op, "audit queue full: entries are being dropped");
                 }
             }
             Err(TrySendError::Disconnected(_)) => {
@@ -301,6 +329,22 @@ impl Audit {
     /// From now on, record every new head with `sink` (set once).
     pub fn anchor_to(&self, sink: AnchorSink) {
         let _ = self.shared.sink.set(sink);
+    }
+
+    /// Finishes the log for a shutdown: the writer writes and syncs every entry queued so
+    /// far, records the head in the store one last time and stops. Waits at most
+    /// `timeout`; returns whether the writer finished in time. Entries recorded after
+    /// this are counted as failures.
+    pub fn close(&self, timeout: Duration) -> bool {
+        self.shared.closing.store(true, Relaxed);
+        // Wakes a writer waiting for entries; a full queue means it is not waiting.
+        let _ = self.tx.try_send(Msg::Close);
+        let (done, cv) = &self.shared.closed;
+        let guard = done.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cv
+            .wait_timeout_while(guard, timeout, |done| !*done)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
     }
 
     /// Asks the writer to reopen the path (after an external rotation). Takes effect
@@ -385,17 +429,42 @@ struct Writer {
     anchor_failing: bool,
     /// A head not yet recorded in the store.
     anchor_pending: Option<AuditAnchor>,
+    /// When the store last took an anchor.
+    anchored_at: Option<std::time::Instant>,
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<AuditEvent>) {
+    fn run(mut self, rx: Receiver<Msg>) {
+        self.write_until_closed(&rx);
+        // Queue drained (or every handle gone): the file is synced; anchor the last head.
+        self.record_anchor();
+        let (done, cv) = &self.shared.closed;
+        *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    fn write_until_closed(&mut self, rx: &Receiver<Msg>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut buf = Vec::with_capacity(1 << 16);
         let mut clock = TimeCache::default();
         loop {
             let first = if self.pending_first.is_empty() {
-                match rx.recv_timeout(Duration::from_millis(250)) {
-                    Ok(ev) => Some(ev),
+                let next = match rx.try_recv() {
+                    Ok(msg) => Ok(msg),
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {
+                        if self.shared.closing.load(Relaxed) {
+                            return;
+                        }
+                        // Nothing to write: the writer is going idle, so the store gets
+                        // the latest head now rather than after ANCHOR_EVERY.
+                        self.record_anchor();
+                        rx.recv_timeout(Duration::from_millis(250))
+                    }
+                };
+                match next {
+                    Ok(Msg::Event(ev)) => Some(ev),
+                    Ok(Msg::Close) => continue,
                     Err(RecvTimeoutError::Timeout) => {
                         self.record_anchor();
                         if self.shared.reopen.load(Relaxed) {
@@ -404,7 +473,7 @@ impl Writer {
                             continue;
                         }
                     }
-                    Err(RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             } else {
                 None
@@ -414,7 +483,8 @@ impl Writer {
             batch.extend(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(ev) => batch.push(ev),
+                    Ok(Msg::Event(ev)) => batch.push(ev),
+                    Ok(Msg::Close) => {}
                     Err(_) => break,
                 }
             }
@@ -493,8 +563,10 @@ impl Writer {
             }
             // Group commit: at most one fdatasync per LINGER. Under load this turns many
             // tiny syncs into few large ones; entries wait in the queue meanwhile, never
-            // the requests that produced them.
-            if let Some(rest) = LINGER.checked_sub(batch_started.elapsed()) {
+            // the requests that produced them. A closing writer does not linger.
+            if let Some(rest) = LINGER.checked_sub(batch_started.elapsed())
+                && !self.shared.closing.load(Relaxed)
+            {
                 std::thread::sleep(rest);
             }
         }
@@ -541,11 +613,15 @@ impl Writer {
         }
     }
 
+    /// Makes `head` (written and synced) the live head; the store gets it as the anchor
+    /// when the last anchor is [`ANCHOR_EVERY`] old, else when the writer goes idle.
     fn publish(&mut self, head: AuditHead) {
         self.metrics.audit_entries.store(head.seq, Relaxed);
         *self.head.lock().unwrap_or_else(|p| p.into_inner()) = head.clone();
         self.anchor_pending = Some(head.anchor());
-        self.record_anchor();
+        if self.anchored_at.is_none_or(|t| t.elapsed() >= ANCHOR_EVERY) {
+            self.record_anchor();
+        }
     }
 
     /// Writes the pending anchor unless the store is busy (then the next batch, or the
@@ -558,6 +634,7 @@ impl Writer {
             Ok(false) => {}
             Ok(true) => {
                 self.anchor_pending = None;
+                self.anchored_at = Some(std::time::Instant::now());
                 if self.anchor_failing {
                     self.anchor_failing = false;
                     tracing::info!("audit anchor recorded in the store again");
@@ -590,6 +667,9 @@ impl Writer {
     }
 
     fn rotate(&mut self, batch: &mut Vec<AuditEvent>) {
+        // The anchor must name the rotated file's last entry, or a crash before the new
+        // file's first write reads as an emptied log at the next start.
+        self.record_anchor();
         let seq = self.head.lock().unwrap_or_else(|p| p.into_inner()).seq;
         let to = keystore::audit::rotated_name(&self.path, seq);
         if let Err(e) = self.file.sync_all().and_then(|()| std::fs::rename(&self.path, &to)) {
@@ -712,22 +792,31 @@ fn push_hex(buf: &mut Vec<u8>, bytes: &[u8]) {
 }
 
 /// Appends `s` as a JSON string: quotes, backslashes and control characters escaped.
+/// Runs that need no escape (almost every field) are copied whole.
 fn push_json_str(buf: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
     buf.push(b'"');
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => buf.extend_from_slice(b"\\\""),
-            b'\\' => buf.extend_from_slice(b"\\\\"),
-            b'\n' => buf.extend_from_slice(b"\\n"),
-            b'\r' => buf.extend_from_slice(b"\\r"),
-            b'\t' => buf.extend_from_slice(b"\\t"),
-            0..=0x1f | 0x7f => {
-                use std::io::Write as _;
-                let _ = write!(buf, "\\u{b:04x}");
-            }
-            _ => buf.push(b),
+    let mut plain = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f | 0x7f => b"",
+            _ => continue,
+        };
+        buf.extend_from_slice(&bytes[plain..i]);
+        plain = i + 1;
+        if escaped.is_empty() {
+            use std::io::Write as _;
+            let _ = write!(buf, "\\u{b:04x}");
+        } else {
+            buf.extend_from_slice(escaped);
         }
     }
+    buf.extend_from_slice(&bytes[plain..]);
     buf.push(b'"');
 }
 
@@ -1148,6 +1237,122 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert_eq!(stored.lock().unwrap().clone(), Some(audit.head().anchor()));
+    }
+
+    #[test]
+    fn under_continuous_load_the_anchor_is_written_every_anchor_every_and_never_ahead_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        // A queue no stall of the writer thread can fill (the test machine is shared): no
+        // entry is dropped, so the head ends at exactly the entries sent.
+        let options = AuditOptions {
+            queue: 1 << 20,
+            ..options()
+        };
+        let audit = Audit::open(&path, &options, key(), None, Arc::new(Metrics::default())).unwrap();
+        let anchors: Arc<Mutex<Vec<AuditAnchor>>> = Arc::default();
+        let (sink_anchors, sink_path) = (anchors.clone(), path.clone());
+        audit.anchor_to(Box::new(move |a| {
+            // Never ahead of the file: what the store gets is already written and synced.
+            let text = std::fs::read_to_string(&sink_path).unwrap();
+            assert!(
+                text.lines().count() as u64 >= a.count,
+                "anchor {} ahead of the file",
+                a.count
+            );
+            sink_anchors.lock().unwrap().push(a.clone());
+            Ok(true)
+        }));
+        // One second of entries arriving faster than the writer's 5 ms batches empty the
+        // queue: the writer never goes idle.
+        let load = Duration::from_secs(1);
+        let started = std::time::Instant::now();
+        let mut sent = 0u64;
+        while started.elapsed() < load {
+            // A few per 200 µs (at most 25,000/s): well inside the 1024-entry queue.
+            for _ in 0..5 {
+                audit.record(event("keyring.fetch"));
+            }
+            sent += 5;
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let under_load = anchors.lock().unwrap().len();
+        // ANCHOR_EVERY (100 ms): about 10 in the second. Before: one anchor per 5 ms
+        // batch, about 200.
+        let most = 15;
+        assert!(
+            under_load <= most,
+            "{under_load} anchors in {load:?} of load; at most {most} expected"
+        );
+        assert!(under_load >= 2, "{under_load} anchors under load");
+        // Idle again: the store gets the last head at once.
+        for _ in 0..2000 {
+            if audit.head().seq >= sent {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for _ in 0..100 {
+            if anchors.lock().unwrap().last() == Some(&audit.head().anchor()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(anchors.lock().unwrap().last(), Some(&audit.head().anchor()));
+        assert_eq!(audit.head().seq, sent);
+    }
+
+    #[test]
+    fn close_writes_syncs_and_anchors_everything_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = open(&path, None);
+        let stored: Arc<Mutex<Option<AuditAnchor>>> = Arc::default();
+        let sink_stored = stored.clone();
+        audit.anchor_to(Box::new(move |a| {
+            *sink_stored.lock().unwrap() = Some(a.clone());
+            Ok(true)
+        }));
+        for _ in 0..500 {
+            audit.record(event("keyring.fetch"));
+        }
+        assert!(audit.close(Duration::from_secs(10)), "the writer did not finish");
+        let anchor = stored.lock().unwrap().clone().expect("anchored");
+        assert_eq!(anchor.count, 500);
+        assert_eq!(anchor, audit.head().anchor());
+        let report = check(&path, Some(&anchor)).unwrap();
+        assert_eq!(report.entries, 500);
+        assert!(report.anchored);
+        // After close, an entry is a counted failure, never a hang.
+        audit.record(event("keyring.fetch"));
+        assert!(audit.close(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn json_strings_are_escaped_as_a_json_parser_reads_them() {
+        let mut cases: Vec<String> = (0u8..128).map(|b| format!("a{}b", char::from(b))).collect();
+        cases.extend(
+            [
+                "",
+                "plain",
+                "\"",
+                "\\\\\"",
+                "\n\r\t\u{1}\u{7f}",
+                "é ü 鍵 🔑",
+                "end\\",
+                "\"start",
+            ]
+            .map(String::from),
+        );
+        cases.push((0u8..128).map(char::from).collect());
+        for case in cases {
+            let mut buf = Vec::new();
+            push_json_str(&mut buf, &case);
+            let text = std::str::from_utf8(&buf).unwrap();
+            assert!(!text.bytes().any(|b| b < 0x20 || b == 0x7f), "{text:?}");
+            let back: String = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert_eq!(back, case);
+        }
     }
 
     #[test]

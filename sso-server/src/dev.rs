@@ -17,14 +17,14 @@ use crate::config::{AuditConfig, Config, Pattern, RolesConfig, StoreConfig, TlsC
 #[error("dev mode: {0}")]
 pub struct DevError(String);
 
-/// The HTTPS port of dev mode.
-pub const DEV_PORT: u16 = 7443;
+/// The HTTPS port of dev mode (`sso_devdir`, where sso-agent and ssoctl read it).
+pub use sso_devdir::DEV_PORT;
 /// The metrics port of dev mode.
 pub const DEV_METRICS_PORT: u16 = 7444;
 
 /// Makes sure `dir` holds a complete dev setup and returns its config file.
 pub fn prepare(dir: &Path) -> Result<PathBuf, DevError> {
-    let config = dir.join("server.toml");
+    let config = dir.join(sso_devdir::SERVER_CONFIG);
     if config.is_file() {
         return Ok(config);
     }
@@ -75,7 +75,7 @@ fn create(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         config().to_toml()
     );
     // Written last: its presence marks the directory complete.
-    std::fs::write(dir.join("server.toml"), toml)?;
+    std::fs::write(dir.join(sso_devdir::SERVER_CONFIG), toml)?;
     Ok(())
 }
 
@@ -133,6 +133,21 @@ mod tests {
             "admin = [\"cn:admin\"]",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn the_agent_and_ssoctl_find_the_dev_server_where_it_listens() {
+        // sso-agent --dev and ssoctl --dev read the port from the file this writes.
+        let dir = tempfile::tempdir().unwrap();
+        let mut moved = config();
+        moved.listen = SocketAddr::from(([127, 0, 0, 1], 9443));
+        for (config, port) in [(config(), DEV_PORT), (moved, 9443)] {
+            std::fs::write(dir.path().join(sso_devdir::SERVER_CONFIG), config.to_toml()).unwrap();
+            assert_eq!(
+                sso_devdir::dev_endpoint(dir.path()).unwrap(),
+                format!("https://localhost:{port}")
+            );
         }
     }
 }

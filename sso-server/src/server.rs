@@ -252,6 +252,15 @@ pub async fn run_with_feed(
     }
     flush_task.abort();
     state.limiter.failures.flush(&state.audit, AGGREGATE_INTERVAL);
+    // Every entry of the served requests written and synced, and the last head anchored
+    // in the store, before the process exits (the writer thread would die with it).
+    let audit = state.audit.clone();
+    let closed = tokio::task::spawn_blocking(move || audit.close(AUDIT_CLOSE))
+        .await
+        .unwrap_or(false);
+    if !closed {
+        tracing::warn!("the audit writer did not finish within {AUDIT_CLOSE:?}; its last entries may be missing");
+    }
     metrics_task.abort();
     reload_task.abort();
     sync_task.abort();
@@ -261,6 +270,9 @@ pub async fn run_with_feed(
     }
     Ok(())
 }
+
+/// How long shutdown waits for the audit writer to write, sync and anchor what is queued.
+const AUDIT_CLOSE: Duration = Duration::from_secs(5);
 
 /// How often a cluster node reads the store's epoch whatever its change feed says:
 /// notifications sent while the feed was reconnecting, or lost in a database restart,

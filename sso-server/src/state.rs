@@ -91,7 +91,8 @@ pub struct AppState {
 
 impl AppState {
     /// Runs `f` on the store on a blocking thread, then republishes the snapshot; `None`
-    /// when the task panicked. The admin handlers and `backup` use it.
+    /// when the task panicked. The admin writes (`lifecycle`, `backup`) and
+    /// `status::own_coverage` use it.
     ///
     /// Not unified with `LocalNode::with_store` (below), on purpose: this one republishes
     /// after every successful call, whether or not the epoch moved, because a backup's
@@ -148,7 +149,8 @@ impl AppState {
     }
 }
 
-/// Why [`AppState::reading`] has no result.
+/// Why a store call on the blocking pool ([`AppState::reading`], or
+/// [`AppState::publishing`] where a domain module maps its `None`) has no result.
 #[derive(Debug)]
 pub enum ReadError {
     /// The store could not be read.
@@ -167,7 +169,7 @@ impl crate::rotation::LocalNode for Arc<AppState> {
     }
 
     /// Republishes the snapshot only when the epoch moved (anti-entropy calls this twice a
-    /// second); [`AppState::publishing`] says why the admin handlers' helper differs.
+    /// second); [`AppState::publishing`] says why the admin writes' helper differs.
     async fn with_store<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut dyn Store) -> keystore::Result<T> + Send + 'static,

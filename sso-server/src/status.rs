@@ -2,7 +2,8 @@
 //! domain logic with no HTTP: one anti-entropy round with the peer first, so the answer
 //! describes the pair as it is and not as the last periodic round saw it; the store's
 //! status; and the pair's backup coverage, since a key backed up through either node is in
-//! a backup ([`merge_coverage`]). The result is a domain type ([`NodeStatus`]) that `api`
+//! a backup ([`merge_coverage`]); and this node's own coverage, which the peer asks for
+//! ([`own_coverage`]). The result is a domain type ([`NodeStatus`]) that `api`
 //! maps to `sso_proto::wire::answers::StatusAnswer`, with the health, audit head and peer
 //! view it reads from memory.
 //!
@@ -68,6 +69,31 @@ pub async fn node_status(state: &Arc<AppState>) -> Result<NodeStatus, ReadError>
         }
     };
     Ok(NodeStatus { store, coverage })
+}
+
+/// What this node's own backups cover (the peer's side of the pair's coverage, `GET
+/// /v1/peer/coverage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnCoverage {
+    /// Keys a backup written from (or restored into) this store covers.
+    pub backed_up: Vec<sso_proto::KeyId>,
+    /// When a backup was last written from this store.
+    pub last_backup_at: Option<OffsetDateTime>,
+}
+
+/// What this node's own backups cover. Read through [`AppState::publishing`], as this
+/// answer always was (it republishes the snapshot and marks a store fault in the health,
+/// where [`AppState::reading`] would do neither).
+pub async fn own_coverage(state: &Arc<AppState>) -> Result<OwnCoverage, ReadError> {
+    let status = state
+        .publishing(|store| store.status())
+        .await
+        .ok_or(ReadError::Panicked)?
+        .map_err(ReadError::Store)?;
+    Ok(OwnCoverage {
+        backed_up: status.backed_up,
+        last_backup_at: status.last_backup_at,
+    })
 }
 
 /// Makes `status`'s backup fields the pair's: a key the peer's backups cover is backed up,

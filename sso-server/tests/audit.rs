@@ -205,3 +205,50 @@ async fn a_full_disk_leaves_a_gap_record_when_writing_resumes_after_sighup_rotat
     // in the middle it breaks.
     assert!(verify(&files[1..], &key, Start::Genesis, None).is_err());
 }
+
+/// A graceful stop (SIGTERM) right after the last answer: every answered fetch has its
+/// line in the log, and the store's anchor is the log's last line. Before issue 16's
+/// change the process exited with the audit writer's queue and the anchor unwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_writes_every_answered_fetch_and_anchors_the_last_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let pki = Pki::new(&root.join("pki"));
+    let setup = ServerSetup::standard(&root.join("node"), &pki, "node-a");
+    for round in 0..3 {
+        let mut server = TestServer::start(Path::new(BIN), &setup.config, &root.join(format!("server{round}.log")));
+        let client = Client::new(server.https, &pki.ca_file, Some(&pki.client("client")));
+        let before = lines(&setup.audit)
+            .iter()
+            .filter(|e| e["op"] == "keyring.fetch")
+            .count();
+        let fetches = 200;
+        for _ in 0..fetches {
+            assert_eq!(client.get("/v1/keyring").await.unwrap().status, 200);
+        }
+        server.signal("TERM");
+        let mut exited = false;
+        for _ in 0..200 {
+            if !server.is_running() {
+                exited = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(exited, "the server did not stop within 10 s of SIGTERM");
+        let recorded = lines(&setup.audit);
+        let fetched = recorded.iter().filter(|e| e["op"] == "keyring.fetch").count();
+        assert_eq!(
+            fetched - before,
+            fetches,
+            "round {round}: answered fetches missing from the log"
+        );
+        let (key, anchor) = store_key_and_anchor(&setup);
+        let anchor = anchor.expect("anchored");
+        let last = recorded.last().unwrap();
+        assert_eq!(anchor.count, last["seq"].as_u64().unwrap(), "round {round}");
+        assert_eq!(anchor.head, last["mac"].as_str().unwrap(), "round {round}");
+        let report = verify(std::slice::from_ref(&setup.audit), &key, Start::Genesis, Some(&anchor)).unwrap();
+        assert!(report.anchored);
+    }
+}

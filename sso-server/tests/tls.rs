@@ -294,23 +294,16 @@ async fn connections_end_gracefully_at_their_maximum_age_and_clients_never_notic
 #[test]
 fn the_agent_rides_through_maximum_connection_age() {
     let OneServer { dir, pki, server, .. } = short_lived_connections();
-    let cert = pki.client("client");
     let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "endpoints = [\"https://localhost:{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nsocket = \"{}\"\n",
-            server.https.port(),
-            pki.ca_file.display(),
-            cert.cert.display(),
-            cert.key.display(),
-            dir.path().join("agent.sock").display(),
-        ),
-    )
-    .unwrap();
+    let agent_config = pki.agent_config(
+        "client",
+        format!("https://localhost:{}", server.https.port()),
+        dir.path().join("agent.sock"),
+    );
+    std::fs::write(&config, agent_config.to_toml()).unwrap();
     let agent = tests::TestAgent::start(&config, &dir.path().join("agent.log"));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while agent_status(&agent.socket)["status"] != "fresh" {
+    while agent_status(&agent.socket).status != "fresh" {
         assert!(Instant::now() < deadline, "the agent never fetched the keyring");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -321,8 +314,8 @@ fn the_agent_rides_through_maximum_connection_age() {
     let mut rotations = 0;
     while started.elapsed() < Duration::from_secs(6) {
         let status = agent_status(&agent.socket);
-        assert_eq!(status["status"], "fresh", "{status}");
-        assert!(status["last_error"].is_null(), "{status}");
+        assert_eq!(status.status, "fresh", "{status:?}");
+        assert!(status.last_error.is_none(), "{status:?}");
         let r = runtime
             .block_on(admin.post("/v1/admin/rotate", &serde_json::json!({})))
             .unwrap();
@@ -333,12 +326,12 @@ fn the_agent_rides_through_maximum_connection_age() {
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             let status = agent_status(&agent.socket);
-            if status["primary"] == new_primary.as_str() {
+            if status.primary.as_deref() == Some(new_primary.as_str()) {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "rotation {rotations} did not reach the agent: {status}"
+                "rotation {rotations} did not reach the agent: {status:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -356,7 +349,8 @@ fn the_agent_rides_through_maximum_connection_age() {
     assert!(complaints.is_empty(), "agent log:\n{log}");
 }
 
-fn agent_status(socket: &Path) -> serde_json::Value {
+/// The agent's `GET /v1/status`, read as its wire type.
+fn agent_status(socket: &Path) -> sso_proto::wire::agent::AgentStatus {
     use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
     s.write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -4,8 +4,14 @@
 //!
 //! # The policy
 //! - The ring provider, and only ring ([`provider`]).
-//! - Our clients speak TLS 1.3 only ([`CLIENT_VERSIONS`]): every server of ours accepts
-//!   it, so offering 1.2 would only open a downgrade for nothing.
+//! - Our clients speak TLS 1.3 only to our servers ([`CLIENT_VERSIONS`]): every server of
+//!   ours accepts it, so offering 1.2 would only open a downgrade for nothing.
+//! - A client of a server that is not ours, the PostgreSQL engine's database
+//!   ([`ClientTls::third_party`]), offers TLS 1.3 and 1.2 ([`THIRD_PARTY_CLIENT_VERSIONS`]):
+//!   we do not configure that server, and PostgreSQL may speak only 1.2
+//!   (`ssl_max_protocol_version`, or an OpenSSL without 1.3). 1.3 is chosen whenever the
+//!   server speaks it; a server that speaks only 1.2 gets 1.2 with rustls's cipher suites
+//!   (ECDHE with AES-GCM or ChaCha20-Poly1305, nothing older).
 //! - A server accepts TLS 1.3, and TLS 1.2 too only when configured
 //!   (`tls.min_version = "1.2"`, SPEC §5, for third-party clients): [`MinVersion`].
 //! - A client that is given an identity presents it (mutual TLS); one without an
@@ -15,7 +21,8 @@
 //! configurations).
 //!
 //! # Layout
-//! - [`MinVersion`], [`CLIENT_VERSIONS`], [`provider`]: the policy.
+//! - [`MinVersion`], [`CLIENT_VERSIONS`], [`THIRD_PARTY_CLIENT_VERSIONS`], [`provider`]:
+//!   the policy.
 //! - [`load_certs`], [`load_key`], [`load_roots`]: PEM files into rustls types.
 //! - [`ClientTls`]: the builder.
 #![forbid(unsafe_code)]
@@ -62,8 +69,13 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The versions every client of ours offers: TLS 1.3 only.
+/// The versions every client of ours offers to a server of ours: TLS 1.3 only.
 pub const CLIENT_VERSIONS: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// The versions a client offers to a server that is not ours ([`ClientTls::third_party`]:
+/// the PostgreSQL engine's database): TLS 1.3, and 1.2 for a database that speaks no 1.3.
+pub const THIRD_PARTY_CLIENT_VERSIONS: &[&SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
 
 /// The lowest TLS version a server accepts (`tls.min_version`). TLS 1.3 unless configured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -157,6 +169,7 @@ pub struct ClientTls {
     trust: Trust,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
     alpn: Vec<Vec<u8>>,
+    versions: &'static [&'static SupportedProtocolVersion],
 }
 
 impl ClientTls {
@@ -166,6 +179,7 @@ impl ClientTls {
             trust: Trust::Roots(roots),
             identity: None,
             alpn: Vec::new(),
+            versions: CLIENT_VERSIONS,
         }
     }
 
@@ -175,6 +189,7 @@ impl ClientTls {
             trust: Trust::Verifier(verifier),
             identity: None,
             alpn: Vec::new(),
+            versions: CLIENT_VERSIONS,
         }
     }
 
@@ -195,10 +210,17 @@ impl ClientTls {
         self
     }
 
+    /// The server is not ours (the PostgreSQL engine's database): offer
+    /// [`THIRD_PARTY_CLIENT_VERSIONS`], TLS 1.2 as well as 1.3, instead of 1.3 only.
+    pub fn third_party(mut self) -> Self {
+        self.versions = THIRD_PARTY_CLIENT_VERSIONS;
+        self
+    }
+
     /// The configuration.
     pub fn build(self) -> Result<ClientConfig, TlsError> {
         let versions = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(CLIENT_VERSIONS)
+            .with_protocol_versions(self.versions)
             .map_err(TlsError::Policy)?;
         let trusted = match self.trust {
             Trust::Roots(roots) => versions.with_root_certificates(roots),

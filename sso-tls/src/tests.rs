@@ -58,6 +58,17 @@ fn server(pki: &Pki, versions: &[&'static SupportedProtocolVersion]) -> ServerCo
         .unwrap()
 }
 
+/// A server that is not ours, as a database is set up: no client certificates, the given
+/// versions.
+fn third_party_server(pki: &Pki, versions: &[&'static SupportedProtocolVersion]) -> ServerConfig {
+    ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(load_certs(&pki.server.0).unwrap(), load_key(&pki.server.1).unwrap())
+        .unwrap()
+}
+
 /// A client of ours, from the one builder.
 fn ours(pki: &Pki) -> ClientConfig {
     ClientTls::trusting(load_roots(&pki.ca).unwrap())
@@ -129,6 +140,35 @@ fn a_server_refuses_tls12_unless_configured() {
     handshake(tls12_only(&pki), server(&pki, MinVersion::Tls13.server_versions())).unwrap_err();
     let v = handshake(tls12_only(&pki), server(&pki, MinVersion::Tls12.server_versions())).unwrap();
     assert_eq!(v, ProtocolVersion::TLSv1_2);
+}
+
+#[test]
+fn a_client_of_a_third_party_server_accepts_tls12_and_prefers_13() {
+    // The PostgreSQL engine's database may speak only TLS 1.2; our servers never need it.
+    let pki = pki();
+    let database = || ClientTls::trusting(load_roots(&pki.ca).unwrap()).third_party();
+    let only12 = || third_party_server(&pki, &[&rustls::version::TLS12]);
+    let v = handshake(database().build().unwrap(), only12()).unwrap();
+    assert_eq!(v, ProtocolVersion::TLSv1_2);
+    let v = handshake(
+        database().build().unwrap(),
+        third_party_server(&pki, THIRD_PARTY_CLIENT_VERSIONS),
+    )
+    .unwrap();
+    assert_eq!(v, ProtocolVersion::TLSv1_3);
+    let v = handshake(database().build().unwrap(), third_party_server(&pki, CLIENT_VERSIONS)).unwrap();
+    assert_eq!(v, ProtocolVersion::TLSv1_3);
+    // Without `third_party`, the same client refuses that database.
+    let ours = ClientTls::trusting(load_roots(&pki.ca).unwrap()).build().unwrap();
+    handshake(ours, only12()).unwrap_err();
+    // The server is still verified: a database certificate from another CA is refused.
+    let other = certs::CertificateAuthority::generate("another ca", 1).unwrap();
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(other.cert_pem().as_bytes()).unwrap())
+        .unwrap();
+    let stranger = ClientTls::trusting(roots).third_party().build().unwrap();
+    handshake(stranger, only12()).unwrap_err();
 }
 
 #[test]

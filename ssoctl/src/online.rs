@@ -26,7 +26,7 @@ pub(crate) fn settings(global: &Global) -> Result<(Vec<String>, PathBuf, PathBuf
     // The server first: with nothing configured, that is what is missing.
     let servers = match (global.servers.is_empty(), dev) {
         (false, _) => global.servers.clone(),
-        (true, Some(dir)) => vec![sso_agent::agent::dev_endpoint(dir).map_err(usage)?],
+        (true, Some(dir)) => vec![sso_devdir::dev_endpoint(dir).map_err(usage)?],
         (true, None) => return Err(usage("no server given (--server URL or SSOCTL_SERVER)")),
     };
     let ca = pick(&global.ca, "ca.pem", "CA (--ca)")?;

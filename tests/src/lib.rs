@@ -120,6 +120,20 @@ impl Pki {
             .clone()
     }
 
+    /// An agent config (written through `sso_agent`'s own type, never a TOML fragment)
+    /// reaching `endpoint`, trusting this CA, presenting the client certificate with CN
+    /// `client` ([`Pki::client`]) and serving `socket`; every other setting at its default.
+    /// Change its public fields, then write it with `AgentConfig::to_toml`.
+    pub fn agent_config(
+        &self,
+        client: &str,
+        endpoint: impl Into<String>,
+        socket: impl Into<PathBuf>,
+    ) -> sso_agent::agent::AgentConfig {
+        let cert = self.client(client);
+        sso_agent::agent::AgentConfig::new([endpoint], &self.ca_file, cert.cert, cert.key, socket)
+    }
+
     /// A server certificate for localhost / 127.0.0.1, usable as a client too (peers).
     pub fn server(&self, file: &str) -> CertFiles {
         let mut spec = LeafSpec::server(file, &["localhost"], &[[127, 0, 0, 1].into()], 365);
@@ -682,6 +696,13 @@ fn built_for_release(exe: &Path) -> bool {
     let Some(dir) = exe.parent() else { return false };
     let profile_dir = if dir.ends_with("deps") { dir.parent() } else { Some(dir) };
     profile_dir.is_some_and(|d| d.ends_with("release"))
+}
+
+/// A JSON answer read as its `sso_proto::wire` type (the agent's are in
+/// `sso_proto::wire::agent`, errors are `ErrorBody`); panics naming the body when it is
+/// not one.
+pub fn wire<T: serde::de::DeserializeOwned>(body: &str) -> T {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not a {}: {e}: {body}", std::any::type_name::<T>()))
 }
 
 /// A running `sso-agent`.

@@ -293,7 +293,8 @@ async fn a_dropped_key_is_not_left_in_this_process_in_any_spelling() {
     );
 }
 
-fn curl(socket: &Path, args: &[&str]) -> (u16, serde_json::Value) {
+/// The status code and the body's text (read it with `tests::wire`).
+fn curl(socket: &Path, args: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", "--unix-socket"])
         .arg(socket)
@@ -302,10 +303,7 @@ fn curl(socket: &Path, args: &[&str]) -> (u16, serde_json::Value) {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (
-        code.trim().parse().unwrap_or(0),
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
+    (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,18 +312,12 @@ async fn a_key_the_agent_dropped_is_not_left_in_its_memory_in_any_spelling() {
     let tests::OneServer { dir, pki, server, .. } = tests::one_server();
     let cert = pki.client("client");
     let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "endpoints = [\"https://localhost:{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nsocket = \"{}\"\n",
-            server.https.port(),
-            pki.ca_file.display(),
-            cert.cert.display(),
-            cert.key.display(),
-            dir.path().join("agent.sock").display(),
-        ),
-    )
-    .unwrap();
+    let agent_config = pki.agent_config(
+        "client",
+        format!("https://localhost:{}", server.https.port()),
+        dir.path().join("agent.sock"),
+    );
+    std::fs::write(&config, agent_config.to_toml()).unwrap();
     let agent = TestAgent::start(&config, &dir.path().join("agent.log"));
     let seal = [
         "-X",
@@ -338,10 +330,8 @@ async fn a_key_the_agent_dropped_is_not_left_in_its_memory_in_any_spelling() {
     let (envelope, old_id) = loop {
         let (code, body) = curl(&agent.socket, &seal);
         if code == 200 {
-            break (
-                body["envelope"].as_str().unwrap().to_owned(),
-                body["key_id"].as_str().unwrap().to_owned(),
-            );
+            let sealed = tests::wire::<sso_proto::wire::agent::SealAnswer>(&body);
+            break (sealed.envelope, sealed.key_id);
         }
         assert!(Instant::now() < deadline, "the agent never sealed: {code} {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;

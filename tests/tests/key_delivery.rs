@@ -8,11 +8,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use secrecy::ExposeSecret;
 use sso_proto::delivery::{Binding, HEADER, Recipient};
+use sso_proto::wire::agent::{OpenAnswer, SealAnswer};
 use sso_proto::{KeyId, KeyState};
 use tests::{Pki, ServerSetup, TestAgent, TestServer, bin};
 
-fn curl_agent(socket: &Path, args: &[&str]) -> (u16, serde_json::Value) {
+/// The status code and the body's text (read it with `tests::wire`).
+fn curl_agent(socket: &Path, args: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}", "--unix-socket"])
         .arg(socket)
@@ -21,10 +24,7 @@ fn curl_agent(socket: &Path, args: &[&str]) -> (u16, serde_json::Value) {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (
-        code.trim().parse().unwrap_or(0),
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
+    (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
 fn binding(k: &serde_json::Value) -> Binding {
@@ -164,18 +164,12 @@ async fn a_server_that_refuses_plain_answers_curl_clearly_and_clients_still_get_
 
     // sso-agent (the release binary) seals and opens against the same server.
     let agent_config = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_config,
-        format!(
-            "endpoints = [\"https://localhost:{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nsocket = \"{}\"\n",
-            server.https.port(),
-            pki.ca_file.display(),
-            cert.cert.display(),
-            cert.key.display(),
-            dir.path().join("agent.sock").display(),
-        ),
-    )
-    .unwrap();
+    let config = pki.agent_config(
+        "client",
+        format!("https://localhost:{}", server.https.port()),
+        dir.path().join("agent.sock"),
+    );
+    std::fs::write(&agent_config, config.to_toml()).unwrap();
     let agent = TestAgent::start(&agent_config, &dir.path().join("agent.log"));
     let seal = [
         "-X",
@@ -188,8 +182,9 @@ async fn a_server_that_refuses_plain_answers_curl_clearly_and_clients_still_get_
     let envelope = loop {
         let (code, body) = curl_agent(&agent.socket, &seal);
         if code == 200 {
-            assert_eq!(body["key_id"], new_id.as_str());
-            break body["envelope"].as_str().unwrap().to_owned();
+            let sealed = tests::wire::<SealAnswer>(&body);
+            assert_eq!(sealed.key_id, new_id);
+            break sealed.envelope;
         }
         assert!(Instant::now() < deadline, "the agent never sealed: {code} {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -202,7 +197,7 @@ async fn a_server_that_refuses_plain_answers_curl_clearly_and_clients_still_get_
     assert_eq!(code, 200, "{body}");
     assert_eq!(
         base64::engine::general_purpose::STANDARD
-            .decode(body["plaintext"].as_str().unwrap())
+            .decode(tests::wire::<OpenAnswer>(&body).plaintext.expose_secret())
             .unwrap(),
         b"hello"
     );

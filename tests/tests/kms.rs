@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use sso_agent::agent::KmsConfig;
 use sso_agent::kms::v2::{DecryptRequest, EncryptRequest, StatusRequest, StatusResponse};
 use tests::{KmsClient, Pki, ServerSetup, TestAgent, TestServer, bin};
 use tonic::Code;
@@ -36,20 +37,18 @@ impl Env {
 
     /// An agent config with `[kms]`; `kms_uids` overrides the allowlist for the KMS socket.
     fn agent_config(&self, name: &str, kms_uids: Option<&[u32]>) -> PathBuf {
-        let cert = self.pki.client("client");
+        // Socket paths relative to the config file, as an operator may write them.
+        let mut config = self.pki.agent_config(
+            "client",
+            format!("https://localhost:{}", self.port),
+            format!("{name}.sock"),
+        );
+        let mut kms = KmsConfig::new(format!("{name}-kms.sock"));
+        kms.socket_mode = "0640".into();
+        kms.allowed_uids = kms_uids.map(<[u32]>::to_vec);
+        config.kms = Some(kms);
         let path = self.dir.path().join(format!("{name}.toml"));
-        let uids = kms_uids.map(|u| format!("allowed_uids = {u:?}\n")).unwrap_or_default();
-        std::fs::write(
-            &path,
-            format!(
-                "endpoints = [\"https://localhost:{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nsocket = \"{name}.sock\"\n\n[kms]\nsocket = \"{name}-kms.sock\"\nsocket_mode = \"0640\"\n{uids}",
-                self.port,
-                self.pki.ca_file.display(),
-                cert.cert.display(),
-                cert.key.display(),
-            ),
-        )
-        .unwrap();
+        std::fs::write(&path, config.to_toml()).unwrap();
         path
     }
 
@@ -263,7 +262,8 @@ async fn kms_socket_refuses_uids_outside_its_allowlist() {
         .arg("http://agent/v1/status")
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("\"status\""), "{out:?}");
+    assert!(out.status.success(), "{out:?}");
+    tests::wire::<sso_proto::wire::agent::AgentStatus>(&String::from_utf8_lossy(&out.stdout));
     let log = std::fs::read_to_string(e.dir.path().join("strict.log")).unwrap();
     assert!(log.contains("refused KMS connections"), "{log}");
 
@@ -530,13 +530,8 @@ async fn dev_mode_agent_serves_kms_sock_beside_agent_sock_on_the_dev_servers_por
         ])
         .output()
         .unwrap();
-    let sealed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    assert_eq!(
-        sealed["key_id"].as_str(),
-        Some(key_id.as_str()),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let sealed = tests::wire::<sso_proto::wire::agent::SealAnswer>(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(sealed.key_id, key_id);
 }
 
 /// A child process killed when dropped, so a failing assertion cannot leak it.

@@ -8,7 +8,8 @@
 //!   the client;
 //! - the server reaches its peer through sso-transport, not through the client library;
 //! - ssoctl reads the server's config (sso-config) and verifies the audit log
-//!   (keystore::audit) without linking the server.
+//!   (keystore::audit) without linking the server, and finds the dev server (sso-devdir)
+//!   without linking the agent.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -84,6 +85,31 @@ fn the_server_links_neither_the_client_library_nor_the_agent() {
 fn ssoctl_does_not_link_the_server() {
     refuse("ssoctl", &["sso-server"]);
     refuse("sso-config", &["sso-server", "sso-client"]);
+}
+
+#[test]
+fn ssoctl_does_not_link_the_agent() {
+    // `--dev DIR` reads the dev server's endpoint from sso-devdir, not from the agent, whose
+    // gRPC service (tonic, prost) and daemon plumbing ssoctl has no use for.
+    refuse("ssoctl", &["sso-agent", "tonic", "prost", "sso-daemon"]);
+}
+
+#[test]
+fn the_dev_layout_links_nothing_of_ours() {
+    // All three binaries link it, so it may not bring what one of them must not get.
+    refuse(
+        "sso-devdir",
+        &[
+            "sso-proto",
+            "keystore",
+            "sso-config",
+            "sso-client",
+            "sso-agent",
+            "sso-server",
+            "sso-daemon",
+            "clap",
+        ],
+    );
 }
 
 #[test]

@@ -103,18 +103,12 @@ async fn no_key_material_in_logs_audit_or_store_files() {
     std::fs::write(dir.path().join("backup.ssob"), &backup.body).unwrap();
 
     // An agent in the same run, sealing and opening.
-    let agent_cert = pair.pki.client("client2");
     let agent_config = dir.path().join("agent.toml");
     std::fs::write(
         &agent_config,
-        format!(
-            "endpoints = [\"{}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nsocket = \"{}\"\n",
-            pair.a.url(),
-            pair.pki.ca_file.display(),
-            agent_cert.cert.display(),
-            agent_cert.key.display(),
-            dir.path().join("agent.sock").display()
-        ),
+        pair.pki
+            .agent_config("client2", pair.a.url(), dir.path().join("agent.sock"))
+            .to_toml(),
     )
     .unwrap();
     let agent = tests::TestAgent::start(&agent_config, &dir.path().join("agent.log"));
@@ -130,11 +124,8 @@ async fn no_key_material_in_logs_audit_or_store_files() {
         ])
         .output()
         .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("envelope"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    tests::wire::<sso_proto::wire::agent::SealAnswer>(&String::from_utf8_lossy(&out.stdout));
 
     // Every key the run produced, from the client's cache.
     tokio::time::sleep(Duration::from_millis(500)).await;

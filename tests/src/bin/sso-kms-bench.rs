@@ -18,7 +18,9 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use secrecy::ExposeSecret;
 use sso_agent::kms::v2::{DecryptRequest, EncryptRequest};
+use sso_proto::wire::agent::{OpenAnswer, SealAnswer};
 use tests::{Pki, ServerSetup, TestAgent, TestServer, bin};
 
 /// KMS v2 gRPC vs HTTP/JSON round trips through one sso-agent.
@@ -43,18 +45,10 @@ fn main() {
     let setup = ServerSetup::standard(&dir.path().join("a"), &pki, "node-a");
     let port = setup.pin_ports();
     let _server = TestServer::start(&bin("sso-server"), &setup.config, &dir.path().join("a.log"));
-    let cert = pki.client("client");
     let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "endpoints = [\"https://localhost:{port}\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nsocket = \"agent.sock\"\n\n[kms]\nsocket = \"kms.sock\"\n",
-            pki.ca_file.display(),
-            cert.cert.display(),
-            cert.key.display()
-        ),
-    )
-    .unwrap();
+    let mut agent_config = pki.agent_config("client", format!("https://localhost:{port}"), "agent.sock");
+    agent_config.kms = Some(sso_agent::agent::KmsConfig::new("kms.sock"));
+    std::fs::write(&config, agent_config.to_toml()).unwrap();
     let agent = TestAgent::start(&config, &dir.path().join("agent.log"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -139,7 +133,8 @@ async fn kms_round(socket: &Path, workers: usize, length: Duration) -> u64 {
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn post(send: &mut Sender, path: &str, body: serde_json::Value) -> serde_json::Value {
+/// One agent request; the answer read as its `sso_proto::wire::agent` type.
+async fn post<T: serde::de::DeserializeOwned>(send: &mut Sender, path: &str, body: serde_json::Value) -> T {
     let req = hyper::Request::post(path)
         .header("host", "agent")
         .header("content-type", "application/json")
@@ -165,14 +160,10 @@ async fn http_round(socket: &Path, workers: usize, length: Duration) -> u64 {
             let seed = base64::engine::general_purpose::STANDARD.encode(vec![w as u8; 32]);
             let mut n = 0u64;
             while Instant::now() < end {
-                let sealed = post(&mut send, "/v1/seal", serde_json::json!({"plaintext": seed})).await;
-                let opened = post(
-                    &mut send,
-                    "/v1/open",
-                    serde_json::json!({"envelope": sealed["envelope"]}),
-                )
-                .await;
-                assert_eq!(opened["plaintext"], seed.as_str());
+                let sealed: SealAnswer = post(&mut send, "/v1/seal", serde_json::json!({"plaintext": seed})).await;
+                let opened: OpenAnswer =
+                    post(&mut send, "/v1/open", serde_json::json!({"envelope": sealed.envelope})).await;
+                assert_eq!(opened.plaintext.expose_secret(), seed);
                 n += 1;
             }
             n
