@@ -44,6 +44,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -314,6 +315,12 @@ impl From<Error> for Fail {
 }
 
 impl Fail {
+    /// The connection went away under the call (closed, or the server's "terminating
+    /// connection due to administrator command"), as opposed to a refusal or a timeout.
+    fn connection_lost(&self) -> bool {
+        matches!(self, Self::Db(e) if e.is_closed() || e.code() == Some(&SqlState::ADMIN_SHUTDOWN))
+    }
+
     fn retryable(&self) -> bool {
         matches!(self, Self::Db(e) if matches!(e.code(), Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED))
     }
@@ -579,6 +586,9 @@ pub struct PgStore {
     options: PgOptions,
     /// The connection, `None` after a failure until the next call reconnects.
     client: Mutex<Option<Client>>,
+    /// How many times a call connected afresh: a read that lost a connection it did not
+    /// open itself retries once on a new one (see [`PgStore::simple`]).
+    connects: AtomicU64,
     kek: Kek,
     rng: SystemRandom,
     node: String,
@@ -702,6 +712,7 @@ impl PgStore {
             target,
             options,
             client: Mutex::new(Some(client)),
+            connects: AtomicU64::new(0),
             kek,
             rng,
             node: create.node.clone(),
@@ -808,6 +819,7 @@ impl PgStore {
             target,
             options,
             client: Mutex::new(Some(client)),
+            connects: AtomicU64::new(0),
             kek,
             rng: SystemRandom::new(),
             node: node.to_owned(),
@@ -875,6 +887,7 @@ impl PgStore {
                     Ok(Err(e)) => return Err(Fail::Db(e)),
                     Err(_) => return Err(Fail::Timeout("connecting")),
                 };
+                self.connects.fetch_add(1, Ordering::Relaxed);
                 *slot = Some(client);
             }
             let Some(client) = slot.as_mut() else {
@@ -916,7 +929,7 @@ impl PgStore {
     /// bookkeeping `status` reports beside the key set).
     fn read_checked_with<T: Send>(
         &self,
-        more: impl AsyncFnOnce(&Transaction<'_>) -> std::result::Result<T, Fail> + Send,
+        more: impl AsyncFn(&Transaction<'_>) -> std::result::Result<T, Fail> + Send + Sync,
     ) -> Result<(u64, Vec<Row>, T)> {
         let (kek, store_id) = (&self.kek, &self.store_id);
         self.simple(async |client: &mut Client| {
@@ -934,9 +947,28 @@ impl PgStore {
         })
     }
 
-    /// One statement outside a change (reads and bookkeeping that are not the key set).
-    fn simple<T: Send>(&self, op: impl AsyncFnOnce(&mut Client) -> std::result::Result<T, Fail> + Send) -> Result<T> {
-        self.attempt(op).map_err(|f| f.into_error(&self.target.shown))
+    /// One statement outside a change (reads and bookkeeping that are not the key set, all
+    /// safe to repeat). A connection the database closed while it sat idle (an
+    /// administrator's `pg_terminate_backend`, a pooler's or a failover's cut) is often
+    /// found only by the statement sent on it: then `op` runs once more on a new
+    /// connection, so a healthy database does not fail a read, a node's start or its
+    /// health. Not when this call had connected afresh (the database is really down: fail
+    /// at once) and never for a change, whose commit may have been sent (attack14b:
+    /// tests/tests/cluster_attack.rs
+    /// `terminated_connections_reconnect_and_every_acknowledged_rotation_is_primary_everywhere`).
+    fn simple<T: Send>(
+        &self,
+        op: impl AsyncFn(&mut Client) -> std::result::Result<T, Fail> + Send + Sync,
+    ) -> Result<T> {
+        let connects = self.connects.load(Ordering::Relaxed);
+        match self.attempt(&op) {
+            Err(f) if f.connection_lost() && self.connects.load(Ordering::Relaxed) == connects => {
+                tracing::debug!(database = %self.target.shown, "the database closed an idle connection; reconnecting");
+                self.attempt(&op)
+            }
+            r => r,
+        }
+        .map_err(|f| f.into_error(&self.target.shown))
     }
 
     /// A change to the key set: one serialisable transaction that reads and checks the

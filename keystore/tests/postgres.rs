@@ -539,3 +539,113 @@ fn a_role_without_privileges_is_told_to_grant_them() {
     let owner = PgStore::open(&url, &key, "node-1").unwrap();
     assert_eq!(owner.keyring().unwrap().keys.len(), before);
 }
+/// SECURITY.md, "What destroyed means there" (attack14b): a destroyed key's wrapped
+/// material stays in the table's file (a dead tuple) and in the WAL after the destroy;
+/// `VACUUM FULL sso_keys` and `CHECKPOINT` rewrite the table without it, but the WAL
+/// segments written before still hold it (recycling renames a segment; it is overwritten
+/// only as new WAL fills it). Measured on a throwaway cluster of its own (its files are
+/// read directly).
+#[test]
+fn a_destroyed_keys_wrapped_material_leaves_the_table_with_vacuum_full_but_not_the_wal_at_once() {
+    let cluster = PgCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (url, _, mut store) = initialised(&cluster, &dir);
+    let db = database_name(&url).to_owned();
+    store.rotate().unwrap();
+    let old = store.list().unwrap()[0].key_id;
+    store.retire(old).unwrap();
+    let blob = cluster.psql(
+        &db,
+        &format!("SELECT encode(material, 'hex') FROM sso_keys WHERE key_id = '{old}'"),
+    );
+    let blob = hex::decode(blob.trim()).unwrap();
+    assert!(
+        blob.len() >= 32 + 16,
+        "a wrapped key with its tag: {} bytes",
+        blob.len()
+    );
+    store.destroy(old).unwrap();
+    let data = std::path::PathBuf::from(cluster.psql(&db, "SHOW data_directory").trim());
+    let contains = |file: &std::path::Path| {
+        std::fs::read(file)
+            .map(|bytes| bytes.windows(blob.len()).any(|w| w == blob.as_slice()))
+            .unwrap_or(false)
+    };
+    let table = |cluster: &PgCluster| {
+        cluster.psql(&db, "CHECKPOINT");
+        data.join(cluster.psql(&db, "SELECT pg_relation_filepath('sso_keys')").trim())
+    };
+    let in_wal = || {
+        std::fs::read_dir(data.join("pg_wal"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .any(|e| contains(&e.path()))
+    };
+    // The row is NULL now: nothing a node or a backup reads holds it.
+    let now = cluster.psql(
+        &db,
+        &format!("SELECT material IS NULL FROM sso_keys WHERE key_id = '{old}'"),
+    );
+    assert_eq!(now.trim(), "t");
+    let before = table(&cluster);
+    let dead_tuple = contains(&before);
+    assert!(in_wal(), "the retire's re-wrap is not in the WAL");
+    cluster.psql(&db, "VACUUM FULL sso_keys");
+    let after = table(&cluster);
+    assert_ne!(before, after, "VACUUM FULL did not rewrite the table");
+    assert!(
+        !contains(&after),
+        "the destroyed key's wrapped material is still in the table after VACUUM FULL"
+    );
+    let still_in_wal = in_wal();
+    eprintln!(
+        "dead tuple before VACUUM FULL: {dead_tuple}; in the WAL after VACUUM FULL and CHECKPOINT: {still_in_wal}"
+    );
+    assert!(
+        still_in_wal,
+        "the WAL no longer holds the blob: SECURITY.md's WAL sentence can be relaxed"
+    );
+}
+
+/// attack14b: the database cuts a store's idle connection (`pg_terminate_backend`, as an
+/// administrator, a pooler or a failover does) while the database itself stays up. The
+/// next reads (the server's start, its epoch check, health) must not fail: before the fix
+/// the first one answered "connection closed" or 57P01 and a node starting at that moment
+/// exited after announcing "listening". A change is not repeated (its commit may have been
+/// sent): it may fail once, and the next one works.
+#[test]
+fn reads_after_the_database_cut_an_idle_connection_reconnect_without_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = shared();
+    let (url, _, store) = initialised(cluster, &dir);
+    let db = database_name(&url).to_owned();
+    let before = store.list().unwrap();
+    for round in 0..5 {
+        let cut = cluster.psql(
+            &db,
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+        );
+        assert_eq!(cut.trim(), "1", "round {round}: the store's one connection");
+        // Terminated, not just signalled: its backend is gone.
+        let started = Instant::now();
+        while cluster
+            .psql(
+                &db,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            )
+            .trim()
+            != "0"
+        {
+            assert!(started.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let read = match round % 3 {
+            0 => store.list().map(|l| l.len()),
+            1 => store.epoch().map(|_| before.len()),
+            _ => store.audit_anchor().map(|_| before.len()),
+        };
+        assert_eq!(read.unwrap_or_else(|e| panic!("round {round}: {e}")), before.len());
+    }
+}

@@ -65,6 +65,10 @@ fn main() -> ExitCode {
         // (keys made here carry it as their origin).
         let store = match PgStore::open(url, &key, &config.node) {
             Ok(s) => s,
+            // The database down or unreachable: starting again once it is back helps
+            // (tests/tests/cluster_attack.rs
+            // `a_node_started_while_the_database_is_down_exits_unavailable`).
+            Err(e) if e.store_fault().is_some() => return fail(EX_UNAVAILABLE, &e, ""),
             Err(e) => return fail(EX_DATAERR, &e, ""),
         };
         drop(key);
