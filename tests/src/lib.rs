@@ -75,6 +75,25 @@ impl std::fmt::Debug for Pki {
 }
 
 impl Pki {
+    /// `ssoctl --server URL... --ca CA --cert C --key K` as this PKI's client `name`, with
+    /// the caller's `SSOCTL_SERVER` and `SSOCTL_DEV` removed; add the command and run it.
+    pub fn ssoctl<S: AsRef<std::ffi::OsStr>>(&self, name: &str, servers: &[S]) -> Command {
+        let certs = self.client(name);
+        let mut cmd = Command::new(bin("ssoctl"));
+        for server in servers {
+            cmd.arg("--server").arg(server);
+        }
+        cmd.arg("--ca")
+            .arg(&self.ca_file)
+            .arg("--cert")
+            .arg(&certs.cert)
+            .arg("--key")
+            .arg(&certs.key)
+            .env_remove("SSOCTL_SERVER")
+            .env_remove("SSOCTL_DEV");
+        cmd
+    }
+
     pub fn new(dir: &Path) -> Self {
         std::fs::create_dir_all(dir).unwrap();
         // A distinct name per CA, so a certificate from another test CA is an unknown issuer

@@ -228,19 +228,10 @@ async fn a_rotation_is_never_acknowledged_for_a_key_promoted_under_a_higher_one(
 async fn ssoctl_rotate_overtaken_by_another_node_exits_tempfail_with_a_retry_hint() {
     let pg = PgCluster::start();
     let nodes = PgNodes::start(pg.fresh_database(), &[2500, 50]).await;
-    let admin = nodes.pki.client("admin");
-    let slow = std::process::Command::new(tests::bin("ssoctl"))
-        .arg("--server")
-        .arg(nodes.nodes[0].url())
-        .arg("--ca")
-        .arg(&nodes.pki.ca_file)
-        .arg("--cert")
-        .arg(&admin.cert)
-        .arg("--key")
-        .arg(&admin.key)
+    let slow = nodes
+        .pki
+        .ssoctl("admin", &[nodes.nodes[0].url()])
         .arg("rotate")
-        .env_remove("SSOCTL_SERVER")
-        .env_remove("SSOCTL_DEV")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -737,17 +737,10 @@ async fn a_backup_taken_on_node_1_restored_on_node_3_keeps_every_nodes_key_set()
     let password = dir.join("password");
     std::fs::write(&password, "correct horse battery\n").unwrap();
     std::fs::set_permissions(&password, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let admin = nodes.pki.client("admin");
     let ssoctl = |node: usize, args: &[&str]| {
-        let out = Command::new(bin("ssoctl"))
-            .arg("--server")
-            .arg(nodes.nodes[node].url())
-            .arg("--ca")
-            .arg(&nodes.pki.ca_file)
-            .arg("--cert")
-            .arg(&admin.cert)
-            .arg("--key")
-            .arg(&admin.key)
+        let out = nodes
+            .pki
+            .ssoctl("admin", &[nodes.nodes[node].url()])
             .args(args)
             .output()
             .unwrap();

@@ -166,19 +166,10 @@ async fn a_database_outage_under_three_nodes_serves_reads_refuses_writes_and_hea
     }
     // ssoctl: the database is down, so unavailable (69, as for a server that is down:
     // retrying once it is back helps), not 74 (a disk to fix) as before.
-    let admin = nodes.pki.client("admin");
-    let out = std::process::Command::new(tests::bin("ssoctl"))
-        .arg("--server")
-        .arg(nodes.nodes[1].url())
-        .arg("--ca")
-        .arg(&nodes.pki.ca_file)
-        .arg("--cert")
-        .arg(&admin.cert)
-        .arg("--key")
-        .arg(&admin.key)
+    let out = nodes
+        .pki
+        .ssoctl("admin", &[nodes.nodes[1].url()])
         .arg("rotate")
-        .env_remove("SSOCTL_SERVER")
-        .env_remove("SSOCTL_DEV")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

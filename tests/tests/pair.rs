@@ -514,19 +514,12 @@ async fn ssoctl_rotate_does_not_rotate_twice_when_the_first_node_hangs() {
     // ssoctl reaches A through a relay that the test stalls; B directly.
     let front_a = tests::pair::Relay::start(std::net::SocketAddr::from(([127, 0, 0, 1], pair.a.port)));
     let url_a = format!("https://localhost:{}", front_a.port);
-    let admin_cert = pair.pki.client("admin");
     // B's answers to A wait from the moment A's stage request has passed.
     pair.relay_ab.hold_replies_after_request_of(STAGE_REQUEST_MIN_BYTES);
-    let ssoctl = std::process::Command::new(tests::bin("ssoctl"))
-        .args(["--server", &url_a, "--server", &pair.b.url(), "--ca"])
-        .arg(&pair.pki.ca_file)
-        .arg("--cert")
-        .arg(&admin_cert.cert)
-        .arg("--key")
-        .arg(&admin_cert.key)
+    let ssoctl = pair
+        .pki
+        .ssoctl("admin", &[url_a.clone(), pair.b.url()])
         .arg("rotate")
-        .env_remove("SSOCTL_SERVER")
-        .env_remove("SSOCTL_DEV")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -776,17 +769,10 @@ async fn an_interrupted_rotation_leaves_a_shown_orphan_that_the_next_rotation_re
             node.name
         );
     }
-    let admin_cert = pair.pki.client("admin");
-    let list = std::process::Command::new(tests::bin("ssoctl"))
-        .args(["--server", &pair.b.url(), "--ca"])
-        .arg(&pair.pki.ca_file)
-        .arg("--cert")
-        .arg(&admin_cert.cert)
-        .arg("--key")
-        .arg(&admin_cert.key)
+    let list = pair
+        .pki
+        .ssoctl("admin", &[pair.b.url()])
         .args(["keys", "list"])
-        .env_remove("SSOCTL_SERVER")
-        .env_remove("SSOCTL_DEV")
         .output()
         .unwrap();
     let table = String::from_utf8_lossy(&list.stdout).into_owned();
@@ -1177,17 +1163,10 @@ async fn a_pair_that_starts_in_sync_names_its_peer_and_its_epoch() {
     assert_eq!(status["peer"]["peer_epoch"], b_epoch, "{status}");
     assert_eq!(status["peer"]["lag_epochs"], 0, "{status}");
 
-    let admin_cert = pair.pki.client("admin");
-    let out = std::process::Command::new(tests::bin("ssoctl"))
-        .args(["--server", &pair.a.url(), "--ca"])
-        .arg(&pair.pki.ca_file)
-        .arg("--cert")
-        .arg(&admin_cert.cert)
-        .arg("--key")
-        .arg(&admin_cert.key)
+    let out = pair
+        .pki
+        .ssoctl("admin", &[pair.a.url()])
         .arg("status")
-        .env_remove("SSOCTL_SERVER")
-        .env_remove("SSOCTL_DEV")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

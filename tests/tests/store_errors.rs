@@ -61,19 +61,8 @@ async fn wait_health(client: &Client, want: &str, within: Duration, also: impl A
 }
 
 fn ssoctl_rotate(server: &TestServer, pki: &Pki) -> std::process::Output {
-    let admin = pki.client("admin");
-    std::process::Command::new(bin("ssoctl"))
-        .arg("--server")
-        .arg(format!("https://localhost:{}", server.https.port()))
-        .arg("--ca")
-        .arg(&pki.ca_file)
-        .arg("--cert")
-        .arg(&admin.cert)
-        .arg("--key")
-        .arg(&admin.key)
+    pki.ssoctl("admin", &[format!("https://localhost:{}", server.https.port())])
         .arg("rotate")
-        .env_remove("SSOCTL_SERVER")
-        .env_remove("SSOCTL_DEV")
         .output()
         .unwrap()
 }
