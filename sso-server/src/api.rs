@@ -767,8 +767,12 @@ fn watch(query: Option<&str>, caller: &Caller, state: &AppState, delivery: Deliv
         .transpose()?
         .unwrap_or(0);
     // Subscribe before looking, so a change between the look and the wait is not missed.
+    // Any epoch but `after` is news: one below it means this node's store went back (a
+    // cluster database restored to an earlier state), and a client holding the higher
+    // epoch must not wait for the epoch to climb past it (tests/tests/cluster.rs
+    // `a_watch_ahead_of_a_database_put_back_to_an_earlier_epoch_answers_at_once`).
     let mut rx = state.epoch_tx.subscribe();
-    if *rx.borrow_and_update() > after {
+    if *rx.borrow_and_update() != after {
         return keyring(state, &delivery, WATCH_CONTEXT).map(Watching::Now);
     }
     // Only a watch that waits holds a slot; the caps bound the memory open watches take.
@@ -820,7 +824,7 @@ impl Parked {
                     if changed.is_err() {
                         return shutting_down();
                     }
-                    if *self.rx.borrow_and_update() > self.after && !*state.stopping.borrow() {
+                    if *self.rx.borrow_and_update() != self.after && !*state.stopping.borrow() {
                         return keyring(state, &self.delivery, WATCH_CONTEXT);
                     }
                 }

@@ -257,3 +257,58 @@ async fn ssoctl_rotate_overtaken_by_another_node_exits_tempfail_with_a_retry_hin
     );
     assert!(!stderr.contains("only move forward"), "{stderr}");
 }
+
+/// A database put back to an earlier state (restored with PostgreSQL's own tools, or a
+/// failover that lost commits) moves the epoch back. A watch whose `after` is the newer
+/// epoch must get the keyring at once: before, it waited until the epoch passed its old
+/// high point, so a watching client missed the rotations made after the restore (found by
+/// reading the code, attack14b).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ahead_of_a_database_put_back_to_an_earlier_epoch_answers_at_once() {
+    let pg = PgCluster::start();
+    let nodes = PgNodes::start(pg.fresh_database(), &[50]).await;
+    let db = nodes.url.rsplit('/').next().unwrap().to_owned();
+    let client = nodes.client(0);
+    let epoch = |ring: &serde_json::Value| ring["epoch"].as_u64().unwrap();
+    let before = epoch(&client.get("/v1/keyring").await.unwrap().json());
+    pg.psql(
+        &db,
+        "CREATE TABLE old_store AS SELECT * FROM sso_store; CREATE TABLE old_keys AS SELECT * FROM sso_keys",
+    );
+    for _ in 0..2 {
+        let r = nodes
+            .admin(0)
+            .post("/v1/admin/rotate", &serde_json::json!({}))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    }
+    let high = epoch(&client.get("/v1/keyring").await.unwrap().json());
+    assert!(high > before, "{high} after {before}");
+    // Put the rows back as they were, in one transaction (what a restore does).
+    pg.psql(
+        &db,
+        "BEGIN; DELETE FROM sso_keys; INSERT INTO sso_keys SELECT * FROM old_keys; \
+         DELETE FROM sso_store; INSERT INTO sso_store SELECT * FROM old_store; COMMIT",
+    );
+    // The node's epoch check (every 2 s) finds the epoch moved.
+    let put_back = Instant::now();
+    while epoch(&client.get("/v1/keyring").await.unwrap().json()) != before {
+        assert!(
+            put_back.elapsed() < Duration::from_secs(10),
+            "the node never re-read the store"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let asked = Instant::now();
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get(&format!("/v1/keyring/watch?after={high}")),
+    )
+    .await
+    .expect("the watch ahead of the node's epoch waited")
+    .unwrap();
+    assert_eq!(reply.status, 200, "{:?}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(epoch(&reply.json()), before);
+    assert!(asked.elapsed() < Duration::from_secs(2), "{:?}", asked.elapsed());
+}
