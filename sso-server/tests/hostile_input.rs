@@ -547,3 +547,31 @@ fn a_row_whose_material_does_not_authenticate_stops_the_start_naming_the_key() {
         );
     }
 }
+
+/// Found through the flaky twin-name test of issue 14: everything the server set up after
+/// binding (the TLS files loaded for real, the audit log opened, the first snapshot read)
+/// came *after* the "listening" line and the readiness notification. A failure there was a
+/// crash after announcing readiness, and TLS files replaced between the preflight check and
+/// the real load were used unchecked (the twin test's second node re-issued the first's
+/// certificate in that window, and the first died with "does not belong to the
+/// certificate" right after saying "listening"). An audit log that cannot be opened must
+/// stop the start before anything is announced. Failed before the fix: "listening" was
+/// printed, then exit 69.
+#[test]
+fn an_audit_log_that_cannot_be_opened_stops_the_start_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"));
+    let setup = ServerSetup::standard(&dir.path().join("node"), &pki, "node-a");
+    let not_a_file = dir.path().join("audit-is-a-directory");
+    std::fs::create_dir(&not_a_file).unwrap();
+    setup.edit(|c| c.audit.path = not_a_file.clone());
+    let out = tests::run_until_exit(Path::new(BIN), &setup.config, Duration::from_secs(20));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stdout.contains("listening"),
+        "the server announced readiness before its audit log was open: {stdout} {stderr}"
+    );
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(stderr.contains("audit-is-a-directory"), "{stderr}");
+}
