@@ -1456,7 +1456,9 @@ impl ChangeFeed {
         self.current().name
     }
 
-    fn start_target(target: Target, options: PgOptions, claim: Option<i64>) -> Result<Self> {
+    fn start_target(mut target: Target, options: PgOptions, claim: Option<i64>) -> Result<Self> {
+        // Told apart from the store's connections in pg_stat_activity and the server log.
+        target.config.application_name("sso-keystore feed");
         let handle = tokio::runtime::Handle::try_current().map_err(|_| {
             storage(
                 "the change feed needs a tokio runtime: start it from async code".into(),
@@ -1507,6 +1509,7 @@ async fn feed_loop(target: Target, options: PgOptions, claim: Option<i64>, tx: w
             .await;
             if let Ok(Ok((epoch, mut name))) = listened {
                 pause = Duration::from_millis(100);
+                tracing::info!(epoch, claim = ?name, "the change feed is listening");
                 tx.send_modify(|s| {
                     s.epoch = u64::try_from(epoch).unwrap_or(0);
                     s.resyncs += 1;
@@ -1524,6 +1527,7 @@ async fn feed_loop(target: Target, options: PgOptions, claim: Option<i64>, tx: w
                             match tokio::time::timeout(options.statement_timeout, try_claim(&client, key)).await {
                                 Ok(Ok(now)) => {
                                     if now != name {
+                                        tracing::info!(claim = ?now, "the change feed's node-name claim changed");
                                         name = now;
                                         tx.send_modify(|s| s.name = now);
                                     }
@@ -1553,6 +1557,11 @@ async fn feed_loop(target: Target, options: PgOptions, claim: Option<i64>, tx: w
                     s.connected = false;
                     s.name = NameClaim::Unknown;
                 });
+            } else {
+                match listened {
+                    Ok(Err(e)) => tracing::warn!(error = %e, "the change feed could not start listening; reconnecting"),
+                    _ => tracing::warn!("the change feed's LISTEN took longer than the statement timeout; reconnecting"),
+                }
             }
             drop(client);
             conn.abort();
@@ -1577,11 +1586,22 @@ async fn feed_connect(
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        while let Some(Ok(message)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = message
-                && send.send(n.payload().to_owned()).is_err()
-            {
-                return;
+        loop {
+            match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if send.send(n.payload().to_owned()).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "the change feed's connection failed; reconnecting");
+                    return;
+                }
+                None => {
+                    tracing::warn!("the database closed the change feed's connection; reconnecting");
+                    return;
+                }
             }
         }
     }

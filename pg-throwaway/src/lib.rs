@@ -186,6 +186,12 @@ impl PgCluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The server's log so far (connections and disconnections are logged), for a
+    /// failing test to show.
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
     /// `pg_dump` of `database`, schema and data, as SQL text.
     pub fn dump(&self, database: &str) -> Vec<u8> {
         let out = Command::new(self.bin.join("pg_dump"))
@@ -299,7 +305,8 @@ impl PgCluster {
         let conf = self.dir.join("data/postgresql.auto.conf");
         let settings = format!(
             "listen_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
-             fsync = off\nfull_page_writes = off\nmax_connections = 200\n",
+             fsync = off\nfull_page_writes = off\nmax_connections = 200\n\
+             log_connections = on\nlog_disconnections = on\n",
             self.port,
             self.socket_dir().display()
         );

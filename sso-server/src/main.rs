@@ -166,19 +166,24 @@ fn serve(args: &Args, config: Config, store: impl Store + 'static, cluster: Opti
             Err(e) => return fail(EX_UNAVAILABLE, &format!("cannot install signal handlers: {e}"), ""),
         };
         let (https_addr, metrics_addr) = (https.local_addr().ok(), metrics.local_addr().ok());
-        tracing::info!(https = ?https_addr, metrics = ?metrics_addr, node = %config.node, "listening");
-        // A stable line on stdout for scripts and tests that bind port 0.
-        let mut out = std::io::stdout().lock();
-        if let (Some(h), Some(m)) = (https_addr, metrics_addr) {
-            let _ = writeln!(out, "sso-server listening https={h} metrics={m}");
-            if let Some(dir) = &args.dev {
-                let _ = writeln!(out, "{}", sso_server::dev::banner(dir, h, m));
+        let node = config.node.clone();
+        // Announced by the server once it is set up (TLS loaded, audit log open, snapshot
+        // read), so a failure there is a refusal to start, never a crash after readiness.
+        let announce = move || {
+            tracing::info!(https = ?https_addr, metrics = ?metrics_addr, node = %node, "listening");
+            // A stable line on stdout for scripts and tests that bind port 0.
+            let mut out = std::io::stdout().lock();
+            if let (Some(h), Some(m)) = (https_addr, metrics_addr) {
+                let _ = writeln!(out, "sso-server listening https={h} metrics={m}");
+                if let Some(dir) = &args.dev {
+                    let _ = writeln!(out, "{}", sso_server::dev::banner(dir, h, m));
+                }
             }
-        }
-        let _ = out.flush();
-        drop(out);
-        sso_daemon::process::notify_ready();
-        match sso_server::run_with_feed(config, store, feed, https, metrics, shutdown).await {
+            let _ = out.flush();
+            drop(out);
+            sso_daemon::process::notify_ready();
+        };
+        match sso_server::run_with_feed(config, store, feed, https, metrics, shutdown, announce).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(EX_UNAVAILABLE, &e, ""),
         }

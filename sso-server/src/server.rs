@@ -56,12 +56,16 @@ pub async fn run(
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    run_with_feed(config, store, None, https, metrics_listener, shutdown).await
+    run_with_feed(config, store, None, https, metrics_listener, shutdown, || {}).await
 }
 
 /// [`run`] for a node of a cluster (a store shared with other nodes): `feed` tells it when
 /// another node changed the store, and it rebuilds its snapshot and wakes its watchers
-/// ([`follow_changes`]; issue 14).
+/// ([`follow_changes`]; issue 14). `ready` is called once everything that can fail at start
+/// (the TLS files, the audit log, the first snapshot) has been set up and the server is
+/// about to serve: the binary announces readiness there, never before
+/// (sso-server/tests/hostile_input.rs
+/// `an_audit_log_that_cannot_be_opened_stops_the_start_before_listening`).
 pub async fn run_with_feed(
     config: Config,
     store: impl Store + 'static,
@@ -69,6 +73,7 @@ pub async fn run_with_feed(
     https: TcpListener,
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(),
 ) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::default());
     let loaded = tls::build(&config.tls)?;
@@ -191,6 +196,7 @@ pub async fn run_with_feed(
     let handshake_timeout = config.handshake_timeout();
     let flush_task = tokio::spawn(flush_aggregated_audit(state.clone()));
 
+    ready();
     tokio::pin!(shutdown);
     loop {
         // Take a connection slot before accepting: past the cap, connections wait in the

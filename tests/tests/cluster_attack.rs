@@ -151,7 +151,6 @@ async fn a_hung_database_does_not_hang_reads_and_writes_answer_503_in_bounded_ti
 /// `keystore::postgres::NameClaim`): the second waits `NAME_RELEASE` for it (a node that
 /// just died) and exits 64 without ever listening.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "intermittent: in 1 of about 10 runs (the final local CI of 2026-11-30) the second node-1 got the name and served; cause not found yet (issue 14 stays open)"]
 async fn a_second_node_with_a_running_nodes_name_is_refused() {
     let pg = PgCluster::start();
     let nodes = PgNodes::start(pg.fresh_database(), &[250]).await;
@@ -175,15 +174,24 @@ async fn a_second_node_with_a_running_nodes_name_is_refused() {
             let _ = twin_server.kill();
             let out = twin_server.wait_with_output().unwrap();
             panic!(
-                "a second node-1 started and served next to the first on one database: {}",
-                String::from_utf8_lossy(&out.stdout)
+                "a second node-1 started and served next to the first on one database: {}\n{}\nnode-1's log:\n{}\nPostgreSQL's log:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                nodes.nodes[0].server().log_text(),
+                pg.server_log()
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let out = twin_server.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{stderr}\nnode-1's log:\n{}\nPostgreSQL's log:\n{}",
+        nodes.nodes[0].server().log_text(),
+        pg.server_log()
+    );
     assert!(stderr.contains("node-1"), "{stderr}");
     // The first node-1 is unaffected.
     assert_eq!(nodes.client(0).get("/v1/keyring").await.unwrap().status, 200);
