@@ -476,3 +476,57 @@ fn test_code_closes_no_circle() {
         assert!(graph["b"].contains_key("a"), "{graph:?}");
     }
 }
+
+/// The rows of the markdown table under `heading` in `doc`: (first cell, last cell).
+fn table_rows<'a>(doc: &'a str, heading: &str) -> Vec<(&'a str, &'a str)> {
+    let start = doc
+        .find(heading)
+        .unwrap_or_else(|| panic!("no {heading:?} in the document"));
+    let section = &doc[start + heading.len()..];
+    let section = &section[..section.find("\n#").unwrap_or(section.len())];
+    section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            let cells: Vec<&str> = l.trim().trim_matches('|').split('|').collect();
+            (cells[0].trim(), cells[cells.len() - 1].trim())
+        })
+        .collect()
+}
+
+/// docs/architecture.md's table of the server's modules says what each one "may import":
+/// the modules named there in backticks, and every row above it where it says "above".
+/// Every module of `sso-server/src` has its row, and imports nothing its row does not
+/// allow (the graph is this file's: test code left out).
+#[test]
+fn the_server_modules_import_only_what_docs_architecture_allows() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let doc = std::fs::read_to_string(root.join("docs/architecture.md")).unwrap();
+    let rows = table_rows(&doc, "## sso-server modules");
+    let graph = graph(&root.join("sso-server/src"));
+    let named: Vec<String> = rows.iter().map(|(m, _)| m.trim_matches('`').to_owned()).collect();
+    let mut problems = Vec::new();
+    for module in graph.keys().filter(|m| !named.contains(m)) {
+        problems.push(format!("`{module}` has no row"));
+    }
+    for module in named.iter().filter(|m| !graph.contains_key(*m)) {
+        problems.push(format!("`{module}` has a row but no source"));
+    }
+    for (i, (module, may)) in rows.iter().enumerate() {
+        let module = module.trim_matches('`');
+        let mut allowed: BTreeSet<&str> = may.split('`').skip(1).step_by(2).collect();
+        if may.contains("above") {
+            allowed.extend(named[..i].iter().map(String::as_str));
+        }
+        for (used, lines) in graph.get(module).into_iter().flatten() {
+            if !allowed.contains(used.as_str()) {
+                problems.push(format!("`{module}` imports `{used}` ({})", lines[0]));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "docs/architecture.md's sso-server modules table is out of date:\n{}",
+        problems.join("\n")
+    );
+}
