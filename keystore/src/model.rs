@@ -33,8 +33,9 @@ impl Lifecycle {
     /// Every lifecycle, in no particular order that matters.
     pub const ALL: [Self; 4] = [Self::Staged, Self::Promoted, Self::Retired, Self::Destroyed];
 
-    /// The storage encoding: the value in the SQLite column, the manifest record and the
-    /// wrap's AAD. Fixed forever (stored data depends on it); it is not an order.
+    /// The storage encoding: the value in the SQLite column, the manifest record, the
+    /// wrap's AAD and a backup payload's state byte (docs/backup-format.md). Fixed forever
+    /// (stored data depends on it); it is not an order.
     pub fn code(self) -> u8 {
         match self {
             Self::Staged => 0,
