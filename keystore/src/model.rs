@@ -402,9 +402,20 @@ mod tests {
         assert_eq!(next_generation(0, 0, id(1)).unwrap(), 1);
         assert_eq!(next_generation(5, 2, id(1)).unwrap(), 6);
         assert_eq!(next_generation(5, 9, id(1)).unwrap(), 10);
-        assert!(next_generation(u64::MAX, 0, id(1)).is_err());
+        // Exhausted, with the error that says what to do, not a malformed record.
+        assert!(matches!(
+            next_generation(u64::MAX, 0, id(1)),
+            Err(Error::GenerationExhausted)
+        ));
         // Stored as a signed 64-bit integer: no generation beyond i64::MAX.
-        assert!(next_generation(i64::MAX as u64, 0, id(1)).is_err());
+        assert!(matches!(
+            next_generation(i64::MAX as u64, 0, id(1)),
+            Err(Error::GenerationExhausted)
+        ));
+        assert!(matches!(
+            next_generation(0, i64::MAX as u64, id(1)),
+            Err(Error::GenerationExhausted)
+        ));
     }
 
     #[test]
