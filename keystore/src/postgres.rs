@@ -1560,7 +1560,9 @@ async fn feed_loop(target: Target, options: PgOptions, claim: Option<i64>, tx: w
             } else {
                 match listened {
                     Ok(Err(e)) => tracing::warn!(error = %e, "the change feed could not start listening; reconnecting"),
-                    _ => tracing::warn!("the change feed's LISTEN took longer than the statement timeout; reconnecting"),
+                    _ => {
+                        tracing::warn!("the change feed's LISTEN took longer than the statement timeout; reconnecting")
+                    }
                 }
             }
             drop(client);
