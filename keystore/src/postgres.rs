@@ -1145,6 +1145,7 @@ impl Store for PgStore {
             backed_up,
             last_backup_at: last_backup_at.and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok()),
             unseal_kind: UnsealKind::parse(&kind).unwrap_or(UnsealKind::Passphrase),
+            shared_database: Some(self.target.shown.clone()),
         })
     }
 

@@ -110,6 +110,10 @@ pub struct StoreStatus {
     pub last_backup_at: Option<OffsetDateTime>,
     /// How the store is unsealed.
     pub unseal_kind: UnsealKind,
+    /// The PostgreSQL database this node shares with the other nodes of a cluster, as
+    /// messages show it (`postgresql://USER@HOST:PORT/DB`, never a password); `None` for a
+    /// node's own SQLite file.
+    pub shared_database: Option<String>,
 }
 
 /// An open, unsealed store. Holds the KEK for as long as it lives.
@@ -661,6 +665,7 @@ impl SealedStore {
             backed_up,
             last_backup_at,
             unseal_kind: UnsealKind::parse(&kind_text).unwrap_or(UnsealKind::Passphrase),
+            shared_database: None,
         })
     }
 

@@ -1085,6 +1085,7 @@ async fn status(state: &Arc<AppState>) -> Result<Answer, ApiError> {
             }
         }),
         primary: status.primary,
+        shared_database: status.shared_database,
         time: rfc(time::OffsetDateTime::now_utc()),
     };
     Ok(audited(json_answer(StatusCode::OK, &answer), None))

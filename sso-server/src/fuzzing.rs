@@ -38,6 +38,7 @@ pub fn peer_coverage(data: &[u8]) {
         backed_up: Vec::new(),
         last_backup_at: None,
         unseal_kind: keystore::UnsealKind::KeyFile,
+        shared_database: None,
     };
     crate::status::merge_coverage(&mut ours, &coverage);
 }

@@ -127,6 +127,7 @@ mod tests {
             backed_up: Vec::new(),
             last_backup_at: last.map(|t| OffsetDateTime::from_unix_timestamp(t).unwrap()),
             unseal_kind: keystore::UnsealKind::KeyFile,
+            shared_database: None,
         }
     }
 

@@ -409,9 +409,12 @@ fn status_text(v: &StatusAnswer) -> String {
         v.epoch,
         v.primary.map_or_else(|| "(none)".to_owned(), |p| p.to_string())
     );
-    match &v.peer {
-        None => s.push_str("peer      none (standalone)\n"),
-        Some(p) => s.push_str(&format!(
+    match (&v.peer, &v.shared_database) {
+        (None, Some(database)) => s.push_str(&format!(
+            "cluster   a cluster node; its store is {database}, shared by every node\n"
+        )),
+        (None, None) => s.push_str("peer      none (standalone)\n"),
+        (Some(p), _) => s.push_str(&format!(
             "peer      {} {} ({}), lag {}, last contact {}\n",
             p.node.as_deref().unwrap_or("?"),
             p.state,

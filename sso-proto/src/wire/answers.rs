@@ -116,6 +116,11 @@ pub struct StatusAnswer {
     pub peer: Option<PeerView>,
     /// The derived primary.
     pub primary: Option<KeyId>,
+    /// On a node of a cluster, the PostgreSQL database it shares with the other nodes
+    /// (`postgresql://USER@HOST:PORT/DB`, never a password); absent on a pair or a single
+    /// node, whose store is its own SQLite file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_database: Option<String>,
     /// The node's clock, RFC 3339.
     pub time: String,
 }

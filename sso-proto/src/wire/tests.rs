@@ -381,6 +381,7 @@ fn the_answer_types_write_what_the_old_json_bodies_held() {
             node: "a".into(),
             peer: Some(peer),
             primary: Some(id),
+            shared_database: None,
             time: "now".into(),
         },
         json!({
