@@ -167,10 +167,10 @@ impl AgentConfig {
     pub fn dev(dir: &Path) -> Result<Self, String> {
         let mut config = Self::new(
             [sso_devdir::dev_endpoint(dir)?],
-            dir.join("ca.pem"),
-            dir.join("client.pem"),
-            dir.join("client-key.pem"),
-            dir.join("agent.sock"),
+            dir.join(sso_devdir::CA_CERT),
+            dir.join(sso_devdir::CLIENT_CERT),
+            dir.join(sso_devdir::CLIENT_KEY),
+            dir.join(sso_devdir::AGENT_SOCKET),
         );
         config.socket_mode = "0600".into();
         config.kms = Some(KmsConfig::dev(dir));
@@ -230,7 +230,7 @@ impl KmsConfig {
 
     /// The config `sso-agent --dev DIR` uses: `DIR/kms.sock`, mode 0600, this uid only.
     pub fn dev(dir: &std::path::Path) -> Self {
-        Self::new(dir.join("kms.sock"))
+        Self::new(dir.join(sso_devdir::KMS_SOCKET))
     }
 
     /// The socket mode as a number.
