@@ -13,12 +13,12 @@ use aes_gcm::aead::{AeadInOut, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use ring::rand::{SecureRandom, SystemRandom};
 use secrecy::{ExposeSecret, SecretString};
-use sso_proto::{KeyId, KeyMeta, KeyState, MasterSecret, SECRET_LEN};
+use sso_proto::{KeyId, KeyMeta, MasterSecret, SECRET_LEN};
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::model::KeyRecord;
+use crate::model::{KeyRecord, Lifecycle};
 use crate::unseal::KdfParams;
 use crate::{Error, Result};
 
@@ -250,10 +250,10 @@ pub(crate) fn decode_payload(bytes: &[u8]) -> Result<Vec<KeyRecord>> {
         let generation = r.u64()?;
         let created_at =
             OffsetDateTime::from_unix_timestamp(r.i64()?).map_err(|_| malformed("creation time out of range"))?;
-        let state = match r.u8()? {
-            0 => KeyState::Staged,
-            1 => KeyState::Active,
-            2 => KeyState::Retired,
+        // The stored lifecycle's code (docs/backup-format.md); a backup holds material, so
+        // never a destroyed key.
+        let state = match Lifecycle::from_code(r.u8()?) {
+            Some(lifecycle) if lifecycle.keeps_material() => lifecycle.state(false),
             _ => return Err(malformed("unknown key state")),
         };
         let origin_len = usize::from(r.u8()?);
@@ -296,17 +296,14 @@ pub(crate) fn encode_payload(records: &[&KeyRecord]) -> Result<Zeroizing<Vec<u8>
         out.extend_from_slice(meta.key_id.as_bytes());
         out.extend_from_slice(&meta.generation.to_be_bytes());
         out.extend_from_slice(&meta.created_at.unix_timestamp().to_be_bytes());
-        out.push(match meta.state {
-            KeyState::Staged => 0,
-            KeyState::Primary | KeyState::Active => 1,
-            KeyState::Retired => 2,
-            KeyState::Destroyed => {
-                return Err(Error::MalformedRecord {
-                    key_id: meta.key_id,
-                    detail: "destroyed keys are not backed up",
-                });
-            }
-        });
+        let lifecycle = Lifecycle::from_state(meta.state);
+        if !lifecycle.keeps_material() {
+            return Err(Error::MalformedRecord {
+                key_id: meta.key_id,
+                detail: "destroyed keys are not backed up",
+            });
+        }
+        out.push(lifecycle.code());
         let origin = meta.origin.as_bytes();
         let origin_len = u8::try_from(origin.len()).map_err(|_| Error::MalformedRecord {
             key_id: meta.key_id,
@@ -331,7 +328,10 @@ pub fn seal(
     check_hint(hint, password)?;
     let kdf = kdf.validate_for_file().map_err(|e| Error::Kdf(e.into()))?;
     let node_len = u8::try_from(node.len()).map_err(|_| Error::BackupMalformed("node name longer than 255 bytes"))?;
-    let kept: Vec<&KeyRecord> = records.iter().filter(|r| r.meta.state != KeyState::Destroyed).collect();
+    let kept: Vec<&KeyRecord> = records
+        .iter()
+        .filter(|r| Lifecycle::from_state(r.meta.state).keeps_material())
+        .collect();
     let payload = encode_payload(&kept)?;
 
     let rng = SystemRandom::new();
@@ -451,4 +451,49 @@ pub struct RestorePlan {
     pub unknown: Vec<KeyId>,
     /// Keys in the backup that the store already holds, not destroyed.
     pub known: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sso_proto::KeyState;
+
+    fn record(n: u8, state: KeyState) -> KeyRecord {
+        KeyRecord {
+            meta: KeyMeta {
+                key_id: KeyId::from_bytes([n; 16]),
+                generation: u64::from(n),
+                created_at: OffsetDateTime::UNIX_EPOCH,
+                origin: "a".into(),
+                state,
+            },
+            secret: (state != KeyState::Destroyed).then(|| MasterSecret::take_from(&mut [n; SECRET_LEN])),
+        }
+    }
+
+    /// The payload's state byte is docs/backup-format.md's: 0 staged, 1 promoted (primary
+    /// or active, read back as active), 2 retired; a destroyed key is neither written nor
+    /// read (3 is refused like any unknown byte).
+    #[test]
+    fn the_state_byte_is_the_documented_one() {
+        let states = [KeyState::Staged, KeyState::Primary, KeyState::Active, KeyState::Retired];
+        let records: Vec<KeyRecord> = (1..).zip(states).map(|(n, s)| record(n, s)).collect();
+        let payload = encode_payload(&records.iter().collect::<Vec<_>>()).unwrap();
+        // count (4), then per key: id (16), generation (8), created (8), state (1),
+        // origin length (1) and origin (1), material.
+        let each = 16 + 8 + 8 + 1 + 1 + 1 + SECRET_LEN;
+        let bytes: Vec<u8> = (0..states.len()).map(|i| payload[4 + i * each + 32]).collect();
+        assert_eq!(bytes, [0, 1, 1, 2]);
+        let read: Vec<KeyState> = decode_payload(&payload).unwrap().iter().map(|r| r.meta.state).collect();
+        assert_eq!(
+            read,
+            [KeyState::Staged, KeyState::Active, KeyState::Active, KeyState::Retired]
+        );
+
+        let mut destroyed = payload.to_vec();
+        destroyed[4 + 32] = 3;
+        assert!(matches!(decode_payload(&destroyed), Err(Error::BackupMalformed(_))));
+        let gone = record(9, KeyState::Destroyed);
+        assert!(matches!(encode_payload(&[&gone]), Err(Error::MalformedRecord { .. })));
+    }
 }

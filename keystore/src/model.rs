@@ -33,8 +33,9 @@ impl Lifecycle {
     /// Every lifecycle, in no particular order that matters.
     pub const ALL: [Self; 4] = [Self::Staged, Self::Promoted, Self::Retired, Self::Destroyed];
 
-    /// The storage encoding: the value in the SQLite column, the manifest record and the
-    /// wrap's AAD. Fixed forever (stored data depends on it); it is not an order.
+    /// The storage encoding: the value in the SQLite column, the manifest record, the
+    /// wrap's AAD and a backup payload's state byte (docs/backup-format.md). Fixed forever
+    /// (stored data depends on it); it is not an order.
     pub fn code(self) -> u8 {
         match self {
             Self::Staged => 0,
@@ -120,16 +121,15 @@ pub fn derive_primary(keys: impl IntoIterator<Item = KeyFacts>) -> Option<KeyId>
 /// The generation of a key made here: above every stored key (`stored_max`) and above
 /// `floor` (the peer's highest generation, learned under its rotation lease). Engines call
 /// this inside the write transaction that inserts the key, with `stored_max` read in that
-/// transaction, so two writers never choose the same generation.
-pub fn next_generation(stored_max: u64, floor: u64, key_id: KeyId) -> Result<u64> {
+/// transaction, so two writers never choose the same generation;
+/// [`Error::GenerationExhausted`] (with its remedy) when no generation is left: the stores
+/// keep generations as signed 64-bit integers.
+pub fn next_generation(stored_max: u64, floor: u64) -> Result<u64> {
     stored_max
         .max(floor)
         .checked_add(1)
         .filter(|&g| i64::try_from(g).is_ok())
-        .ok_or(Error::MalformedRecord {
-            key_id,
-            detail: "generation out of range",
-        })
+        .ok_or(Error::GenerationExhausted)
 }
 
 /// What a local transition (promote, retire, destroy) does, decided before any write.
@@ -398,12 +398,20 @@ mod tests {
 
     #[test]
     fn the_next_generation_is_above_the_store_and_the_floor() {
-        assert_eq!(next_generation(0, 0, id(1)).unwrap(), 1);
-        assert_eq!(next_generation(5, 2, id(1)).unwrap(), 6);
-        assert_eq!(next_generation(5, 9, id(1)).unwrap(), 10);
-        assert!(next_generation(u64::MAX, 0, id(1)).is_err());
+        assert_eq!(next_generation(0, 0).unwrap(), 1);
+        assert_eq!(next_generation(5, 2).unwrap(), 6);
+        assert_eq!(next_generation(5, 9).unwrap(), 10);
+        // Exhausted, with the error that says what to do, not a malformed record.
+        assert!(matches!(next_generation(u64::MAX, 0), Err(Error::GenerationExhausted)));
         // Stored as a signed 64-bit integer: no generation beyond i64::MAX.
-        assert!(next_generation(i64::MAX as u64, 0, id(1)).is_err());
+        assert!(matches!(
+            next_generation(i64::MAX as u64, 0),
+            Err(Error::GenerationExhausted)
+        ));
+        assert!(matches!(
+            next_generation(0, i64::MAX as u64),
+            Err(Error::GenerationExhausted)
+        ));
     }
 
     #[test]

@@ -336,7 +336,7 @@ pub(crate) fn insert_new(
     w: &mut dyn RowWriter,
 ) -> Result<Row> {
     let max = before.iter().map(|r| r.generation).max().unwrap_or(0);
-    let generation = model::next_generation(max, floor, key.key_id)?;
+    let generation = model::next_generation(max, floor)?;
     let row = Row {
         key_id: key.key_id,
         generation,

@@ -21,8 +21,8 @@
 //!   current primary is taken as a retire (the material stays; the destroy lands on a later
 //!   sync, once the key is no longer primary here).
 //!
-//! Locally generated generations go through [`next_generation`], checked arithmetic that
-//! never wraps.
+//! Locally generated generations are `crate::model::next_generation`'s, checked arithmetic
+//! that never wraps.
 
 use sso_proto::{KeyId, KeyMeta, KeyState};
 use time::OffsetDateTime;
@@ -84,15 +84,6 @@ pub fn check_origin(key_id: KeyId, origin: &str) -> Result<()> {
         return Err(malformed(key_id, "origin contains control characters"));
     }
     Ok(())
-}
-
-/// The generation of a key generated here: one more than `highest`, checked.
-pub fn next_generation(highest: i64) -> Result<u64> {
-    highest
-        .checked_add(1)
-        .and_then(|g| u64::try_from(g).ok())
-        .filter(|&g| g >= 1)
-        .ok_or(Error::GenerationExhausted)
 }
 
 /// Validates `incoming` against `stored` (every key here, `Primary` derived). Returns one
@@ -229,8 +220,6 @@ mod tests {
                 "generation {g} accepted"
             );
         }
-        assert_eq!(next_generation(0).unwrap(), 1);
-        assert!(matches!(next_generation(i64::MAX), Err(Error::GenerationExhausted)));
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //! `sso-agent`'s socket.
 //!
 //! - [`JsonError`]: a refused request, answered as `{"error": CODE, "message": …}`.
-//! - [`reply`] / [`reply_value`] / [`reply_answer`]: a JSON answer (`Content-Type:
-//!   application/json`, `Cache-Control: no-store`); [`reply_answer`] writes a wire type
-//!   (`sso_proto::wire`) with its keys sorted, as both daemons always have.
+//! - [`reply`] / [`reply_answer`]: a JSON answer (`Content-Type: application/json`,
+//!   `Cache-Control: no-store`); [`reply_answer`] writes a wire type (`sso_proto::wire`)
+//!   with its keys sorted, as both daemons always have. There is no untyped answer: a body
+//!   is a wire type, or bytes a `sso_proto::wire` writer made.
 //! - [`parse`]: a request body into a type; a refused value is never repeated (it may be
 //!   a password or a plaintext: [`sso_proto::json::describe_error`]).
 //! - [`read_body`]: the request body within a size and a time limit, into a
@@ -84,11 +85,6 @@ pub fn reply(status: StatusCode, body: Bytes) -> Response<Body> {
     resp
 }
 
-/// A JSON answer serialised from `value`.
-pub fn reply_value(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    reply(status, Bytes::from(serde_json::to_vec(value).unwrap_or_default()))
-}
-
 /// A JSON answer from its wire type (`sso_proto::wire`): through a `serde_json::Value`, so
 /// its keys come out sorted, as every `json!` body of both daemons' did (the server's
 /// answers are pinned by `sso-proto/src/wire/tests.rs`, the agent's by
@@ -96,7 +92,7 @@ pub fn reply_value(status: StatusCode, value: &serde_json::Value) -> Response<Bo
 /// logged and answered 500 `internal`.
 pub fn reply_answer<T: serde::Serialize>(status: StatusCode, answer: &T) -> Response<Body> {
     match serde_json::to_value(answer) {
-        Ok(value) => reply_value(status, &value),
+        Ok(value) => reply(status, Bytes::from(serde_json::to_vec(&value).unwrap_or_default())),
         Err(e) => {
             tracing::error!(error = %e, "cannot serialise an answer");
             JsonError::internal().response()

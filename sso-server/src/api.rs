@@ -12,9 +12,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
+use sso_proto::KeyId;
 use sso_proto::delivery::{RecipientKey, Sealer};
 use sso_proto::wire::answers::{BackupRequest, RestoreRequest, RetireRequest, RotateRequest};
-use sso_proto::{KeyId, KeyState};
 use zeroize::Zeroizing;
 
 use crate::audit::AuditEvent;
@@ -727,7 +727,7 @@ fn key(id: Option<KeyId>, state: &AppState, delivery: &Delivery) -> Result<Answe
         return Ok(audited(json_response(StatusCode::OK, body), None));
     }
     match snap.states.get(&id) {
-        Some(KeyState::Retired | KeyState::Destroyed) => Err(ApiError::new(
+        Some(state) if !state.is_served() => Err(ApiError::new(
             StatusCode::GONE,
             "gone",
             format!("key {id} is retired or destroyed"),

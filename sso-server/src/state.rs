@@ -258,7 +258,7 @@ pub fn build_snapshot(store: &dyn Store, plain: bool) -> keystore::Result<Snapsh
     let states: HashMap<KeyId, KeyState> = store.list()?.into_iter().map(|k| (k.key_id, k.state)).collect();
     let mut gone: Vec<KeyId> = states
         .iter()
-        .filter(|(_, s)| matches!(s, KeyState::Retired | KeyState::Destroyed))
+        .filter(|(_, s)| !s.is_served())
         .map(|(id, _)| *id)
         .collect();
     gone.sort_unstable();

@@ -120,3 +120,120 @@ fn the_throwaway_postgresql_is_for_tests_only() {
         refuse(package, &["pg-throwaway"]);
     }
 }
+
+/// docs/architecture.md's table of crates names, for each crate, every crate of ours it
+/// depends on (its Cargo.toml `[dependencies]`) in its "may import" column, and has a row
+/// for every member of the workspace.
+#[test]
+fn docs_architecture_names_every_crate_each_crate_depends_on() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let doc = std::fs::read_to_string(root.join("docs/architecture.md")).unwrap();
+    let start = doc.find("## Crates").unwrap();
+    let section = &doc[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let rows: Vec<(String, &str)> = section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            let cells: Vec<&str> = l.trim().trim_matches('|').split('|').collect();
+            (
+                cells[0].trim().split('`').nth(1).unwrap().to_owned(),
+                cells[cells.len() - 1],
+            )
+        })
+        .collect();
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let members: Vec<String> = manifest[manifest.find("members = [").unwrap()..]
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with(']'))
+        .filter_map(|l| l.split('"').nth(1))
+        .map(str::to_owned)
+        .collect();
+    let mut problems = Vec::new();
+    for member in &members {
+        let Some((_, may)) = rows.iter().find(|(name, _)| name == member) else {
+            if member != "pg-throwaway" {
+                problems.push(format!("{member} has no row"));
+            }
+            continue;
+        };
+        let cargo = std::fs::read_to_string(root.join(member).join("Cargo.toml")).unwrap();
+        let deps = cargo.split("\n[dependencies]\n").nth(1).unwrap_or("");
+        let deps = &deps[..deps.find("\n[").unwrap_or(deps.len())];
+        let names = |text: &str, name: &str| {
+            text.split(|c: char| !(c.is_alphanumeric() || c == '-' || c == '_'))
+                .any(|w| w == name)
+        };
+        for dep in members.iter().filter(|d| *d != member) {
+            let linked = deps
+                .lines()
+                .any(|l| l.split(['.', ' ', '=']).next() == Some(dep.as_str()));
+            if linked && !(may.contains("everything") || names(may, dep)) {
+                problems.push(format!("{member} depends on {dep}; its row does not say so"));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "docs/architecture.md's table of crates is out of date:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// The picture at the top of docs/architecture.md puts each crate on a row and says "each
+/// row links only rows below it": every workspace crate a pictured crate depends on stands
+/// on a lower row.
+#[test]
+fn docs_architecture_picture_has_every_dependency_pointing_down() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let doc = std::fs::read_to_string(root.join("docs/architecture.md")).unwrap();
+    let start = doc.find("```text\n").unwrap() + "```text\n".len();
+    let picture = &doc[start..start + doc[start..].find("```").unwrap()];
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let members: Vec<String> = manifest[manifest.find("members = [").unwrap()..]
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.starts_with(']'))
+        .filter_map(|l| l.split('"').nth(1))
+        .map(str::to_owned)
+        .collect();
+    // Row 0 is the top; a line that names no crate (arrows) is no row.
+    let mut row_of = std::collections::BTreeMap::new();
+    let mut row = 0;
+    for line in picture.lines() {
+        let words: Vec<&str> = line
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+            .filter(|w| members.iter().any(|m| m == w))
+            .collect();
+        if words.is_empty() {
+            continue;
+        }
+        for word in words {
+            row_of.insert(word.to_owned(), row);
+        }
+        row += 1;
+    }
+    assert!(row_of.len() >= 10, "the picture names too few crates: {row_of:?}");
+    let mut problems = Vec::new();
+    for (krate, &at) in &row_of {
+        let cargo = std::fs::read_to_string(root.join(krate).join("Cargo.toml")).unwrap();
+        let deps = cargo.split("\n[dependencies]\n").nth(1).unwrap_or("");
+        let deps = &deps[..deps.find("\n[").unwrap_or(deps.len())];
+        for line in deps.lines() {
+            let Some(dep) = line.split(['.', ' ', '=']).next() else {
+                continue;
+            };
+            if let Some(&below) = row_of.get(dep)
+                && below <= at
+            {
+                problems.push(format!("{krate} (row {at}) depends on {dep} (row {below})"));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "docs/architecture.md's picture has arrows that do not point down:\n{}",
+        problems.join("\n")
+    );
+}

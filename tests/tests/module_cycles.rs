@@ -1,8 +1,16 @@
 //! No import circles between the modules of any crate (issue 11): for every crate of the
 //! workspace, each top-level module's source (with its submodule files) is read, every
-//! `crate::NAME` in code (comments and doc comments left out, `use crate::{a, b::c}`
-//! groups expanded) that names another top-level module is an edge, and the graph must
-//! have no cycle. A circle is reported as `a -> b -> a` with the lines that make each edge.
+//! path in code (comments and doc comments left out) that names another top-level module
+//! is an edge, and the graph must have no cycle. A circle is reported as `a -> b -> a` with
+//! the lines that make each edge.
+//!
+//! A path names a module as `crate::b…`, as `crate::Item` where the crate root re-exports
+//! `Item` from `b` (`pub use b::{Item, …};`), inside a `use crate::{…}` group (over as many
+//! lines as it takes), or as `super::b…` / `super::super::b…` climbing to the crate root from
+//! a module's file. Test code (an item under `#[cfg(test)]`, such as `mod tests { … }`, and
+//! the file of a `#[cfg(test)] mod tests;`) is a leaf of its own: nothing imports it, so it
+//! closes no circle, and its imports are not the module's.
+//! `a_circle_is_found_however_the_path_is_spelled` shows each spelling found.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -60,30 +68,81 @@ fn code(line: &str) -> &str {
     line.find("//").map_or(line, |i| &line[..i])
 }
 
-/// The first path segments after each `crate::` in `code`, `{a, b::c}` groups expanded.
-fn crate_paths(code: &str) -> Vec<String> {
+fn is_ident(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// The code of a file that is not test code: `(line number, code)` for each line kept, and
+/// the names of the submodules it declares under `#[cfg(test)]` (`mod tests;`), whose files
+/// are test code too. The item after a `#[cfg(test)]` runs to its `;` or to the `}` that
+/// closes its first `{`.
+fn non_test_code(text: &str) -> (Vec<(usize, String)>, Vec<String>) {
+    let mut kept = Vec::new();
+    let mut test_files = Vec::new();
+    let mut lines = text.lines().enumerate().map(|(n, l)| (n + 1, code(l)));
+    while let Some((n, line)) = lines.next() {
+        let Some(same_line) = line.trim().strip_prefix("#[cfg(test)]") else {
+            kept.push((n, line.to_owned()));
+            continue;
+        };
+        let mut depth = 0usize;
+        let mut opened = false;
+        let first = Some((n, same_line)).filter(|(_, rest)| !rest.trim().is_empty());
+        for (_, item) in first.into_iter().chain(lines.by_ref()) {
+            let item = item.trim();
+            if !opened
+                && item.ends_with(';')
+                && !item.contains('{')
+                && let Some((_, name)) = item.trim_end_matches(';').rsplit_once("mod ")
+            {
+                test_files.push(name.trim().to_owned());
+            }
+            for c in item.chars() {
+                match c {
+                    '{' => {
+                        depth += 1;
+                        opened = true;
+                    }
+                    '}' => depth = depth.saturating_sub(1),
+                    _ => {}
+                }
+            }
+            if (opened && depth == 0) || (!opened && item.ends_with(';')) {
+                break;
+            }
+        }
+    }
+    (kept, test_files)
+}
+
+/// The first segments of each `use` group element or path after `prefix` (`crate::` or a
+/// chain of `super::`) in `code`, with their byte offsets: `{a, b::c}` groups expanded, at
+/// any depth of lines.
+fn paths_after(code: &str, prefix: &str) -> Vec<(usize, String)> {
     let mut out = Vec::new();
-    let mut rest = code;
-    while let Some(i) = rest.find("crate::") {
-        // `foo_crate::` is another crate's path.
-        let before = rest[..i].chars().next_back();
-        rest = &rest[i + "crate::".len()..];
-        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+    let mut at = 0;
+    while let Some(i) = code[at..].find(prefix) {
+        let start = at + i;
+        at = start + prefix.len();
+        // `foo_crate::` is another crate's path; `super::super::` is found once, whole.
+        let before = code[..start].chars().next_back();
+        if before.is_some_and(|c| is_ident(c) || c == ':') {
             continue;
         }
+        let rest = &code[at..];
         if let Some(group) = rest.strip_prefix('{') {
             let mut depth = 0usize;
             let mut at_start = true;
             let mut ident = String::new();
             for c in group.chars() {
-                if c.is_alphanumeric() || c == '_' {
+                if is_ident(c) {
                     if at_start && depth == 0 {
                         ident.push(c);
                     }
                     continue;
                 }
                 if !ident.is_empty() {
-                    out.push(std::mem::take(&mut ident));
+                    out.push((start, std::mem::take(&mut ident)));
                     at_start = false;
                 }
                 match c {
@@ -95,11 +154,63 @@ fn crate_paths(code: &str) -> Vec<String> {
                 }
             }
             if !ident.is_empty() {
-                out.push(ident);
+                out.push((start, ident));
             }
         } else {
-            let ident: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-            out.push(ident);
+            let ident: String = rest.chars().take_while(|&c| is_ident(c)).collect();
+            if !ident.is_empty() && ident != "super" {
+                out.push((start, ident));
+            }
+        }
+    }
+    out
+}
+
+/// The first path segments after each `crate::` in `code`, `{a, b::c}` groups expanded.
+fn crate_paths(code: &str) -> Vec<String> {
+    paths_after(code, "crate::").into_iter().map(|(_, p)| p).collect()
+}
+
+/// What the crate root re-exports from its modules: item name -> module
+/// (`pub use store::{SealedStore, Store as S};`, `pub(crate) use model::KeyRecord;`).
+fn reexports(src: &Path, modules: &BTreeMap<String, Vec<PathBuf>>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for root in ["lib.rs", "main.rs"] {
+        let Ok(text) = std::fs::read_to_string(src.join(root)) else {
+            continue;
+        };
+        let (kept, _) = non_test_code(&text);
+        let code: String = kept.iter().map(|(_, l)| format!("{l}\n")).collect();
+        for statement in code.split(';') {
+            let statement = statement.trim();
+            let Some(path) = ["pub use ", "pub(crate) use "]
+                .iter()
+                .find_map(|p| statement.rsplit_once(p).map(|(_, path)| path))
+            else {
+                continue;
+            };
+            let path = path.trim_start_matches("crate::").trim_start_matches("self::");
+            let Some((module, items)) = path.split_once("::") else {
+                continue;
+            };
+            if !modules.contains_key(module.trim()) {
+                continue;
+            }
+            // Each element's name as re-exported: its last segment, or its `as` alias.
+            let items = items.rsplit_once('{').map_or(items, |(_, group)| group);
+            for element in items.trim_end_matches('}').split(',') {
+                let name = element
+                    .rsplit(" as ")
+                    .next()
+                    .unwrap_or("")
+                    .rsplit("::")
+                    .next()
+                    .unwrap_or("")
+                    .trim();
+                if !name.is_empty() && name.chars().all(is_ident) {
+                    out.insert(name.to_owned(), module.trim().to_owned());
+                }
+            }
         }
     }
     out
@@ -110,20 +221,60 @@ type Graph = BTreeMap<String, BTreeMap<String, Vec<String>>>;
 
 fn graph(src: &Path) -> Graph {
     let modules = modules(src);
-    let names: BTreeSet<&String> = modules.keys().collect();
+    let reexported = reexports(src, &modules);
+    let resolve = |name: &str| {
+        if modules.contains_key(name) {
+            Some(name.to_owned())
+        } else {
+            reexported.get(name).cloned()
+        }
+    };
+    // Test code first: the files declared by `#[cfg(test)] mod NAME;`.
+    let mut test_files = BTreeSet::new();
+    let mut code = BTreeMap::new();
+    for file in modules.values().flatten() {
+        let text = std::fs::read_to_string(file).unwrap();
+        let (kept, tests) = non_test_code(&text);
+        // `a.rs`'s submodules live in `a/`, `a/mod.rs`'s beside it.
+        let dir = match file.file_stem().and_then(|s| s.to_str()) {
+            Some("mod") => file.parent().unwrap().to_path_buf(),
+            _ => file.with_extension(""),
+        };
+        for name in tests {
+            test_files.insert(dir.join(format!("{name}.rs")));
+            test_files.insert(dir.join(&name).join("mod.rs"));
+        }
+        code.insert(file.clone(), kept);
+    }
     let mut graph = Graph::new();
     for (module, files) in &modules {
         let edges = graph.entry(module.clone()).or_default();
         for file in files {
-            let text = std::fs::read_to_string(file).unwrap();
-            for (n, line) in text.lines().enumerate() {
-                for target in crate_paths(code(line)) {
-                    if &target != module && names.contains(&target) {
-                        edges
-                            .entry(target)
-                            .or_default()
-                            .push(format!("{}:{}", file.display(), n + 1));
-                    }
+            if test_files.contains(file) || file.ancestors().any(|a| test_files.contains(&a.join("mod.rs"))) {
+                continue;
+            }
+            // How deep the file's own module lies: `a.rs` and `a/mod.rs` 1, `a/b.rs` 2.
+            let relative = file.strip_prefix(src).unwrap();
+            let depth = relative.components().count() - usize::from(file.file_stem().is_some_and(|s| s == "mod"));
+            let kept = &code[file];
+            let mut text = String::new();
+            let mut starts = Vec::new();
+            for (n, line) in kept {
+                starts.push((text.len(), *n));
+                text.push_str(line);
+                text.push('\n');
+            }
+            let line_of = |offset: usize| starts[starts.partition_point(|(s, _)| *s <= offset) - 1].1;
+            let mut found = paths_after(&text, "crate::");
+            // `super::` repeated `depth` times is the crate root.
+            found.extend(paths_after(&text, &"super::".repeat(depth)));
+            for (offset, name) in found {
+                let Some(target) = resolve(&name) else { continue };
+                if &target != module {
+                    edges
+                        .entry(target)
+                        .or_default()
+                        .push(format!("{}:{}", file.display(), line_of(offset)));
                 }
             }
         }
@@ -212,4 +363,170 @@ fn no_crate_has_an_import_circle() {
         }
     }
     assert!(failures.is_empty(), "import circles:\n{}", failures.join("\n"));
+}
+
+/// A crate written into a temporary directory: `files` are (path under `src/`, text).
+fn fixture(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, text) in files {
+        let path = dir.path().join("src").join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    dir
+}
+
+/// Each way of naming a module that `b` (which `a` uses) may take to use `a` back: each
+/// is a circle the graph must see.
+#[test]
+fn a_circle_is_found_however_the_path_is_spelled() {
+    let b = "pub struct G;\npub fn g(_: &crate::a::F) {}\n";
+    let lib = "mod a;\nmod b;\npub use a::{F, f};\n";
+    let cases: [(&str, &[(&str, &str)]); 5] = [
+        (
+            "through the crate root's re-export",
+            &[
+                ("lib.rs", "mod a;\nmod b;\npub use a::F;\npub use b::{G, g as h};\n"),
+                ("a.rs", "pub struct F;\npub fn f(_: &crate::G) {}\n"),
+                ("b.rs", "pub struct G;\npub fn g(_: &crate::F) {}\n"),
+            ],
+        ),
+        (
+            "a `use crate::{…}` group over several lines",
+            &[
+                ("lib.rs", lib),
+                (
+                    "a.rs",
+                    "use crate::{\n    b::G,\n};\npub struct F;\npub fn f(_: &G) {}\n",
+                ),
+                ("b.rs", b),
+            ],
+        ),
+        (
+            "`super::` from a top-level module",
+            &[
+                ("lib.rs", lib),
+                ("a.rs", "pub struct F;\npub fn f(_: &super::b::G) {}\n"),
+                ("b.rs", b),
+            ],
+        ),
+        (
+            "`super::super::` from a module's own file",
+            &[
+                ("lib.rs", lib),
+                ("a/mod.rs", "mod inner;\npub struct F;\n"),
+                ("a/inner.rs", "pub fn f(_: &super::super::b::G) {}\n"),
+                ("b.rs", b),
+            ],
+        ),
+        (
+            "code after a test module",
+            &[
+                ("lib.rs", lib),
+                (
+                    "a.rs",
+                    "#[cfg(test)]\nmod tests {\n    #[test]\n    fn t() {}\n}\npub struct F;\npub fn f(_: &crate::b::G) {}\n",
+                ),
+                ("b.rs", b),
+            ],
+        ),
+    ];
+    for (how, files) in cases {
+        let dir = fixture(files);
+        let graph = graph(&dir.path().join("src"));
+        let cycle = find_cycle(&graph).unwrap_or_else(|| panic!("no circle found {how}: {graph:?}"));
+        assert_eq!(cycle.len(), 3, "{how}: {cycle:?}");
+    }
+}
+
+/// Test code is a leaf: a module's `#[cfg(test)]` items and test files may use what uses
+/// the module (store's tests through the `Store` trait whose impl names the store) without
+/// making a circle, and what stands after them is still the module's.
+#[test]
+fn test_code_closes_no_circle() {
+    let b = "pub struct G;\npub fn g(_: &crate::a::F) {}\n";
+    let cases: [&[(&str, &str)]; 3] = [
+        &[
+            ("lib.rs", "mod a;\nmod b;\n"),
+            (
+                "a.rs",
+                "pub struct F;\n#[cfg(test)]\nmod tests {\n    use crate::b::G;\n    fn t(_: G) {}\n}\n",
+            ),
+            ("b.rs", b),
+        ],
+        &[
+            ("lib.rs", "mod a;\nmod b;\n"),
+            ("a.rs", "pub struct F;\n#[cfg(test)]\nmod tests;\n"),
+            ("a/tests.rs", "use crate::b::G;\n"),
+            ("b.rs", b),
+        ],
+        &[
+            ("lib.rs", "mod a;\nmod b;\npub use b::G;\n"),
+            (
+                "a.rs",
+                "pub struct F;\n#[cfg(test)] use crate::G;\n#[cfg(test)]\nfn t(_: crate::G) {\n}\n",
+            ),
+            ("b.rs", b),
+        ],
+    ];
+    for files in cases {
+        let dir = fixture(files);
+        let graph = graph(&dir.path().join("src"));
+        assert_eq!(find_cycle(&graph), None, "{files:?}: {graph:?}");
+        assert!(graph["b"].contains_key("a"), "{graph:?}");
+    }
+}
+
+/// The rows of the markdown table under `heading` in `doc`: (first cell, last cell).
+fn table_rows<'a>(doc: &'a str, heading: &str) -> Vec<(&'a str, &'a str)> {
+    let start = doc
+        .find(heading)
+        .unwrap_or_else(|| panic!("no {heading:?} in the document"));
+    let section = &doc[start + heading.len()..];
+    let section = &section[..section.find("\n#").unwrap_or(section.len())];
+    section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            let cells: Vec<&str> = l.trim().trim_matches('|').split('|').collect();
+            (cells[0].trim(), cells[cells.len() - 1].trim())
+        })
+        .collect()
+}
+
+/// docs/architecture.md's table of the server's modules says what each one "may import":
+/// the modules named there in backticks, and every row above it where it says "above".
+/// Every module of `sso-server/src` has its row, and imports nothing its row does not
+/// allow (the graph is this file's: test code left out).
+#[test]
+fn the_server_modules_import_only_what_docs_architecture_allows() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let doc = std::fs::read_to_string(root.join("docs/architecture.md")).unwrap();
+    let rows = table_rows(&doc, "## sso-server modules");
+    let graph = graph(&root.join("sso-server/src"));
+    let named: Vec<String> = rows.iter().map(|(m, _)| m.trim_matches('`').to_owned()).collect();
+    let mut problems = Vec::new();
+    for module in graph.keys().filter(|m| !named.contains(m)) {
+        problems.push(format!("`{module}` has no row"));
+    }
+    for module in named.iter().filter(|m| !graph.contains_key(*m)) {
+        problems.push(format!("`{module}` has a row but no source"));
+    }
+    for (i, (module, may)) in rows.iter().enumerate() {
+        let module = module.trim_matches('`');
+        let mut allowed: BTreeSet<&str> = may.split('`').skip(1).step_by(2).collect();
+        if may.contains("above") {
+            allowed.extend(named[..i].iter().map(String::as_str));
+        }
+        for (used, lines) in graph.get(module).into_iter().flatten() {
+            if !allowed.contains(used.as_str()) {
+                problems.push(format!("`{module}` imports `{used}` ({})", lines[0]));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "docs/architecture.md's sso-server modules table is out of date:\n{}",
+        problems.join("\n")
+    );
 }
