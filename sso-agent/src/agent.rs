@@ -125,11 +125,20 @@ impl AgentConfig {
         toml::to_string(self).expect("an agent config with UTF-8 paths always serialises")
     }
 
-    /// Reads a config file; relative paths are relative to its directory.
+    /// Reads a config file ([`AgentConfig::parse`] of its text); relative paths are
+    /// relative to its directory. Every error names the file.
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut config: Self = toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::parse(&text, &base).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses and checks a config file's text, with no file I/O: relative paths become
+    /// relative to `base` (the file's directory), the socket modes and limits are checked.
+    /// What [`AgentConfig::load`] does with a file, and what the `agent_config` fuzz target
+    /// feeds arbitrary bytes.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, String> {
+        let mut config: Self = toml::from_str(text).map_err(|e| e.message().to_owned())?;
         let kms = config.kms.as_mut().map(|k| &mut k.socket);
         for p in [&mut config.ca, &mut config.cert, &mut config.key, &mut config.socket]
             .into_iter()
@@ -158,10 +167,10 @@ impl AgentConfig {
     pub fn dev(dir: &Path) -> Result<Self, String> {
         let mut config = Self::new(
             [sso_devdir::dev_endpoint(dir)?],
-            dir.join("ca.pem"),
-            dir.join("client.pem"),
-            dir.join("client-key.pem"),
-            dir.join("agent.sock"),
+            dir.join(sso_devdir::CA_CERT),
+            dir.join(sso_devdir::CLIENT_CERT),
+            dir.join(sso_devdir::CLIENT_KEY),
+            dir.join(sso_devdir::AGENT_SOCKET),
         );
         config.socket_mode = "0600".into();
         config.kms = Some(KmsConfig::dev(dir));
@@ -221,7 +230,7 @@ impl KmsConfig {
 
     /// The config `sso-agent --dev DIR` uses: `DIR/kms.sock`, mode 0600, this uid only.
     pub fn dev(dir: &std::path::Path) -> Self {
-        Self::new(dir.join("kms.sock"))
+        Self::new(dir.join(sso_devdir::KMS_SOCKET))
     }
 
     /// The socket mode as a number.
@@ -632,6 +641,42 @@ mod tests {
         assert_eq!(loaded.socket, d.join("a.sock"));
         assert_eq!(loaded.kms.unwrap().socket, d.join("kms.sock"));
         assert_eq!(loaded.ca, d.join("ca.pem"));
+    }
+
+    /// The file's text is parsed without file I/O, relative to a base the caller names
+    /// (the loader's is the file's directory); the loader's errors name the file, the
+    /// field's checks (mode, limits, endpoints) included, not only TOML syntax.
+    #[test]
+    fn the_text_parses_without_the_file_and_the_loaders_errors_name_it() {
+        let base = std::path::Path::new("/etc/sso");
+        let mut relative = AgentConfig::new(["https://h:1"], "ca.pem", "c.pem", "k.pem", "a.sock");
+        relative.kms = Some(KmsConfig::new("kms.sock"));
+        let parsed = AgentConfig::parse(&relative.to_toml(), base).unwrap();
+        assert_eq!(parsed.socket, base.join("a.sock"));
+        assert_eq!(parsed.kms.unwrap().socket, base.join("kms.sock"));
+        for (text, field) in [
+            ("endpoints = [", "(TOML)"),
+            ("socket_mode = \"999\"", "socket_mode"),
+            ("max_connections_per_uid = 0", "max_connections_per_uid"),
+            ("endpoints = []", "endpoints"),
+        ] {
+            let mut toml = relative.to_toml();
+            toml = toml
+                .lines()
+                .filter(|l| !l.starts_with(text.split(' ').next().unwrap()))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            toml.insert_str(0, &format!("{text}\n"));
+            let e = AgentConfig::parse(&toml, base).unwrap_err();
+            if field != "(TOML)" {
+                assert!(e.starts_with(field), "{text}: {e}");
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("agent.toml");
+            std::fs::write(&path, &toml).unwrap();
+            let e = AgentConfig::load(&path).unwrap_err();
+            assert!(e.starts_with(&format!("{}: ", path.display())), "{text}: {e}");
+        }
     }
 
     async fn body_of(resp: hyper::Response<http_body_util::Full<bytes::Bytes>>) -> Vec<u8> {

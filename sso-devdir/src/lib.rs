@@ -1,6 +1,7 @@
 //! `sso-devdir`: what `sso-server --dev DIR`, `sso-agent --dev DIR` and `ssoctl --dev DIR`
 //! agree on about the dev directory, written once: the dev server's port and where the
-//! other two find it ([`dev_endpoint`]).
+//! other two find it ([`dev_endpoint`]), and the names of the files and sockets more than
+//! one of them (or their tests) reads there.
 //!
 //! Its own small crate (serde and toml, nothing of ours) because the three binaries that
 //! read the directory may not link each other: ssoctl links neither daemon, the agent
@@ -19,6 +20,23 @@ pub const DEV_PORT: u16 = 7443;
 /// The dev server's config file in the dev directory; written last by `sso-server --dev`,
 /// so its presence marks the directory complete.
 pub const SERVER_CONFIG: &str = "server.toml";
+
+/// The CA certificate of the dev PKI (`certs::DevPki` writes it), which the agent and
+/// ssoctl trust.
+pub const CA_CERT: &str = "ca.pem";
+/// The dev PKI's `admin` client certificate, ssoctl's identity with `--dev`.
+pub const ADMIN_CERT: &str = "admin.pem";
+/// Its private key.
+pub const ADMIN_KEY: &str = "admin-key.pem";
+/// The dev PKI's `client` client certificate, the agent's identity with `--dev`.
+pub const CLIENT_CERT: &str = "client.pem";
+/// Its private key.
+pub const CLIENT_KEY: &str = "client-key.pem";
+
+/// The socket `sso-agent --dev` serves HTTP/JSON on.
+pub const AGENT_SOCKET: &str = "agent.sock";
+/// The socket `sso-agent --dev` serves Kubernetes KMS v2 on.
+pub const KMS_SOCKET: &str = "kms.sock";
 
 /// The URL of the dev server whose files are in `dir`: the port of `listen` in
 /// `DIR/server.toml` (an operator may have moved it), or [`DEV_PORT`] before the dev
@@ -59,7 +77,7 @@ mod tests {
     fn the_endpoint_follows_the_port_server_toml_names() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
-            dir.path().join("server.toml"),
+            dir.path().join(SERVER_CONFIG),
             "node = \"dev\"\nlisten = \"127.0.0.1:9443\"\n[tls]\ncert = \"server.pem\"\n",
         )
         .unwrap();
@@ -69,7 +87,7 @@ mod tests {
     #[test]
     fn a_broken_server_toml_is_an_error_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("server.toml");
+        let path = dir.path().join(SERVER_CONFIG);
         for text in ["listen = \"nowhere\"\n", "node = \"dev\"\n", "listen = \n"] {
             std::fs::write(&path, text).unwrap();
             let e = dev_endpoint(dir.path()).unwrap_err();

@@ -851,48 +851,30 @@ async fn rotate(body: &[u8], state: &Arc<AppState>) -> Result<Answer, ApiError> 
     let peer = state.peer.clone();
     let outcome = rotation::rotate(state, peer.as_deref(), request.allow_degraded).await;
     let url = peer.as_ref().map_or("", |p| p.url.as_str());
-    let count_failure = || {
-        state
-            .metrics
-            .replication_failures
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    };
+    // The counts (replication failures, integrity alarms) are the domain's:
+    // `rotation::rotate` took them before it answered.
     match outcome {
-        Ok(done) => {
-            if done.replication == rotation::Replication::Degraded {
-                count_failure();
-            }
-            Ok(rotated(&done))
-        }
-        Err(RotateError::PeerUnavailable { error, changed }) => {
-            count_failure();
-            Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "peer_unavailable",
-                format!(
-                    "the peer {url} did not take the rotation ({error}); {changed}. Retry when the peer is back, or rotate with allow_degraded"
-                ),
-            ))
-        }
-        Err(RotateError::Refused { error, changed }) => {
-            count_failure();
-            if let rotation::LinkError::Conflict(_) = error {
-                state
-                    .metrics
-                    .integrity_alarms
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "integrity",
-                    format!("the peer {url} refused the rotation ({error}); {changed}"),
-                ));
-            }
-            Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "rotation_refused",
-                format!("the peer {url} refused the rotation ({error}); {changed}; rotate again"),
-            ))
-        }
+        Ok(done) => Ok(rotated(&done)),
+        Err(RotateError::PeerUnavailable { error, changed }) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "peer_unavailable",
+            format!(
+                "the peer {url} did not take the rotation ({error}); {changed}. Retry when the peer is back, or rotate with allow_degraded"
+            ),
+        )),
+        Err(RotateError::Refused {
+            error: error @ rotation::LinkError::Conflict(_),
+            changed,
+        }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "integrity",
+            format!("the peer {url} refused the rotation ({error}); {changed}"),
+        )),
+        Err(RotateError::Refused { error, changed }) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "rotation_refused",
+            format!("the peer {url} refused the rotation ({error}); {changed}; rotate again"),
+        )),
         Err(e @ (RotateError::Busy(_) | RotateError::Superseded { .. } | RotateError::Overtaken { .. })) => {
             Err(ApiError::new(StatusCode::CONFLICT, "rotation_busy", e.to_string()))
         }

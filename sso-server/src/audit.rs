@@ -525,11 +525,11 @@ impl Writer {
                     "gap",
                     format!("lost {} entries: {}", self.lost, self.lost_reason),
                 );
-                head = append_line(&mut buf, &self.node, &self.key, head, &gap, &mut clock);
+                append_line(&mut buf, &self.node, &self.key, &mut head, &gap, &mut clock);
             }
             let events = batch.len() as u64;
             for ev in batch.drain(..) {
-                head = append_line(&mut buf, &self.node, &self.key, head, &ev, &mut clock);
+                append_line(&mut buf, &self.node, &self.key, &mut head, &ev, &mut clock);
             }
             match self.file.write_all(&buf).and_then(|()| self.file.sync_data()) {
                 Ok(()) => {
@@ -684,14 +684,16 @@ impl Writer {
     }
 }
 
+/// Appends `ev`'s line, chained onto `head`, and moves `head` to it (in place: the MAC's
+/// string keeps its allocation from one entry to the next).
 fn append_line(
     buf: &mut Vec<u8>,
     node: &str,
     key: &AuditKey,
-    head: AuditHead,
+    head: &mut AuditHead,
     ev: &AuditEvent,
     clock: &mut TimeCache,
-) -> AuditHead {
+) {
     // Written by hand rather than through serde: this runs once per key fetch, and the
     // writer thread shares two cores with the request workers.
     let seq = if ev.op == TRUNCATED_OP {
@@ -740,6 +742,19 @@ fn append_line(
     }
     buf.extend_from_slice(b",\"peer\":");
     match ev.peer {
+        // What `Display` writes for an IPv4 address, without the formatting machinery.
+        Some(std::net::SocketAddr::V4(p)) => {
+            buf.push(b'"');
+            for (i, octet) in p.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf.push(b'.');
+                }
+                push_u64(buf, u64::from(octet));
+            }
+            buf.push(b':');
+            push_u64(buf, u64::from(p.port()));
+            buf.push(b'"');
+        }
         Some(p) => {
             use std::io::Write as _;
             let _ = write!(buf, "\"{p}\"");
@@ -753,11 +768,10 @@ fn append_line(
     buf.extend_from_slice(MAC_MARK.as_bytes());
     buf.extend_from_slice(&mac);
     buf.extend_from_slice(b"\"}\n");
-    AuditHead {
-        seq,
-        // mac_hex writes ASCII only.
-        hash: String::from_utf8(mac.to_vec()).unwrap_or_default(),
-    }
+    head.seq = seq;
+    head.hash.clear();
+    // mac_hex writes ASCII only.
+    head.hash.push_str(std::str::from_utf8(&mac).unwrap_or_default());
 }
 
 fn truncated_count(ev: &AuditEvent) -> u64 {
@@ -793,30 +807,46 @@ fn push_hex(buf: &mut Vec<u8>, bytes: &[u8]) {
 
 /// Appends `s` as a JSON string: quotes, backslashes and control characters escaped.
 /// Runs that need no escape (almost every field) are copied whole.
-fn push_json_str(buf: &mut Vec<u8>, s: &str) {
-    let bytes = s.as_bytes();
-    buf.push(b'"');
-    let mut plain = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let escaped: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0..=0x1f | 0x7f => b"",
-            _ => continue,
-        };
-        buf.extend_from_slice(&bytes[plain..i]);
-        plain = i + 1;
-        if escaped.is_empty() {
-            use std::io::Write as _;
-            let _ = write!(buf, "\\u{b:04x}");
-        } else {
-            buf.extend_from_slice(escaped);
-        }
+/// The bytes [`push_json_str`] escapes: what JSON requires (`"`, `\\`, controls) and DEL,
+/// so that no line of the log carries a control character.
+const ESCAPED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
     }
-    buf.extend_from_slice(&bytes[plain..]);
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table[0x7f] = true;
+    table
+};
+
+/// `s` as a JSON string. The runs between escapes are copied whole: most strings (names,
+/// hex, the constant operation and outcome names) have no escape at all.
+fn push_json_str(buf: &mut Vec<u8>, s: &str) {
+    let mut rest = s.as_bytes();
+    buf.reserve(rest.len() + 2);
+    buf.push(b'"');
+    while let Some(i) = rest.iter().position(|&b| ESCAPED[usize::from(b)]) {
+        buf.extend_from_slice(&rest[..i]);
+        let b = rest[i];
+        match b {
+            b'"' => buf.extend_from_slice(b"\\\""),
+            b'\\' => buf.extend_from_slice(b"\\\\"),
+            b'\n' => buf.extend_from_slice(b"\\n"),
+            b'\r' => buf.extend_from_slice(b"\\r"),
+            b'\t' => buf.extend_from_slice(b"\\t"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                buf.extend_from_slice(b"\\u00");
+                buf.push(HEX[usize::from(b >> 4)]);
+                buf.push(HEX[usize::from(b & 0x0f)]);
+            }
+        }
+        rest = &rest[i + 1..];
+    }
+    buf.extend_from_slice(rest);
     buf.push(b'"');
 }
 
@@ -1326,6 +1356,110 @@ mod tests {
         // After close, an entry is a counted failure, never a hang.
         audit.record(event("keyring.fetch"));
         assert!(audit.close(Duration::from_secs(1)));
+    }
+
+    /// The escaper before the table-driven one (issue 16, hot16b): a line's bytes must not
+    /// change with it.
+    fn push_json_str_reference(buf: &mut Vec<u8>, s: &str) {
+        let bytes = s.as_bytes();
+        buf.push(b'"');
+        let mut plain = 0;
+        for (i, &b) in bytes.iter().enumerate() {
+            let escaped: &[u8] = match b {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0..=0x1f | 0x7f => b"",
+                _ => continue,
+            };
+            buf.extend_from_slice(&bytes[plain..i]);
+            plain = i + 1;
+            if escaped.is_empty() {
+                use std::io::Write as _;
+                let _ = write!(buf, "\\u{b:04x}");
+            } else {
+                buf.extend_from_slice(escaped);
+            }
+        }
+        buf.extend_from_slice(&bytes[plain..]);
+        buf.push(b'"');
+    }
+
+    #[test]
+    fn json_strings_are_escaped_byte_for_byte_as_before() {
+        let mut cases: Vec<String> = (0u8..128).map(|b| char::from(b).to_string()).collect();
+        cases.push((0u8..128).map(char::from).collect());
+        cases.push((0u8..128).rev().map(char::from).collect());
+        cases.extend(
+            [
+                "",
+                "plain",
+                "a\"b\\c\nd\re\tf\u{1}g\u{7f}h",
+                "é \u{1f} 鍵 🔑\"",
+                "\"\"\\\\",
+            ]
+            .map(String::from),
+        );
+        // Every pair of an interesting byte and a plain run, at both ends.
+        for b in [0u8, 0x1f, b'"', b'\\', b'\n', 0x7f, b' ', b'~'] {
+            let c = char::from(b);
+            cases.push(format!("{c}abc{c}{c}def{c}"));
+        }
+        for case in cases {
+            let (mut ours, mut before) = (b"x".to_vec(), b"x".to_vec());
+            push_json_str(&mut ours, &case);
+            push_json_str_reference(&mut before, &case);
+            assert_eq!(ours, before, "{case:?}");
+        }
+    }
+
+    #[test]
+    fn a_peer_is_written_as_display_writes_it() {
+        let clock = &mut TimeCache::default();
+        for peer in [
+            "127.0.0.1:5555",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.20.3.4:443",
+            "[::1]:7443",
+            "[fe80::1%2]:80",
+            "[::ffff:10.0.0.1]:9",
+        ] {
+            let addr: std::net::SocketAddr = peer.parse().unwrap();
+            let mut ev = event("keyring.fetch");
+            ev.peer = Some(addr);
+            let mut head = AuditHead {
+                seq: 0,
+                hash: GENESIS.into(),
+            };
+            let mut buf = Vec::new();
+            append_line(&mut buf, "n", &key(), &mut head, &ev, clock);
+            let line: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+            assert_eq!(line["peer"], addr.to_string(), "{peer}");
+        }
+    }
+
+    #[test]
+    fn the_head_moves_in_place_to_each_line_written() {
+        let clock = &mut TimeCache::default();
+        let mut head = AuditHead {
+            seq: 0,
+            hash: GENESIS.into(),
+        };
+        let mut buf = Vec::new();
+        for n in 1..=3u64 {
+            let prev = head.hash.clone();
+            let start = buf.len();
+            append_line(&mut buf, "n", &key(), &mut head, &event("keyring.fetch"), clock);
+            let line: serde_json::Value = serde_json::from_slice(&buf[start..]).unwrap();
+            assert_eq!(head.seq, n);
+            assert_eq!(line["seq"], n);
+            assert_eq!(line["prev"], prev.as_str());
+            assert_eq!(line["mac"], head.hash.as_str());
+            assert_eq!(head.hash.len(), 64);
+        }
     }
 
     #[test]

@@ -30,8 +30,9 @@ pub fn prepare(dir: &Path) -> Result<PathBuf, DevError> {
     }
     if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(DevError(format!(
-            "{} exists but has no server.toml (an interrupted first start?); remove it and start again",
-            dir.display()
+            "{} exists but has no {} (an interrupted first start?); remove it and start again",
+            dir.display(),
+            sso_devdir::SERVER_CONFIG
         )));
     }
     create(dir).map_err(|e| DevError(e.to_string()))?;
@@ -85,7 +86,7 @@ fn config() -> Config {
     let mut config = Config::new(
         "dev",
         SocketAddr::from(([127, 0, 0, 1], DEV_PORT)),
-        TlsConfig::new("server.pem", "server-key.pem", "ca.pem"),
+        TlsConfig::new("server.pem", "server-key.pem", sso_devdir::CA_CERT),
         StoreConfig {
             path: "store.db".into(),
             unseal: UnsealSource::KeyFile("unseal.key".into()),
@@ -103,12 +104,13 @@ fn config() -> Config {
 
 /// The commands that reach a dev server, printed at start.
 pub fn banner(dir: &Path, https: std::net::SocketAddr, metrics: std::net::SocketAddr) -> String {
+    use sso_devdir::{ADMIN_CERT, ADMIN_KEY, CA_CERT, CLIENT_CERT, CLIENT_KEY};
     let d = dir.display();
     let port = https.port();
     format!(
         "sso-server dev mode: serving https://localhost:{port} (metrics: http://{metrics}/metrics), files in {d}/\n\
-         \n  curl --cacert {d}/ca.pem --cert {d}/client.pem --key {d}/client-key.pem https://localhost:{port}/v1/keyring\
-         \n  curl --cacert {d}/ca.pem --cert {d}/admin.pem --key {d}/admin-key.pem -X POST https://localhost:{port}/v1/admin/rotate\
+         \n  curl --cacert {d}/{CA_CERT} --cert {d}/{CLIENT_CERT} --key {d}/{CLIENT_KEY} https://localhost:{port}/v1/keyring\
+         \n  curl --cacert {d}/{CA_CERT} --cert {d}/{ADMIN_CERT} --key {d}/{ADMIN_KEY} -X POST https://localhost:{port}/v1/admin/rotate\
          \n  ssoctl --dev {d} status\
          \n  ssoctl --dev {d} rotate\n\
          \n  (no ssoctl on PATH? `cargo install --path ssoctl`, or `cargo run --release -p ssoctl -- --dev {d} status`)\n"
@@ -134,6 +136,24 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} missing from:\n{text}");
         }
+    }
+
+    /// sso-agent --dev and ssoctl --dev open the dev PKI's files by sso-devdir's names:
+    /// they must be the names the dev PKI is written under.
+    #[test]
+    fn the_dev_pki_is_written_under_the_names_the_agent_and_ssoctl_read() {
+        let pki = certs::DevPki::generate().unwrap();
+        let written: Vec<&str> = pki.files().iter().map(|f| f.name).collect();
+        for name in [
+            sso_devdir::CA_CERT,
+            sso_devdir::ADMIN_CERT,
+            sso_devdir::ADMIN_KEY,
+            sso_devdir::CLIENT_CERT,
+            sso_devdir::CLIENT_KEY,
+        ] {
+            assert!(written.contains(&name), "{name} is not among {written:?}");
+        }
+        assert_eq!(config().tls.client_ca, std::path::Path::new(sso_devdir::CA_CERT));
     }
 
     #[test]

@@ -151,6 +151,9 @@ pub trait LocalNode: Sync {
     fn distribute_wait(&self) -> Duration;
     /// A fresh random token.
     fn token(&self) -> u128;
+    /// Adds what a finished rotation counts ([`Counted::of`] its outcome) to this node's
+    /// counters; [`rotate`] calls it once per rotation, before it answers.
+    fn count(&self, counted: Counted);
 }
 
 /// How far a rotation's key got.
@@ -232,6 +235,47 @@ pub enum RotateError {
     /// The local store failed.
     #[error(transparent)]
     Store(#[from] keystore::Error),
+}
+
+/// What a rotation's outcome adds to its node's counters (the server's
+/// `sso_replication_failures_total` and `sso_integrity_alarms_total`): decided here, with
+/// the outcome, so that the HTTP layer only maps the outcome to an answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counted {
+    /// The key did not reach the peer as a replicated rotation's does: the rotation went
+    /// degraded, the peer was unavailable, or it refused.
+    pub replication_failure: bool,
+    /// The peer refused because it holds other material under one of the key ids.
+    pub integrity_alarm: bool,
+}
+
+impl Counted {
+    /// What `outcome` counts. Every variant is named, so a new one has to be decided.
+    pub fn of(outcome: &Result<Rotated, RotateError>) -> Self {
+        match outcome {
+            Ok(done) => match done.replication {
+                Replication::Degraded => Self {
+                    replication_failure: true,
+                    integrity_alarm: false,
+                },
+                Replication::Standalone | Replication::Replicated => Self::default(),
+            },
+            Err(RotateError::PeerUnavailable { .. }) => Self {
+                replication_failure: true,
+                integrity_alarm: false,
+            },
+            Err(RotateError::Refused { error, .. }) => Self {
+                replication_failure: true,
+                integrity_alarm: matches!(error, LinkError::Conflict(_)),
+            },
+            Err(
+                RotateError::Busy(_)
+                | RotateError::Superseded { .. }
+                | RotateError::Overtaken { .. }
+                | RotateError::Store(_),
+            ) => Self::default(),
+        }
+    }
 }
 
 fn as_promoted(record: &KeyRecord) -> KeyRecord {
@@ -335,7 +379,18 @@ async fn rotate_alone<N: LocalNode>(local: &N, replication: Replication) -> Resu
 }
 
 /// Rotates: add → distribute → promote, serialised with every other rotation of the pair.
+/// The outcome is counted on `local` ([`LocalNode::count`]) before it is returned.
 pub async fn rotate<N: LocalNode, P: PeerLink>(
+    local: &N,
+    peer: Option<&P>,
+    allow_degraded: bool,
+) -> Result<Rotated, RotateError> {
+    let outcome = rotate_queued(local, peer, allow_degraded).await;
+    local.count(Counted::of(&outcome));
+    outcome
+}
+
+async fn rotate_queued<N: LocalNode, P: PeerLink>(
     local: &N,
     peer: Option<&P>,
     allow_degraded: bool,
@@ -609,6 +664,84 @@ pub async fn accept_promote<N: LocalNode>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The counts the server's metrics took from a rotation when `api.rs` counted them
+    /// (a degraded rotation, an unavailable or refusing peer: one replication failure; a
+    /// peer's conflict: an integrity alarm too; nothing else), now decided here.
+    #[test]
+    fn a_rotation_counts_what_the_api_counted() {
+        let meta = KeyMeta {
+            key_id: KeyId::from_bytes([7; 16]),
+            generation: 3,
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+            origin: "a".into(),
+            state: KeyState::Primary,
+        };
+        let done = |replication| {
+            Ok(Rotated {
+                meta: meta.clone(),
+                replication,
+                orphans_retired: 0,
+            })
+        };
+        let failure = Counted {
+            replication_failure: true,
+            integrity_alarm: false,
+        };
+        let changed = String::new;
+        let cases: Vec<(Result<Rotated, RotateError>, Counted)> = vec![
+            (done(Replication::Standalone), Counted::default()),
+            (done(Replication::Replicated), Counted::default()),
+            (done(Replication::Degraded), failure),
+            (
+                Err(RotateError::PeerUnavailable {
+                    error: LinkError::Unreachable("down".into()),
+                    changed: changed(),
+                }),
+                failure,
+            ),
+            (
+                Err(RotateError::Refused {
+                    error: LinkError::Stale(9),
+                    changed: changed(),
+                }),
+                failure,
+            ),
+            (
+                Err(RotateError::Refused {
+                    error: LinkError::Conflict("other material".into()),
+                    changed: changed(),
+                }),
+                Counted {
+                    replication_failure: true,
+                    integrity_alarm: true,
+                },
+            ),
+            (Err(RotateError::Busy(Duration::from_secs(1))), Counted::default()),
+            (
+                Err(RotateError::Superseded {
+                    key_id: meta.key_id,
+                    where_: "the peer".into(),
+                }),
+                Counted::default(),
+            ),
+            (
+                Err(RotateError::Overtaken {
+                    key_id: meta.key_id,
+                    by: meta.key_id,
+                    by_generation: 4,
+                }),
+                Counted::default(),
+            ),
+            (
+                Err(RotateError::Store(keystore::Error::GenerationExhausted)),
+                Counted::default(),
+            ),
+        ];
+        for (outcome, counted) in cases {
+            assert_eq!(Counted::of(&outcome), counted, "{outcome:?}");
+        }
+    }
 
     #[tokio::test]
     async fn a_lease_excludes_other_tokens_until_released_or_lapsed() {

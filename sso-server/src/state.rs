@@ -200,6 +200,18 @@ impl crate::rotation::LocalNode for Arc<AppState> {
         self.distribute_wait
     }
 
+    /// Into the counters the metrics listener renders.
+    fn count(&self, counted: crate::rotation::Counted) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let metrics = &self.metrics;
+        metrics
+            .replication_failures
+            .fetch_add(u64::from(counted.replication_failure), Relaxed);
+        metrics
+            .integrity_alarms
+            .fetch_add(u64::from(counted.integrity_alarm), Relaxed);
+    }
+
     fn token(&self) -> u128 {
         use ring::rand::SecureRandom;
         let mut b = [0u8; 16];

@@ -57,15 +57,16 @@ fn dev_mode_serves_curl_and_reuses_its_directory() {
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
     let (child, banner) = start(cwd);
+    // The names sso-agent --dev and ssoctl --dev read are sso-devdir's.
     for file in [
-        "ca.pem",
+        sso_devdir::CA_CERT,
         "server.pem",
         "server-key.pem",
-        "admin.pem",
-        "admin-key.pem",
-        "client.pem",
-        "client-key.pem",
-        "server.toml",
+        sso_devdir::ADMIN_CERT,
+        sso_devdir::ADMIN_KEY,
+        sso_devdir::CLIENT_CERT,
+        sso_devdir::CLIENT_KEY,
+        sso_devdir::SERVER_CONFIG,
         "store.db",
         "unseal.key",
         "backup.ssob",

@@ -213,6 +213,10 @@ struct Counts {
     holds: u64,
     concurrent: u64,
     sync_rounds_merged: u64,
+    /// What `rotation::rotate` counted on the nodes (`LocalNode::count`): one replication
+    /// failure per degraded, unavailable or refused answer, checked in `record_answer`.
+    counted_replication_failures: u64,
+    counted_integrity_alarms: u64,
 }
 
 #[derive(Default)]
@@ -381,6 +385,12 @@ impl LocalNode for Node {
 
     fn distribute_wait(&self) -> Duration {
         DISTRIBUTE_WAIT
+    }
+
+    fn count(&self, counted: rotation::Counted) {
+        let mut log = self.world.log();
+        log.counts.counted_replication_failures += u64::from(counted.replication_failure);
+        log.counts.counted_integrity_alarms += u64::from(counted.integrity_alarm);
     }
 
     fn token(&self) -> u128 {
@@ -712,6 +722,16 @@ fn record_answer(node: &Node, outcome: &Result<rotation::Rotated, RotateError>) 
             serde_json::json!({"ok": false, "err": kind, "msg": e.to_string()})
         }
     };
+    // The rotation counted itself just before it answered (no await in between, so no
+    // crash either): its replication failures are exactly the answers that name one.
+    let c = &log.counts;
+    if c.counted_replication_failures != c.degraded + c.unavailable + c.refused {
+        let problem = format!(
+            "{} replication failures counted for {} degraded, {} unavailable and {} refused rotations",
+            c.counted_replication_failures, c.degraded, c.unavailable, c.refused
+        );
+        log.problems.push(problem);
+    }
     drop(log);
     world.bump();
     answer

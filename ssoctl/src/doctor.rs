@@ -149,9 +149,12 @@ fn line(c: &Check) -> String {
 async fn run_checks(g: &Global, config: Option<&Path>) -> Vec<Check> {
     let mut checks = Vec::new();
     // The server's config, when this host has it.
-    let config_path = config
-        .map(Path::to_path_buf)
-        .or_else(|| g.dev.as_ref().map(|d| d.join("server.toml")).filter(|p| p.exists()));
+    let config_path = config.map(Path::to_path_buf).or_else(|| {
+        g.dev
+            .as_ref()
+            .map(|d| d.join(sso_devdir::SERVER_CONFIG))
+            .filter(|p| p.exists())
+    });
     let server_config = match &config_path {
         None => None,
         Some(path) => match sso_config::Config::load(path) {

@@ -29,9 +29,9 @@ pub(crate) fn settings(global: &Global) -> Result<(Vec<String>, PathBuf, PathBuf
         (true, Some(dir)) => vec![sso_devdir::dev_endpoint(dir).map_err(usage)?],
         (true, None) => return Err(usage("no server given (--server URL or SSOCTL_SERVER)")),
     };
-    let ca = pick(&global.ca, "ca.pem", "CA (--ca)")?;
-    let cert = pick(&global.cert, "admin.pem", "client certificate (--cert)")?;
-    let key = pick(&global.key, "admin-key.pem", "client key (--key)")?;
+    let ca = pick(&global.ca, sso_devdir::CA_CERT, "CA (--ca)")?;
+    let cert = pick(&global.cert, sso_devdir::ADMIN_CERT, "client certificate (--cert)")?;
+    let key = pick(&global.key, sso_devdir::ADMIN_KEY, "client key (--key)")?;
     Ok((servers, ca, cert, key))
 }
 

@@ -496,7 +496,7 @@ async fn dev_mode_agent_serves_kms_sock_beside_agent_sock_on_the_dev_servers_por
     );
     drop(dev_server(&dev, &root.path().join("first.log")));
     let port = tests::free_port();
-    let config = dev.join("server.toml");
+    let config = dev.join(sso_devdir::SERVER_CONFIG);
     let text = std::fs::read_to_string(&config).unwrap();
     assert!(text.contains("listen = \"127.0.0.1:7443\""), "{text}");
     std::fs::write(
@@ -508,8 +508,11 @@ async fn dev_mode_agent_serves_kms_sock_beside_agent_sock_on_the_dev_servers_por
     let _server = dev_server(&dev, &root.path().join("server.log"));
 
     let agent = TestAgent::start_dev(&dev, &root.path().join("agent.log"));
-    assert_eq!(agent.socket, dev.join("agent.sock"));
-    assert_eq!(agent.kms_socket.as_deref(), Some(dev.join("kms.sock").as_path()));
+    assert_eq!(agent.socket, dev.join(sso_devdir::AGENT_SOCKET));
+    assert_eq!(
+        agent.kms_socket.as_deref(),
+        Some(dev.join(sso_devdir::KMS_SOCKET).as_path())
+    );
     let mut kms = agent.kms().await;
     let s = healthy(&mut kms).await;
     assert_eq!((s.version.as_str(), s.key_id.len()), ("v2", 32), "{s:?}");

@@ -89,6 +89,10 @@ async fn with_b_down_a_rotation_needs_degraded_and_b_catches_up() {
         async move { c.get("/v1/keyring").await.unwrap().json() }
     };
     let before = ring(&pair).await;
+    // Each rotation that does not reach the peer is one replication failure, counted
+    // before it is answered (the rotation domain counts it, not the HTTP layer).
+    let failures = |p: &Pair| p.a.server().metric("sso_replication_failures_total");
+    assert_eq!(failures(&pair), 0.0);
     pair.b.kill();
 
     let r = rotate(&pair, &pair.a, false).await;
@@ -100,10 +104,12 @@ async fn with_b_down_a_rotation_needs_degraded_and_b_catches_up() {
         "{err}"
     );
     assert_eq!(ring(&pair).await, before, "a refused rotation changed what clients see");
+    assert_eq!(failures(&pair), 1.0, "the unavailable peer's rotation was not counted");
 
     let r = rotate(&pair, &pair.a, true).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["replication"], "degraded");
+    assert_eq!(failures(&pair), 2.0, "the degraded rotation was not counted");
     let health = admin(&pair, &pair.a).get("/v1/health").await.unwrap().json();
     assert_eq!(health["peer"], "down");
 

@@ -23,11 +23,11 @@ fn main() -> ExitCode {
         (None, Some(dir)) => match AgentConfig::dev(dir) {
             Ok(c) => c,
             Err(e) => {
-                return fail(
-                    64,
-                    &e,
-                    "fix the dev server's server.toml, or remove DIR and start `sso-server --dev DIR` again",
+                let remedy = format!(
+                    "fix the dev server's {}, or remove DIR and start `sso-server --dev DIR` again",
+                    sso_devdir::SERVER_CONFIG
                 );
+                return fail(64, &e, &remedy);
             }
         },
         (None, None) => return fail(64, &"no configuration", "pass --config FILE or --dev DIR"),
