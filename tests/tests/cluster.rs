@@ -258,7 +258,12 @@ async fn ssoctl_rotate_overtaken_by_another_node_exits_tempfail_with_a_retry_hin
     assert!(!stderr.contains("only move forward"), "{stderr}");
     // `ssoctl status` on a cluster node names the shared database, not a missing peer
     // (it printed "peer none (standalone)" before).
-    let out = nodes.pki.ssoctl("admin", &[nodes.nodes[1].url()]).arg("status").output().unwrap();
+    let out = nodes
+        .pki
+        .ssoctl("admin", &[nodes.nodes[1].url()])
+        .arg("status")
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!stdout.contains("standalone"), "{stdout}");
