@@ -911,4 +911,27 @@ mod tests {
             assert_ne!(e.field, "store.path", "{e}");
         }
     }
+    /// A store URL whose scheme is mistyped or not lowercase is not a PostgreSQL store, so
+    /// it was taken for a file and refused as one: "PATH does not exist", the password in
+    /// the URL printed to stderr and the journal. It is refused as a URL, without echoing it.
+    #[test]
+    fn a_mistyped_database_url_is_refused_without_showing_its_password() {
+        let pair =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/pair/node-a.toml")).unwrap();
+        for url in [
+            "postgresq://sso:hunter2-secret@db.example/sso",
+            "PostgreSQL://sso:hunter2-secret@db.example/sso",
+            "pgsql://sso:hunter2-secret@db.example/sso",
+        ] {
+            let mut config = Config::parse(&pair).unwrap();
+            config.peer = None;
+            config.store.path = url.into();
+            config.resolve_paths(Path::new("/etc/sso"));
+            assert_eq!(config.store.database_url(), None);
+            let e = config.validate().unwrap_err();
+            assert_eq!(e.field, "store.path", "{e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+            assert!(e.to_string().contains("postgresql://"), "{e}");
+        }
+    }
 }
