@@ -620,6 +620,14 @@ impl Config {
         if !keystore::validate::is_valid_node_name(&self.node) {
             return Err(err("node", format!("must be {}", keystore::validate::NODE_NAME_RULE)));
         }
+        // A URL that is not a PostgreSQL one (a mistyped or capitalised scheme) would be
+        // taken for a file and echoed in "does not exist", password and all.
+        if self.store.database_url().is_none() && self.store.path.to_string_lossy().contains("://") {
+            return Err(err(
+                "store.path",
+                "looks like a URL but does not start with postgresql:// or postgres:// (lowercase): write the database as postgresql://USER@HOST:PORT/DATABASE, or a store file's path",
+            ));
+        }
         if self.store.database_url().is_some() && self.peer.is_some() {
             return Err(err(
                 "peer",
