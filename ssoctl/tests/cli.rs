@@ -1093,3 +1093,46 @@ fn doctor_warns_when_the_nodes_disagree_on_the_primary() {
     let l = doctor_line(&r, "primary", "agree");
     assert!(l.starts_with("ok") && l.contains(on_a.as_str().unwrap()), "{l}");
 }
+
+/// A store given as a URL is never echoed with its password (issue 14): `audit verify
+/// --store postgresql://USER:PASSWORD@...` took the URL for a SQLite file and answered
+/// "no store at postgresql://sso:PASSWORD@...", and `init --store` with a mistyped scheme
+/// tried to create a file named after the URL. Neither needs a database: both are refused
+/// before anything connects.
+#[test]
+fn a_store_url_with_a_password_is_never_echoed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let log = d.join("audit.log");
+    std::fs::write(&log, "").unwrap();
+    let key = d.join("unseal.key");
+    std::fs::write(&key, [7u8; 32]).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (log, key) = (log.to_str().unwrap(), key.to_str().unwrap());
+    for store in [
+        "postgresql://sso:hunter2-secret@127.0.0.1:1/sso",
+        "PostgreSQL://sso:hunter2-secret@127.0.0.1:1/sso",
+    ] {
+        let run = ssoctl(&["audit", "verify", log, "--store", store, "--key-file", key], &[]);
+        assert_eq!(run.code, 64, "{store}: {}", run.stderr);
+        assert!(!run.stderr.contains("hunter2") && !run.stdout.contains("hunter2"), "{}", run.stderr);
+        assert!(run.stderr.contains("--server"), "{}", run.stderr);
+    }
+    let run = ssoctl(
+        &[
+            "init",
+            "--store",
+            "postgresq://sso:hunter2-secret@127.0.0.1:1/sso",
+            "--node",
+            "node-1",
+            "--key-file",
+            key,
+            "--backup-out",
+            d.join("first.ssob").to_str().unwrap(),
+        ],
+        &[("SSOCTL_BACKUP_PASSWORD", "backup-pass-123456789")],
+    );
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(!run.stderr.contains("hunter2") && !run.stdout.contains("hunter2"), "{}", run.stderr);
+    assert!(run.stderr.contains("postgresql://"), "{}", run.stderr);
+}
