@@ -515,7 +515,24 @@ fn confirm(question: &str, expected: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Refuses a store that looks like a URL but is not a PostgreSQL one (a mistyped or
+/// capitalised scheme) without echoing it: it may hold a password, and taken for a file
+/// it would be named in "no store at ..." (tests/cli.rs
+/// `a_store_url_with_a_password_is_never_echoed`).
+fn not_a_mistyped_url(store: &Path) -> Result<(), Failure> {
+    let text = store.to_string_lossy();
+    if text.contains("://") && !keystore::postgres::is_database_url(&text) {
+        return Err(Failure::new(
+            EX_USAGE,
+            "--store looks like a URL but does not start with postgresql:// or postgres:// (lowercase)",
+            "write the database as postgresql://USER@HOST:PORT/DATABASE, or give a store file's path",
+        ));
+    }
+    Ok(())
+}
+
 fn init_store(g: &Global, init: &Init, out: &mut dyn Write) -> Result<(), Failure> {
+    not_a_mistyped_url(&init.store)?;
     if !keystore::validate::is_valid_node_name(&init.node) {
         return Err(Failure::new(
             EX_USAGE,
@@ -823,6 +840,14 @@ fn audit_verify(g: &Global, v: &AuditVerify, out: &mut dyn Write) -> Result<(), 
             "or let the server check its own log: ssoctl audit verify --server URL (or --dev DIR)",
         ));
     };
+    not_a_mistyped_url(store_path)?;
+    if store_path.to_str().is_some_and(keystore::postgres::is_database_url) {
+        return Err(Failure::new(
+            EX_USAGE,
+            "checking files offline against a PostgreSQL store is not supported: a cluster node's audit anchor is kept in the shared database under its node name",
+            "let the node that wrote the log check it: ssoctl audit verify --server https://NODE:PORT",
+        ));
+    }
     let unseal = match &v.key_file {
         Some(path) => keystore::UnsealKey::key_file(path)?,
         None => keystore::UnsealKey::passphrase(password(g, "SSOCTL_PASSPHRASE", "store passphrase: ", false)?)?,
