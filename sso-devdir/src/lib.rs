@@ -43,21 +43,28 @@ pub const KMS_SOCKET: &str = "kms.sock";
 /// server has written that file. Used by `sso-agent --dev` and `ssoctl --dev`; the host is
 /// `localhost`, the name the dev server certificate carries.
 pub fn dev_endpoint(dir: &Path) -> Result<String, String> {
-    #[derive(Deserialize)]
-    struct Listen {
-        listen: String,
-    }
     let path = dir.join(SERVER_CONFIG);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(format!("https://localhost:{DEV_PORT}")),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
-    let listen: Listen = toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+    endpoint_from_config(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The dev server's URL from the text of its `server.toml` (what [`dev_endpoint`] reads):
+/// the port of `listen`, on `localhost`. Pure, for the fuzz target
+/// (`fuzz/fuzz_targets/dev_endpoint.rs`): the file is outside input to the agent and ssoctl.
+pub fn endpoint_from_config(text: &str) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Listen {
+        listen: String,
+    }
+    let listen: Listen = toml::from_str(text).map_err(|e| e.message().to_owned())?;
     let port = listen
         .listen
         .parse::<std::net::SocketAddr>()
-        .map_err(|e| format!("{}: listen = {:?}: {e}", path.display(), listen.listen))?
+        .map_err(|e| format!("listen = {:?}: {e}", listen.listen))?
         .port();
     // The dev server certificate names localhost, not the address.
     Ok(format!("https://localhost:{port}"))
@@ -82,6 +89,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(dev_endpoint(dir.path()).unwrap(), "https://localhost:9443");
+    }
+
+    /// The pure parser the fuzz target runs gives what the file reader gives, without the
+    /// file's name.
+    #[test]
+    fn the_text_alone_gives_the_endpoint_or_an_error() {
+        assert_eq!(
+            endpoint_from_config("listen = \"[::1]:9443\"\n").unwrap(),
+            "https://localhost:9443"
+        );
+        let e = endpoint_from_config("listen = \"nowhere\"\n").unwrap_err();
+        assert!(e.starts_with("listen = \"nowhere\""), "{e}");
+        assert!(endpoint_from_config("node = \"dev\"\n").is_err());
+        assert!(endpoint_from_config("\u{0}").is_err());
     }
 
     #[test]

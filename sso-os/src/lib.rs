@@ -9,7 +9,11 @@
 //! # Layout
 //! - [`hardening`]: no core dumps, non-dumpable, locked memory, the `pthread_atfork`
 //!   hook; each `unsafe` block is one libc call with its `// SAFETY:` note.
+//! - `wipe_probe` (feature `wipe-probe`, tests only): a scanning global allocator that
+//!   shows a secret was wiped before its memory was freed.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod hardening;
+#[cfg(feature = "wipe-probe")]
+pub mod wipe_probe;

@@ -28,23 +28,50 @@ pub struct ClusterExample {
     pub metrics: Vec<SocketAddr>,
     /// The script's temporary directory (PKI, unseal key, configs, logs).
     pub work: PathBuf,
-    /// The throwaway PostgreSQL's directory and postmaster PID.
+    /// The throwaway PostgreSQL's directory and postmaster PID (empty and 0 when the
+    /// script used a running PostgreSQL).
     pub pg_dir: PathBuf,
     pub pg_pid: u32,
+    /// The database the script created on a running PostgreSQL (`None`: a throwaway one).
+    pub database: Option<String>,
+    /// What the script printed about the PostgreSQL it chose (and why not a running one).
+    pub pg_lines: Vec<String>,
+    /// An empty directory given as `PGHOST` so that the probe finds no server; removed
+    /// on drop.
+    empty_pghost: Option<PathBuf>,
     /// The three nodes' PIDs.
     pub node_pids: Vec<u32>,
 }
 
 impl ClusterExample {
     /// Starts the script with the binaries in `bin_dir` on the given HTTPS ports and waits
-    /// (up to `limit`) for its banner. Panics with what the script printed otherwise.
+    /// (up to `limit`) for its banner, with a throwaway PostgreSQL: `PGHOST` names an
+    /// empty directory, so the probe for a running server finds none, whatever runs on
+    /// this machine. Panics with what the script printed otherwise.
     pub fn start(bin_dir: &Path, ports: [u16; 3], limit: Duration) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let empty = std::env::temp_dir().join(format!("sso-no-pg-{}-{nanos:09}", std::process::id()));
+        std::fs::create_dir(&empty).expect("cannot create an empty PGHOST directory");
+        let host = empty.to_string_lossy().into_owned();
+        let mut me = Self::start_with_env(bin_dir, ports, limit, &[("PGHOST", host.as_str())]);
+        me.empty_pghost = Some(empty);
+        me
+    }
+
+    /// [`ClusterExample::start`] with `env` added to the script's environment (e.g.
+    /// `PGHOST`, `PGPORT`, `PGUSER` naming a running PostgreSQL).
+    pub fn start_with_env(bin_dir: &Path, ports: [u16; 3], limit: Duration, env: &[(&str, &str)]) -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster/start.sh");
         let mut child = Command::new("bash")
             .arg(script)
             .env("SSO_BIN_DIR", bin_dir)
             .env("SSO_CLUSTER_PORTS", format!("{} {} {}", ports[0], ports[1], ports[2]))
             .env_remove("SSO_PG_URL")
+            .env_remove("SSO_NO_LOCAL_PG")
+            .envs(env.iter().copied())
             .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -72,16 +99,28 @@ impl ClusterExample {
             work: PathBuf::new(),
             pg_dir: PathBuf::new(),
             pg_pid: 0,
+            database: None,
+            pg_lines: Vec::new(),
+            empty_pghost: None,
             node_pids: Vec::new(),
         };
-        let pg = me.until("throwaway PostgreSQL in ", limit);
-        me.pg_dir = PathBuf::from(
-            after(&pg, "throwaway PostgreSQL in ")
-                .split(" (pid")
+        let start = me.seen.len();
+        let pg = me.until_any(&["throwaway PostgreSQL in ", "created database "], limit);
+        me.pg_lines = me.seen[start..].to_vec();
+        if pg.contains("created database ") {
+            me.database = after(&pg, "created database ")
+                .split_whitespace()
                 .next()
-                .unwrap_or(""),
-        );
-        me.pg_pid = pids_in(&pg).first().copied().unwrap_or(0);
+                .map(str::to_owned);
+        } else {
+            me.pg_dir = PathBuf::from(
+                after(&pg, "throwaway PostgreSQL in ")
+                    .split(" (pid")
+                    .next()
+                    .unwrap_or(""),
+            );
+            me.pg_pid = pids_in(&pg).first().copied().unwrap_or(0);
+        }
         let running = me.until("cluster running in ", limit);
         me.work = PathBuf::from(after(&running, "cluster running in ").trim());
         let nodes = me.until("node-1 https://", Duration::from_secs(5));
@@ -113,13 +152,18 @@ impl ClusterExample {
 
     /// Reads stdout until a line containing `marker`, or panics after `limit`.
     pub fn until(&mut self, marker: &str, limit: Duration) -> String {
+        self.until_any(&[marker], limit)
+    }
+
+    /// Reads stdout until a line containing any of `markers`, or panics after `limit`.
+    pub fn until_any(&mut self, markers: &[&str], limit: Duration) -> String {
         let deadline = Instant::now() + limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     self.seen.push(line.clone());
-                    if line.contains(marker) {
+                    if markers.iter().any(|m| line.contains(m)) {
                         return line;
                     }
                 }
@@ -133,7 +177,7 @@ impl ClusterExample {
                         }
                     };
                     panic!(
-                        "no {marker:?} from the script within {limit:?}; it printed:\n{}\nexit: {exit:?}\nstderr:\n{stderr}",
+                        "no {markers:?} from the script within {limit:?}; it printed:\n{}\nexit: {exit:?}\nstderr:\n{stderr}",
                         self.seen.join("\n")
                     )
                 }
@@ -186,6 +230,9 @@ impl Drop for ClusterExample {
                 .args(["-TERM", "--", &format!("-{}", self.child.id())])
                 .status();
             let _ = self.child.wait();
+        }
+        if let Some(dir) = &self.empty_pghost {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }

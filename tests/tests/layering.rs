@@ -237,3 +237,62 @@ fn docs_architecture_picture_has_every_dependency_pointing_down() {
         problems.join("\n")
     );
 }
+
+/// `unsafe` code lives only in sso-os (docs/architecture.md, SECURITY.md): no `unsafe`
+/// block, fn, impl or trait in any other Rust file of the workspace, tests, benches and
+/// fuzz targets included (generated code and build output excepted). Failed when the
+/// wipe test of sso-daemon carried its own scanning allocator
+/// (`sso-daemon/tests/body_wipe.rs`, now `sso_os::wipe_probe`).
+#[test]
+fn unsafe_code_is_only_in_sso_os() {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut found = Vec::new();
+    let mut dirs = vec![workspace.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() {
+                if name != "target" && !name.starts_with('.') && path != workspace.join("sso-os") {
+                    dirs.push(path);
+                }
+                continue;
+            }
+            if !name.ends_with(".rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                // The line's code: no comment, no string literal, `{` a word of its own.
+                let mut code = String::new();
+                let mut in_string = false;
+                let mut last = ' ';
+                for c in line.split("//").next().unwrap_or("").chars() {
+                    if c == '"' && last != '\\' {
+                        in_string = !in_string;
+                    } else if !in_string && c == '{' {
+                        code.push_str(" { ");
+                    } else if !in_string {
+                        code.push(c);
+                    }
+                    last = c;
+                }
+                let words: Vec<&str> = code
+                    .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '{'))
+                    .filter(|w| !w.is_empty())
+                    .collect();
+                let unsafe_code = words
+                    .windows(2)
+                    .any(|w| w[0] == "unsafe" && matches!(w[1], "{" | "fn" | "impl" | "trait" | "extern"));
+                if unsafe_code {
+                    found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "unsafe code outside sso-os (move it into sso-os, the one crate allowed it):\n{}",
+        found.join("\n")
+    );
+}
