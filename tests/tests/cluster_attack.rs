@@ -233,43 +233,7 @@ async fn a_node_whose_name_is_taken_while_it_runs_says_so_and_takes_it_back() {
         async move { client.get("/v1/health").await.unwrap().json() }
     };
     assert_eq!(health(&nodes).await["status"], "ok");
-    // The one session advisory lock held: node-1's name, on its feed's connection.
-    let held = "SELECT (classid::bigint << 32) | objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND granted";
-    let key = pg.psql(&database, held).trim().to_owned();
-    assert!(
-        !key.is_empty() && !key.contains('\n'),
-        "one advisory lock expected: {key:?}"
-    );
-    // Another session queues for it and holds it for 6 s once granted.
-    let taker = {
-        let (pg, database, key) = (pg.clone(), database.clone(), key.clone());
-        std::thread::spawn(move || {
-            pg.psql(
-                &database,
-                &format!("SELECT pg_advisory_lock({key}); SELECT pg_sleep(6)"),
-            )
-        })
-    };
-    let queued = Instant::now();
-    while pg
-        .psql(
-            &database,
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-        )
-        .trim()
-        != "1"
-    {
-        assert!(
-            queued.elapsed() < Duration::from_secs(10),
-            "the second session never queued"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let terminated = pg.psql(
-        &database,
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted",
-    );
-    assert_eq!(terminated.trim(), "t", "node-1's feed connection was not terminated");
+    let taker = take_the_name_of_node_1(&pg, &database, 6);
     let cut = Instant::now();
     loop {
         let h = health(&nodes).await;
@@ -304,6 +268,93 @@ async fn a_node_whose_name_is_taken_while_it_runs_says_so_and_takes_it_back() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Cuts node-1's change-feed connection (`pg_terminate_backend`, as a database failover or
+/// an administrator would) while a psql session waits for the lock on its name, so that
+/// session takes the name before the feed reconnects, and holds it for `hold_secs`. Returns
+/// the psql thread; asserts the termination happened.
+fn take_the_name_of_node_1(
+    pg: &std::sync::Arc<PgCluster>,
+    database: &str,
+    hold_secs: u64,
+) -> std::thread::JoinHandle<String> {
+    // The one session advisory lock held: node-1's name, on its feed's connection.
+    let held = "SELECT (classid::bigint << 32) | objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND granted";
+    let key = pg.psql(database, held).trim().to_owned();
+    assert!(
+        !key.is_empty() && !key.contains('\n'),
+        "one advisory lock expected: {key:?}"
+    );
+    let taker = {
+        let (pg, database) = (pg.clone(), database.to_owned());
+        std::thread::spawn(move || {
+            pg.psql(
+                &database,
+                &format!("SELECT pg_advisory_lock({key}); SELECT pg_sleep({hold_secs})"),
+            )
+        })
+    };
+    let queued = Instant::now();
+    while pg
+        .psql(
+            database,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .trim()
+        != "1"
+    {
+        assert!(
+            queued.elapsed() < Duration::from_secs(10),
+            "the second session never queued"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let terminated = pg.psql(
+        database,
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+    );
+    assert_eq!(terminated.trim(), "t", "node-1's feed connection was not terminated");
+    taker
+}
+
+/// Found by attack14c: cutting a running node's feed connection while a second process
+/// with its name waits lets the second take the name, and both then served and
+/// acknowledged rotations as one node (each with its own audit chain) for as long as both
+/// ran. A node whose name stays held elsewhere for `NAME_RELEASE` (longer than PostgreSQL
+/// takes to drop a dead connection of its own) stops, exit 64, naming the conflict. Failed
+/// before: node-1 kept serving, degraded, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_name_stays_taken_stops_instead_of_serving_beside_the_other() {
+    let pg = std::sync::Arc::new(PgCluster::start());
+    let mut nodes = PgNodes::start(pg.fresh_database(), &[250]).await;
+    let database = nodes.url.rsplit('/').next().unwrap().to_owned();
+    let release = keystore::postgres::NAME_RELEASE;
+    let taker = take_the_name_of_node_1(&pg, &database, release.as_secs() + 8);
+    let cut = Instant::now();
+    let server = nodes.nodes[0].server.as_mut().unwrap();
+    let status = loop {
+        if let Some(status) = server.exit_status() {
+            break status;
+        }
+        assert!(
+            cut.elapsed() < release + Duration::from_secs(10),
+            "node-1 still serves {:?} after another process took its name: {}",
+            cut.elapsed(),
+            server.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let stopped_after = cut.elapsed();
+    let log = server.log_text();
+    assert_eq!(status.code(), Some(64), "{log}");
+    assert!(
+        stopped_after >= release,
+        "node-1 stopped after {stopped_after:?}, before a dead connection of its own could have been let go: {log}"
+    );
+    assert!(log.contains("another process holds node name \"node-1\""), "{log}");
+    nodes.nodes[0].server = None;
+    taker.join().unwrap();
 }
 
 /// Every process test's leak check (`TestServer`'s drop) covers nodes on PostgreSQL too: a
