@@ -185,6 +185,11 @@ fn serve(args: &Args, config: Config, store: impl Store + 'static, cluster: Opti
         };
         match sso_server::run_with_feed(config, store, feed, https, metrics, shutdown, announce).await {
             Ok(()) => ExitCode::SUCCESS,
+            Err(e @ sso_server::ServerError::NameTaken(_)) => fail(
+                EX_USAGE,
+                &e,
+                "give every node of the cluster its own `node` name in its config, or stop the other process",
+            ),
             Err(e) => fail(EX_UNAVAILABLE, &e, ""),
         }
     })

@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use keystore::Store;
-use keystore::postgres::{ChangeFeed, NameClaim};
+use keystore::postgres::{ChangeFeed, NAME_RELEASE, NameClaim};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
@@ -45,6 +45,10 @@ pub enum ServerError {
     /// A socket or signal operation failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// Another process holds this node's name in the shared database, and kept it for
+    /// `NAME_RELEASE`: the node stopped rather than serve beside it.
+    #[error("{0}")]
+    NameTaken(String),
 }
 
 /// Serves `https` (mTLS API) and `metrics` (plain HTTP) until `shutdown` completes, then
@@ -162,7 +166,11 @@ pub async fn run_with_feed(
     let metrics_task = tokio::spawn(serve_metrics(metrics_listener, metrics.clone()));
     let sync_task = tokio::spawn(crate::replication::sync_loop(state.clone()));
     let store_check_task = tokio::spawn(store_write_check_loop(Arc::downgrade(&state)));
-    let feed_task = feed.map(|feed| tokio::spawn(follow_changes(Arc::downgrade(&state), feed, EPOCH_CHECK)));
+    // Set by `follow_changes` when another process has held this node's name for
+    // NAME_RELEASE: the node then stops as on a signal, and `run_with_feed` says why.
+    let (name_lost_tx, name_lost) = watch::channel::<Option<String>>(None);
+    let feed_task =
+        feed.map(|feed| tokio::spawn(follow_changes(Arc::downgrade(&state), feed, EPOCH_CHECK, name_lost_tx)));
     // Registered here, not inside the task, so a SIGHUP right after start is not fatal.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     // Requests in flight at a graceful end get as long as a watch may wait, and a little.
@@ -196,6 +204,21 @@ pub async fn run_with_feed(
     let handshake_timeout = config.handshake_timeout();
     let flush_task = tokio::spawn(flush_aggregated_audit(state.clone()));
 
+    let shutdown = {
+        let mut name_lost = name_lost.clone();
+        async move {
+            let lost = async move {
+                // Without a feed the sender is gone at once: nothing to wait for.
+                if name_lost.wait_for(Option::is_some).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                () = shutdown => {}
+                () = lost => {}
+            }
+        }
+    };
     ready();
     tokio::pin!(shutdown);
     loop {
@@ -274,7 +297,10 @@ pub async fn run_with_feed(
     if let Some(task) = feed_task {
         task.abort();
     }
-    Ok(())
+    match name_lost.borrow().clone() {
+        Some(why) => Err(ServerError::NameTaken(why)),
+        None => Ok(()),
+    }
 }
 
 /// How long shutdown waits for the audit writer to write, sync and anchor what is queued.
@@ -291,22 +317,55 @@ pub const EPOCH_CHECK: Duration = Duration::from_secs(2);
 /// moved, rebuilds the snapshot through [`AppState::refresh`] (which wakes the watchers).
 /// While the store cannot be read the last snapshot stays served and health says the store
 /// is down (`store_write_check_loop` clears that once the store can be written again).
-async fn follow_changes(state: std::sync::Weak<AppState>, mut feed: ChangeFeed, every: Duration) {
+///
+/// A node whose name another process has held for [`NAME_RELEASE`] sends the reason on
+/// `name_lost` (the server then stops): two processes serving as one node would each keep
+/// their own audit chain under one anchor and stamp keys with one origin. Shorter spells
+/// are a dead connection of its own that PostgreSQL has not yet dropped, or a database
+/// failover; the feed takes the name back by itself
+/// (tests/tests/cluster_attack.rs `a_node_whose_name_stays_taken_stops_instead_of_serving_beside_the_other`).
+async fn follow_changes(
+    state: std::sync::Weak<AppState>,
+    mut feed: ChangeFeed,
+    every: Duration,
+    name_lost: watch::Sender<Option<String>>,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut resyncs = 0;
+    let mut held_elsewhere_since: Option<tokio::time::Instant> = None;
     loop {
+        if let Some(since) = held_elsewhere_since
+            && since.elapsed() >= NAME_RELEASE
+            && name_lost.borrow().is_none()
+        {
+            let Some(st) = state.upgrade() else { return };
+            let why = format!(
+                "another process holds node name {:?} in the shared database and has for {} s: this node stops rather than serve beside it",
+                st.node,
+                NAME_RELEASE.as_secs()
+            );
+            tracing::error!("{why}");
+            name_lost.send_replace(Some(why));
+        }
         let due = tokio::select! {
             s = feed.next() => match s {
                 None => return,
                 Some(s) => {
                     let Some(st) = state.upgrade() else { return };
                     match s.name {
-                        NameClaim::Held => st.metrics.health.name_held(),
-                        NameClaim::HeldElsewhere => st.metrics.health.name_held_elsewhere(format!(
-                            "another process holds node name {:?} in the shared database; give every node its own name, or stop the other process",
-                            st.node
-                        )),
+                        NameClaim::Held => {
+                            held_elsewhere_since = None;
+                            st.metrics.health.name_held();
+                        }
+                        NameClaim::HeldElsewhere => {
+                            held_elsewhere_since.get_or_insert_with(tokio::time::Instant::now);
+                            st.metrics.health.name_held_elsewhere(format!(
+                                "another process holds node name {:?} in the shared database; give every node its own name, or stop the other process (this node stops if it keeps the name {} s)",
+                                st.node,
+                                NAME_RELEASE.as_secs()
+                            ));
+                        }
                         NameClaim::Unknown => {}
                     }
                     let resynced = s.resyncs != resyncs;
