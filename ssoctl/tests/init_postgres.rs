@@ -11,11 +11,17 @@ use pg_throwaway::PgCluster;
 const SSOCTL: &str = env!("CARGO_BIN_EXE_ssoctl");
 
 fn ssoctl(args: &[&str]) -> (i32, String, String) {
+    ssoctl_with_env(args, &[])
+}
+
+fn ssoctl_with_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(SSOCTL)
         .args(args)
+        .env_remove("SSOCTL_STORE")
         .env_remove("SSOCTL_SERVER")
         .env_remove("SSOCTL_DEV")
         .env_remove("SSOCTL_BACKUP_PASSWORD")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     (
@@ -38,21 +44,27 @@ fn init_with_a_postgresql_url_creates_the_schema_the_first_key_and_the_first_bac
     let pw = pw.display().to_string();
     let backup = d.join("first.ssob").display().to_string();
 
-    let (code, stdout, stderr) = ssoctl(&[
-        "init",
-        "--store",
-        &url,
-        "--node",
-        "node-1",
-        "--key-file",
-        &key_file,
-        "--backup-out",
-        &backup,
-        "--password-file",
-        &pw,
-    ]);
+    // The URL, password included, from SSOCTL_STORE: a password on the command line is
+    // visible to every user of the machine (ps). This server trusts loopback, so the
+    // password is never asked for; it must not be shown either.
+    let with_password = url.replacen("postgres@", "postgres:s3cret-db-pw@", 1);
+    let (code, stdout, stderr) = ssoctl_with_env(
+        &[
+            "init",
+            "--node",
+            "node-1",
+            "--key-file",
+            &key_file,
+            "--backup-out",
+            &backup,
+            "--password-file",
+            &pw,
+        ],
+        &[("SSOCTL_STORE", &with_password)],
+    );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("postgresql://"), "{stdout}");
+    assert!(!format!("{stdout}{stderr}").contains("s3cret-db-pw"), "{stdout}{stderr}");
     assert!(d.join("first.ssob").is_file(), "no first backup");
 
     // Another node: the URL and the unseal secret, nothing else.
