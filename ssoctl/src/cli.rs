@@ -135,8 +135,10 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct Init {
     /// The new store file, or a PostgreSQL database (postgresql://USER@HOST/DB, optionally
-    /// ?sslmode=require&sslrootcert=CA.pem) that every node of a cluster then shares.
-    #[arg(long)]
+    /// ?sslmode=require&sslrootcert=CA.pem) that every node of a cluster then shares. A
+    /// URL with a password belongs in SSOCTL_STORE, not on the command line, where every
+    /// user of the machine can read it (ps).
+    #[arg(long, env = "SSOCTL_STORE", hide_env_values = true)]
     pub store: PathBuf,
     /// This node's name.
     #[arg(long)]
