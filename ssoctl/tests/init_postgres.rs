@@ -64,7 +64,10 @@ fn init_with_a_postgresql_url_creates_the_schema_the_first_key_and_the_first_bac
     );
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("postgresql://"), "{stdout}");
-    assert!(!format!("{stdout}{stderr}").contains("s3cret-db-pw"), "{stdout}{stderr}");
+    assert!(
+        !format!("{stdout}{stderr}").contains("s3cret-db-pw"),
+        "{stdout}{stderr}"
+    );
     assert!(d.join("first.ssob").is_file(), "no first backup");
 
     // Another node: the URL and the unseal secret, nothing else.
