@@ -361,7 +361,7 @@ async fn follow_changes(
                         NameClaim::HeldElsewhere => {
                             held_elsewhere_since.get_or_insert_with(tokio::time::Instant::now);
                             st.metrics.health.name_held_elsewhere(format!(
-                                "another process holds node name {:?} in the shared database; give every node its own name, or stop the other process (this node stops if it keeps the name {} s)",
+                                "another process holds node name {:?} in the shared database; give every node its own name, or stop the other process (this node stops if the other keeps the name {} s)",
                                 st.node,
                                 NAME_RELEASE.as_secs()
                             ));

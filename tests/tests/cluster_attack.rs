@@ -450,6 +450,14 @@ fn never_a_500(what: &str, reply: &tests::Reply) {
     );
 }
 
+/// The generation and key id of a rotation's answer.
+fn generation_and_id(rotated: &serde_json::Value) -> (u64, String) {
+    (
+        rotated["generation"].as_u64().unwrap(),
+        rotated["key_id"].as_str().unwrap().to_owned(),
+    )
+}
+
 /// `secret` must not appear in `dump` raw, as hex (either case) or as base64.
 fn assert_absent(dump: &[u8], secret: &[u8], what: &str) {
     use base64::Engine;
@@ -483,11 +491,7 @@ async fn retire_destroy_and_restore_racing_rotations_on_other_nodes_converge_and
     let database = nodes.url.rsplit('/').next().unwrap().to_owned();
     let mut acked: Vec<(u64, String)> = Vec::new();
     for i in 0..2 {
-        let r = nodes.admin(i).rotate().await;
-        acked.push((
-            r["generation"].as_u64().unwrap(),
-            r["key_id"].as_str().unwrap().to_owned(),
-        ));
+        acked.push(generation_and_id(&nodes.admin(i).rotate().await));
     }
     // The key bytes as clients got them, before any destroy: the plain keyring, and an
     // sso-client's own fetch of the primary.
@@ -555,11 +559,7 @@ async fn retire_destroy_and_restore_racing_rotations_on_other_nodes_converge_and
     assert_eq!(retired.json()["state"], "retired");
     never_a_500("rotate during a retire", &rotated);
     if rotated.status == 200 {
-        let r = rotated.json();
-        acked.push((
-            r["generation"].as_u64().unwrap(),
-            r["key_id"].as_str().unwrap().to_owned(),
-        ));
+        acked.push(generation_and_id(&rotated.json()));
     }
     // 2. Destroy the retired key on nodes 2 and 3 at once (and rotate on node 1 meanwhile).
     let path = format!("/v1/admin/keys/{victim}/destroy");
@@ -576,11 +576,7 @@ async fn retire_destroy_and_restore_racing_rotations_on_other_nodes_converge_and
     }
     never_a_500("rotate during two destroys", &rotated);
     if rotated.status == 200 {
-        let r = rotated.json();
-        acked.push((
-            r["generation"].as_u64().unwrap(),
-            r["key_id"].as_str().unwrap().to_owned(),
-        ));
+        acked.push(generation_and_id(&rotated.json()));
     }
     // 3. Restore the older backup (it holds the victim active) on node 2 while node 1
     //    rotates.
@@ -600,11 +596,7 @@ async fn retire_destroy_and_restore_racing_rotations_on_other_nodes_converge_and
     assert_eq!(restored.json()["added"], 0, "{:?}", restored.body);
     never_a_500("rotate during a restore", &rotated);
     if rotated.status == 200 {
-        let r = rotated.json();
-        acked.push((
-            r["generation"].as_u64().unwrap(),
-            r["key_id"].as_str().unwrap().to_owned(),
-        ));
+        acked.push(generation_and_id(&rotated.json()));
     }
 
     // Acknowledged generations are distinct; the highest is the primary everywhere, every
